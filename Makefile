@@ -1,0 +1,40 @@
+# Quick start: `make demo` and `make test` each create the virtual environment and
+# install execmem (with its test and plot extras) on first use.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test lint typecheck check bench litmus verify clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test,plot]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m execmem demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(PY) -m ruff check execmem arch jit_examples tests
+
+typecheck: $(STAMP)
+	$(PY) -m mypy
+
+check: lint typecheck test
+
+bench: $(STAMP)
+	$(PY) -m execmem bench
+
+litmus: $(STAMP)
+	$(PY) -m execmem litmus --kinds ../shared/litmus/aarch64-ifetch/kinds.txt ../shared/litmus/aarch64-ifetch
+
+verify: $(STAMP)
+	$(PY) -m execmem verify
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,258 @@
+"""Everything execmem knows about an architecture, supplied as data.
+
+Each module here (``x86_64``, ``arm64``, ``riscv64``) exports one frozen
+:class:`ArchSpec`.  The core (allocator, native backend, modeled machine, verifier)
+never compares architecture names: it looks a spec up with :func:`get` and asks it.
+
+The synchronization *recipes* are the heart of it: an ordered tuple of named steps
+that the native backend executes for real and the modeled machine executes as model
+actions.  The verification catalog derives its mutations from the same tuples
+(:meth:`Recipe.without`, :meth:`Recipe.moved_before`), so what is verified on the
+model is what runs natively.
+
+Installed as ``execmem.arch`` (never as a top-level ``arch`` module, a name a popular
+PyPI package owns).
+"""
+
+from __future__ import annotations
+
+import importlib
+import platform
+from dataclasses import dataclass, field, replace
+
+from execmem._errors import UnsupportedError
+
+#: Step names a recipe may use, with what each one does.  Backends implement every
+#: name; a recipe is any ordering of them.
+STEP_DOCS: dict[str, str] = {
+    "write": "copy the staged code bytes to their final location through the writable view",
+    "clean_dcache": "clean data cache lines to the point of unification (arm64 DC CVAU)",
+    "barrier": "data synchronization barrier that completes the maintenance so far (arm64 DSB ISH)",
+    "invalidate_icache": "invalidate instruction cache lines to the point of unification (arm64 IC IVAU)",
+    "local_cse": "context synchronization on the writing CPU (arm64 ISB, x86 serializing instruction)",
+    "remote_cse": "context synchronization on every other CPU (membarrier SYNC_CORE, IPI)",
+    "map": "install the executable view of fresh memory (mmap / page-table entry + TLB fill)",
+    "atomic_store": "single-copy-atomic store of one aligned word (live patching)",
+}
+
+
+@dataclass(frozen=True)
+class RecipeStep:
+    """One named step of a synchronization recipe.
+
+    ``skip_if`` names a cache-type feature (``"idc"``/``"dic"``, from CTR_EL0) under
+    which the architecture makes the step unnecessary; ``why`` cites the source.
+    """
+
+    name: str
+    why: str
+    skip_if: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.name not in STEP_DOCS:
+            raise ValueError(f"unknown recipe step {self.name!r}")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """An ordered tuple of :class:`RecipeStep`, executed once per batch."""
+
+    name: str
+    steps: tuple[RecipeStep, ...]
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(step.name for step in self.steps)
+
+    def effective(self, features: frozenset[str] = frozenset()) -> tuple[RecipeStep, ...]:
+        """The steps that remain under the given cache-type features (``{"idc", "dic"}``)."""
+        return tuple(s for s in self.steps if s.skip_if is None or s.skip_if not in features)
+
+    def without(self, name: str, *, occurrence: int | None = None) -> Recipe:
+        """This recipe minus every step called ``name`` (or only its n-th occurrence)."""
+        if name not in self.names:
+            raise ValueError(f"recipe {self.name!r} has no step {name!r}")
+        kept: list[RecipeStep] = []
+        seen = 0
+        for step in self.steps:
+            if step.name == name:
+                seen += 1
+                if occurrence is None or seen - 1 == occurrence:
+                    continue
+            kept.append(step)
+        return Recipe(f"{self.name}-without-{name}", tuple(kept))
+
+    def moved_before(self, name: str, anchor: str) -> Recipe:
+        """This recipe with step ``name`` moved just before the first ``anchor``."""
+        if name not in self.names or anchor not in self.names:
+            raise ValueError(f"recipe {self.name!r} lacks {name!r} or {anchor!r}")
+        moving = next(s for s in self.steps if s.name == name)
+        rest = [s for s in self.steps if s is not moving]
+        index = next(i for i, s in enumerate(rest) if s.name == anchor)
+        rest.insert(index, moving)
+        return Recipe(f"{self.name}-{name}-before-{anchor}", tuple(rest))
+
+
+@dataclass(frozen=True)
+class PatchRule:
+    """Which live patches the architecture allows while other CPUs may execute the code.
+
+    ``word`` is the size of the single-copy-atomic store used; a patch must lie inside
+    one aligned word.  ``whole_instruction`` requires old and new bytes to each be
+    exactly one instruction.  ``mnemonics`` (if not empty) lists the instructions that
+    may be modified concurrently with execution (both old and new must be in it).
+    """
+
+    word: int
+    whole_instruction: bool
+    mnemonics: frozenset[str] = frozenset()
+    max_size: int = 8
+    why: str = ""
+
+
+@dataclass(frozen=True)
+class EngineModes:
+    """Keystone / Capstone / Unicorn (arch, mode) constants for one architecture."""
+
+    keystone: tuple[int, int] | None
+    capstone: tuple[int, int] | None
+    unicorn: tuple[int, int] | None
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """The frozen description of one architecture (see the module docstring)."""
+
+    name: str
+    aliases: tuple[str, ...]
+    #: Repeating pattern that fills every byte of executable memory not holding live code.
+    trap_fill: bytes
+    #: Every instruction starts at a multiple of this.
+    insn_align: int
+    max_insn_size: int
+    pointer_size: int
+    engines: EngineModes
+    #: Publishing into memory that is already mapped executable (the common case).
+    publish: Recipe
+    #: Publishing into fresh memory whose executable view is installed by the recipe's
+    #: ``map`` step (no CPU can hold instructions from an address that was not mapped).
+    publish_fresh: Recipe
+    #: Live patching of published code (``JitText.update``).
+    patch: Recipe
+    patch_rule: PatchRule
+    #: Events that are context-synchronizing (discard in-flight instructions).
+    cse_events: tuple[str, ...]
+    #: TLB maintenance styles the machine model offers, the first is the default.
+    tlb_styles: tuple[str, ...]
+    #: Cache-type features (CTR_EL0) that remove recipe steps, if any.
+    cache_features: tuple[str, ...] = ()
+    #: Default (D-line, I-line) sizes when the host cannot tell.
+    cache_lines: tuple[int, int] = (64, 64)
+    #: One line per row for the README's synchronization table.
+    summary: str = ""
+    #: Extra per-architecture hooks used by the modeled machine (decoders etc.).
+    extras: dict[str, object] = field(default_factory=dict, compare=False, hash=False)
+
+    @property
+    def default_tlb(self) -> str:
+        return self.tlb_styles[0]
+
+    def recipe(self, name: str) -> Recipe:
+        recipes = {"publish": self.publish, "publish_fresh": self.publish_fresh, "patch": self.patch}
+        try:
+            return recipes[name]
+        except KeyError:
+            raise UnsupportedError(f"{self.name} has no recipe {name!r}") from None
+
+    def with_recipes(self, **recipes: Recipe) -> ArchSpec:
+        """A copy with some recipes replaced (used by the verification mutations)."""
+        return replace(self, **recipes)  # type: ignore[arg-type]
+
+    def trap_bytes(self, size: int) -> bytes:
+        """``size`` bytes of trap filler, aligned to the start of the pattern."""
+        reps = -(-size // len(self.trap_fill))
+        return (self.trap_fill * reps)[:size]
+
+
+_MODULES = ("x86_64", "arm64", "riscv64")
+_HOST_NAMES = {
+    "x86_64": "x86_64",
+    "amd64": "x86_64",
+    "aarch64": "arm64",
+    "arm64": "arm64",
+    "riscv64": "riscv64",
+}
+
+
+def names() -> tuple[str, ...]:
+    """Canonical names of every supported architecture."""
+    return _MODULES
+
+
+def get(name: str | None = None) -> ArchSpec:
+    """The spec for ``name`` (canonical or alias), or for the host when ``None``."""
+    if name is None:
+        return host()
+    key = name.strip().lower().replace("-", "_")
+    for module_name in _MODULES:
+        spec = _load(module_name)
+        if key == spec.name or key in spec.aliases:
+            return spec
+    raise UnsupportedError(
+        f"unknown architecture {name!r}; known: {', '.join(_MODULES)}"
+    )
+
+
+def host() -> ArchSpec:
+    """The spec of the machine this process runs on."""
+    machine = platform.machine().lower()
+    try:
+        return _load(_HOST_NAMES[machine])
+    except KeyError:
+        raise UnsupportedError(f"execmem does not support host architecture {machine!r}") from None
+
+
+_cache: dict[str, ArchSpec] = {}
+
+
+def _load(module_name: str) -> ArchSpec:
+    spec = _cache.get(module_name)
+    if spec is None:
+        module = importlib.import_module(f"{__name__}.{module_name}")
+        spec = module.SPEC
+        if not isinstance(spec, ArchSpec):
+            raise TypeError(f"{module_name}.SPEC is not an ArchSpec")
+        _validate(spec)
+        _cache[module_name] = spec
+    return spec
+
+
+def _validate(spec: ArchSpec) -> None:
+    """The core relies on these properties; check them once at load time."""
+    problems: list[str] = []
+    if not spec.trap_fill or spec.insn_align % len(spec.trap_fill) and len(spec.trap_fill) % spec.insn_align:
+        problems.append("trap_fill length must divide or be divided by insn_align")
+    if spec.insn_align & (spec.insn_align - 1):
+        problems.append("insn_align must be a power of two")
+    for recipe in (spec.publish, spec.publish_fresh):
+        if "write" not in recipe.names:
+            problems.append(f"recipe {recipe.name} never writes the code")
+    if "map" not in spec.publish_fresh.names:
+        problems.append("publish_fresh must contain a map step")
+    if spec.patch_rule.word & (spec.patch_rule.word - 1):
+        problems.append("patch word must be a power of two")
+    if problems:
+        raise ValueError(f"invalid ArchSpec {spec.name}: " + "; ".join(problems))
+
+
+__all__ = [
+    "STEP_DOCS",
+    "ArchSpec",
+    "EngineModes",
+    "PatchRule",
+    "Recipe",
+    "RecipeStep",
+    "get",
+    "host",
+    "names",
+]

@@ -1,0 +1,91 @@
+"""arm64: instruction caches are not coherent with data stores and instructions already
+fetched survive cache maintenance until a context-synchronization event (Arm ARM
+B2.2.5 "Concurrent modification and execution of instructions", D7.5.2 "Instruction
+caches"; Simner et al., ESOP 2020).  CTR_EL0.IDC=1 removes the need to clean the data
+cache to the point of unification, CTR_EL0.DIC=1 the need to invalidate the
+instruction cache."""
+
+from __future__ import annotations
+
+import capstone
+import keystone
+import unicorn
+
+from execmem.arch import ArchSpec, EngineModes, PatchRule, Recipe, RecipeStep
+
+_WRITE = RecipeStep("write", "code goes through the writable view; the executable view never is writable (W^X)")
+_CLEAN = RecipeStep(
+    "clean_dcache",
+    "DC CVAU by VA over every data line of the code: instruction fetch reads the point of "
+    "unification, not the data cache (Arm ARM D7.5.2)",
+    skip_if="idc",
+)
+_DSB1 = RecipeStep("barrier", "DSB ISH completes the clean before the invalidate (Arm ARM B2.2.5)")
+_INVAL = RecipeStep(
+    "invalidate_icache",
+    "IC IVAU by VA over every instruction line, broadcast to the inner shareable domain",
+    skip_if="dic",
+)
+_DSB2 = RecipeStep("barrier", "DSB ISH completes the invalidate on every CPU before anything later")
+_ISB = RecipeStep("local_cse", "ISB discards instructions this CPU fetched before the maintenance")
+_REMOTE = RecipeStep(
+    "remote_cse",
+    "other CPUs keep already-fetched instructions until their own context synchronization: "
+    "membarrier(PRIVATE_EXPEDITED_SYNC_CORE) makes each running thread take one "
+    "(miniJit01 is Allowed without it)",
+)
+_MAP = RecipeStep(
+    "map",
+    "a VA that was not mapped cannot hold fetched instructions; the page-table update and "
+    "the exception return of the system call synchronize (seeds/004, set_pte_at)",
+)
+
+#: Instructions that may be replaced while another CPU may execute them (Arm ARM B2.2.5,
+#: the list herd7 uses for its CMODX check).
+CMODX_MNEMONICS = frozenset(
+    {"b", "b.cond", "bl", "brk", "cbnz", "cbz", "hvc", "isb", "nop", "smc", "svc", "tbnz", "tbz"}
+)
+
+SPEC = ArchSpec(
+    name="arm64",
+    aliases=("aarch64", "armv8", "arm64e"),
+    trap_fill=(0xD4202000).to_bytes(4, "little"),  # BRK #0x100 (the kernel's AARCH64_BREAK_FAULT)
+    insn_align=4,
+    max_insn_size=4,
+    pointer_size=8,
+    engines=EngineModes(
+        keystone=(keystone.KS_ARCH_ARM64, keystone.KS_MODE_LITTLE_ENDIAN),
+        capstone=(capstone.CS_ARCH_ARM64, capstone.CS_MODE_ARM),
+        unicorn=(unicorn.UC_ARCH_ARM64, unicorn.UC_MODE_ARM),
+    ),
+    publish=Recipe("publish", (_WRITE, _CLEAN, _DSB1, _INVAL, _DSB2, _ISB, _REMOTE)),
+    publish_fresh=Recipe("publish_fresh", (_WRITE, _CLEAN, _DSB1, _INVAL, _DSB2, _MAP)),
+    patch=Recipe(
+        "patch",
+        (
+            RecipeStep(
+                "atomic_store",
+                "one aligned 4-byte store; old and new must both be on the CMODX list",
+            ),
+            _CLEAN,
+            _DSB1,
+            _INVAL,
+            _DSB2,
+            _ISB,
+            _REMOTE,
+        ),
+    ),
+    patch_rule=PatchRule(
+        word=4,
+        whole_instruction=True,
+        mnemonics=CMODX_MNEMONICS,
+        max_size=4,
+        why="Arm ARM B2.2.5 allows concurrent modification and execution only for "
+        "B, B.cond, BL, BRK, CBZ, CBNZ, TBZ, TBNZ, NOP, ISB, SVC, HVC and SMC",
+    ),
+    cse_events=("isb", "exception_entry", "exception_return", "ipi"),
+    tlb_styles=("broadcast", "ipi"),
+    cache_features=("idc", "dic"),
+    summary="write via RW alias; DC CVAU lines (unless IDC); DSB ISH; IC IVAU lines (unless DIC); "
+    "DSB ISH; ISB; membarrier(SYNC_CORE) once per batch; fresh packs: maintenance then map",
+)

@@ -1,0 +1,53 @@
+"""riscv64: ``fence.i`` orders only the local hart's instruction fetches (Zifencei);
+other harts need a remote fence.i, which Linux provides through the
+``riscv_flush_icache`` system call (flags 0: every thread of the process)."""
+
+from __future__ import annotations
+
+import capstone
+import unicorn
+
+from execmem.arch import ArchSpec, EngineModes, PatchRule, Recipe, RecipeStep
+
+_WRITE = RecipeStep("write", "code goes through the writable view (W^X)")
+_FENCE = RecipeStep("barrier", "fence rw,rw orders the code stores before the fetch fences (Zifencei)")
+_LOCAL = RecipeStep("local_cse", "fence.i makes this hart's fetches see its own stores (Zifencei)")
+_REMOTE = RecipeStep(
+    "remote_cse",
+    "other harts need their own fence.i: riscv_flush_icache(start, end, 0) IPIs them (Linux)",
+)
+_MAP = RecipeStep("map", "a VA that was not mapped cannot hold fetched instructions")
+
+SPEC = ArchSpec(
+    name="riscv64",
+    aliases=("riscv", "rv64"),
+    trap_fill=b"\x02\x90",  # c.ebreak: traps at every 2-byte boundary
+    insn_align=2,
+    max_insn_size=4,
+    pointer_size=8,
+    engines=EngineModes(
+        keystone=None,  # Keystone 0.9.2 has no RISC-V assembler
+        capstone=(capstone.CS_ARCH_RISCV, capstone.CS_MODE_RISCV64 | capstone.CS_MODE_RISCVC),
+        unicorn=(unicorn.UC_ARCH_RISCV, unicorn.UC_MODE_RISCV64),
+    ),
+    publish=Recipe("publish", (_WRITE, _FENCE, _LOCAL, _REMOTE)),
+    publish_fresh=Recipe("publish_fresh", (_WRITE, _FENCE, _LOCAL, _MAP)),
+    patch=Recipe(
+        "patch",
+        (
+            RecipeStep("atomic_store", "one aligned 4-byte store of a whole instruction"),
+            _FENCE,
+            _LOCAL,
+            _REMOTE,
+        ),
+    ),
+    patch_rule=PatchRule(
+        word=4,
+        whole_instruction=True,
+        max_size=4,
+        why="only an aligned 4-byte instruction can be replaced with one atomic store",
+    ),
+    cse_events=("fence.i", "ipi"),
+    tlb_styles=("ipi",),
+    summary="write via RW alias; fence; riscv_flush_icache(all threads) once per batch",
+)

@@ -1,0 +1,66 @@
+"""x86-64: instruction fetch is coherent with stores, but cross-modifying code needs a
+serializing event on every CPU that may execute it (Intel SDM Vol. 3, 9.1.3
+"Handling Self- and Cross-Modifying Code")."""
+
+from __future__ import annotations
+
+import capstone
+import keystone
+import unicorn
+
+from execmem.arch import ArchSpec, EngineModes, PatchRule, Recipe, RecipeStep
+
+_WRITE = RecipeStep("write", "code goes through the writable view; the executable view never is writable (W^X)")
+_LOCAL = RecipeStep(
+    "local_cse",
+    "the writing thread serializes too before it runs the code (SDM 9.1.3: a jump or serializing instruction after SMC)",
+)
+_REMOTE = RecipeStep(
+    "remote_cse",
+    "every other thread must execute a serializing instruction before running new code "
+    "(SDM 9.1.3 cross-modifying code; Linux membarrier SYNC_CORE, 4.16)",
+)
+_MAP = RecipeStep(
+    "map",
+    "a VA that was not mapped cannot hold prefetched instructions; the mapping makes it "
+    "executable only after the code is in place (Lutomirski, execmem thread, seeds/001)",
+)
+
+SPEC = ArchSpec(
+    name="x86_64",
+    aliases=("x86-64", "amd64", "x64"),
+    trap_fill=b"\xcc",  # int3
+    insn_align=1,
+    max_insn_size=15,
+    pointer_size=8,
+    engines=EngineModes(
+        keystone=(keystone.KS_ARCH_X86, keystone.KS_MODE_64),
+        capstone=(capstone.CS_ARCH_X86, capstone.CS_MODE_64),
+        unicorn=(unicorn.UC_ARCH_X86, unicorn.UC_MODE_64),
+    ),
+    publish=Recipe("publish", (_WRITE, _LOCAL, _REMOTE)),
+    publish_fresh=Recipe("publish_fresh", (_WRITE, _MAP)),
+    patch=Recipe(
+        "patch",
+        (
+            RecipeStep(
+                "atomic_store",
+                "one aligned 8-byte store replaces a whole instruction; executing CPUs see "
+                "the old or the new instruction, never a mix (SDM 8.1.1 atomicity)",
+            ),
+            _LOCAL,
+            _REMOTE,
+        ),
+    ),
+    patch_rule=PatchRule(
+        word=8,
+        whole_instruction=True,
+        max_size=8,
+        why="only a whole instruction inside one aligned 8-byte word can be replaced with one "
+        "atomic store; anything else needs text_poke_bp's int3 protocol or a new text",
+    ),
+    cse_events=("cpuid", "serialize", "iret", "interrupt", "ipi"),
+    tlb_styles=("ipi", "invlpgb"),
+    summary="write via RW alias; membarrier(PRIVATE_EXPEDITED_SYNC_CORE) once per batch "
+    "(fallback: mprotect-induced TLB-shootdown IPI); fresh packs: map after write, no membarrier",
+)

@@ -1,0 +1,130 @@
+"""The contract between the allocator core and the memory it manages.
+
+The core (packs, chunks, quarantine, handle states) is architecture- and
+host-neutral: everything that touches memory goes through a :class:`Backend`.
+Three backends implement it:
+
+* ``execmem.native.NativeBackend`` - real mmap'd memory in this process;
+* ``execmem.emu.Machine`` - the modeled multi-CPU machine (each call becomes model
+  steps on the machine's host CPU, interleavable with guest code on other CPUs);
+* ``execmem._memory_backend.MemoryBackend`` - plain bytes, for tests of the core.
+
+Lifecycle of a :class:`Reservation` (a pack, or one large text's own region)::
+
+    reserve()  -> RESERVED: VA fixed, backing allocated and trap-filled through the
+                  writable side, executable view NOT installed (nothing can be
+                  fetched from it, so nothing stale can be in flight)
+    map()      -> MAPPED: executable view installed (the ``map`` recipe step)
+    unmap()    -> UNMAPPED: executable view removed, VA still reserved so the system
+                  cannot hand it to anyone else while it is quarantined
+    map()      -> MAPPED again (only after a synchronization epoch: fresh again)
+    release()  -> gone: VA and backing returned to the system
+
+The core runs recipes (``arch.Recipe``) step by step: it routes ``write`` to
+:meth:`Backend.write`, ``map`` to :meth:`Backend.map`, ``atomic_store`` to
+:meth:`Backend.atomic_store`, and every other step name to
+:meth:`Backend.run_step` with the address ranges of the whole batch, once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    from execmem.arch import ArchSpec
+
+
+@dataclass(eq=False)
+class Reservation:
+    """One contiguous region of executable address space (identity semantics)."""
+
+    #: Executable virtual address; fixed for the life of the reservation.
+    address: int
+    size: int
+    #: Whether the executable view is currently installed.
+    mapped: bool = False
+    #: Backend-private state (file descriptors, alias addresses, model frames...).
+    token: object = field(default=None, repr=False)
+
+
+#: An address range ``(start, size)`` in executable address space.
+Range = tuple[int, int]
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """What the allocator core needs from memory.  See the module docstring."""
+
+    #: The architecture whose recipes this backend executes.
+    arch: ArchSpec
+    page_size: int
+    #: Human-readable mode: "dual-mapping", "mprotect", "rwx", "emulated", "memory".
+    mode: str
+    #: Smallest unit whose protection can change independently of its neighbours.
+    #: Texts written in place never share such a unit with live text (the page size
+    #: in mprotect mode, 1 where writes go through a separate writable view).
+    write_unit: int
+    #: Cache-type features of the (host or modeled) CPU, e.g. ``{"idc"}`` on arm64.
+    cache_features: frozenset[str]
+
+    def reserve(self, size: int, align: int) -> Reservation:
+        """Reserve ``size`` bytes of VA aligned to ``align`` with trap-filled backing.
+
+        Raises ``OutOfMemoryError`` / ``SystemCallError`` and leaves nothing behind
+        on failure.
+        """
+        ...
+
+    def map(self, reservation: Reservation) -> None:
+        """Install the executable (read+execute, never writable) view."""
+        ...
+
+    def unmap(self, reservation: Reservation) -> None:
+        """Remove the executable view (with the TLB maintenance it needs); keep the VA."""
+        ...
+
+    def release(self, reservation: Reservation) -> None:
+        """Return VA and backing to the system.  The reservation is unusable afterwards."""
+        ...
+
+    def write(self, reservation: Reservation, offset: int, data: bytes) -> None:
+        """Store ``data`` at ``reservation.address + offset`` through the writable view.
+
+        Never makes any page writable and executable at once.
+        """
+        ...
+
+    def atomic_store(self, reservation: Reservation, offset: int, data: bytes) -> None:
+        """One single-copy-atomic store of ``data`` (1, 2, 4 or 8 bytes, naturally aligned)."""
+        ...
+
+    def begin_inplace(self, reservation: Reservation, offset: int, size: int) -> None:
+        """Prepare ``[offset, offset+size)`` for in-place writes (mprotect mode: make RW)."""
+        ...
+
+    def end_inplace(self, reservation: Reservation, offset: int, size: int) -> None:
+        """Undo :meth:`begin_inplace` (mprotect mode: back to read+execute)."""
+        ...
+
+    def run_step(self, step: str, ranges: Sequence[Range]) -> None:
+        """Execute one synchronization recipe step over the batch's ranges.
+
+        ``step`` is one of ``clean_dcache``, ``barrier``, ``invalidate_icache``,
+        ``local_cse`` and ``remote_cse`` (see ``execmem.arch.STEP_DOCS``).  A completed
+        ``remote_cse`` means every thread of the process (every CPU of the model) has
+        taken a context-synchronization event since the call started.
+        """
+        ...
+
+    def stats(self) -> Mapping[str, object]:
+        """What the backend actually obtained and did (pages, huge pages, sync counts...)."""
+        ...
+
+    def close(self) -> None:
+        """Release everything still held.  Idempotent."""
+        ...
+
+
+__all__ = ["Backend", "Range", "Reservation"]
