@@ -148,6 +148,12 @@ class ArchSpec:
     cache_features: tuple[str, ...] = ()
     #: Default (D-line, I-line) sizes when the host cannot tell.
     cache_lines: tuple[int, int] = (64, 64)
+    #: Tiny routines the native backend runs on this architecture when it is the host,
+    #: as ``(name, source)``: Keystone assembly, or only ``.word`` directives where
+    #: Keystone has no assembler.  Names: ``store1/2/4/8`` (``(address, value)``: one
+    #: single-copy-atomic store), ``local_cse``, ``barrier``, ``clean_dcache`` /
+    #: ``invalidate_icache`` (``(start, end, line)``), ``read_cache_type``.
+    host_routines: tuple[tuple[str, str], ...] = ()
     #: One line per row for the README's synchronization table.
     summary: str = ""
     #: Extra per-architecture hooks used by the modeled machine (decoders etc.).

@@ -86,6 +86,28 @@ SPEC = ArchSpec(
     cse_events=("isb", "exception_entry", "exception_return", "ipi"),
     tlb_styles=("broadcast", "ipi"),
     cache_features=("idc", "dic"),
+    host_routines=(
+        # AAPCS64: x0 = address, x1 = value; aligned STR* are single-copy atomic (B2.2.1).
+        ("store1", "strb w1, [x0]; ret"),
+        ("store2", "strh w1, [x0]; ret"),
+        ("store4", "str w1, [x0]; ret"),
+        ("store8", "str x1, [x0]; ret"),
+        # Linux lets EL0 read CTR_EL0 (SCTLR_EL1.UCT, or trap-and-emulate).
+        ("read_cache_type", "mrs x0, ctr_el0; ret"),
+        # (start, end, line): one maintenance op per line from the line containing start.
+        (
+            "clean_dcache",
+            "sub x3, x2, #1; bic x0, x0, x3; "
+            "loop: dc cvau, x0; add x0, x0, x2; cmp x0, x1; b.lo loop; ret",
+        ),
+        (
+            "invalidate_icache",
+            "sub x3, x2, #1; bic x0, x0, x3; "
+            "loop: ic ivau, x0; add x0, x0, x2; cmp x0, x1; b.lo loop; ret",
+        ),
+        ("barrier", "dsb ish; ret"),
+        ("local_cse", "isb; ret"),
+    ),
     summary="write via RW alias; DC CVAU lines (unless IDC); DSB ISH; IC IVAU lines (unless DIC); "
     "DSB ISH; ISB; membarrier(SYNC_CORE) once per batch; fresh packs: maintenance then map",
 )

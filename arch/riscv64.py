@@ -49,5 +49,14 @@ SPEC = ArchSpec(
     ),
     cse_events=("fence.i", "ipi"),
     tlb_styles=("ipi",),
+    host_routines=(
+        # Hand-encoded (no Keystone for RISC-V); a0 = address, a1 = value; 0x00008067 = ret.
+        ("store1", ".word 0x00b50023; .word 0x00008067"),  # sb a1, 0(a0)
+        ("store2", ".word 0x00b51023; .word 0x00008067"),  # sh a1, 0(a0)
+        ("store4", ".word 0x00b52023; .word 0x00008067"),  # sw a1, 0(a0)
+        ("store8", ".word 0x00b53023; .word 0x00008067"),  # sd a1, 0(a0)
+        ("barrier", ".word 0x0330000f; .word 0x00008067"),  # fence rw, rw
+        ("local_cse", ".word 0x0000100f; .word 0x00008067"),  # fence.i
+    ),
     summary="write via RW alias; fence; riscv_flush_icache(all threads) once per batch",
 )

@@ -61,6 +61,16 @@ SPEC = ArchSpec(
     ),
     cse_events=("cpuid", "serialize", "iret", "interrupt", "ipi"),
     tlb_styles=("ipi", "invlpgb"),
+    host_routines=(
+        # System V: rdi = address, rsi = value.  An aligned MOV of 1/2/4/8 bytes is
+        # single-copy atomic (SDM Vol. 3, 9.1.1 "Guaranteed Atomic Operations").
+        ("store1", "mov byte ptr [rdi], sil; ret"),
+        ("store2", "mov word ptr [rdi], si; ret"),
+        ("store4", "mov dword ptr [rdi], esi; ret"),
+        ("store8", "mov qword ptr [rdi], rsi; ret"),
+        # CPUID is serializing on every x86-64 CPU (SERIALIZE is newer); rbx is callee-saved.
+        ("local_cse", "push rbx; xor eax, eax; cpuid; pop rbx; ret"),
+    ),
     summary="write via RW alias; membarrier(PRIVATE_EXPEDITED_SYNC_CORE) once per batch "
     "(fallback: mprotect-induced TLB-shootdown IPI); fresh packs: map after write, no membarrier",
 )
