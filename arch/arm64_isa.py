@@ -1,0 +1,350 @@
+"""arm64 instruction semantics the modeled machine needs beyond Unicorn.
+
+Unicorn executes the data-processing, load/store and branch instructions; the model
+must still know, per instruction, *which registers it reads and writes* (to carry
+dependency views: address, data and control dependencies order events in Arm's
+model) and *which instructions it must perform itself* (barriers, cache and TLB
+maintenance, ISB, ERET, traps).  Capstone 5 decodes the operands but its
+``regs_access`` is wrong for aliases (``cmp`` reports a write to its first operand,
+``ret`` reads nothing, ``dc cvau, x1`` reads nothing), so the rules below work from
+mnemonics and operand lists.
+
+The memory-model table :data:`RULES` says, for each ordering instruction, which
+per-CPU views it joins; the engine (``execmem.emu``) interprets it and never names
+an architecture.  The rules transcribe the "locally-ordered-before" relation of
+Arm's model (herdtools7 ``aarch64hwreqs.cat``: bob, dob, DSB-ob, IFB-ob, f-ob,
+po-scl-ob) into the view discipline of Pulte et al.'s Promising-ARM (PLDI 2019).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import capstone
+from capstone import arm64_const as cs
+from unicorn import arm64_const as uc
+
+from execmem._errors import ModelError
+
+#: Unicorn registers that make up a CPU's architectural state in the model, in the
+#: order of the packed register file.  Indices 0..30 are X0..X30.
+REGISTERS: tuple[int, ...] = (
+    *(getattr(uc, f"UC_ARM64_REG_X{i}") for i in range(29)),
+    uc.UC_ARM64_REG_X29,
+    uc.UC_ARM64_REG_X30,
+    uc.UC_ARM64_REG_SP,
+    uc.UC_ARM64_REG_NZCV,
+    uc.UC_ARM64_REG_PC,
+    uc.UC_ARM64_REG_ELR_EL1,
+    uc.UC_ARM64_REG_PSTATE,
+)
+SP, NZCV, PC, ELR, PSTATE = 31, 32, 33, 34, 35
+REGISTER_NAMES = (*(f"X{i}" for i in range(31)), "SP", "NZCV", "PC", "ELR_EL1", "PSTATE")
+#: Registers whose values are compared/printed (general purpose + SP).
+GENERAL = tuple(range(32))
+#: Reset value of PSTATE: EL1h with interrupts masked (Unicorn's default).
+RESET = {PSTATE: 0x3C5}
+
+
+def register_index(name: str) -> int | None:
+    """Model register index for ``x5``/``w5``/``sp``/``lr``...; ``None`` for the zero register."""
+    n = name.lower()
+    if n in ("xzr", "wzr"):
+        return None
+    if n in ("sp", "wsp"):
+        return SP
+    if n == "lr":
+        return 30
+    if n == "fp":
+        return 29
+    if n == "nzcv":
+        return NZCV
+    if n[0] in "xw" and n[1:].isdigit() and int(n[1:]) <= 30:
+        return int(n[1:])
+    raise ModelError(f"register {name!r} is not modelled (only general-purpose registers are)")
+
+
+@dataclass(frozen=True)
+class Decoded:
+    """What the model needs to know about one instruction encoding."""
+
+    mnemonic: str
+    text: str
+    #: "alu", "load", "store", "branch", "fence", "isb", "dc", "ic", "tlbi", "eret",
+    #: "svc", "trap", "nop", "undefined", "halt"
+    op: str
+    reads: tuple[int, ...] = ()
+    writes: tuple[int, ...] = ()
+    addr_regs: tuple[int, ...] = ()
+    data_regs: tuple[int, ...] = ()
+    cond_regs: tuple[int, ...] = ()
+    #: "" or "A" (LDAR: RCsc acquire) or "Q" (LDAPR: RCpc acquire)
+    acquire: str = ""
+    release: bool = False
+    #: For fences: a key of :data:`RULES`.
+    fence: str = ""
+    #: For DC/IC/TLBI: the register holding the VA (None: whole cache / all entries).
+    va_reg: int | None = None
+    #: Concurrent modification of this instruction is allowed (Arm ARM B2.2.5).
+    cmodx: bool = False
+    length: int = 4
+
+
+_CMODX = {"b", "bl", "brk", "cbnz", "cbz", "hvc", "isb", "nop", "smc", "svc", "tbnz", "tbz"}
+_FLAG_SETTERS = {"adds", "subs", "ands", "bics", "adcs", "sbcs", "negs", "ngcs", "cmp", "cmn", "tst"}
+_FLAG_READERS = {
+    "csel", "csinc", "csinv", "csneg", "cset", "csetm", "cinc", "cinv", "cneg",
+    "adc", "adcs", "sbc", "sbcs", "ngc", "ngcs", "ccmp", "ccmn", "fcsel",
+}
+_COMPARES = {"cmp", "cmn", "tst", "ccmp", "ccmn"}
+_READ_DEST = {"movk", "bfi", "bfxil", "bfm", "bfc"}
+_FENCES = {
+    "sy": "full", "ish": "full", "osh": "full", "nsh": "full",
+    "ld": "ld", "ishld": "ld", "oshld": "ld", "nshld": "ld",
+    "st": "st", "ishst": "st", "oshst": "st", "nshst": "st",
+}
+
+_md = capstone.Cs(capstone.CS_ARCH_ARM64, capstone.CS_MODE_ARM)
+_md.detail = True
+
+
+def _regs_of(insn: capstone.CsInsn) -> tuple[list[int], list[tuple[int | None, int | None]]]:
+    """(register operands in order, memory operands as (base, index))."""
+    regs: list[int] = []
+    mems: list[tuple[int | None, int | None]] = []
+    for op in insn.operands:
+        if op.type == cs.ARM64_OP_REG:
+            index = register_index(insn.reg_name(op.reg))
+            regs.append(-1 if index is None else index)
+        elif op.type == cs.ARM64_OP_MEM:
+            base = register_index(insn.reg_name(op.mem.base)) if op.mem.base else None
+            index = register_index(insn.reg_name(op.mem.index)) if op.mem.index else None
+            mems.append((base, index))
+    return regs, mems
+
+
+def _real(regs: list[int]) -> tuple[int, ...]:
+    return tuple(r for r in regs if r >= 0)
+
+
+@functools.lru_cache(maxsize=65536)
+def decode(word: int) -> Decoded:
+    """Decode one 32-bit instruction word (little-endian value)."""
+    insns = list(_md.disasm(word.to_bytes(4, "little"), 0))
+    if not insns:
+        return Decoded("(undefined)", f".inst {word:#010x}", "undefined")
+    insn = insns[0]
+    m = insn.mnemonic.lower()
+    text = f"{m} {insn.op_str}".strip()
+    regs, mems = _regs_of(insn)
+    cmodx = m in _CMODX or m.startswith("b.")
+
+    if m == "udf":
+        return Decoded(m, text, "undefined")
+    if m in ("brk", "hlt"):
+        return Decoded(m, text, "trap", cmodx=cmodx)
+    if m in ("svc", "hvc", "smc"):
+        return Decoded(m, text, "svc", cmodx=cmodx)
+    if m in ("nop", "yield", "hint", "wfe", "sev", "sevl", "esb", "csdb", "bti", "pacia1716"):
+        return Decoded(m, text, "nop", cmodx=cmodx)
+    if m == "wfi":
+        return Decoded(m, text, "halt")
+    if m == "isb":
+        return Decoded(m, text, "isb", cmodx=True)
+    if m in ("dmb", "dsb"):
+        option = insn.op_str.strip().lower() or "sy"
+        kind = _FENCES.get(option)
+        if kind is None:
+            raise ModelError(f"barrier option {option!r} of {text!r} is not modelled")
+        return Decoded(m, text, "fence", fence=f"{m}.{kind}")
+    if m == "eret":
+        return Decoded(m, text, "eret", reads=(ELR,))
+    if m in ("dc", "ic", "tlbi"):
+        what = insn.op_str.split(",")[0].strip().lower()
+        va = _real(regs)
+        va_reg = va[0] if va else None
+        if m == "dc":
+            if what not in ("cvau", "cvac", "civac", "cvap", "cvadp"):
+                raise ModelError(f"{text!r} is not modelled (only cleaning DC operations are)")
+            return Decoded(m, text, "dc", reads=va, addr_regs=va, va_reg=va_reg)
+        if m == "ic":
+            return Decoded(m, text, "ic", reads=va, addr_regs=va, va_reg=va_reg)
+        return Decoded(m, text, "tlbi", reads=va, addr_regs=va, va_reg=va_reg)
+    if m == "msr":
+        return Decoded(m, text, "alu", reads=_real(regs))
+    if m == "mrs":
+        return Decoded(m, text, "alu", writes=_real(regs))
+
+    # Branches: Unicorn computes the target; the model needs the control dependency.
+    if m in ("b", "bl") or m.startswith("b."):
+        cond: tuple[int, ...] = (NZCV,) if m.startswith("b.") else ()
+        writes: tuple[int, ...] = (30,) if m == "bl" else ()
+        return Decoded(m, text, "branch", reads=cond, writes=writes, cond_regs=cond, cmodx=True)
+    if m in ("cbz", "cbnz", "tbz", "tbnz"):
+        r = _real(regs)[:1]
+        return Decoded(m, text, "branch", reads=r, cond_regs=r, cmodx=True)
+    if m in ("br", "blr", "ret", "braa", "blraa", "retaa"):
+        r = _real(regs)[:1] or (30,)
+        writes = (30,) if m.startswith("blr") else ()
+        return Decoded(m, text, "branch", reads=r, writes=writes, cond_regs=r)
+
+    # Loads and stores.
+    if mems:
+        if any(m.startswith(p) for p in ("ldadd", "ldclr", "ldeor", "ldset", "ldsmax", "ldsmin",
+                                           "ldumax", "ldumin", "swp", "cas", "stadd", "stclr",
+                                           "steor", "stset", "ldxr", "ldaxr", "stxr", "stlxr",
+                                           "ldxp", "ldaxp", "stxp", "stlxp", "prfm", "ld1", "st1")):
+            raise ModelError(f"{text!r}: atomic, exclusive, prefetch and vector accesses are not modelled")
+        base, index = mems[0]
+        addr = tuple(r for r in (base, index) if r is not None)
+        writeback = (base,) if insn.writeback and base is not None else ()
+        before_mem = _real(regs)
+        if m.startswith("ld"):
+            acquire = "A" if m.startswith("ldar") else "Q" if m.startswith("ldapr") else ""
+            return Decoded(m, text, "load", reads=addr, writes=before_mem + writeback,
+                           addr_regs=addr, acquire=acquire)
+        if m.startswith("st"):
+            release = m.startswith("stlr")
+            return Decoded(m, text, "store", reads=before_mem + addr, writes=writeback,
+                           addr_regs=addr, data_regs=before_mem, release=release)
+        raise ModelError(f"{text!r}: memory instruction not modelled")
+
+    # Data processing: first register operand is the destination.
+    if m in _COMPARES:
+        reads = _real(regs)
+        if m in ("ccmp", "ccmn"):
+            reads += (NZCV,)
+        return Decoded(m, text, "alu", reads=reads, writes=(NZCV,))
+    real = regs[1:]
+    reads = _real(real)
+    if m in _FLAG_READERS:
+        reads += (NZCV,)
+    dest = _real(regs[:1])
+    if m in _READ_DEST:
+        reads += dest
+    writes = dest + ((NZCV,) if m in _FLAG_SETTERS else ())
+    if m.startswith("f") or any(r > NZCV for r in reads + writes):
+        raise ModelError(f"{text!r}: floating-point and SIMD instructions are not modelled")
+    return Decoded(m, text, "alu", reads=reads, writes=writes)
+
+
+# ---------------------------------------------------------------------------
+# Memory-model rules (interpreted by execmem.emu).  Views named here:
+#   rold   post-views of po-earlier explicit reads
+#   wold   positions of po-earlier explicit writes (requires them propagated)
+#   dcold  positions of po-earlier DC CVAU
+#   icold  positions of po-earlier completed IC / TLBI
+#   capc   views of registers read by po-earlier branches (control dependencies)
+#   capa   address views of po-earlier memory accesses (address dependencies)
+#   dsb    everything ordered by the last DSB (extended to fetches by an ISB)
+#   rnew / dcnew / icnew / fnew   lower bounds for later reads / DC / IC+TLBI / fetches
+# A FenceRule drains the store buffer first when ``drain`` is set, completes pending
+# IC/TLBI when ``complete`` is set, orders later stores after earlier ones when
+# ``order_stores`` is set, then joins each target view with the listed sources.
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FenceRule:
+    drain: bool = False
+    complete: bool = False
+    order_stores: bool = False
+    joins: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    #: This instruction is a context-synchronization event (discards fetched instructions).
+    cse: bool = False
+
+
+_ALL_OLD = ("rold", "wold", "dcold", "icold")
+_M_OLD = ("rold", "wold", "dcold")
+
+RULES: dict[str, FenceRule] = {
+    # bob: [M|DC]; po; [dmb.full]; po; [M|DC]
+    "dmb.full": FenceRule(drain=True, joins=(("rnew", _M_OLD), ("dcnew", _M_OLD))),
+    # bob: [R]; po; [dmb.ld]; po; [M]   (not DC)
+    "dmb.ld": FenceRule(joins=(("rnew", ("rold",)),)),
+    # bob: [W]; po; [dmb.st]; po; [W]
+    "dmb.st": FenceRule(order_stores=True),
+    # DSB-ob: [M|DC|IC|TLBI]; po; [dsb.full]; po; [~(fetch|TTD)]  (and completes IC/TLBI)
+    "dsb.full": FenceRule(
+        drain=True,
+        complete=True,
+        joins=(("rnew", _ALL_OLD), ("dcnew", _ALL_OLD), ("icnew", _ALL_OLD), ("dsb", _ALL_OLD)),
+    ),
+    "dsb.ld": FenceRule(joins=(("rnew", ("rold",)), ("dcnew", ("rold",)), ("icnew", ("rold",)), ("dsb", ("rold",)))),
+    "dsb.st": FenceRule(
+        drain=True,
+        joins=(("rnew", ("wold",)), ("dcnew", ("wold",)), ("icnew", ("wold",)), ("dsb", ("wold",))),
+    ),
+    # IFB-ob: [R]; ctrl; [IFB]; po | [R]; addr; [M]; po; [IFB]; po | DSB-ob; [IFB]; po
+    "isb": FenceRule(
+        cse=True,
+        joins=(
+            ("fnew", ("capc", "capa", "dsb")),
+            ("rnew", ("capc", "capa")),
+            ("dcnew", ("capc", "capa")),
+            ("icnew", ("capc", "capa")),
+        ),
+    ),
+}
+#: Exception entry and return are IFBs in Arm's model (unless FEAT_ExS says otherwise).
+RULES["exception"] = RULES["isb"]
+
+
+@dataclass(frozen=True)
+class ModelRules:
+    """Per-architecture parameters of the modeled machine (see ``execmem.emu``)."""
+
+    #: Coherence granule in bytes (each aligned granule is one location).
+    granule: int
+    #: Fetches read the latest write at their time (x86, or arm64 with DIC).
+    coherent_fetch: bool
+    #: A CPU's own stores are always visible to its own fetches (x86 SMC snooping).
+    own_stores_visible_to_fetch: bool
+    #: Stores leave the store buffer in program order (x86-TSO).
+    fifo_stores: bool
+    #: Every read is ordered after earlier reads (x86-TSO).
+    ordered_reads: bool
+    #: Reads carry dependency views (Arm); False when the ordering is total (TSO).
+    track_dependencies: bool
+    fences: dict[str, FenceRule]
+
+
+MODEL = ModelRules(
+    granule=4,
+    coherent_fetch=False,
+    own_stores_visible_to_fetch=False,
+    fifo_stores=False,
+    ordered_reads=False,
+    track_dependencies=True,
+    fences=RULES,
+)
+
+
+#: Bytes fetched per instruction.
+FETCH_SIZE = 4
+
+
+def decode_bytes(insn: bytes) -> Decoded:
+    return decode(int.from_bytes(insn[:4], "little"))
+
+
+def _reg(regs: bytes, index: int) -> int:
+    return int.from_bytes(regs[8 * index : 8 * index + 8], "little")
+
+
+def _set(regs: bytes, index: int, value: int) -> bytes:
+    return regs[: 8 * index] + value.to_bytes(8, "little") + regs[8 * index + 8 :]
+
+
+def exception_entry(cpu: object, pc: int) -> bytes:
+    """Registers after taking a synchronous exception at ``pc``: ELR_EL1 = pc.
+
+    The model vectors to the handler itself (Unicorn does not set ESR/FAR or vector).
+    """
+    return _set(cpu.regs, ELR, pc)  # type: ignore[attr-defined]
+
+
+def exception_return(cpu: object) -> int:
+    """Target of ERET: ELR_EL1 (the model stays at EL1; Unicorn's ERET would drop to EL0)."""
+    return _reg(cpu.regs, ELR)  # type: ignore[attr-defined]

@@ -1,0 +1,207 @@
+"""Per-CPU state of the modeled machine and the machine state itself.
+
+A CPU runs its instructions in program order; what makes it relaxed is *views*:
+timeline positions that bound where its next events may be placed (see
+``_timeline``).  Named views (indices into :attr:`CpuState.views`):
+
+====== =====================================================================
+rnew    lower bound for the next explicit read
+dcnew   lower bound for the next DC
+icnew   lower bound for the next IC / TLBI
+fnew    lower bound for the next instruction fetch (raised by context synchronization)
+rold    join of the post-views of earlier reads
+wold    join of the positions of earlier writes (they must have left the store buffer)
+dcold   join of the positions of earlier DCs
+icold   join of the positions of earlier completed ICs / TLBIs
+capc    views of registers earlier branches read (control dependencies)
+capa    address views of earlier memory accesses (address dependencies)
+dsb     what the last DSB ordered (an ISB extends it to instruction fetch)
+fetch   position of the last instruction fetch (fetch is in order and precedes
+        every later event of the CPU: Arm's f-ob)
+rel     position of the last release store (a later acquire load waits for it)
+====== =====================================================================
+
+States are treated as immutable values once built: a transition copies the CPU it
+changes (:meth:`CpuState.copy`).  When an event is inserted in the middle of the
+timeline every stored position at or after the insertion point moves by one
+(:meth:`CpuState.shifted`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from execmem.emu._timeline import Timeline
+
+VIEW_NAMES = ("rnew", "dcnew", "icnew", "fnew", "rold", "wold", "dcold", "icold", "capc", "capa", "dsb", "fetch", "rel")
+VIEW = {name: i for i, name in enumerate(VIEW_NAMES)}
+RNEW, DCNEW, ICNEW, FNEW, ROLD, WOLD, DCOLD, ICOLD, CAPC, CAPA, DSB, FETCH, REL = range(len(VIEW_NAMES))
+
+RUN, DONE, FAULT, HALT = "run", "done", "fault", "halt"
+
+
+@dataclass(frozen=True, slots=True)
+class Store:
+    """A store waiting in a CPU's store buffer."""
+
+    seq: int
+    addr: int  # first granule (physical)
+    span: int  # granules
+    data: bytes
+    mask: int
+    #: address and data views (Promising: the store's forwarding view is their join)
+    vaddr: int
+    vdata: int
+    release: bool
+    #: must leave the buffer after every store with a smaller ``seq`` than this
+    after: int
+    va: int  # virtual address, for traces
+    pc: int
+
+    def shifted(self, at: int) -> Store:
+        return Store(
+            self.seq, self.addr, self.span, self.data, self.mask,
+            self.vaddr + (self.vaddr >= at), self.vdata + (self.vdata >= at),
+            self.release, self.after, self.va, self.pc,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Pending:
+    """An IC or TLBI issued but not yet completed by a DSB of its CPU."""
+
+    kind: str  # "IC" / "TLBI"
+    addr: int  # line, or -1 for all lines / all pages
+    pre: int
+    text: str
+
+    def shifted(self, at: int) -> Pending:
+        return Pending(self.kind, self.addr, self.pre + (self.pre >= at), self.text)
+
+
+def _shift_pairs(pairs: tuple[tuple[int, int], ...], at: int) -> tuple[tuple[int, int], ...]:
+    return tuple((k, v + (v >= at)) for k, v in pairs)
+
+
+def get(pairs: tuple[tuple[int, int], ...], key: int, default: int = 0) -> int:
+    for k, v in pairs:
+        if k == key:
+            return v
+    return default
+
+
+def put(pairs: tuple[tuple[int, int], ...], key: int, value: int) -> tuple[tuple[int, int], ...]:
+    """Set ``key`` to ``value`` (pairs stay sorted by key, so equal states compare equal)."""
+    out = [(k, v) for k, v in pairs if k != key]
+    out.append((key, value))
+    out.sort()
+    return tuple(out)
+
+
+def join_into(pairs: tuple[tuple[int, int], ...], key: int, value: int) -> tuple[tuple[int, int], ...]:
+    old = get(pairs, key, 0)
+    return pairs if old >= value else put(pairs, key, value)
+
+
+class CpuState:
+    """Everything the model knows about one CPU (see the module docstring)."""
+
+    __slots__ = (
+        "coh",
+        "faults",
+        "fetches",
+        "fwd",
+        "host",
+        "index",
+        "irq",
+        "pc",
+        "pending",
+        "regs",
+        "rview",
+        "sb",
+        "scl",
+        "seq",
+        "status",
+        "store_fence",
+        "views",
+    )
+
+    def __init__(self, index: int, pc: int, regs: bytes, nregs: int) -> None:
+        self.index = index
+        self.pc = pc
+        self.regs = regs
+        self.rview: tuple[int, ...] = (0,) * nregs
+        self.views: list[int] = [0] * len(VIEW_NAMES)
+        #: per granule: coherence view (the CPU never reads older than this)
+        self.coh: tuple[tuple[int, int], ...] = ()
+        #: per granule: (position of this CPU's last write, its forwarding view)
+        self.fwd: tuple[tuple[int, tuple[int, int]], ...] = ()
+        #: per line: po-scl-ob view (DC vs same-line accesses)
+        self.scl: tuple[tuple[int, int], ...] = ()
+        self.sb: tuple[Store, ...] = ()
+        self.seq = 0
+        #: seq of the first store after the last store-ordering barrier
+        self.store_fence = 0
+        self.pending: tuple[Pending, ...] = ()
+        #: fetches that a later DC/IC placed in the past must respect:
+        #: (granule, anchor position, position of the write read)
+        self.fetches: tuple[tuple[int, int, int], ...] = ()
+        self.status = RUN
+        self.faults: tuple[tuple[int, str], ...] = ()
+        #: index of the next host action (CPUs that run a host program)
+        self.host = 0
+        #: pending interrupts: (kind, view carried, tag)
+        self.irq: tuple[tuple[str, int, int], ...] = ()
+
+    def copy(self) -> CpuState:
+        new = CpuState.__new__(CpuState)
+        for name in CpuState.__slots__:
+            setattr(new, name, getattr(self, name))
+        new.views = list(self.views)
+        return new
+
+    def shifted(self, at: int) -> CpuState:
+        """Positions ``>= at`` move up by one (an event was inserted at ``at``)."""
+        new = self.copy()
+        new.rview = tuple(v + (v >= at) for v in self.rview)
+        new.views = [v + (v >= at) for v in self.views]
+        new.coh = _shift_pairs(self.coh, at)
+        new.fwd = tuple((g, (p + (p >= at), v + (v >= at))) for g, (p, v) in self.fwd)
+        new.scl = _shift_pairs(self.scl, at)
+        new.sb = tuple(s.shifted(at) for s in self.sb)
+        new.pending = tuple(p.shifted(at) for p in self.pending)
+        new.fetches = tuple((g, a + (a >= at), m + (m >= at)) for g, a, m in self.fetches)
+        new.irq = tuple((k, v + (v >= at), t) for k, v, t in self.irq)
+        return new
+
+    def key(self) -> tuple[object, ...]:
+        return (
+            self.pc, self.regs, self.rview, tuple(self.views), self.coh, self.fwd, self.scl,
+            tuple(
+                (s.addr, s.span, s.data, s.mask, s.vaddr, s.vdata, s.release, s.seq - self.seq, s.after - self.seq)
+                for s in self.sb
+            ),
+            self.store_fence - self.seq, self.pending, self.fetches, self.status,
+            self.faults, self.host, self.irq,
+        )
+
+    def reg(self, index: int) -> int:
+        return int.from_bytes(self.regs[8 * index : 8 * index + 8], "little")
+
+    def with_reg(self, index: int, value: int) -> bytes:
+        return self.regs[: 8 * index] + (value & (1 << 64) - 1).to_bytes(8, "little") + self.regs[8 * index + 8 :]
+
+
+class MachineState:
+    """The timeline plus every CPU.  Immutable by convention."""
+
+    __slots__ = ("cpus", "timeline")
+
+    def __init__(self, timeline: Timeline, cpus: tuple[CpuState, ...]) -> None:
+        self.timeline = timeline
+        self.cpus = cpus
+
+    def key(self) -> tuple[object, ...]:
+        return (self.timeline.key(), tuple(c.key() for c in self.cpus))

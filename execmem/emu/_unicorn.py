@@ -1,0 +1,172 @@
+"""Unicorn as the machine's instruction executor.
+
+One ``Uc`` per modeled CPU maps *scratch* memory over every guest region.  The
+model owns the real memory (the timeline) and decides which instruction bytes a CPU
+fetched and which value each of its loads returns; to execute one instruction the
+executor pokes the fetched bytes at PC, loads the CPU's packed register file with
+Unicorn's batch C API (0.6 us for the whole file; the Python wrapper costs 1 us per
+register), runs exactly one instruction (``count=1``, never ``count=0``: see
+notes/unicorn-probe.md), supplies load values from a memory-read hook and records
+stores from a memory-write hook.
+
+Given (instruction bytes, registers, load values) the result is deterministic, so
+results are memoized: exhaustive exploration revisits the same local steps many
+times and pays for Unicorn once.
+
+Unicorn behaviours this relies on are pinned by tests/test_unicorn_pins.py:
+a translated block keeps running after its bytes change until ``ctl_remove_cache``
+(so the executor removes the block whenever the bytes at PC differ from the ones it
+was translated from), the TB containing ``until - 1`` is dropped after every run
+(``until`` lives on a dedicated page), memory hooks fire before the access.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import unicorn
+import unicorn.unicorn_py3.unicorn as _ucmod
+
+from execmem._errors import ModelError
+
+PAGE = 0x1000
+#: A page no guest region may use; ``emu_start`` stops there (never reached).
+UNTIL = 0xFFFF_F000
+
+
+@dataclass(frozen=True, slots=True)
+class Access:
+    """One memory access Unicorn performed: kind "R" or "W", VA, size, bytes (W)."""
+
+    kind: str
+    addr: int
+    size: int
+    data: bytes = b""
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """Registers after the instruction, its memory accesses, and a fault (or "")."""
+
+    regs: bytes
+    accesses: tuple[Access, ...]
+    fault: str = ""
+
+
+class _Cpu:
+    """One Unicorn instance with scratch memory and hooks."""
+
+    def __init__(self, arch: tuple[int, int], regions: Sequence[tuple[int, int]], registers: Sequence[int]) -> None:
+        self.uc = unicorn.unicorn.Uc(*arch)
+        self.handle = self.uc._uch
+        self.buffers: list[tuple[int, int, ctypes.Array[ctypes.c_char]]] = []
+        for base, size in regions:
+            buf = ctypes.create_string_buffer(size)
+            self.uc.mem_map_ptr(base, size, unicorn.UC_PROT_ALL, ctypes.addressof(buf))
+            self.buffers.append((base, size, buf))
+        n = len(registers)
+        self.nregs = n
+        self.ids = (ctypes.c_int * n)(*registers)
+        self.vals = (ctypes.c_uint64 * n)()
+        base_addr = ctypes.addressof(self.vals)
+        self.ptrs = (ctypes.c_void_p * n)(*[base_addr + 8 * i for i in range(n)])
+        self.translated: dict[int, bytes] = {}
+        self.plan: list[bytes] = []
+        self.accesses: list[Access] = []
+        self.fault = ""
+        self.uc.hook_add(unicorn.UC_HOOK_MEM_READ, self._on_read)
+        self.uc.hook_add(unicorn.UC_HOOK_MEM_WRITE, self._on_write)
+        self.uc.hook_add(unicorn.UC_HOOK_INTR, self._on_intr)
+        self.uc.hook_add(
+            unicorn.UC_HOOK_MEM_UNMAPPED | unicorn.UC_HOOK_MEM_PROT, self._on_bad_access
+        )
+
+    def _address(self, addr: int, size: int) -> int:
+        for base, length, buf in self.buffers:
+            if base <= addr and addr + size <= base + length:
+                return ctypes.addressof(buf) + addr - base
+        raise ModelError(f"address {addr:#x} is outside every guest region")
+
+    def poke(self, addr: int, data: bytes) -> None:
+        ctypes.memmove(self._address(addr, len(data)), data, len(data))
+
+    def _on_read(self, uc: object, access: int, addr: int, size: int, value: int, _ud: object) -> None:
+        index = sum(1 for a in self.accesses if a.kind == "R")
+        self.accesses.append(Access("R", addr, size))
+        data = self.plan[index] if index < len(self.plan) else bytes(size)
+        if len(data) != size:
+            data = (data + bytes(size))[:size]
+        self.poke(addr, data)
+
+    def _on_write(self, uc: object, access: int, addr: int, size: int, value: int, _ud: object) -> None:
+        self.accesses.append(Access("W", addr, size, (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little")))
+
+    def _on_intr(self, uc: object, intno: int, _ud: object) -> None:
+        self.fault = f"interrupt {intno}"
+        self.uc.emu_stop()
+
+    def _on_bad_access(self, uc: object, access: int, addr: int, size: int, value: int, _ud: object) -> bool:
+        self.fault = f"bad access at {addr:#x}"
+        return False
+
+    def run(self, pc_index: int, regs: bytes, insn: bytes, plan: Sequence[bytes]) -> Outcome:
+        ctypes.memmove(self.vals, regs, 8 * self.nregs)
+        lib = _ucmod.uclib
+        if lib.uc_reg_write_batch(self.handle, self.ids, self.ptrs, self.nregs) != 0:
+            raise ModelError("Unicorn refused the register file")
+        pc = self.vals[pc_index]
+        if self.translated.get(pc) != insn:
+            # A translated block keeps executing its old bytes until removed.
+            self.uc.ctl_remove_cache(pc, pc + len(insn))
+            self.translated[pc] = insn
+        self.poke(pc, insn)
+        self.plan = list(plan)
+        self.accesses = []
+        self.fault = ""
+        try:
+            self.uc.emu_start(pc, UNTIL, count=1)
+        except unicorn.unicorn.UcError as exc:
+            if not self.fault:
+                self.fault = str(exc)
+        lib.uc_reg_read_batch(self.handle, self.ids, self.ptrs, self.nregs)
+        return Outcome(bytes(self.vals), tuple(self.accesses), self.fault)
+
+
+class Executor:
+    """Per-CPU Unicorn instances plus a shared memo of instruction outcomes."""
+
+    def __init__(
+        self,
+        arch: tuple[int, int],
+        regions: Sequence[tuple[int, int]],
+        registers: Sequence[int],
+        pc_index: int,
+        cpus: int,
+    ) -> None:
+        for base, size in regions:
+            if base % PAGE or size % PAGE or base <= UNTIL < base + size:
+                raise ModelError(f"guest region {base:#x}+{size:#x} is not page aligned or overlaps the stop page")
+        self._cpus = [_Cpu(arch, regions, registers) for _ in range(cpus)]
+        self.pc_index = pc_index
+        self._memo: dict[tuple[bytes, bytes, tuple[bytes, ...] | None], Outcome] = {}
+        self.executed = 0
+        self.memo_hits = 0
+
+    def run(self, cpu: int, regs: bytes, insn: bytes, plan: tuple[bytes, ...] | None) -> Outcome:
+        """Execute one instruction; ``plan`` gives load values (``None``: discover accesses)."""
+        key = (insn, regs, plan)
+        hit = self._memo.get(key)
+        if hit is not None:
+            self.memo_hits += 1
+            return hit
+        outcome = self._cpus[cpu].run(self.pc_index, regs, insn, plan or ())
+        self.executed += 1
+        if len(self._memo) > 500_000:
+            self._memo.clear()
+        self._memo[key] = outcome
+        return outcome
+
+    def instance(self, cpu: int) -> unicorn.unicorn.Uc:
+        return self._cpus[cpu].uc
