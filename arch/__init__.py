@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import importlib
 import platform
+from types import ModuleType
 from dataclasses import dataclass, field, replace
 
 from execmem._errors import UnsupportedError
@@ -251,6 +252,19 @@ def _validate(spec: ArchSpec) -> None:
         raise ValueError(f"invalid ArchSpec {spec.name}: " + "; ".join(problems))
 
 
+def isa(spec: ArchSpec) -> ModuleType:
+    """The instruction-semantics module the modeled machine uses for ``spec``.
+
+    ``execmem.arch.<name>_isa`` exports the register file, a decoder that says which
+    registers an instruction reads and writes and which instructions the model must
+    perform itself, and the memory-model rule table (see ``arm64_isa``).
+    """
+    try:
+        return importlib.import_module(f"{__name__}.{spec.name}_isa")
+    except ModuleNotFoundError:
+        raise UnsupportedError(f"the modeled machine does not support {spec.name} yet") from None
+
+
 __all__ = [
     "STEP_DOCS",
     "ArchSpec",
@@ -260,5 +274,6 @@ __all__ = [
     "RecipeStep",
     "get",
     "host",
+    "isa",
     "names",
 ]

@@ -89,6 +89,8 @@ class Decoded:
     #: Concurrent modification of this instruction is allowed (Arm ARM B2.2.5).
     cmodx: bool = False
     length: int = 4
+    #: TLBI ...IS: broadcast to the inner shareable domain.
+    broadcast: bool = False
 
 
 _CMODX = {"b", "bl", "brk", "cbnz", "cbz", "hvc", "isb", "nop", "smc", "svc", "tbnz", "tbz"}
@@ -170,7 +172,7 @@ def decode(word: int) -> Decoded:
             return Decoded(m, text, "dc", reads=va, addr_regs=va, va_reg=va_reg)
         if m == "ic":
             return Decoded(m, text, "ic", reads=va, addr_regs=va, va_reg=va_reg)
-        return Decoded(m, text, "tlbi", reads=va, addr_regs=va, va_reg=va_reg)
+        return Decoded(m, text, "tlbi", reads=va, addr_regs=va, va_reg=va_reg, broadcast=what.endswith("is"))
     if m == "msr":
         return Decoded(m, text, "alu", reads=_real(regs))
     if m == "mrs":
@@ -329,6 +331,25 @@ def decode_bytes(insn: bytes) -> Decoded:
     return decode(int.from_bytes(insn[:4], "little"))
 
 
+def instruction_length(fetched: bytes) -> int | None:
+    """Every A64 instruction is 4 bytes; ``None`` asks the fetch for more bytes."""
+    return 4 if len(fetched) >= 4 else None
+
+
+#: Calling convention used by ``Machine.call`` and host ``call`` actions.
+ARGUMENT_REGISTERS = (0, 1, 2, 3, 4, 5, 6, 7)
+RETURN_REGISTER = 0
+
+
+def prepare_call(regs: bytes, entry: int, args: tuple[int, ...], return_to: int) -> tuple[bytes, list[tuple[int, bytes]]]:
+    """Registers for calling ``entry(*args)`` returning to ``return_to`` (X30); no stack use."""
+    if len(args) > len(ARGUMENT_REGISTERS):
+        raise ModelError(f"at most {len(ARGUMENT_REGISTERS)} register arguments")
+    for reg, value in zip(ARGUMENT_REGISTERS, args, strict=False):
+        regs = _set(regs, reg, value & (1 << 64) - 1)
+    return _set(regs, 30, return_to), []
+
+
 def _reg(regs: bytes, index: int) -> int:
     return int.from_bytes(regs[8 * index : 8 * index + 8], "little")
 
@@ -348,3 +369,16 @@ def exception_entry(cpu: object, pc: int) -> bytes:
 def exception_return(cpu: object) -> int:
     """Target of ERET: ELR_EL1 (the model stays at EL1; Unicorn's ERET would drop to EL0)."""
     return _reg(cpu.regs, ELR)  # type: ignore[attr-defined]
+
+
+#: How the emulated backend performs recipe steps and kernel paths, as model fences.
+STEP_FENCES: dict[str, tuple[str, ...]] = {
+    "barrier": ("dsb.full",),
+    "local_cse": ("isb",),
+    # set_pte_at: DSB ISHST + ISB, then the system call returns (exception return).
+    "after_map": ("dsb.full", "exception"),
+    # A TLBI must be ordered after the page-table store and completed by a DSB.
+    "before_tlbi": ("dsb.full",),
+    "complete_tlbi": ("dsb.full", "isb"),
+    "syscall_return": ("exception",),
+}

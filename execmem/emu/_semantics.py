@@ -1,15 +1,15 @@
 """Transition rules of the modeled machine.
 
-A machine state has successors of three kinds:
+A machine state has successors of four kinds:
 
 * **instruction steps** - a CPU fetches the instruction at its PC (choosing among the
   values its instruction cache may return), then either performs it itself (barriers,
-  ISB, DC, IC, ERET, traps) or has Unicorn execute it with the load values the model
-  chose (every value the memory model allows);
+  ISB, DC, IC, TLBI, ERET, traps) or has Unicorn execute it with the load values the
+  model chose (every value the memory model allows);
 * **propagation steps** - a store leaves a CPU's store buffer and becomes a write on
   the timeline (any eligible store: program order is kept only where barriers,
   release semantics, same-location coherence or TSO require it);
-* (``_machine``) host actions and interrupt delivery.
+* **host steps** and **interrupt deliveries** (``_host``).
 
 The read rule is Promising-ARM's (Pulte et al., PLDI 2019) without promises: a read
 may return any write to its location that is not older than the latest write at its
@@ -30,6 +30,8 @@ from types import ModuleType
 from typing import Any
 
 from execmem._errors import ModelError
+from execmem.emu import _host
+from execmem.emu._kernel import RETURN_MAGIC, HostAction, check_perms, pte_decode, tlb_floor
 from execmem.emu._state import (
     CAPA,
     CAPC,
@@ -56,8 +58,11 @@ from execmem.emu._state import (
     join_into,
     put,
 )
-from execmem.emu._timeline import ALL_LINES, DC, IC, Event, Timeline, W
+from execmem.emu._timeline import ALL_LINES, DC, IC, TLBI, Event, Timeline, W
 from execmem.emu._unicorn import Executor
+
+#: ``cpu.pc`` of a CPU that is running its host program rather than guest code.
+HOST = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,10 +93,18 @@ class ModelConfig:
     handlers: list[int | None]
     memory: dict[int, bytes]
     regions: list[tuple[int, int]]
+    #: virtual page -> (physical page, permissions "rwx") for pages mapped all run long
+    static_map: dict[int, tuple[int, str]] = field(default_factory=dict)
+    #: virtual page -> physical address of its 8-byte page-table entry
+    pte_addr: dict[int, int] = field(default_factory=dict)
+    hosts: list[tuple[HostAction, ...]] = field(default_factory=list)
+    #: CPUs a membarrier / broadcast IPI reaches (default: all)
     symbols: dict[int, str] = field(default_factory=dict)
 
 
 Transition = tuple[Step, MachineState]
+#: (instruction bytes, fetch view, fetch records, note, fault)
+Fetched = tuple[bytes, int, tuple[tuple[int, int, int], ...], str, str]
 
 
 class Model:
@@ -110,6 +123,7 @@ class Model:
             config.engine, config.regions, config.isa.REGISTERS, self.pc_index, config.cpus
         )
         self.nregs = len(config.isa.REGISTERS)
+        self.hosts = config.hosts or [() for _ in range(config.cpus)]
 
     # ------------------------------------------------------------------ setup
     def initial(self) -> MachineState:
@@ -120,13 +134,24 @@ class Model:
             regs = self.config.regs[i]
             regs = regs[: 8 * pci] + bytes(8) + regs[8 * pci + 8 :]
             cpu = CpuState(i, self.config.pcs[i], regs, self.nregs)
-            if cpu.pc in self.config.exits[i]:
-                cpu.status = DONE
+            self.settle(cpu)
             cpus.append(cpu)
         return MachineState(tl, tuple(cpus))
 
     def done(self, st: MachineState) -> bool:
-        return all(c.status != RUN and not c.sb for c in st.cpus)
+        return all(c.status != RUN and not c.sb and not c.irq and not c.acks for c in st.cpus)
+
+    def settle(self, cpu: CpuState) -> None:
+        """Mark a CPU finished when it reached an exit (or ran out of host actions)."""
+        if cpu.status != RUN:
+            return
+        if cpu.pc == RETURN_MAGIC:
+            cpu.pc = HOST
+        if cpu.pc == HOST:
+            if cpu.host >= len(self.hosts[cpu.index]) and not cpu.acks:
+                cpu.status = DONE
+        elif cpu.pc in self.config.exits[cpu.index]:
+            cpu.status = DONE
 
     # -------------------------------------------------------------- successors
     def successors(self, st: MachineState) -> list[Transition]:
@@ -134,32 +159,64 @@ class Model:
         for c, cpu in enumerate(st.cpus):
             if cpu.sb:
                 out.extend(self._propagations(st, c))
+            if cpu.irq:
+                out.extend(_host.deliveries(self, st, c))
             if cpu.status == RUN:
-                out.extend(self._instruction(st, c))
+                if cpu.pc == HOST:
+                    out.extend(_host.host_step(self, st, c))
+                else:
+                    out.extend(self._instruction(st, c))
         return out
 
     # ---------------------------------------------------------------- helpers
-    def _granules(self, pa: int, size: int) -> list[int]:
+    def granules(self, pa: int, size: int) -> list[int]:
         g0 = pa - pa % self.granule
         end = pa + size
         return list(range(g0, end + (-end % self.granule), self.granule))
 
-    def _replace_cpu(self, st: MachineState, c: int, cpu: CpuState, tl: Timeline | None = None) -> MachineState:
+    def replace(self, st: MachineState, c: int, cpu: CpuState, tl: Timeline | None = None) -> MachineState:
         cpus = list(st.cpus)
         cpus[c] = cpu
         return MachineState(tl if tl is not None else st.timeline, tuple(cpus))
 
-    def _finish(self, cpu: CpuState) -> None:
-        if cpu.status == RUN and cpu.pc in self.config.exits[cpu.index]:
-            cpu.status = DONE
-
-    def _join(self, cpu: CpuState, target: str, sources: Sequence[str]) -> None:
+    def join(self, cpu: CpuState, target: str, sources: Sequence[str]) -> None:
         v = cpu.views
         t = VIEW[target]
         for s in sources:
             val = v[VIEW[s]]
             if val > v[t]:
                 v[t] = val
+
+    def raise_view(self, cpu: CpuState, index: int, value: int) -> None:
+        if value > cpu.views[index]:
+            cpu.views[index] = value
+
+    # ------------------------------------------------------------- translation
+    def translate(self, st: MachineState, cpu: CpuState, va: int, access: str, pre: int) -> list[tuple[int, int, str]]:
+        """(physical address, position the walk read, fault) for each allowed translation."""
+        page = va - va % 0x1000
+        static = self.config.static_map.get(page)
+        if static is not None:
+            ppage, perms = static
+            fault = check_perms(perms, access)
+            return [(ppage + va - page, 0, fault)]
+        pte = self.config.pte_addr.get(page)
+        if pte is None:
+            return [(0, 0, "TranslationFault")]
+        tl: Timeline = st.timeline
+        out: list[tuple[int, int, str]] = []
+        for w in (0, *tl.write_positions(pte)):
+            if w < tlb_floor(tl, pte, page, max(pre, w), cpu.index):
+                continue  # a completed TLB invalidation removed this entry
+            raw = b"".join(tl.value_at(g, w) for g in self.granules(pte, 8))
+            entry = pte_decode(int.from_bytes(raw[:8], "little"))
+            if entry is None:
+                choice = (0, w, "TranslationFault")
+            else:
+                choice = (entry[0] + va - page, w, check_perms(entry[1], access))
+            if choice not in out:
+                out.append(choice)
+        return out
 
     # ------------------------------------------------------------- propagation
     def _eligible(self, cpu: CpuState, k: int) -> bool:
@@ -171,81 +228,108 @@ class Model:
                 return False
         return True
 
+    def commit(self, tl: Timeline, cpu: CpuState, entry: Store) -> Timeline:
+        """Append ``entry`` to the timeline; update the CPU's views (Promising's write rule)."""
+        tl = tl.append(Event(W, cpu.index, entry.addr, entry.data, entry.mask, entry.span, note=f"{entry.va:#x}"))
+        pos = tl.end
+        fwd_view = max(entry.vaddr, entry.vdata)
+        fwd = dict(cpu.fwd)
+        for i in range(entry.span):
+            g = entry.addr + i * self.granule
+            cpu.coh = put(cpu.coh, g, pos)
+            fwd[g] = (pos, fwd_view)
+            cpu.scl = join_into(cpu.scl, tl.line_of(g), pos)
+        cpu.fwd = tuple(sorted(fwd.items()))
+        self.raise_view(cpu, WOLD, pos)
+        if entry.release:
+            cpu.views[REL] = pos
+        return tl
+
     def _propagations(self, st: MachineState, c: int) -> Iterator[Transition]:
         cpu = st.cpus[c]
         for k, entry in enumerate(cpu.sb):
             if not self._eligible(cpu, k):
                 continue
-            tl = st.timeline.append(Event(W, c, entry.addr, entry.data, entry.mask, entry.span, note=f"{entry.va:#x}"))
-            pos = tl.end
             new = cpu.copy()
             new.sb = cpu.sb[:k] + cpu.sb[k + 1 :]
-            fwd_view = max(entry.vaddr, entry.vdata)
-            for i in range(entry.span):
-                g = entry.addr + i * self.granule
-                new.coh = put(new.coh, g, pos)
-                new.fwd = tuple(sorted([*((gg, pv) for gg, pv in new.fwd if gg != g), (g, (pos, fwd_view))]))
-                new.scl = join_into(new.scl, tl.line_of(g), pos)
-            if pos > new.views[WOLD]:
-                new.views[WOLD] = pos
-            if entry.release:
-                new.views[REL] = pos
-            yield (
-                Step(c, "store", entry.pc, f"store {entry.data.hex()} to {entry.va:#x} becomes visible", f"@{pos}"),
-                self._replace_cpu(st, c, new, tl),
-            )
+            tl = self.commit(st.timeline, new, entry)
+            self.settle(new)
+            step = Step(c, "store", entry.pc, f"{entry.va:#x} := {entry.data.hex()}", f"visible @{tl.end}")
+            yield step, self.replace(st, c, new, tl)
 
     # ------------------------------------------------------------------ fetch
-    def _fetch(self, st: MachineState, cpu: CpuState) -> list[tuple[bytes, int, tuple[int, int, int] | None, str]]:
-        """(instruction bytes, new fetch view, fetch record, note) for every allowed fetch."""
+    def _fetch_granule(self, st: MachineState, cpu: CpuState, pa: int, pre: int) -> list[tuple[bytes, int, tuple[int, int, int] | None, str]]:
+        """Bytes from ``pa`` to the end of its granule, for every value the fetch may see."""
         tl: Timeline = st.timeline
-        pre = max(cpu.views[FNEW], cpu.views[FETCH])
-        size = self.isa.FETCH_SIZE
-        pa = cpu.pc  # identity translation (page tables: _machine)
         g = pa - pa % self.granule
-        if pa + size > g + self.granule:
-            raise ModelError(f"instruction fetch at {pa:#x} crosses a granule")
         offset = pa - g
         writes = tl.write_positions(g)
-        own = [s for s in cpu.sb if s.addr <= g < s.addr + s.span * self.granule]
         choices: list[tuple[bytes, int, tuple[int, int, int] | None, str]] = []
         if self.coherent_fetch:
             bound = pre
+            own = []
             if self.rules.own_stores_visible_to_fetch:
                 bound = max(bound, get(cpu.coh, g))
+                own = [s for s in cpu.sb if s.addr <= g < s.addr + s.span * self.granule]
             base = tl.latest_write_at(g, bound)
             for w in (base, *[p for p in writes if p > base]):
                 value = tl.value_at(g, w)
-                if own and self.rules.own_stores_visible_to_fetch:
+                if own:
                     value = _overlay(value, g, own, self.granule)
-                choices.append((value[offset : offset + size], max(pre, w), None, f"@{w}"))
+                choices.append((value[offset:], max(pre, w), None, f"@{w}"))
             return choices
         for w in (0, *writes):
             anchor = max(pre, w)
             if w < tl.floor_before(g, anchor, idc=self.idc):
                 continue  # a completed IC removed this value from every instruction cache
-            value = tl.value_at(g, w)
             record = (g, anchor, w) if writes else None
-            choices.append((value[offset : offset + size], anchor, record, f"@{w}"))
+            choices.append((tl.value_at(g, w)[offset:], anchor, record, f"@{w}"))
         return choices
+
+    def fetch(self, st: MachineState, cpu: CpuState) -> list[Fetched]:
+        """Every instruction the CPU may fetch at its PC (granule by granule, in order)."""
+        results: list[Fetched] = []
+        pre0 = max(cpu.views[FNEW], cpu.views[FETCH])
+
+        def more(va: int, acc: bytes, pre: int, records: tuple[tuple[int, int, int], ...], notes: str) -> None:
+            for pa, walked, fault in self.translate(st, cpu, va, "x", pre):
+                if fault:
+                    results.append((acc, pre, records, notes, "InstructionAbort"))
+                    continue
+                for chunk, anchor, record, note in self._fetch_granule(st, cpu, pa, max(pre, walked)):
+                    data = acc + chunk
+                    recs = (*records, record) if record else records
+                    size = self.isa.instruction_length(data)
+                    label = f"{notes} {note}".strip() if record or notes else ""
+                    if size is None:
+                        more(va + len(chunk), data, anchor, recs, label)
+                    else:
+                        results.append((data[:size], anchor, recs, label, ""))
+
+        more(cpu.pc, b"", pre0, (), "")
+        return results
 
     # ------------------------------------------------------------ instruction
     def _instruction(self, st: MachineState, c: int) -> list[Transition]:
         cpu = st.cpus[c]
         out: list[Transition] = []
-        seen: set[tuple[bytes, int, object]] = set()
-        for insn, anchor, record, note in self._fetch(st, cpu):
-            if (insn, anchor, record) in seen:
+        seen: set[tuple[object, ...]] = set()
+        for insn, anchor, records, note, fault in self.fetch(st, cpu):
+            if (insn, anchor, records, fault) in seen:
                 continue
-            seen.add((insn, anchor, record))
+            seen.add((insn, anchor, records, fault))
             base = cpu.copy()
             base.views[FETCH] = anchor
-            if record is not None and record not in base.fetches:
-                base.fetches = (*base.fetches, record)
+            for record in records:
+                if record not in base.fetches:
+                    base.fetches = (*base.fetches, record)
+            if fault:
+                out.append(self.fault(st, c, base, cpu.pc, fault, "(fetch)"))
+                continue
             d = self.isa.decode_bytes(insn)
             for step, new_st in self._perform(st, c, base, insn, d):
-                if record is not None:
-                    step = Step(step.cpu, step.kind, step.pc, step.text, _detail(note, step.detail))
+                if note:
+                    step = Step(step.cpu, step.kind, step.pc, step.text, f"fetch {note}" + (f"; {step.detail}" if step.detail else ""))
                 out.append((step, new_st))
         return out
 
@@ -253,51 +337,54 @@ class Model:
         pc = cpu.pc
         op = d.op
         if op in ("undefined", "trap"):
-            yield self._fault(st, c, cpu, pc, "UndefinedInstruction" if op == "undefined" else "Breakpoint", d.text)
+            yield self.fault(st, c, cpu, pc, "UndefinedInstruction" if op == "undefined" else "Breakpoint", d.text)
             return
-        if op == "nop":
+        if op in ("nop", "halt"):
             cpu.pc = pc + d.length
-            self._finish(cpu)
-            yield Step(c, "exec", pc, d.text), self._replace_cpu(st, c, cpu)
-            return
-        if op == "halt":
-            cpu.pc = pc + d.length
-            cpu.status = HALT
-            yield Step(c, "exec", pc, d.text), self._replace_cpu(st, c, cpu)
+            if op == "halt":
+                cpu.status = HALT
+            self.settle(cpu)
+            yield Step(c, "exec", pc, d.text), self.replace(st, c, cpu)
             return
         if op in ("fence", "isb"):
-            yield from self._fence(st, c, cpu, d.fence or "isb", d.text, pc, pc + d.length)
+            yield from self.fence(st, c, cpu, d.fence or "isb", d.text, pc, pc + d.length)
             return
         if op == "eret":
             # Exception return is context-synchronizing (Arm's model: EXC-RET in IFB).
-            yield from self._fence(st, c, cpu, "exception", d.text, pc, self.isa.exception_return(cpu))
+            yield from self.fence(st, c, cpu, "exception", d.text, pc, self.isa.exception_return(cpu))
             return
         if op == "dc":
-            yield from self._dc(st, c, cpu, d)
+            va = cpu.reg(d.va_reg)
+            cpu.pc = pc + d.length
+            yield from self.clean(st, c, cpu, va, self.va_view(cpu, d.addr_regs), d.text, pc)
             return
         if op in ("ic", "tlbi"):
-            yield self._issue_maintenance(st, c, cpu, d)
+            target = None if d.va_reg is None else cpu.reg(d.va_reg)
+            cpu.pc = pc + d.length
+            kind = IC if op == "ic" else TLBI
+            scope = "broadcast" if op == "ic" or d.broadcast else "local"
+            yield self.issue(st, c, cpu, kind, target, self.va_view(cpu, d.addr_regs), scope, d.text, pc)
             return
         if op == "svc":
-            raise ModelError(f"{d.text}: system calls are not modelled in this program")
+            raise ModelError(f"{d.text}: system calls are not modelled")
         yield from self._execute(st, c, cpu, insn, d)
 
     # ------------------------------------------------------------------ faults
-    def _fault(self, st: MachineState, c: int, cpu: CpuState, pc: int, kind: str, text: str) -> Transition:
+    def fault(self, st: MachineState, c: int, cpu: CpuState, pc: int, kind: str, text: str) -> Transition:
         cpu.faults = (*cpu.faults, (pc, kind))
         handler = self.config.handlers[c]
         if handler is None:
             cpu.status = FAULT
-            return Step(c, "fault", pc, text, kind), self._replace_cpu(st, c, cpu)
+            return Step(c, "fault", pc, text, kind), self.replace(st, c, cpu)
         cpu.regs = self.isa.exception_entry(cpu, pc)
         cpu.pc = handler
         if self.config.eis:
             for target, sources in self.rules.fences["exception"].joins:
-                self._join(cpu, target, sources)
-        return Step(c, "fault", pc, text, f"{kind}: enter handler"), self._replace_cpu(st, c, cpu)
+                self.join(cpu, target, sources)
+        return Step(c, "fault", pc, text, f"{kind}: enter handler"), self.replace(st, c, cpu)
 
     # ------------------------------------------------------------------ fences
-    def _fence(self, st: MachineState, c: int, cpu: CpuState, name: str, text: str, pc: int, next_pc: int) -> Iterator[Transition]:
+    def fence(self, st: MachineState, c: int, cpu: CpuState, name: str, text: str, pc: int, next_pc: int) -> Iterator[Transition]:
         rule = self.rules.fences[name]
         if rule.drain and cpu.sb:
             return  # blocked until the store buffer drains
@@ -308,98 +395,111 @@ class Model:
             for tl, cpus, placed in self._complete(st, c, cpu):
                 new = cpus[c]
                 for pos in placed:
-                    if pos > new.views[ICOLD]:
-                        new.views[ICOLD] = pos
+                    self.raise_view(new, ICOLD, pos)
                 for target, sources in rule.joins:
-                    self._join(new, target, sources)
-                self._finish(new)
+                    self.join(new, target, sources)
+                self.settle(new)
                 yield Step(c, "exec", pc, text, "completes " + ", ".join(f"@{p}" for p in placed)), MachineState(tl, cpus)
             return
         for target, sources in rule.joins:
-            self._join(cpu, target, sources)
-        self._finish(cpu)
-        yield Step(c, "exec", pc, text), self._replace_cpu(st, c, cpu)
+            self.join(cpu, target, sources)
+        self.settle(cpu)
+        yield Step(c, "exec", pc, text), self.replace(st, c, cpu)
 
     # ------------------------------------------------------ cache maintenance
-    def _va_view(self, cpu: CpuState, regs: Sequence[int]) -> int:
+    def va_view(self, cpu: CpuState, regs: Sequence[int]) -> int:
         if not self.rules.track_dependencies:
             return 0
         return max((cpu.rview[r] for r in regs), default=0)
 
-    def _dc(self, st: MachineState, c: int, cpu: CpuState, d: Any) -> Iterator[Transition]:
-        va = cpu.reg(d.va_reg)
-        line = st.timeline.line_of(va - va % self.granule)
-        # po-scl-ob: earlier same-line stores must be visible before the clean.
-        for s in cpu.sb:
-            if st.timeline.line_of(s.addr) == line:
-                return
-        v = cpu.views
-        pre = max(v[DCNEW], v[CAPC], v[FETCH], self._va_view(cpu, d.addr_regs), get(cpu.scl, line))
-        cpu.pc += d.length
-        for tl, cpus, pos in self._place(st, c, cpu, DC, line, pre):
-            new = cpus[c]
-            if pos > new.views[DCOLD]:
-                new.views[DCOLD] = pos
-            new.scl = join_into(new.scl, line, pos)
-            self._finish(new)
-            yield Step(c, "exec", cpu.pc - d.length, d.text, f"clean @{pos}"), MachineState(tl, cpus)
+    def _line_of_va(self, st: MachineState, cpu: CpuState, va: int, pre: int) -> list[tuple[int, int]]:
+        """(line, walk position) for each translation of ``va`` (cache maintenance by VA)."""
+        out = []
+        for pa, walked, fault in self.translate(st, cpu, va, "r", pre):
+            if not fault:
+                out.append((st.timeline.line_of(pa - pa % self.granule), walked))
+        return out
 
-    def _issue_maintenance(self, st: MachineState, c: int, cpu: CpuState, d: Any) -> Transition:
+    def clean(self, st: MachineState, c: int, cpu: CpuState, va: int, vaddr: int, text: str, pc: int) -> Iterator[Transition]:
+        """DC CVAU: may be placed in the past, not before the views that order it."""
         v = cpu.views
-        pre = max(v[ICNEW], v[CAPC], v[FETCH], self._va_view(cpu, d.addr_regs))
-        if d.va_reg is None:
+        pre0 = max(v[DCNEW], v[CAPC], v[FETCH], vaddr)
+        for line, walked in self._line_of_va(st, cpu, va, pre0):
+            # po-scl-ob: earlier same-line stores must be visible before the clean.
+            if any(st.timeline.line_of(s.addr) == line for s in cpu.sb):
+                continue
+            pre = max(pre0, walked, get(cpu.scl, line))
+            for tl, cpus, pos in self.place(st, c, cpu, DC, line, pre):
+                new = cpus[c]
+                self.raise_view(new, DCOLD, pos)
+                new.scl = join_into(new.scl, line, pos)
+                self.settle(new)
+                yield Step(c, "exec", pc, text, f"clean @{pos}"), MachineState(tl, cpus)
+
+    def issue(self, st: MachineState, c: int, cpu: CpuState, kind: str, va: int | None, vaddr: int, scope: str, text: str, pc: int) -> Transition:
+        """IC / TLBI: issued now, placed on the timeline when the CPU's DSB completes it."""
+        v = cpu.views
+        pre = max(v[ICNEW], v[CAPC], v[FETCH], vaddr)
+        if va is None:
             addr = ALL_LINES
+        elif kind == IC:
+            lines = self._line_of_va(st, cpu, va, pre)
+            if not lines:
+                return self.fault(st, c, cpu, pc, "DataAbort", text)
+            addr = lines[0][0]
         else:
-            va = cpu.reg(d.va_reg)
-            addr = st.timeline.line_of(va - va % self.granule)
-        cpu.pending = (*cpu.pending, Pending(IC if d.op == "ic" else "TLBI", addr, pre, d.text))
-        cpu.pc += d.length
-        self._finish(cpu)
-        return Step(c, "exec", cpu.pc - d.length, d.text, "issued"), self._replace_cpu(st, c, cpu)
+            addr = va - va % 0x1000
+        target = -1 if scope == "broadcast" else c
+        cpu.pending = (*cpu.pending, Pending(kind, addr, pre, text, target))
+        self.settle(cpu)
+        return Step(c, "exec", pc, text, "issued"), self.replace(st, c, cpu)
 
     def _complete(self, st: MachineState, c: int, cpu: CpuState) -> Iterator[tuple[Timeline, tuple[CpuState, ...], list[int]]]:
-        """Place every pending IC of ``cpu`` (its DSB completes them), in program order."""
+        """Place every pending IC/TLBI of ``cpu`` (its DSB completes them), in program order."""
         pending = cpu.pending
         cpu.pending = ()
-        states: list[tuple[MachineState, list[int]]] = [(self._replace_cpu(st, c, cpu), [])]
+        states: list[tuple[MachineState, list[int]]] = [(self.replace(st, c, cpu), [])]
         for p in pending:
-            if p.kind != IC:
-                raise ModelError("TLB maintenance needs page tables (not modelled in this program)")
             nxt: list[tuple[MachineState, list[int]]] = []
             for cur, placed in states:
-                shifted_pre = p.pre
+                pre = p.pre
                 for at in placed:
-                    if shifted_pre >= at:
-                        shifted_pre += 1
-                for tl, cpus, pos in self._place(cur, c, cur.cpus[c], IC, p.addr, shifted_pre):
+                    if pre >= at:
+                        pre += 1
+                for tl, cpus, pos in self.place(cur, c, cur.cpus[c], p.kind, p.addr, pre, scope=p.scope):
                     nxt.append((MachineState(tl, cpus), [*[q + (q >= pos) for q in placed], pos]))
             states = nxt
         for s, placed in states:
             yield s.timeline, s.cpus, placed
 
-    def _place(self, st: MachineState, c: int, cpu: CpuState, kind: str, line: int, pre: int) -> Iterator[tuple[Timeline, tuple[CpuState, ...], int]]:
-        """Insert a DC/IC at every distinct position >= ``pre`` that no fetch contradicts."""
+    def place(self, st: MachineState, c: int, cpu: CpuState, kind: str, addr: int, pre: int, *, scope: int = -1) -> Iterator[tuple[Timeline, tuple[CpuState, ...], int]]:
+        """Insert a DC/IC/TLBI at every distinct position >= ``pre`` that no fetch contradicts."""
         tl: Timeline = st.timeline
         cpus = list(st.cpus)
         cpus[c] = cpu
+        every = addr == ALL_LINES
         relevant: set[int] = set()
-        every = line == ALL_LINES
-        for g, ws in tl.writes.items():
-            if every or tl.line_of(g) == line:
-                relevant.update(ws)
-        for addr, ps in tl.maint.items():
-            if every or addr in (line, ALL_LINES):
-                relevant.update(ps)
-        for other in cpus:
-            for g, anchor, _ in other.fetches:
-                if every or tl.line_of(g) == line:
-                    relevant.add(anchor)
-        candidates = sorted({pre, *(p for p in relevant if p > pre)})
-        for k in candidates:
+        if kind == TLBI:
+            ptes = [g for page, g in self.config.pte_addr.items() if every or page == addr]
+            for g in ptes:
+                relevant.update(tl.write_positions(g))
+            relevant.update(p for ps in tl.tlbis.values() for p in ps)
+        else:
+            for g, ws in tl.writes.items():
+                if every or tl.line_of(g) == addr:
+                    relevant.update(ws)
+            for line, ps in tl.maint.items():
+                if every or line in (addr, ALL_LINES):
+                    relevant.update(ps)
+            for other in cpus:
+                for g, anchor, _ in other.fetches:
+                    if every or tl.line_of(g) == addr:
+                        relevant.add(anchor)
+        for k in sorted({pre, *(p for p in relevant if p > pre)}):
             at = k + 1
-            new_tl = tl.insert_after(k, Event(kind, c, line))
+            new_tl = tl.insert_after(k, Event(kind, c, addr, page=scope))
             new_cpus = tuple(x.shifted(at) for x in cpus)
-            if self._consistent(new_tl, new_cpus, line):
+            if kind == TLBI or self._consistent(new_tl, new_cpus, addr):
                 yield new_tl, new_cpus, at
 
     def _consistent(self, tl: Timeline, cpus: Sequence[CpuState], line: int) -> bool:
@@ -413,10 +513,10 @@ class Model:
         return True
 
     # ------------------------------------------------------- Unicorn-executed
-    def _read_choices(self, st: MachineState, cpu: CpuState, pa: int, size: int, pre: int) -> list[tuple[bytes, int, list[int]]]:
+    def read_choices(self, st: MachineState, cpu: CpuState, pa: int, size: int, pre: int) -> list[tuple[bytes, int, list[int]]]:
         """(value, post-view, granules) for every value a read of ``size`` bytes may return."""
         tl: Timeline = st.timeline
-        gs = self._granules(pa, size)
+        gs = self.granules(pa, size)
         if len(gs) > 2:
             raise ModelError(f"access of {size} bytes at {pa:#x} is not single-copy atomic in the model")
         offset = pa - gs[0]
@@ -425,6 +525,8 @@ class Model:
         base = max(tl.latest_write_at(g, bound[g]) for g in gs)
         sigmas = sorted({base, *(p for g in gs for p in tl.write_positions(g) if p > base)})
         fwd = dict(cpu.fwd)
+        covered = bool(own) and _covers(own, pa, size, self.granule)
+        own_view = max((max(s.vaddr, s.vdata) for s in own), default=0)
         out: list[tuple[bytes, int, list[int]]] = []
         seen: set[tuple[bytes, int]] = set()
         for sigma in sigmas:
@@ -437,15 +539,13 @@ class Model:
                 post = max(pre, *read_pos)
             if own:
                 whole = _overlay(whole, gs[0], own, self.granule)
-                covered = _covers(own, gs[0] + offset, size, self.granule)
-                post = max(pre, *(max(s.vaddr, s.vdata) for s in own)) if covered else max(post, *(max(s.vaddr, s.vdata) for s in own))
+                post = max(pre, own_view) if covered else max(post, own_view)
             value = whole[offset : offset + size]
-            if (value, post) in seen:
-                continue
-            seen.add((value, post))
-            out.append((value, post, gs))
-            if own and _covers(own, gs[0] + offset, size, self.granule):
-                break  # fully forwarded: memory is irrelevant
+            if (value, post) not in seen:
+                seen.add((value, post))
+                out.append((value, post, gs))
+            if covered:
+                break  # fully forwarded from the store buffer: memory is irrelevant
         return out
 
     def _execute(self, st: MachineState, c: int, cpu: CpuState, insn: bytes, d: Any) -> Iterator[Transition]:
@@ -455,60 +555,86 @@ class Model:
         # The state keeps PC in ``cpu.pc`` only (its register slot is zero, so equal
         # states compare equal); Unicorn needs it in the register file.
         regs = cpu.regs[: 8 * pci] + pc.to_bytes(8, "little") + cpu.regs[8 * pci + 8 :]
-        memory_op = d.op in ("load", "store")
+        atomic = d.op == "atomic"
+        memory_op = d.op in ("load", "store") or atomic
+        if atomic and cpu.sb:
+            return  # locked instructions drain the store buffer first
         probe = ex.run(c, regs, insn, None) if memory_op else None
-        reads = [a for a in probe.accesses if a.kind == "R"] if probe else []
         v = cpu.views
-        vaddr = self._va_view(cpu, d.addr_regs)
+        vaddr = self.va_view(cpu, d.addr_regs)
         read_pre = max(v[RNEW], v[FETCH], vaddr)
         if self.rules.ordered_reads:
             read_pre = max(read_pre, v[ROLD])
+        if atomic:
+            read_pre = st.timeline.end  # a locked read-modify-write reads the latest value
         if d.acquire == "A":
             if any(s.release for s in cpu.sb):
                 return  # LDAR waits for an earlier STLR to become visible
             read_pre = max(read_pre, v[REL])
-        per_read = []
-        for a in reads:
-            line = st.timeline.line_of(a.addr - a.addr % self.granule)
-            per_read.append(self._read_choices(st, cpu, a.addr, a.size, max(read_pre, get(cpu.scl, line))))
-        for combo in itertools.product(*per_read):
-            plan = tuple(value for value, _, _ in combo)
+        accesses = list(probe.accesses) if probe else []
+        per_access: list[list[tuple[int, int, str, tuple[bytes, int, list[int]] | None]]] = []
+        for a in accesses:
+            options: list[tuple[int, int, str, tuple[bytes, int, list[int]] | None]] = []
+            for pa, walked, fault in self.translate(st, cpu, a.addr, "r" if a.kind == "R" else "w", read_pre):
+                if fault:
+                    options.append((pa, walked, fault, None))
+                elif a.kind == "R":
+                    line = st.timeline.line_of(pa - pa % self.granule)
+                    pre = max(read_pre, walked, get(cpu.scl, line))
+                    options.extend((pa, walked, "", ch) for ch in self.read_choices(st, cpu, pa, a.size, pre))
+                else:
+                    options.append((pa, walked, "", None))
+            per_access.append(options)
+        for combo in itertools.product(*per_access):
+            faults = [f for _, _, f, _ in combo if f]
+            new = cpu.copy()
+            if faults:
+                yield self.fault(st, c, new, pc, "DataAbort", f"{d.text} ({faults[0]})")
+                continue
+            plan = tuple(ch[0] for (_, _, _, ch) in combo if ch is not None)
             out = ex.run(c, regs, insn, plan if memory_op else ())
             if not memory_op and out.accesses:
                 raise ModelError(f"{d.text}: unexpected memory access")
-            new = cpu.copy()
             if out.fault:
-                yield self._fault(st, c, new, pc, "DataAbort" if "access" in out.fault else "Exception", f"{d.text} ({out.fault})")
+                yield self.fault(st, c, new, pc, "Exception", f"{d.text} ({out.fault})")
                 continue
             new.pc = int.from_bytes(out.regs[8 * pci : 8 * pci + 8], "little")
             new.regs = out.regs[: 8 * pci] + bytes(8) + out.regs[8 * pci + 8 :]
+            reads = [(a, pa, walked, ch) for a, (pa, walked, _, ch) in zip(accesses, combo, strict=True) if a.kind == "R"]
+            self._views_after(new, d, vaddr, [ch for _, _, _, ch in reads if ch is not None])
             detail = []
-            self._views_after(new, d, vaddr, combo)
-            for (value, post, gs), a in zip(combo, reads, strict=True):
+            for a, _pa, _walked, ch in reads:
+                assert ch is not None
+                value, post, gs = ch
                 for g in gs:
                     new.coh = join_into(new.coh, g, post)
                     new.scl = join_into(new.scl, st.timeline.line_of(g), post)
-                nv = new.views
-                if post > nv[ROLD]:
-                    nv[ROLD] = post
-                if (d.acquire or self.rules.ordered_reads) and post > nv[RNEW]:
-                    nv[RNEW] = post
+                self.raise_view(new, ROLD, post)
+                if d.acquire or self.rules.ordered_reads or atomic:
+                    self.raise_view(new, RNEW, post)
                 detail.append(f"read {a.addr:#x} = {int.from_bytes(value, 'little'):#x}")
-            for a in out.accesses:
-                if a.kind == "W":
-                    self._buffer(new, a, d, pc)
-                    detail.append(f"store {a.addr:#x} = {int.from_bytes(a.data, 'little'):#x} (buffered)")
-            if memory_op and vaddr > new.views[CAPA]:
-                new.views[CAPA] = vaddr
-            self._finish(new)
-            yield Step(c, "exec", pc, d.text, "; ".join(detail)), self._replace_cpu(st, c, new)
+            tl = st.timeline
+            writes = [(a, pa) for a, (pa, _, _, _) in zip(accesses, combo, strict=True) if a.kind == "W"]
+            out_writes = [a for a in out.accesses if a.kind == "W"]
+            for (a, pa), done in zip(writes, out_writes, strict=True):
+                entry = self._store_entry(new, done.data, pa, a.addr, d, pc)
+                if atomic:
+                    tl = self.commit(tl, new, entry)
+                    detail.append(f"{a.addr:#x} := {int.from_bytes(done.data, 'little'):#x} (atomic)")
+                else:
+                    new.sb = (*new.sb, entry)
+                    detail.append(f"{a.addr:#x} := {int.from_bytes(done.data, 'little'):#x} (buffered)")
+            if memory_op:
+                self.raise_view(new, CAPA, vaddr)
+            self.settle(new)
+            yield Step(c, "exec", pc, d.text, "; ".join(detail)), self.replace(st, c, new, tl)
 
-    def _views_after(self, new: CpuState, d: Any, vaddr: int, combo: Sequence[tuple[bytes, int, list[int]]]) -> None:
+    def _views_after(self, new: CpuState, d: Any, vaddr: int, reads: Sequence[tuple[bytes, int, list[int]]]) -> None:
         if not self.rules.track_dependencies:
             return
         rview = list(new.rview)
         if d.op == "load":
-            posts = [post for _, post, _ in combo] or [0]
+            posts = [post for _, post, _ in reads] or [0]
             dests = [r for r in d.writes if r not in d.addr_regs]
             for i, r in enumerate(dests):
                 rview[r] = posts[min(i, len(posts) - 1)]
@@ -519,9 +645,7 @@ class Model:
             for r in d.writes:
                 rview[r] = vaddr
         elif d.op == "branch":
-            ctrl = max((new.rview[r] for r in d.cond_regs), default=0)
-            if ctrl > new.views[CAPC]:
-                new.views[CAPC] = ctrl
+            self.raise_view(new, CAPC, max((new.rview[r] for r in d.cond_regs), default=0))
             for r in d.writes:
                 rview[r] = 0
         else:
@@ -530,24 +654,22 @@ class Model:
                 rview[r] = out
         new.rview = tuple(rview)
 
-    def _buffer(self, cpu: CpuState, a: Any, d: Any, pc: int) -> None:
-        gs = self._granules(a.addr, a.size)
+    def _store_entry(self, cpu: CpuState, value: bytes, pa: int, va: int, d: Any, pc: int) -> Store:
+        gs = self.granules(pa, len(value))
         if len(gs) > 2:
-            raise ModelError(f"store of {a.size} bytes at {a.addr:#x} is not modelled")
-        span = len(gs)
-        offset = a.addr - gs[0]
-        data = bytearray(span * self.granule)
-        data[offset : offset + a.size] = a.data
-        full = offset == 0 and a.size == span * self.granule
-        mask = -1 if full else ((1 << a.size) - 1) << offset
-        vdata = self._va_view(cpu, d.data_regs)
-        vaddr = self._va_view(cpu, d.addr_regs)
+            raise ModelError(f"store of {len(value)} bytes at {va:#x} is not modelled")
+        offset = pa - gs[0]
+        data = bytearray(len(gs) * self.granule)
+        data[offset : offset + len(value)] = value
+        full = offset == 0 and len(value) == len(gs) * self.granule
+        mask = -1 if full else ((1 << len(value)) - 1) << offset
         seq = cpu.seq
         cpu.seq += 1
-        after = cpu.store_fence
-        if d.release or self.rules.fifo_stores:
-            after = seq
-        cpu.sb = (*cpu.sb, Store(seq, gs[0], span, bytes(data), mask, vaddr, vdata, d.release, after, a.addr, pc))
+        release = bool(getattr(d, "release", False))
+        after = seq if release or self.rules.fifo_stores else cpu.store_fence
+        vdata = self.va_view(cpu, getattr(d, "data_regs", ()))
+        vaddr = self.va_view(cpu, getattr(d, "addr_regs", ()))
+        return Store(seq, gs[0], len(gs), bytes(data), mask, vaddr, vdata, release, after, va, pc)
 
 
 def _overlay(value: bytes, first: int, stores: Sequence[Store], granule: int) -> bytes:
@@ -569,7 +691,3 @@ def _covers(stores: Sequence[Store], addr: int, size: int, granule: int) -> bool
             if s.mask == -1 or s.mask >> b & 1:
                 covered.add(s.addr + b)
     return all(addr + i in covered for i in range(size))
-
-
-def _detail(note: str, detail: str) -> str:
-    return f"fetch {note}" + (f"; {detail}" if detail else "")

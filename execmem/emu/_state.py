@@ -73,12 +73,14 @@ class Pending:
     """An IC or TLBI issued but not yet completed by a DSB of its CPU."""
 
     kind: str  # "IC" / "TLBI"
-    addr: int  # line, or -1 for all lines / all pages
+    addr: int  # line or virtual page, or -1 for all lines / all pages
     pre: int
     text: str
+    #: TLBI: the only CPU it invalidates (-1: broadcast)
+    scope: int = -1
 
     def shifted(self, at: int) -> Pending:
-        return Pending(self.kind, self.addr, self.pre + (self.pre >= at), self.text)
+        return Pending(self.kind, self.addr, self.pre + (self.pre >= at), self.text, self.scope)
 
 
 def _shift_pairs(pairs: tuple[tuple[int, int], ...], at: int) -> tuple[tuple[int, int], ...]:
@@ -109,6 +111,7 @@ class CpuState:
     """Everything the model knows about one CPU (see the module docstring)."""
 
     __slots__ = (
+        "acks",
         "coh",
         "faults",
         "fetches",
@@ -119,6 +122,7 @@ class CpuState:
         "pc",
         "pending",
         "regs",
+        "results",
         "rview",
         "sb",
         "scl",
@@ -152,8 +156,12 @@ class CpuState:
         self.faults: tuple[tuple[int, str], ...] = ()
         #: index of the next host action (CPUs that run a host program)
         self.host = 0
-        #: pending interrupts: (kind, view carried, tag)
-        self.irq: tuple[tuple[str, int, int], ...] = ()
+        #: pending interrupts: (kind, view carried by the sender, tag, argument)
+        self.irq: tuple[tuple[str, int, int, int], ...] = ()
+        #: tags of interrupts this CPU sent and still waits to be acknowledged
+        self.acks: tuple[int, ...] = ()
+        #: values recorded by host ``record`` actions
+        self.results: tuple[int, ...] = ()
 
     def copy(self) -> CpuState:
         new = CpuState.__new__(CpuState)
@@ -173,7 +181,7 @@ class CpuState:
         new.sb = tuple(s.shifted(at) for s in self.sb)
         new.pending = tuple(p.shifted(at) for p in self.pending)
         new.fetches = tuple((g, a + (a >= at), m + (m >= at)) for g, a, m in self.fetches)
-        new.irq = tuple((k, v + (v >= at), t) for k, v, t in self.irq)
+        new.irq = tuple((k, v + (v >= at), t, a) for k, v, t, a in self.irq)
         return new
 
     def key(self) -> tuple[object, ...]:
@@ -184,7 +192,7 @@ class CpuState:
                 for s in self.sb
             ),
             self.store_fence - self.seq, self.pending, self.fetches, self.status,
-            self.faults, self.host, self.irq,
+            self.faults, self.host, self.irq, self.acks, self.results,
         )
 
     def reg(self, index: int) -> int:

@@ -6,7 +6,7 @@ Every event that other CPUs can observe sits at an integer *position*:
 * ``DC`` a data-cache clean to the point of unification of one line,
 * ``IC`` an instruction-cache invalidation of one line (or of all lines), placed
   when the issuing CPU's DSB completes it,
-* ``TLBI`` a TLB invalidation, placed when it completes.
+* ``TLBI`` a TLB invalidation of one virtual page (or all), placed when it completes.
 
 Position 0 is the initial state.  Reads and instruction fetches are not events:
 a CPU performs them "just after" some position (its *view*), which may be in the
@@ -44,7 +44,7 @@ class Event:
     #: W: bit i set when byte i of ``data`` is written (partial stores).
     mask: int = -1
     span: int = 0
-    #: TLBI: the ASID/VA page it invalidates (-1: all).
+    #: TLBI: the only CPU whose TLB it invalidates (-1: broadcast to every CPU).
     page: int = -1
     note: str = ""
 
@@ -58,7 +58,7 @@ INITIAL = Event(INIT, -1, -1)
 class Timeline:
     """An immutable timeline plus indices (rebuilt on insertion, extended on append)."""
 
-    __slots__ = ("_fetch_values", "_values", "events", "granule", "initial", "line", "maint", "writes")
+    __slots__ = ("_values", "events", "granule", "initial", "line", "maint", "tlbis", "writes")
 
     def __init__(
         self,
@@ -69,6 +69,7 @@ class Timeline:
         *,
         writes: dict[int, tuple[int, ...]] | None = None,
         maint: dict[int, tuple[int, ...]] | None = None,
+        tlbis: dict[int, tuple[int, ...]] | None = None,
     ) -> None:
         self.events = events
         self.granule = granule
@@ -76,13 +77,14 @@ class Timeline:
         #: Initial bytes of every granule that has any (others read as zero).
         self.initial = initial
         self._values: dict[int, tuple[bytes, ...]] = {}
-        self._fetch_values: dict[int, object] = {}
-        if writes is None or maint is None:
-            writes, maint = {}, {}
+        if writes is None or maint is None or tlbis is None:
+            writes, maint, tlbis = {}, {}, {}
             for pos, ev in enumerate(events):
-                self._index(pos, ev, writes, maint)
+                self._index(pos, ev, writes, maint, tlbis)
         self.writes = writes
         self.maint = maint
+        #: TLBI positions by virtual page (-1: every page)
+        self.tlbis = tlbis
 
     def _index(
         self,
@@ -90,6 +92,7 @@ class Timeline:
         ev: Event,
         writes: dict[int, tuple[int, ...]],
         maint: dict[int, tuple[int, ...]],
+        tlbis: dict[int, tuple[int, ...]],
     ) -> None:
         if ev.kind == W:
             for k in range(ev.span):
@@ -97,6 +100,8 @@ class Timeline:
                 writes[g] = (*writes.get(g, ()), pos)
         elif ev.kind in (DC, IC):
             maint[ev.addr] = (*maint.get(ev.addr, ()), pos)
+        elif ev.kind == TLBI:
+            tlbis[ev.addr] = (*tlbis.get(ev.addr, ()), pos)
 
     # -- construction ------------------------------------------------------
     @classmethod
@@ -107,8 +112,11 @@ class Timeline:
         pos = len(self.events)
         writes = dict(self.writes)
         maint = dict(self.maint)
-        self._index(pos, ev, writes, maint)
-        return Timeline((*self.events, ev), self.granule, self.line, self.initial, writes=writes, maint=maint)
+        tlbis = dict(self.tlbis)
+        self._index(pos, ev, writes, maint, tlbis)
+        return Timeline(
+            (*self.events, ev), self.granule, self.line, self.initial, writes=writes, maint=maint, tlbis=tlbis
+        )
 
     def insert_after(self, pos: int, ev: Event) -> Timeline:
         """A timeline with ``ev`` at position ``pos + 1`` (later events shift by one)."""

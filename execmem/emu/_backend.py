@@ -1,0 +1,234 @@
+"""The execmem backend protocol on a modeled machine.
+
+``execmem.Allocator(backend=Machine(...))`` runs the same allocator core as on real
+memory; every backend call becomes host actions of the machine's host CPU, which the
+explorer then interleaves with guest code on the other CPUs:
+
+* ``reserve`` takes fresh physical frames (trap-filled before anything can see them),
+  a virtual range and one page-table entry per page (invalid: not mapped yet);
+* ``write``/``atomic_store`` are stores through the frames' writable alias;
+* ``map``/``unmap`` write the page-table entries, with the TLB maintenance of the
+  machine's style (``broadcast``: TLBI IS completed by the issuer's DSB; ``ipi``:
+  shootdown interrupts that each target acknowledges; ``invlpgb``: broadcast
+  completed by TLBSYNC, no interrupt);
+* ``run_step`` performs one recipe step: DC/IC by VA over the batch's lines,
+  barriers, ISB/serialization, and ``remote_cse`` as a membarrier (an IPI to every
+  other CPU, waiting for each to acknowledge).
+
+Which model barrier implements "barrier" or "local_cse" is architecture data
+(``STEP_FENCES`` in ``execmem.arch.<name>_isa``).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from execmem._backend import Range, Reservation
+from execmem._errors import AlignmentError, BadStateError, ModelError, UnsupportedError
+
+if TYPE_CHECKING:
+    from execmem.arch import ArchSpec
+    from execmem.emu._machine import HostProgram, Machine
+
+PAGE = 0x1000
+PT_BASE = 0x0F00_0000
+FRAME_BASE = 0x1000_0000
+DYNAMIC_BASE = 0x4000_0000
+DYNAMIC_LIMIT = 0x8000_0000
+
+
+@dataclass
+class _Frames:
+    """Backend-private part of an emulated reservation."""
+
+    alias: int  # physical address of the first frame == its writable alias VA
+    pages: tuple[int, ...]  # virtual pages
+    released: bool = False
+
+
+class EmulatedBackend:
+    """Mixin giving :class:`~execmem.emu.Machine` the execmem ``Backend`` interface."""
+
+    mode = "emulated"
+    page_size = PAGE
+    write_unit = 1
+
+    def __init__(self) -> None:
+        self._next_va = DYNAMIC_BASE
+        self._next_frame = FRAME_BASE
+        self._next_pte = PT_BASE
+        self._reservations: list[Reservation] = []
+        self._counts: Counter[str] = Counter()
+
+    @property
+    def _m(self) -> Machine:
+        return self  # type: ignore[return-value]
+
+    # Backend attributes ------------------------------------------------------
+    @property
+    def arch(self) -> ArchSpec:
+        return self._m.spec
+
+    @property
+    def cache_features(self) -> frozenset[str]:
+        m = self._m
+        return frozenset(name for name, on in (("idc", m.idc or m.dic), ("dic", m.dic)) if on)
+
+    def _host(self) -> HostProgram:
+        return self._m.host()
+
+    def _fences(self, what: str) -> None:
+        host = self._host()
+        for name in self._m.isa.STEP_FENCES[what]:
+            host.fence(name, note=f"{what}: {name}")
+
+    # Reservations -------------------------------------------------------------
+    def reserve(self, size: int, align: int) -> Reservation:
+        m = self._m
+        if size <= 0 or align <= 0 or align & (align - 1):
+            raise AlignmentError("reserve needs a positive size and a power-of-two alignment")
+        size += -size % PAGE
+        align = max(align, PAGE)
+        va = self._next_va + (-self._next_va % align)
+        if va + size > DYNAMIC_LIMIT:
+            raise ModelError("the modeled machine's executable address space is exhausted")
+        self._next_va = va + size + PAGE  # a guard page between reservations
+        alias = self._next_frame
+        self._next_frame += size
+        pages = tuple(range(va, va + size, PAGE))
+        for i, page in enumerate(pages):
+            m._pte[page] = self._next_pte + 8 * i
+        self._next_pte += 8 * len(pages) + 64
+        m.map_memory(alias, size, "rw")
+        m._add_region(va, size)
+        # Fresh frames: nothing can observe them before they are mapped, so the trap
+        # fill is their initial content (the kernel fills pages while they are private).
+        m.poke(alias, self.arch.trap_bytes(size))
+        res = Reservation(va, size, mapped=False, token=_Frames(alias, pages))
+        self._reservations.append(res)
+        self._counts["reserve"] += 1
+        return res
+
+    def _frames(self, res: Reservation) -> _Frames:
+        token = res.token
+        if not isinstance(token, _Frames) or token.released:
+            raise BadStateError("reservation is not live on this machine")
+        return token
+
+    def map(self, reservation: Reservation) -> None:
+        frames = self._frames(reservation)
+        host = self._host()
+        for i, page in enumerate(frames.pages):
+            host.pte(page, frames.alias + i * PAGE, "rx", note=f"map {page:#x} r-x")
+        self._fences("after_map")
+        reservation.mapped = True
+        self._counts["map"] += 1
+
+    def unmap(self, reservation: Reservation) -> None:
+        m = self._m
+        frames = self._frames(reservation)
+        host = self._host()
+        for page in frames.pages:
+            host.pte(page, None, note=f"unmap {page:#x}")
+        if m.tlb == "ipi":
+            for page in frames.pages:
+                host.tlbi(page, "local", note=f"invlpg {page:#x}")
+            host.ipi(host.others(), "tlb", -1, note="TLB shootdown IPI")
+            host.wait(note="wait for shootdown acknowledgements")
+        else:
+            self._fences("before_tlbi")
+            for page in frames.pages:
+                host.tlbi(page, "broadcast", note=f"broadcast TLBI {page:#x}")
+            self._fences("complete_tlbi")
+        reservation.mapped = False
+        self._counts["unmap"] += 1
+
+    def release(self, reservation: Reservation) -> None:
+        frames = self._frames(reservation)
+        frames.released = True
+        self._counts["release"] += 1
+
+    # Writes ---------------------------------------------------------------------
+    def write(self, reservation: Reservation, offset: int, data: bytes) -> None:
+        frames = self._frames(reservation)
+        if offset < 0 or offset + len(data) > reservation.size:
+            raise ModelError("write outside the reservation")
+        host = self._host()
+        word = 8
+        addr = frames.alias + offset
+        end = addr + len(data)
+        while addr < end:
+            n = min(word - addr % word, end - addr)
+            start = addr - frames.alias - offset
+            host.store(addr, bytes(data[start : start + n]), n, note=f"write {addr:#x}")
+            addr += n
+        self._counts["write"] += 1
+
+    def atomic_store(self, reservation: Reservation, offset: int, data: bytes) -> None:
+        frames = self._frames(reservation)
+        if len(data) not in (1, 2, 4, 8) or offset % len(data):
+            raise AlignmentError("atomic_store needs 1, 2, 4 or 8 naturally aligned bytes")
+        self._host().store(frames.alias + offset, bytes(data), len(data), note="atomic store")
+        self._counts["atomic_store"] += 1
+
+    def begin_inplace(self, reservation: Reservation, offset: int, size: int) -> None:
+        self._frames(reservation)
+
+    def end_inplace(self, reservation: Reservation, offset: int, size: int) -> None:
+        self._frames(reservation)
+
+    # Synchronization ------------------------------------------------------------
+    def _alias_of(self, va: int) -> int:
+        for res in self._reservations:
+            if res.address <= va < res.address + res.size:
+                return self._frames(res).alias + va - res.address
+        raise ModelError(f"{va:#x} is not in any reservation")
+
+    def _lines(self, ranges: Sequence[Range]) -> list[int]:
+        line = self._m.line_size
+        out: list[int] = []
+        for start, size in ranges:
+            first = start - start % line
+            out.extend(range(first, start + size, line))
+        return list(dict.fromkeys(out))
+
+    def run_step(self, step: str, ranges: Sequence[Range]) -> None:
+        host = self._host()
+        if step == "clean_dcache":
+            for va in self._lines(ranges):
+                host.dc(self._alias_of(va), note=f"DC CVAU {va:#x}")
+        elif step == "invalidate_icache":
+            for va in self._lines(ranges):
+                host.ic(self._alias_of(va), note=f"IC IVAU {va:#x}")
+        elif step in ("barrier", "local_cse"):
+            self._fences(step)
+        elif step == "remote_cse":
+            host.ipi(host.others(), "cse", note="membarrier SYNC_CORE: IPI")
+            host.wait(note="membarrier: wait for every CPU")
+            self._fences("syscall_return")
+        else:
+            raise UnsupportedError(f"the modeled machine has no recipe step {step!r}")
+        self._counts[step] += 1
+
+    def stats(self) -> Mapping[str, object]:
+        return {
+            "mode": self.mode,
+            "arch": self.arch.name,
+            "cpus": self._m.ncpus,
+            "tlb": self._m.tlb,
+            "reservations": sum(1 for r in self._reservations if not self._released(r)),
+            "calls": dict(self._counts),
+            "host_actions": sum(len(s.host) for s in self._m._cpus),
+        }
+
+    def _released(self, res: Reservation) -> bool:
+        token = res.token
+        return isinstance(token, _Frames) and token.released
+
+    def close(self) -> None:
+        for res in self._reservations:
+            if isinstance(res.token, _Frames):
+                res.token.released = True

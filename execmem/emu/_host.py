@@ -1,0 +1,202 @@
+"""Host-program steps and interrupt delivery (see ``_kernel`` for the semantics)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from execmem._errors import ModelError
+from execmem.emu._kernel import RETURN_MAGIC
+from execmem.emu._state import (
+    DCNEW,
+    DCOLD,
+    FETCH,
+    FNEW,
+    ICNEW,
+    ICOLD,
+    RNEW,
+    ROLD,
+    WOLD,
+    CpuState,
+    MachineState,
+)
+from execmem.emu._timeline import IC, TLBI, Event
+
+if TYPE_CHECKING:
+    from execmem.emu._semantics import Model, Step, Transition
+
+
+def _step(c: int, kind: str, pc: int, text: str, detail: str = "") -> Step:
+    from execmem.emu._semantics import Step
+
+    return Step(c, kind, pc, text, detail)
+
+
+def _sender_view(cpu: CpuState) -> int:
+    """What an interrupt carries: everything the sender did before sending it."""
+    v = cpu.views
+    return max(v[ROLD], v[WOLD], v[DCOLD], v[ICOLD], v[FETCH], v[RNEW])
+
+
+def host_step(model: Model, st: MachineState, c: int) -> Iterator[Transition]:
+    """Perform the next host action of CPU ``c`` (``cpu.pc == HOST``)."""
+    cpu = st.cpus[c]
+    actions = model.hosts[c]
+    if cpu.host >= len(actions):
+        return  # only waiting for acknowledgements
+    action = actions[cpu.host]
+    new = cpu.copy()
+    new.host += 1
+    kind, args = action.kind, action.args
+    text = action.note or f"{kind} {', '.join(_fmt(a) for a in args)}"
+    if kind == "store":
+        va, data, release = args
+        assert isinstance(va, int) and isinstance(data, bytes)
+        for pa, _walked, fault in model.translate(st, new, va, "w", new.views[RNEW]):
+            one = new.copy()
+            if fault:
+                yield model.fault(st, c, one, 0, "DataAbort", f"{text} ({fault})")
+                continue
+            entry = model._store_entry(one, data, pa, va, _Plain(bool(release)), 0)
+            one.sb = (*one.sb, entry)
+            model.settle(one)
+            yield _step(c, "host", 0, text, "buffered"), model.replace(st, c, one)
+        return
+    if kind == "pte":
+        vpage, ppage, perms = args
+        assert isinstance(vpage, int)
+        from execmem.emu._kernel import pte_value
+
+        pte = model.config.pte_addr.get(vpage)
+        if pte is None:
+            raise ModelError(f"page {vpage:#x} has no page-table entry in this machine")
+        value = pte_value(ppage if isinstance(ppage, int) else None, str(perms))
+        entry = model._store_entry(new, value.to_bytes(8, "little"), pte, vpage, _Plain(False), 0)
+        new.sb = (*new.sb, entry)
+        model.settle(new)
+        yield _step(c, "host", 0, text, "page-table store buffered"), model.replace(st, c, new)
+        return
+    if kind == "dc":
+        (va,) = args
+        assert isinstance(va, int)
+        yield from model.clean(st, c, new, va, 0, text, 0)
+        return
+    if kind in ("ic", "tlbi"):
+        va = args[0]
+        scope = str(args[1]) if len(args) > 1 else "broadcast"
+        if kind == "tlbi" and scope == "local":
+            yield _local_tlbi(model, st, c, new, va if isinstance(va, int) else None, text)
+            return
+        yield model.issue(st, c, new, IC if kind == "ic" else TLBI, va if isinstance(va, int) else None, 0, scope, text, 0)
+        return
+    if kind == "fence":
+        (name,) = args
+        yield from model.fence(st, c, new, str(name), text, 0, 0)
+        return
+    if kind == "ipi":
+        targets, what, arg = args
+        if new.sb:
+            return  # the kernel orders its earlier stores before sending (smp_mb / DSB)
+        view = _sender_view(new)
+        cpus = list(st.cpus)
+        tags = []
+        for t in targets:  # type: ignore[attr-defined]
+            new.seq += 1
+            tag = (c << 24) | new.seq
+            tags.append(tag)
+            target = cpus[t].copy() if t != c else new
+            target.irq = (*target.irq, (str(what), view, tag, int(arg) if isinstance(arg, int) else -1))
+            cpus[t] = target
+        if action.kind == "ipi" and str(what) != "async-tlb":
+            new.acks = (*new.acks, *tags)
+        cpus[c] = new
+        model.settle(new)
+        yield _step(c, "host", 0, text, f"to CPUs {','.join(map(str, targets))}"), MachineState(st.timeline, tuple(cpus))  # type: ignore[call-overload]
+        return
+    if kind == "wait":
+        if new.acks:
+            return
+        model.settle(new)
+        yield _step(c, "host", 0, text), model.replace(st, c, new)
+        return
+    if kind == "call":
+        target, call_args = args
+        assert isinstance(target, int) and isinstance(call_args, tuple)
+        regs, pushes = model.isa.prepare_call(new.regs, target, call_args, RETURN_MAGIC)
+        new.regs = regs
+        for va, data in pushes:
+            for pa, _walked, fault in model.translate(st, new, va, "w", 0):
+                if fault:
+                    raise ModelError(f"call: stack at {va:#x} is not mapped writable")
+                new.sb = (*new.sb, model._store_entry(new, data, pa, va, _Plain(False), 0))
+                break
+        new.pc = target
+        model.settle(new)
+        yield _step(c, "host", 0, text, f"enter {target:#x}"), model.replace(st, c, new)
+        return
+    if kind == "record":
+        (reg,) = args
+        new.results = (*new.results, new.reg(int(reg)))  # type: ignore[call-overload]
+        model.settle(new)
+        yield _step(c, "host", 0, text, f"= {new.results[-1]:#x}"), model.replace(st, c, new)
+        return
+    raise ModelError(f"unknown host action {kind!r}")
+
+
+def _local_tlbi(model: Model, st: MachineState, c: int, cpu: CpuState, vpage: int | None, text: str) -> Transition:
+    """A TLB invalidation of this CPU's own TLB, complete at once (x86 INVLPG)."""
+    addr = -1 if vpage is None else vpage - vpage % 0x1000
+    tl = st.timeline.append(Event(TLBI, c, addr, page=c, note="local"))
+    model.raise_view(cpu, ICOLD, tl.end)
+    model.settle(cpu)
+    return _step(c, "host", 0, text, f"@{tl.end}"), model.replace(st, c, cpu, tl)
+
+
+def deliveries(model: Model, st: MachineState, t: int) -> Iterator[Transition]:
+    """CPU ``t`` takes its oldest pending interrupt (between two instructions, or idle)."""
+    target = st.cpus[t]
+    kind, view, tag, arg = target.irq[0]
+    rule = model.rules.fences["exception"]
+    if rule.drain and target.sb:
+        return  # x86: interrupt delivery is serializing; the store buffer drains first
+    new = target.copy()
+    new.irq = target.irq[1:]
+    # Exception entry and return are context-synchronizing; the handler runs after
+    # the sender's earlier events, so everything later on this CPU is too.
+    for name, sources in rule.joins:
+        model.join(new, name, sources)
+    for index in (RNEW, DCNEW, ICNEW, FNEW):
+        model.raise_view(new, index, view)
+    tl = st.timeline
+    detail = ""
+    if kind == "tlb":
+        tl = tl.append(Event(TLBI, t, arg, page=t, note="ipi"))
+        model.raise_view(new, ICOLD, tl.end)
+        detail = f"local TLB invalidation @{tl.end}"
+    cpus = list(st.cpus)
+    cpus[t] = new
+    sender = tag >> 24
+    if tag in cpus[sender].acks:
+        s = cpus[sender].copy()
+        s.acks = tuple(a for a in s.acks if a != tag)
+        model.settle(s)
+        cpus[sender] = s
+    yield _step(t, "irq", new.pc, f"IPI ({kind}) from CPU{sender}", detail), MachineState(tl, tuple(cpus))
+
+
+class _Plain:
+    """Decoded-instruction stand-in for host stores (no register dependencies)."""
+
+    data_regs: tuple[int, ...] = ()
+    addr_regs: tuple[int, ...] = ()
+
+    def __init__(self, release: bool) -> None:
+        self.release = release
+
+
+def _fmt(value: object) -> str:
+    if isinstance(value, int):
+        return f"{value:#x}"
+    if isinstance(value, bytes):
+        return value.hex()
+    return str(value)

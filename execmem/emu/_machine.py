@@ -1,0 +1,490 @@
+"""``Machine``: build a modeled multi-CPU machine, run it, explore it.
+
+A machine is built up front - guest code per CPU (assembled with Keystone from text
+with labels), data locations, registers, host programs (kernel-like actions) - and
+then run: sequentially (:meth:`Machine.call`, :meth:`Machine.run_sequential`), on a
+seeded random schedule, or exhaustively (:meth:`Machine.explore`).  It is also an
+execmem backend: ``execmem.Allocator(backend=Machine(...))`` records the allocator's
+recipe steps as host actions on the machine's host CPU (see ``_backend``).
+
+Address space (virtual; static regions are mapped VA == PA):
+
+=================  ==========================================================
+0x0010_0000        guest code, 64 KiB per CPU (``load``)
+0x0080_0000        data (``alloc``), every location on its own cache line
+0x00F0_0000        one stack page per CPU
+0x0F00_0000        page-table entries of dynamic pages (physical)
+0x1000_0000        physical frames of dynamic reservations; also their
+                   writable alias (the kernel's linear map, VA == PA)
+0x4000_0000        dynamic (page-table mapped) executable reservations
+=================  ==========================================================
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Hashable, Iterable
+from dataclasses import dataclass, field
+from types import ModuleType
+
+import keystone
+
+from execmem import arch as _arch
+from execmem._errors import AssemblyError, ModelError
+from execmem.emu._backend import EmulatedBackend
+from execmem.emu._explore import Exploration, exhaustive, random_runs, replay
+from execmem.emu._kernel import RETURN_MAGIC, HostAction
+from execmem.emu._semantics import HOST, Model, ModelConfig, Step
+from execmem.emu._state import MachineState
+from execmem.emu._timeline import Timeline
+from execmem.emu._unicorn import Executor
+
+PAGE = 0x1000
+CODE_BASE = 0x0010_0000
+CODE_STRIDE = 0x1_0000
+DATA_BASE = 0x0080_0000
+STACK_BASE = 0x00F0_0000
+PT_BASE = 0x0F00_0000
+FRAME_BASE = 0x1000_0000
+DYNAMIC_BASE = 0x4000_0000
+
+
+@dataclass
+class Program:
+    """Guest code loaded for one CPU."""
+
+    cpu: int
+    address: int
+    code: bytes
+    labels: dict[str, int]
+
+    @property
+    def end(self) -> int:
+        return self.address + len(self.code)
+
+
+@dataclass
+class _CpuSetup:
+    pc: int = HOST
+    exits: set[int] = field(default_factory=set)
+    handler: int | None = None
+    regs: dict[int, int] = field(default_factory=dict)
+    host: list[HostAction] = field(default_factory=list)
+    code_cursor: int = 0
+
+
+class Machine(EmulatedBackend):
+    """A modeled multi-CPU machine (one Unicorn instance per CPU).
+
+    ``idc``/``dic`` are the CTR_EL0 cache-type bits (arm64), ``eis`` makes exception
+    entry context-synchronizing (FEAT_ExS; the architecture's default), ``tlb`` is
+    the TLB maintenance style used by ``unmap`` (``"broadcast"``, ``"ipi"``,
+    ``"invlpgb"``), ``line_size`` the cache line size for DC/IC (herd7's litmus
+    model puts every location on its own line: pass the granule size).
+    """
+
+    def __init__(
+        self,
+        arch: str = "arm64",
+        cpus: int = 2,
+        *,
+        idc: bool = False,
+        dic: bool = False,
+        eis: bool = True,
+        tlb: str | None = None,
+        line_size: int | None = None,
+        host_cpu: int = 0,
+    ) -> None:
+        if not isinstance(cpus, int) or not 1 <= cpus <= 16:
+            raise ModelError("cpus must be an integer from 1 to 16")
+        self.spec = _arch.get(arch)
+        self.isa: ModuleType = _arch.isa(self.spec)
+        self.ncpus = cpus
+        if (idc or dic) and "idc" not in self.spec.cache_features:
+            raise ModelError(f"{self.spec.name} has no IDC/DIC cache-type bits")
+        self.idc, self.dic, self.eis = idc, dic, eis
+        styles = (*self.spec.tlb_styles, "invlpgb") if self.spec.name == "x86_64" else self.spec.tlb_styles
+        self.tlb = tlb or self.spec.default_tlb
+        if self.tlb not in styles:
+            raise ModelError(f"tlb must be one of {', '.join(styles)} on {self.spec.name}")
+        granule = self.isa.MODEL.granule
+        self.line_size = line_size or self.spec.cache_lines[0]
+        if self.line_size % granule or self.line_size & (self.line_size - 1):
+            raise ModelError(f"line_size must be a power-of-two multiple of {granule}")
+        if not 0 <= host_cpu < cpus:
+            raise ModelError("host_cpu out of range")
+        self.host_cpu = host_cpu
+        self._cpus = [_CpuSetup(regs=dict(self.isa.RESET)) for _ in range(cpus)]
+        self._memory: dict[int, bytes] = {}
+        self._static: dict[int, tuple[int, str]] = {}
+        self._pte: dict[int, int] = {}
+        self._regions: list[tuple[int, int]] = []
+        self._symbols: dict[str, int] = {}
+        self._data_cursor = DATA_BASE
+        self._executor: Executor | None = None
+        self._executor_regions: list[tuple[int, int]] = []
+        #: state reached by sequential runs (``call``); exploration starts there
+        self._state: MachineState | None = None
+        for c in range(cpus):
+            stack = STACK_BASE + c * PAGE
+            self.map_memory(stack, PAGE, "rw")
+            self._cpus[c].regs[self.isa.SP] = stack + PAGE - 64
+        EmulatedBackend.__init__(self)
+
+    # ---------------------------------------------------------------- building
+    @property
+    def cpus(self) -> int:
+        return self.ncpus
+
+    def map_memory(self, va: int, size: int, perms: str = "rw") -> int:
+        """Map ``[va, va+size)`` for the whole run (VA == PA), zero-filled."""
+        if va % PAGE or size <= 0:
+            raise ModelError("map needs a page-aligned address and a positive size")
+        if set(perms) - set("rwx"):
+            raise ModelError("perms is a string of r, w, x")
+        end = va + size + (-size % PAGE)
+        for page in range(va, end, PAGE):
+            self._static[page] = (page, perms)
+        self._add_region(va, end - va)
+        return va
+
+    def _add_region(self, va: int, size: int) -> None:
+        self._regions.append((va, size))
+        self._regions = _merge(self._regions)
+
+    def alloc(self, size: int = 8, *, value: int | bytes = 0, name: str | None = None) -> int:
+        """A data location of ``size`` bytes on its own cache line; returns its address."""
+        if size <= 0 or size > PAGE:
+            raise ModelError("alloc size must be 1..4096 bytes")
+        line = max(self.line_size, 8)
+        addr = self._data_cursor
+        self._data_cursor += size + (-size % line)
+        for page in range(addr - addr % PAGE, self._data_cursor, PAGE):
+            if page not in self._static:
+                self.map_memory(page, PAGE, "rw")
+        data = value if isinstance(value, bytes) else value.to_bytes(size, "little")
+        self.poke(addr, data.ljust(size, b"\0"))
+        if name:
+            self._symbols[name] = addr
+        return addr
+
+    def symbol(self, name: str) -> int:
+        try:
+            return self._symbols[name]
+        except KeyError:
+            raise ModelError(f"no symbol {name!r}") from None
+
+    def poke(self, va: int, data: bytes) -> None:
+        """Initial memory contents (through a static mapping or a frame alias)."""
+        g = self.isa.MODEL.granule
+        for i, b in enumerate(data):
+            pa = self._pa(va + i)
+            gran = pa - pa % g
+            cur = bytearray(self._memory.get(gran, bytes(g)))
+            cur[pa - gran] = b
+            self._memory[gran] = bytes(cur)
+        self._state = None if self._state is None else self._refresh(self._state)
+
+    def _pa(self, va: int) -> int:
+        page = va - va % PAGE
+        if page in self._static:
+            return self._static[page][0] + va - page
+        raise ModelError(f"{va:#x} is not statically mapped")
+
+    def load(
+        self,
+        cpu: int,
+        source: str,
+        *,
+        at: int | None = None,
+        start: bool = True,
+        exit_at_end: bool = True,
+        handler: bool = False,
+        perms: str = "rx",
+    ) -> Program:
+        """Assemble ``source`` for ``cpu`` at ``at`` and map it (read+execute by default).
+
+        ``start`` makes the CPU begin there; ``exit_at_end`` stops it when it runs off
+        the end; ``handler`` makes it the CPU's synchronous exception handler;
+        ``perms="rwx"`` gives self-modifying code (litmus tests) a writable mapping.
+        """
+        self._check_cpu(cpu)
+        setup = self._cpus[cpu]
+        if at is None:
+            at = CODE_BASE + cpu * CODE_STRIDE + setup.code_cursor
+        code, labels = assemble(self.spec, source, at)
+        if at + len(code) > CODE_BASE + (cpu + 1) * CODE_STRIDE and at >= CODE_BASE and at < CODE_BASE + self.ncpus * CODE_STRIDE:
+            raise ModelError("guest code area of this CPU is full (64 KiB)")
+        first = at - at % PAGE
+        self.map_memory(first, at + max(len(code), 1) - first, perms)
+        self.poke(at, code)
+        setup.code_cursor = max(setup.code_cursor, at + len(code) + 16 - (CODE_BASE + cpu * CODE_STRIDE))
+        program = Program(cpu, at, code, labels)
+        if start:
+            setup.pc = labels.get("_start", at)
+        if exit_at_end:
+            setup.exits.add(at + len(code))
+        if handler:
+            setup.handler = at
+        for name, addr in labels.items():
+            self._symbols.setdefault(f"P{cpu}:{name}", addr)
+        return program
+
+    def set_reg(self, cpu: int, name: str, value: int) -> None:
+        self._check_cpu(cpu)
+        index = self.isa.register_index(name)
+        if index is None:
+            raise ModelError(f"register {name!r} cannot be set")
+        self._cpus[cpu].regs[index] = value & (1 << 64) - 1
+
+    def start(self, cpu: int, pc: int) -> None:
+        self._check_cpu(cpu)
+        self._cpus[cpu].pc = pc
+
+    def add_exit(self, cpu: int, pc: int) -> None:
+        self._cpus[cpu].exits.add(pc)
+
+    def host(self, cpu: int | None = None) -> HostProgram:
+        """The host program of ``cpu`` (default: the host CPU), to append actions to."""
+        c = self.host_cpu if cpu is None else cpu
+        self._check_cpu(c)
+        return HostProgram(self, c)
+
+    def _check_cpu(self, cpu: int) -> None:
+        if not isinstance(cpu, int) or not 0 <= cpu < self.ncpus:
+            raise ModelError(f"no CPU {cpu!r} (this machine has {self.ncpus})")
+
+    # ----------------------------------------------------------------- running
+    def config(self) -> ModelConfig:
+        regs = []
+        for setup in self._cpus:
+            values = [0] * len(self.isa.REGISTERS)
+            for index, value in setup.regs.items():
+                values[index] = value
+            regs.append(b"".join(v.to_bytes(8, "little") for v in values))
+        return ModelConfig(
+            isa=self.isa,
+            engine=self.spec.engines.unicorn or (0, 0),
+            cpus=self.ncpus,
+            line=self.line_size,
+            idc=self.idc,
+            dic=self.dic,
+            eis=self.eis,
+            regs=regs,
+            pcs=[s.pc for s in self._cpus],
+            exits=[frozenset(s.exits) for s in self._cpus],
+            handlers=[s.handler for s in self._cpus],
+            memory=dict(self._memory),
+            regions=list(self._regions),
+            static_map=dict(self._static),
+            pte_addr=dict(self._pte),
+            hosts=[tuple(s.host) for s in self._cpus],
+            symbols={v: k for k, v in self._symbols.items()},
+        )
+
+    def model(self) -> Model:
+        """A fresh model of the machine as built so far (Unicorn instances are reused)."""
+        if self._executor is None or self._executor_regions != self._regions:
+            self._executor = Executor(
+                self.spec.engines.unicorn or (0, 0), self._regions, self.isa.REGISTERS, self.isa.PC, self.ncpus
+            )
+            self._executor_regions = list(self._regions)
+        model = Model(self.config(), self._executor)
+        if self._state is not None:
+            base = self._refresh(self._state)
+            model.initial = lambda: base  # type: ignore[method-assign]
+        return model
+
+    def _refresh(self, st: MachineState) -> MachineState:
+        tl = st.timeline
+        new_tl = Timeline(tl.events, tl.granule, tl.line, dict(self._memory))
+        cpus = []
+        for c, cpu in enumerate(st.cpus):
+            cpu = cpu.copy()
+            if cpu.status == "done" and cpu.pc == HOST and cpu.host < len(self._cpus[c].host):
+                cpu.status = "run"
+            cpus.append(cpu)
+        return MachineState(new_tl, tuple(cpus))
+
+    def explore(
+        self,
+        observe: Callable[[MachineState], Hashable] | None = None,
+        *,
+        exhaustive_search: bool = True,
+        max_states: int = 2_000_000,
+        runs: int = 1000,
+        seed: int = 0,
+        progress: Callable[[int], None] | None = None,
+    ) -> Exploration:
+        """Every reachable final state (or ``runs`` random schedules when not exhaustive)."""
+        model = self.model()
+        obs = observe or (lambda st: st.key())
+        if exhaustive_search:
+            return exhaustive(model, obs, max_states=max_states, progress=progress)
+        return random_runs(model, obs, runs=runs, seed=seed, progress=progress)
+
+    def replay(self, schedule: list[int]) -> tuple[list[Step], MachineState]:
+        return replay(self.model(), schedule)
+
+    def run_sequential(self, *, max_steps: int = 1_000_000) -> MachineState:
+        """Run to completion with stores visible at once and newest values read.
+
+        This is sequentially consistent execution, for using the machine as a
+        computer (examples, ``call``); it advances the machine's current state.
+        """
+        model = self.model()
+        st = model.initial()
+        for _ in range(max_steps):
+            if model.done(st):
+                break
+            succ = model.successors(st)
+            if not succ:
+                raise ModelError("the machine is stuck (every CPU blocked)")
+            stores = [t for t in succ if t[0].kind == "store"]
+            st = (stores[0] if stores else succ[-1])[1]
+        else:
+            raise ModelError(f"no result after {max_steps} steps")
+        self._state = st
+        return st
+
+    def call(self, entry: int, *args: int, cpu: int | None = None, max_steps: int = 1_000_000) -> int:
+        """Run pending host actions, then ``entry(*args)`` on ``cpu``; return its result."""
+        c = self.host_cpu if cpu is None else cpu
+        self.host(c).call(entry, *args).record(self.isa.RETURN_REGISTER)
+        st = self.run_sequential(max_steps=max_steps)
+        cpu_state = st.cpus[c]
+        if cpu_state.faults:
+            pc, kind = cpu_state.faults[-1]
+            raise ModelError(f"CPU{c} faulted at {pc:#x}: {kind}")
+        return cpu_state.results[-1]
+
+    # -------------------------------------------------------------- inspection
+    def read(self, st: MachineState, va: int, size: int) -> bytes:
+        """Final (latest) bytes at ``va`` in state ``st`` (static mappings / aliases)."""
+        g = self.isa.MODEL.granule
+        out = bytearray()
+        for i in range(size):
+            pa = self._pa(va + i)
+            gran = pa - pa % g
+            out.append(st.timeline.value_at(gran, st.timeline.end)[pa - gran])
+        return bytes(out)
+
+    def reg(self, st: MachineState, cpu: int, name: str) -> int:
+        index = self.isa.register_index(name)
+        if index is None:
+            raise ModelError(f"unknown register {name!r}")
+        value = st.cpus[cpu].reg(index)
+        if name.lower().startswith("w") or (name.upper().startswith("E") and len(name) == 3):
+            value &= 0xFFFF_FFFF
+        return value
+
+    def random_schedule(self, seed: int, max_steps: int = 100_000) -> list[int]:
+        model = self.model()
+        rng = random.Random(seed)
+        st = model.initial()
+        schedule = []
+        for _ in range(max_steps):
+            if model.done(st):
+                break
+            succ = model.successors(st)
+            if not succ:
+                break
+            i = rng.randrange(len(succ))
+            schedule.append(i)
+            st = succ[i][1]
+        return schedule
+
+
+class HostProgram:
+    """Appends host actions to one CPU's program (every method returns ``self``)."""
+
+    def __init__(self, machine: Machine, cpu: int) -> None:
+        self._machine = machine
+        self._cpu = cpu
+
+    def _add(self, kind: str, *args: object, note: str = "") -> HostProgram:
+        self._machine._cpus[self._cpu].host.append(HostAction(kind, args, note))
+        return self
+
+    def store(self, va: int, value: int | bytes, size: int = 8, *, release: bool = False, note: str = "") -> HostProgram:
+        data = value if isinstance(value, bytes) else (value & (1 << 8 * size) - 1).to_bytes(size, "little")
+        return self._add("store", va, data, release, note=note)
+
+    def dc(self, va: int, note: str = "") -> HostProgram:
+        return self._add("dc", va, note=note)
+
+    def ic(self, va: int | None, note: str = "") -> HostProgram:
+        return self._add("ic", va, note=note)
+
+    def tlbi(self, vpage: int | None, scope: str = "broadcast", note: str = "") -> HostProgram:
+        return self._add("tlbi", vpage, scope, note=note)
+
+    def fence(self, name: str, note: str = "") -> HostProgram:
+        if name not in self._machine.isa.MODEL.fences:
+            raise ModelError(f"{self._machine.spec.name} has no barrier {name!r}")
+        return self._add("fence", name, note=note)
+
+    def pte(self, vpage: int, ppage: int | None, perms: str = "rx", note: str = "") -> HostProgram:
+        return self._add("pte", vpage, ppage, perms, note=note)
+
+    def ipi(self, targets: Iterable[int], kind: str = "cse", arg: int = -1, *, note: str = "") -> HostProgram:
+        return self._add("ipi", tuple(targets), kind, arg, note=note)
+
+    def wait(self, note: str = "") -> HostProgram:
+        return self._add("wait", note=note)
+
+    def call(self, entry: int, *args: int, note: str = "") -> HostProgram:
+        return self._add("call", entry, tuple(args), note=note)
+
+    def record(self, register: int | str, note: str = "") -> HostProgram:
+        index = register if isinstance(register, int) else self._machine.isa.register_index(register)
+        return self._add("record", index, note=note)
+
+    def others(self) -> tuple[int, ...]:
+        return tuple(c for c in range(self._machine.ncpus) if c != self._cpu)
+
+
+def assemble(spec: _arch.ArchSpec, source: str, address: int) -> tuple[bytes, dict[str, int]]:
+    """Keystone-assemble ``source`` at ``address``; also return every label's address."""
+    if spec.engines.keystone is None:
+        raise ModelError(f"no assembler for {spec.name}")
+    ks = keystone.Ks(*spec.engines.keystone)
+    labels = _labels(source)
+    text = source + "\n" + "".join(f".quad {name}\n" for name in labels)
+    try:
+        encoding, _ = ks.asm(text, address)
+    except keystone.KsError as exc:
+        raise AssemblyError(f"cannot assemble for {spec.name}: {exc}") from None
+    raw = bytes(encoding or b"")
+    n = len(labels)
+    code = raw[: len(raw) - 8 * n] if n else raw
+    addrs = [int.from_bytes(raw[len(raw) - 8 * (n - i) : len(raw) - 8 * (n - i - 1)], "little") for i in range(n)]
+    return code, dict(zip(labels, addrs, strict=True))
+
+
+def _labels(source: str) -> list[str]:
+    names: list[str] = []
+    for line in source.replace(";", "\n").splitlines():
+        line = line.split("//")[0]
+        while ":" in line:
+            head, _, rest = line.partition(":")
+            head = head.strip()
+            if not head.replace("_", "").replace(".", "").isalnum() or not head or head[0].isdigit():
+                break
+            names.append(head)
+            line = rest
+    return list(dict.fromkeys(names))
+
+
+def _merge(regions: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    spans = sorted((base, base + size) for base, size in regions)
+    merged: list[list[int]] = []
+    for lo, hi in spans:
+        if merged and lo <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], hi)
+        else:
+            merged.append([lo, hi])
+    return [(lo, hi - lo) for lo, hi in merged]
+
+
+__all__ = ["RETURN_MAGIC", "HostProgram", "Machine", "Program", "assemble"]
