@@ -122,16 +122,29 @@ class _Cpu:
             self.uc.ctl_remove_cache(pc, pc + len(insn))
             self.translated[pc] = insn
         self.poke(pc, insn)
+        self._start(pc, UNTIL, 1, plan)
+        lib.uc_reg_read_batch(self.handle, self.ids, self.ptrs, self.nregs)
+        if self.vals[pc_index] == pc and any(a.kind == "W" for a in self.accesses) and not self.fault:
+            # x86: a store into a page holding translated code makes QEMU invalidate the
+            # block and restart the instruction, which the count=1 budget then never
+            # completes (tests/test_unicorn_pins.py).  Run it again up to its end.
+            ctypes.memmove(self.vals, regs, 8 * self.nregs)
+            lib.uc_reg_write_batch(self.handle, self.ids, self.ptrs, self.nregs)
+            self.uc.ctl_remove_cache(pc, pc + len(insn))
+            self.poke(pc, insn)
+            self._start(pc, pc + len(insn), 8, plan)
+            lib.uc_reg_read_batch(self.handle, self.ids, self.ptrs, self.nregs)
+        return Outcome(bytes(self.vals), tuple(self.accesses), self.fault)
+
+    def _start(self, pc: int, until: int, count: int, plan: Sequence[bytes]) -> None:
         self.plan = list(plan)
         self.accesses = []
         self.fault = ""
         try:
-            self.uc.emu_start(pc, UNTIL, count=1)
+            self.uc.emu_start(pc, until, count=count)
         except unicorn.unicorn.UcError as exc:
             if not self.fault:
                 self.fault = str(exc)
-        lib.uc_reg_read_batch(self.handle, self.ids, self.ptrs, self.nregs)
-        return Outcome(bytes(self.vals), tuple(self.accesses), self.fault)
 
 
 class Executor:
