@@ -1,0 +1,48 @@
+"""Real executable memory in this process: :class:`NativeBackend`.
+
+It implements the Backend contract (``execmem._backend``) for the allocator core, on
+Linux x86-64 (run and tested here), arm64 and riscv64 (written from the architecture
+manuals; their routine texts and CTR_EL0 decoding are tested on any host).
+
+Modes (``NativeBackend(mode=...)``; details in ``_mapping``):
+
+* ``"dual"`` (default) - a memfd (else ``/dev/shm``, else the temp dir) mapped
+  read+write at a private alias and read+execute at the text's address.  Writes go
+  through the alias; no mapping is ever writable and executable.  ``map`` installs
+  the read+execute view over the reserved (inaccessible) address, ``unmap`` puts an
+  inaccessible anonymous mapping back.  The alias is ``MADV_DONTFORK``: a forked
+  child keeps (and may call) the parent's texts through its read+execute views but
+  has no writable view of them, and this backend refuses every operation in the
+  child except ``close``/``release``/``stats`` (``ForkedProcessError``).
+* ``"mprotect"`` - one anonymous mapping per reservation whose pages toggle between
+  inaccessible, read+write and read+execute; ``write_unit`` is the page size.
+  ``atomic_store`` makes the page briefly non-executable, so it is not safe while
+  other threads execute that page (``concurrent_patch_safe`` is False).
+* ``"rwx"`` - read+write+execute while mapped; only when asked for by name.
+
+Synchronization (``run_step``; details in ``_sync``): per host, chosen once from a
+table keyed by the architecture's name.  On x86-64 ``local_cse`` is CPUID and
+``remote_cse`` is ``membarrier(PRIVATE_EXPEDITED_SYNC_CORE)``, with fallbacks
+``PRIVATE_EXPEDITED`` -> an mprotect TLB-shootdown IPI -> ``GLOBAL``; membarrier is
+first tried once per process in a child process, because some seccomp profiles kill
+on first use.  The mechanism in use and every fallback taken are in ``stats()``.
+
+Every system call goes through one dispatcher (``_libc``), counted per backend
+(``stats()["syscalls"]``) and failable on purpose in tests (``_libc.inject``).
+Failures raise ``SystemCallError`` / ``OutOfMemoryError`` with the errno and leave
+nothing half-created.
+
+Large pages: reservations of 2 MiB or more are 2 MiB aligned; ``MFD_HUGETLB`` is used
+when the system has huge pages reserved, else ``MADV_HUGEPAGE`` is a hint;
+``stats()["huge_pages"]["obtained_bytes"]`` is read from ``/proc/self/smaps``.
+
+Small helper routines (atomic stores, CPUID/ISB, cache maintenance) are assembled
+from ``ArchSpec.host_routines`` once per process into a private page made read+execute
+after it is written (``_routines``).
+"""
+
+from __future__ import annotations
+
+from execmem.native._native import NativeBackend
+
+__all__ = ["NativeBackend"]

@@ -1,0 +1,563 @@
+"""The three ways the native backend lays out executable memory.
+
+``dual`` (:class:`DualMapper`, the default)
+    A shared-memory file (memfd, else a file in ``/dev/shm``, else in the temp dir,
+    unlinked at once; see :class:`Backing`) is mapped twice: a read+write *alias* at a
+    kernel-chosen address, where every write goes, and a read+execute *view* at the
+    reservation's fixed address, installed by ``map`` and replaced by an inaccessible
+    anonymous mapping by ``unmap`` (the kernel shoots the TLBs down; the VA stays
+    reserved).  No mapping is ever writable and executable.  The alias is
+    ``MADV_DONTFORK``: a forked child keeps the read+execute view of every text but
+    has no way to write the parent's code.
+
+``mprotect`` (:class:`MprotectMapper`)
+    One private anonymous mapping per reservation whose pages change protection:
+    read+write while filled, inaccessible while reserved, read+execute while mapped;
+    a write to mapped memory makes only the touched pages read+write (never
+    executable) and back.  Concurrent execution on a page being written faults, so
+    the core keeps in-place texts off pages shared with live text (``write_unit`` is
+    the page size).  The first write to a reservation that is *not* mapped makes all
+    of it read+write (nothing can execute it) until ``map``/``unmap``: one
+    ``mprotect`` for any number of writes, and a large page is not split.
+
+``rwx`` (:class:`RwxMapper`, only when asked for by name)
+    One mapping that is read+write while reserved and read+write+execute while
+    mapped.  Writes go straight to the executable address.  Provided for comparison
+    and for hosts that refuse everything else; it gives up W^X.
+
+Every reservation starts as an over-sized inaccessible mapping trimmed to the
+requested alignment (2 MiB - the PMD size - when the size allows and large pages
+are wanted), and every failure rolls back what was created before it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import os
+import secrets
+import tempfile
+import threading
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+from execmem._backend import Range
+from execmem._errors import ExecmemError, OutOfMemoryError, SystemCallError
+from execmem.arch import ArchSpec
+from execmem.native import _libc
+from execmem.native._libc import (
+    MADV_DONTFORK,
+    MADV_HUGEPAGE,
+    MADV_POPULATE_WRITE,
+    MAP_ANONYMOUS,
+    MAP_FIXED,
+    MAP_NORESERVE,
+    MAP_PRIVATE,
+    MAP_SHARED,
+    PROT_EXEC,
+    PROT_NONE,
+    PROT_READ,
+    PROT_WRITE,
+)
+
+#: The x86-64/arm64(4K)/riscv64 PMD size: the large page the kernel can map in one entry.
+PMD_SIZE = 2 << 20
+RX = PROT_READ | PROT_EXEC
+RW = PROT_READ | PROT_WRITE
+
+#: errnos after which another backing is tried (anything else is a real failure).
+_BACKING_FALLBACK = frozenset(
+    {errno.EINVAL, errno.ENOSYS, errno.EPERM, errno.EACCES, errno.ENOENT, errno.EROFS, errno.ENODEV, errno.EOPNOTSUPP}
+)
+
+
+def round_up(value: int, align: int) -> int:
+    return -(-value // align) * align
+
+
+@dataclass(eq=False)
+class Region:
+    """Backend-private state of one reservation (``Reservation.token``)."""
+
+    address: int
+    size: int
+    #: Where writes land: the alias (dual) or the address itself.
+    write_base: int
+    fd: int = -1
+    hugetlb: bool = False
+    mapped: bool = False
+    released: bool = False
+    #: mprotect mode: pages (indices) currently read+write, and in-place nesting counts.
+    rw_pages: set[int] = field(default_factory=set)
+    inplace: Counter[int] = field(default_factory=Counter)
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+
+def _runs(pages: Iterator[int] | list[int]) -> list[tuple[int, int]]:
+    """Consecutive page indices grouped as ``(first, count)``."""
+    runs: list[tuple[int, int]] = []
+    for page in sorted(pages):
+        if runs and runs[-1][0] + runs[-1][1] == page:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+        else:
+            runs.append((page, 1))
+    return runs
+
+
+def _undo_all(undo: list[Callable[[], None]]) -> None:
+    for action in reversed(undo):
+        # Best effort: the original error is the one to report.
+        with contextlib.suppress(ExecmemError):
+            action()
+
+
+def _as_bytes(data: bytes | bytearray | memoryview) -> bytes:
+    return data if isinstance(data, bytes) else bytes(data)
+
+
+class Backing:
+    """Chooses and creates the shared-memory files of dual mapping.
+
+    Order: ``memfd_create("execmem", MFD_CLOEXEC | MFD_EXEC)`` (without ``MFD_EXEC``
+    on kernels older than 6.3, which reject it with EINVAL), then a file in
+    ``/dev/shm``, then one in the temp dir (``$TMPDIR``), each unlinked right after
+    ``open``.  The first file of each kind is probed with a read+execute mapping,
+    which fails on a ``noexec`` mount (or under ``vm.memfd_noexec``).  The kind is
+    chosen once per backend; ``notes`` says why earlier kinds were passed over.
+
+    With ``hugetlb`` requested (size a multiple of 2 MiB), ``MFD_HUGETLB`` is tried
+    first; ``fallocate`` reserves the huge pages so that a system without any (the
+    usual case) fails cleanly here instead of with SIGBUS later.
+    """
+
+    def __init__(self, sys_: _libc.Syscalls, page_size: int, *, directories: tuple[str, ...] | None = None) -> None:
+        self._sys = sys_
+        self._page = page_size
+        self._lock = threading.Lock()
+        self._memfd_flags = _libc.MFD_CLOEXEC | _libc.MFD_EXEC
+        self.kind: str | None = None
+        self.directory: str | None = None
+        self.notes: list[str] = []
+        self.hugetlb = "not tried"
+        self.hugetlb_files = 0
+        self._candidates: tuple[tuple[str, str | None], ...] = (
+            ("memfd", None),
+            ("shm", "/dev/shm"),
+            ("tmpfile", tempfile.gettempdir()),
+        )
+        if directories is not None:  # tests and embedders may pin the file fallbacks
+            self._candidates = (("memfd", None), *((f"dir:{d}", d) for d in directories))
+
+    def create(self, size: int, *, hugetlb: bool) -> tuple[int, bool]:
+        """A new file of ``size`` bytes: ``(fd, uses_hugetlb)``."""
+        if hugetlb and not self.hugetlb.startswith("unavailable") and self.kind in (None, "memfd"):
+            fd = self._try_hugetlb(size)
+            if fd >= 0:
+                return fd, True
+        with self._lock:
+            if self.kind is None:
+                return self._select(size), False
+            kind, directory = self.kind, self.directory
+        return self._create(kind, directory, size), False
+
+    def _memfd(self, extra: int) -> int:
+        try:
+            return self._sys.memfd_create(b"execmem", self._memfd_flags | extra)
+        except ExecmemError as exc:
+            if _libc.errno_of(exc) != errno.EINVAL or not self._memfd_flags & _libc.MFD_EXEC:
+                raise
+            self._memfd_flags &= ~_libc.MFD_EXEC
+            self.notes.append("memfd_create: MFD_EXEC unknown to this kernel (< 6.3), retried without")
+            return self._sys.memfd_create(b"execmem", self._memfd_flags | extra)
+
+    def _file(self, directory: str) -> int:
+        path = os.path.join(directory, f"execmem-{os.getpid()}-{secrets.token_hex(8)}").encode()
+        flags = _libc.O_RDWR | _libc.O_CREAT | _libc.O_EXCL | _libc.O_CLOEXEC | _libc.O_NOFOLLOW
+        fd = self._sys.open(path, flags, 0o600)
+        try:
+            self._sys.unlink(path)  # nothing outlives the process, nobody else opens it
+        except BaseException:
+            self._sys.close(fd)
+            raise
+        return fd
+
+    def _create(self, kind: str, directory: str | None, size: int) -> int:
+        fd = self._memfd(0) if directory is None else self._file(directory)
+        try:
+            self._sys.ftruncate(fd, size)
+        except BaseException:
+            self._sys.close(fd)
+            raise
+        return fd
+
+    def _probe_exec(self, fd: int, length: int) -> None:
+        view = self._sys.mmap(0, length, RX, MAP_SHARED, fd, 0)
+        self._sys.munmap(view, length)
+
+    def _select(self, size: int) -> int:
+        for kind, directory in self._candidates:
+            if directory is not None and not os.path.isdir(directory):
+                self.notes.append(f"{kind}: {directory} does not exist")
+                continue
+            try:
+                fd = self._create(kind, directory, size)
+            except ExecmemError as exc:
+                if _libc.errno_of(exc) not in _BACKING_FALLBACK:
+                    raise
+                self.notes.append(f"{kind}: {exc}")
+                continue
+            try:
+                self._probe_exec(fd, self._page)
+            except ExecmemError as exc:
+                self._sys.close(fd)
+                if _libc.errno_of(exc) not in _BACKING_FALLBACK:
+                    raise
+                self.notes.append(f"{kind}: cannot be mapped executable (noexec?): {exc}")
+                continue
+            self.kind, self.directory = kind, directory
+            return fd
+        raise SystemCallError(errno.EACCES, "no executable shared memory: " + "; ".join(self.notes))
+
+    def _try_hugetlb(self, size: int) -> int:
+        try:
+            fd = self._memfd(_libc.MFD_HUGETLB)
+        except ExecmemError as exc:
+            self.hugetlb = f"unavailable: {exc}"
+            return -1
+        try:
+            self._sys.ftruncate(fd, size)
+            self._sys.fallocate(fd, 0, 0, size)
+            if self.hugetlb_files == 0:
+                self._probe_exec(fd, size)
+        except ExecmemError as exc:
+            self._sys.close(fd)
+            self.hugetlb = f"unavailable: {exc}"
+            return -1
+        self.hugetlb = "in use"
+        self.hugetlb_files += 1
+        return fd
+
+    def describe(self) -> dict[str, object]:
+        return {
+            "kind": self.kind,
+            "directory": self.directory,
+            "memfd_exec_flag": bool(self._memfd_flags & _libc.MFD_EXEC) if self.kind == "memfd" else None,
+            "hugetlb": self.hugetlb,
+            "notes": list(self.notes),
+        }
+
+
+class Mapper:
+    """Common part of the three modes (see the module docstring)."""
+
+    mode = ""
+
+    def __init__(self, spec: ArchSpec, sys_: _libc.Syscalls, page_size: int, *, huge_pages: bool) -> None:
+        self.spec = spec
+        self._sys = sys_
+        self.page = page_size
+        self.huge_pages = huge_pages
+        self.write_unit = 1
+        self._pattern = b""
+
+    # -- helpers -------------------------------------------------------------------------
+
+    def alignment(self, size: int, align: int) -> int:
+        """The alignment actually used: page at least, the PMD when large pages may fit."""
+        align = max(align, self.page)
+        if self.huge_pages and size >= PMD_SIZE:
+            align = max(align, PMD_SIZE)
+        return align
+
+    def reserve_va(self, size: int, align: int, prot: int, flags: int) -> int:
+        """``size`` bytes at an ``align``-aligned address: over-allocate, trim both ends."""
+        span = size + align - self.page
+        base = self._sys.mmap(0, span, prot, flags)
+        start = round_up(base, align)
+        try:
+            if start > base:
+                self._sys.munmap(base, start - base)
+            tail = base + span - (start + size)
+            if tail:
+                self._sys.munmap(start + size, tail)
+        except BaseException:
+            _undo_all([lambda: self._sys.munmap(base, span)])
+            raise
+        return start
+
+    def fill(self, address: int, size: int) -> None:
+        """Trap-fill ``size`` bytes at a writable ``address``."""
+        chunk = min(size, PMD_SIZE)
+        if len(self._pattern) < chunk:
+            self._pattern = self.spec.trap_bytes(chunk)
+        done = 0
+        while done < size:
+            n = min(chunk, size - done)
+            ctypes.memmove(address + done, self._pattern, n)
+            done += n
+
+    def advise_huge(self, address: int, size: int) -> None:
+        """``MADV_HUGEPAGE`` where it may help; a hint, so refusals are ignored."""
+        if self.huge_pages and size >= PMD_SIZE:
+            try:
+                self._sys.madvise(address, size, MADV_HUGEPAGE)
+            except ExecmemError as exc:
+                if _libc.errno_of(exc) not in (errno.EINVAL, errno.ENOSYS, errno.EPERM):
+                    raise
+
+    # -- the verbs ------------------------------------------------------------------------
+
+    def reserve(self, size: int, align: int) -> Region:
+        raise NotImplementedError
+
+    def map(self, region: Region) -> None:
+        raise NotImplementedError
+
+    def unmap(self, region: Region) -> None:
+        raise NotImplementedError
+
+    def release(self, region: Region, *, forked: bool) -> None:
+        self._sys.munmap(region.address, region.size)
+
+    def write(self, region: Region, offset: int, data: bytes) -> None:
+        ctypes.memmove(region.write_base + offset, data, len(data))
+
+    def store(self, region: Region, offset: int, size: int, action: Callable[[int], object]) -> None:
+        """Run ``action(address)`` with ``address`` the writable alias of ``offset``."""
+        action(region.write_base + offset)
+
+    def begin_inplace(self, region: Region, offset: int, size: int) -> None:
+        pass
+
+    def end_inplace(self, region: Region, offset: int, size: int) -> None:
+        pass
+
+    def owned_ranges(self, region: Region) -> list[Range]:
+        """Every address range this region occupies (for W^X audits)."""
+        return [(region.address, region.size)]
+
+    def describe(self) -> dict[str, object]:
+        """The backing, for ``stats()``."""
+        return {"kind": "anonymous"}
+
+    def close(self) -> None:
+        pass
+
+
+class DualMapper(Mapper):
+    mode = "dual-mapping"
+
+    def __init__(
+        self,
+        spec: ArchSpec,
+        sys_: _libc.Syscalls,
+        page_size: int,
+        *,
+        huge_pages: bool,
+        directories: tuple[str, ...] | None = None,
+    ) -> None:
+        super().__init__(spec, sys_, page_size, huge_pages=huge_pages)
+        self.backing = Backing(sys_, page_size, directories=directories)
+
+    def reserve(self, size: int, align: int) -> Region:
+        s = self._sys
+        undo: list[Callable[[], None]] = []
+        try:
+            address = self.reserve_va(size, align, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE)
+            undo.append(lambda: s.munmap(address, size))
+            wants_hugetlb = self.huge_pages and size % PMD_SIZE == 0
+            fd, hugetlb = self.backing.create(size, hugetlb=wants_hugetlb)
+            undo.append(lambda: s.close(fd))
+            alias = s.mmap(0, size, RW, MAP_SHARED, fd, 0)
+            undo.append(lambda: s.munmap(alias, size))
+            # A forked child must never be able to write the parent's code.
+            s.madvise(alias, size, MADV_DONTFORK)
+            if not hugetlb:
+                self.advise_huge(alias, size)
+            self._populate(alias, fd, size)
+            self.fill(alias, size)
+        except BaseException:
+            _undo_all(undo)
+            raise
+        return Region(address, size, write_base=alias, fd=fd, hugetlb=hugetlb)
+
+    def _populate(self, alias: int, fd: int, size: int) -> None:
+        """Allocate the file's pages now, so a full tmpfs fails here, not with SIGBUS."""
+        try:
+            self._sys.madvise(alias, size, MADV_POPULATE_WRITE)
+            return
+        except ExecmemError as exc:
+            err = _libc.errno_of(exc)
+            if err == errno.EFAULT:  # "a SIGBUS would have been generated"
+                raise OutOfMemoryError(f"shared memory for executable text is full: {exc}") from None
+            if err != errno.EINVAL:  # EINVAL: kernel < 5.14
+                raise
+        try:
+            self._sys.fallocate(fd, 0, 0, size)
+        except ExecmemError as exc:
+            if _libc.errno_of(exc) not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                raise
+
+    def map(self, region: Region) -> None:
+        self._sys.mmap(region.address, region.size, RX, MAP_SHARED | MAP_FIXED, region.fd, 0)
+
+    def unmap(self, region: Region) -> None:
+        self._sys.mmap(region.address, region.size, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED | MAP_NORESERVE)
+
+    def release(self, region: Region, *, forked: bool) -> None:
+        s = self._sys
+        errors: list[ExecmemError] = []
+        actions: list[Callable[[], None]] = [lambda: s.munmap(region.address, region.size)]
+        if not forked:  # a child has no alias (MADV_DONTFORK): that VA may be someone else's
+            actions.append(lambda: s.munmap(region.write_base, region.size))
+        actions.append(lambda: s.close(region.fd))
+        for action in actions:
+            try:
+                action()
+            except ExecmemError as exc:
+                errors.append(exc)
+        if errors:
+            raise errors[0]
+
+    def owned_ranges(self, region: Region) -> list[Range]:
+        return [(region.address, region.size), (region.write_base, region.size)]
+
+    def describe(self) -> dict[str, object]:
+        described = self.backing.describe()
+        if described["kind"] is None and self.backing.hugetlb_files:
+            described["kind"] = "memfd"  # every file so far came from hugetlbfs
+        return described
+
+
+class MprotectMapper(Mapper):
+    mode = "mprotect"
+
+    def __init__(self, spec: ArchSpec, sys_: _libc.Syscalls, page_size: int, *, huge_pages: bool) -> None:
+        super().__init__(spec, sys_, page_size, huge_pages=huge_pages)
+        self.write_unit = page_size
+
+    def reserve(self, size: int, align: int) -> Region:
+        address = self.reserve_va(size, align, RW, MAP_PRIVATE | MAP_ANONYMOUS)
+        try:
+            self.advise_huge(address, size)
+            self.fill(address, size)
+            self._sys.mprotect(address, size, PROT_NONE)
+        except BaseException:
+            _undo_all([lambda: self._sys.munmap(address, size)])
+            raise
+        return Region(address, size, write_base=address)
+
+    def _base_prot(self, region: Region) -> int:
+        return RX if region.mapped else PROT_NONE
+
+    def _protect(self, region: Region, pages: list[int], prot: int) -> None:
+        for first, count in _runs(pages):
+            self._sys.mprotect(region.address + first * self.page, count * self.page, prot)
+
+    def _pages(self, offset: int, size: int) -> list[int]:
+        return list(range(offset // self.page, (offset + max(size, 1) - 1) // self.page + 1))
+
+    def _set_all(self, region: Region, prot: int) -> None:
+        """Whole region to ``prot``, except pages held read+write by ``begin_inplace``."""
+        held = {p for p, n in region.inplace.items() if n > 0}
+        if not held:
+            self._sys.mprotect(region.address, region.size, prot)
+        else:
+            self._protect(region, [p for p in range(region.size // self.page) if p not in held], prot)
+        region.rw_pages = held
+
+    def map(self, region: Region) -> None:
+        with region.lock:
+            self._set_all(region, RX)
+            region.mapped = True
+
+    def unmap(self, region: Region) -> None:
+        with region.lock:
+            self._set_all(region, PROT_NONE)
+            region.mapped = False
+
+    def _writable(self, region: Region, offset: int, size: int, action: Callable[[], object]) -> None:
+        with region.lock:
+            if not region.mapped:
+                # Nothing can execute an unmapped reservation: make all of it read+write
+                # once (one call, and a large page is not split) until map/unmap.
+                if len(region.rw_pages) * self.page < region.size:
+                    self._sys.mprotect(region.address, region.size, RW)
+                    region.rw_pages = set(range(region.size // self.page))
+                action()
+                return
+            need = [p for p in self._pages(offset, size) if p not in region.rw_pages]
+            self._protect(region, need, RW)
+            try:
+                action()
+            finally:
+                self._protect(region, need, RX)
+
+    def write(self, region: Region, offset: int, data: bytes) -> None:
+        self._writable(region, offset, len(data), lambda: Mapper.write(self, region, offset, data))
+
+    def store(self, region: Region, offset: int, size: int, action: Callable[[int], object]) -> None:
+        self._writable(region, offset, size, lambda: action(region.address + offset))
+
+    def begin_inplace(self, region: Region, offset: int, size: int) -> None:
+        with region.lock:
+            pages = self._pages(offset, size)
+            need = [p for p in pages if p not in region.rw_pages]
+            self._protect(region, need, RW)
+            region.rw_pages.update(need)
+            region.inplace.update(pages)
+
+    def end_inplace(self, region: Region, offset: int, size: int) -> None:
+        with region.lock:
+            done = []
+            for page in self._pages(offset, size):
+                if region.inplace[page] > 0:
+                    region.inplace[page] -= 1
+                    if region.inplace[page] == 0:
+                        del region.inplace[page]
+                        done.append(page)
+            self._protect(region, done, self._base_prot(region))
+            region.rw_pages.difference_update(done)
+
+
+class RwxMapper(Mapper):
+    mode = "rwx"
+
+    def reserve(self, size: int, align: int) -> Region:
+        address = self.reserve_va(size, align, RW, MAP_PRIVATE | MAP_ANONYMOUS)
+        try:
+            self.advise_huge(address, size)
+            self.fill(address, size)
+        except BaseException:
+            _undo_all([lambda: self._sys.munmap(address, size)])
+            raise
+        return Region(address, size, write_base=address)
+
+    def map(self, region: Region) -> None:
+        self._sys.mprotect(region.address, region.size, RW | PROT_EXEC)
+
+    def unmap(self, region: Region) -> None:
+        self._sys.mprotect(region.address, region.size, RW)
+
+
+#: Constructor by mode name (the names ``NativeBackend(mode=...)`` accepts).
+MAPPERS: dict[str, type[Mapper]] = {
+    "dual": DualMapper,
+    "dual-mapping": DualMapper,
+    "mprotect": MprotectMapper,
+    "rwx": RwxMapper,
+}
+
+__all__ = [
+    "MAPPERS",
+    "PMD_SIZE",
+    "Backing",
+    "DualMapper",
+    "Mapper",
+    "MprotectMapper",
+    "Region",
+    "RwxMapper",
+    "round_up",
+]

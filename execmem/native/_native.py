@@ -1,0 +1,307 @@
+"""``NativeBackend``: the Backend contract over real memory of this process.
+
+Documentation of the behaviour lives in the package docstring (``execmem.native``);
+the modes in ``_mapping``, the host synchronization in ``_sync``.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import sys
+import threading
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+
+from execmem._backend import Range, Reservation
+from execmem._errors import (
+    AlignmentError,
+    BadStateError,
+    ExecmemError,
+    ForkedProcessError,
+    OutOfBoundsError,
+    UnsupportedError,
+)
+from execmem.arch import ArchSpec, get, host
+from execmem.native import _libc, _procmaps
+from execmem.native._mapping import MAPPERS, DualMapper, Mapper, Region
+from execmem.native._routines import host_routines
+from execmem.native._sync import ProbeResult, Synchronizer, probe_membarrier
+
+_fork_generation = 0
+
+
+def _after_fork_in_child() -> None:
+    global _fork_generation
+    _fork_generation += 1
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+class NativeBackend:
+    """Executable memory in this process; see ``execmem.native``.
+
+    ``mode``: ``"dual"`` (default, W^X by two views of shared memory), ``"mprotect"``
+    (W^X by toggling page protections) or ``"rwx"`` (writable and executable at once;
+    only when asked for by name).  ``arch`` must be the host's (``None``).
+    ``huge_pages`` aligns reservations of 2 MiB or more to 2 MiB and asks for large
+    pages (``MFD_HUGETLB``, else ``MADV_HUGEPAGE``); :meth:`stats` says what the kernel
+    actually gave.  ``directories`` pins the file fallbacks of dual mapping (tests);
+    ``probe`` replaces the once-per-process membarrier probe (tests).
+    """
+
+    def __init__(
+        self,
+        mode: str = "dual",
+        arch: str | None = None,
+        *,
+        huge_pages: bool = True,
+        directories: Sequence[str] | None = None,
+        probe: Callable[[], ProbeResult] | None = None,
+    ) -> None:
+        key = mode.strip().lower() if isinstance(mode, str) else mode
+        if key not in MAPPERS:
+            raise UnsupportedError(f"unknown native mode {mode!r}; choose dual, mprotect or rwx")
+        spec = host() if arch is None else get(arch)
+        if spec is not host():
+            raise UnsupportedError(
+                f"the native backend runs {host().name} code only, not {spec.name}; "
+                "use execmem.emu.Machine for other architectures"
+            )
+        self.arch: ArchSpec = spec
+        self.page_size = mmap.PAGESIZE
+        self._sys = _libc.Syscalls()
+        mapper: Mapper
+        if MAPPERS[key] is DualMapper:
+            dirs = None if directories is None else tuple(directories)
+            mapper = DualMapper(spec, self._sys, self.page_size, huge_pages=huge_pages, directories=dirs)
+        else:
+            mapper = MAPPERS[key](spec, self._sys, self.page_size, huge_pages=huge_pages)
+        self._mapper = mapper
+        self.mode: str = mapper.mode
+        self.write_unit: int = mapper.write_unit
+        self._probe = probe if probe is not None else probe_membarrier
+        self._sync: Synchronizer | None = None
+        self._lock = threading.Lock()
+        self._regions: dict[int, Region] = {}  # by address
+        self._steps: Counter[str] = Counter()
+        self._generation = _fork_generation
+        self._closed = False
+        self._peak_reserved = 0
+
+    # -- properties ------------------------------------------------------------------------
+
+    @property
+    def cache_features(self) -> frozenset[str]:
+        return self._synchronizer().features
+
+    @property
+    def forked(self) -> bool:
+        """True in a child forked after this backend was created (it may only close)."""
+        return self._generation != _fork_generation
+
+    @property
+    def concurrent_patch_safe(self) -> bool:
+        """Whether ``atomic_store`` is safe while other threads execute the same page
+        (not in mprotect mode, where the page is briefly not executable)."""
+        return self.write_unit == 1
+
+    # -- helpers ---------------------------------------------------------------------------
+
+    def _synchronizer(self) -> Synchronizer:
+        if self._sync is None:
+            with self._lock:
+                if self._sync is None:
+                    self._sync = Synchronizer(
+                        self.arch, self._sys, host_routines(), page_size=self.page_size, probe=self._probe
+                    )
+        return self._sync
+
+    def _usable(self) -> None:
+        if self._closed:
+            raise BadStateError("the native backend is closed")
+        if self.forked:
+            raise ForkedProcessError(
+                "this native backend belongs to the parent process; a forked child keeps the "
+                "read+execute views of the parent's texts but cannot write or map them"
+            )
+
+    def _region(self, reservation: Reservation) -> Region:
+        self._usable()
+        region = reservation.token
+        if not isinstance(region, Region) or self._regions.get(region.address) is not region:
+            raise BadStateError(f"reservation at {reservation.address:#x} is not live in this backend")
+        return region
+
+    @staticmethod
+    def _bounds(reservation: Reservation, offset: int, size: int) -> None:
+        if offset < 0 or size < 0 or offset + size > reservation.size:
+            raise OutOfBoundsError(
+                f"[{offset:#x}, {offset + size:#x}) is outside the reservation of {reservation.size:#x} bytes"
+            )
+
+    # -- the Backend contract --------------------------------------------------------------
+
+    def reserve(self, size: int, align: int) -> Reservation:
+        self._usable()
+        if size <= 0:
+            raise AlignmentError(f"reservation size must be positive, not {size}")
+        if align <= 0 or align & (align - 1):
+            raise AlignmentError(f"alignment must be a power of two, not {align}")
+        size = -(-size // self.page_size) * self.page_size
+        region = self._mapper.reserve(size, self._mapper.alignment(size, align))
+        with self._lock:
+            self._regions[region.address] = region
+            self._peak_reserved = max(self._peak_reserved, sum(r.size for r in self._regions.values()))
+        return Reservation(region.address, size, mapped=False, token=region)
+
+    def map(self, reservation: Reservation) -> None:
+        region = self._region(reservation)
+        if region.mapped:
+            raise BadStateError(f"reservation at {reservation.address:#x} is already mapped")
+        self._mapper.map(region)
+        region.mapped = reservation.mapped = True
+
+    def unmap(self, reservation: Reservation) -> None:
+        region = self._region(reservation)
+        if not region.mapped:
+            raise BadStateError(f"reservation at {reservation.address:#x} is not mapped")
+        self._mapper.unmap(region)
+        region.mapped = reservation.mapped = False
+
+    def release(self, reservation: Reservation) -> None:
+        if self._closed:
+            raise BadStateError("the native backend is closed")
+        region = reservation.token
+        if not isinstance(region, Region) or self._regions.get(region.address) is not region:
+            raise BadStateError(f"reservation at {reservation.address:#x} is not live in this backend")
+        with self._lock:
+            del self._regions[region.address]
+        region.released, region.mapped, reservation.mapped = True, False, False
+        self._mapper.release(region, forked=self.forked)
+
+    def write(self, reservation: Reservation, offset: int, data: bytes) -> None:
+        region = self._region(reservation)
+        payload = data if isinstance(data, bytes) else bytes(data)
+        self._bounds(reservation, offset, len(payload))
+        if payload:
+            self._mapper.write(region, offset, payload)
+
+    def atomic_store(self, reservation: Reservation, offset: int, data: bytes) -> None:
+        region = self._region(reservation)
+        size = len(data)
+        if size not in (1, 2, 4, 8):
+            raise AlignmentError(f"an atomic store is 1, 2, 4 or 8 bytes, not {size}")
+        if (reservation.address + offset) % size:
+            raise AlignmentError(f"an atomic store of {size} bytes needs a {size}-byte aligned offset, not {offset:#x}")
+        self._bounds(reservation, offset, size)
+        routine = host_routines()[f"store{size}"]
+        value = int.from_bytes(bytes(data), sys.byteorder)
+        self._mapper.store(region, offset, size, lambda address: routine(address, value))
+
+    def begin_inplace(self, reservation: Reservation, offset: int, size: int) -> None:
+        region = self._region(reservation)
+        self._bounds(reservation, offset, size)
+        self._mapper.begin_inplace(region, offset, size)
+
+    def end_inplace(self, reservation: Reservation, offset: int, size: int) -> None:
+        region = self._region(reservation)
+        self._bounds(reservation, offset, size)
+        self._mapper.end_inplace(region, offset, size)
+
+    def run_step(self, step: str, ranges: Sequence[Range]) -> None:
+        if self._closed:
+            raise BadStateError("the native backend is closed")
+        self._synchronizer().run(step, ranges)
+        self._steps[step] += 1
+
+    # -- reporting -------------------------------------------------------------------------
+
+    def owned_ranges(self) -> list[Range]:
+        """Every range this backend maps (views, aliases, reservations) - for W^X audits."""
+        with self._lock:
+            regions = list(self._regions.values())
+        return [r for region in regions for r in self._mapper.owned_ranges(region)]
+
+    def executable_ranges(self) -> list[Range]:
+        with self._lock:
+            return [(r.address, r.size) for r in self._regions.values() if r.mapped]
+
+    def stats(self) -> Mapping[str, object]:
+        """What this backend obtained and did; huge pages as the kernel reports them."""
+        with self._lock:
+            regions = list(self._regions.values())
+        executable = [(r.address, r.size) for r in regions if r.mapped]
+        huge: dict[str, object] = {
+            "requested": self._mapper.huge_pages,
+            "executable_bytes": sum(size for _, size in executable),
+            "source": "/proc/self/smaps",
+        }
+        try:
+            totals = _procmaps.smaps_totals(executable)
+            huge["obtained_bytes"] = _procmaps.huge_bytes(totals)
+            huge["by_field"] = {name: totals.get(name, 0) for name in _procmaps.HUGE_FIELDS if totals.get(name)}
+        except OSError as exc:
+            huge["obtained_bytes"] = None
+            huge["error"] = str(exc)
+        backing = self._mapper.describe()
+        if "hugetlb" in backing:
+            huge["hugetlb"] = backing["hugetlb"]
+        sync = self._sync.describe() if self._sync is not None else {"remote_cse": None}
+        syscalls = dict(self._sys.tally)
+        return {
+            "mode": self.mode,
+            "arch": self.arch.name,
+            "page_size": self.page_size,
+            "write_unit": self.write_unit,
+            "backing": backing["kind"],
+            "backing_detail": backing,
+            "huge_pages": huge,
+            "sync": sync,
+            "steps": dict(self._steps),
+            "syscalls": syscalls,
+            "syscalls_total": sum(syscalls.values()),
+            "reservations": len(regions),
+            "bytes_reserved": sum(r.size for r in regions),
+            "bytes_mapped": sum(size for _, size in executable),
+            "peak_bytes_reserved": self._peak_reserved,
+            "forked": self.forked,
+            "closed": self._closed,
+        }
+
+    def close(self) -> None:
+        """Release every reservation and helper (idempotent; allowed in a forked child)."""
+        if self._closed:
+            return
+        self._closed = True
+        with self._lock:
+            regions = list(self._regions.values())
+            self._regions.clear()
+        first: ExecmemError | None = None
+        for region in regions:
+            region.released = True
+            try:
+                self._mapper.release(region, forked=self.forked)
+            except ExecmemError as exc:
+                first = first or exc
+        if self._sync is not None and not self.forked:
+            try:
+                self._sync.close()
+            except ExecmemError as exc:
+                first = first or exc
+        if first is not None:
+            raise first
+
+    def __enter__(self) -> NativeBackend:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else f"{len(self._regions)} reservations"
+        return f"NativeBackend(mode={self.mode!r}, arch={self.arch.name!r}, {state})"
+
+
+__all__ = ["NativeBackend"]

@@ -1,0 +1,548 @@
+"""Cache maintenance and cross-thread serialization on the host CPU.
+
+The recipes (``ArchSpec.publish`` etc.) name *what* must happen; this module is the
+only place that knows *how* on each host, in the manner of wasmtime's
+``jit-icache-coherence``: one builder function per architecture, chosen once from
+:data:`HOSTS` by ``spec.name`` and bound into a :class:`Synchronizer`, so nothing
+else ever branches on an architecture.
+
+* **x86-64** - instruction fetch is coherent with stores, so ``clean_dcache``,
+  ``barrier`` and ``invalidate_icache`` are no-ops; ``local_cse`` runs CPUID
+  (serializing, SDM Vol. 3 9.1.3); ``remote_cse`` is
+  ``membarrier(PRIVATE_EXPEDITED_SYNC_CORE)``.
+* **arm64** - line sizes and IDC/DIC come from CTR_EL0 (read by a routine, decoded by
+  the pure :func:`decode_ctr_el0`); ``DC CVAU``/``IC IVAU`` loops, ``DSB ISH`` and
+  ``ISB`` are routines; ``remote_cse`` is membarrier SYNC_CORE.
+* **riscv64** - ``fence rw,rw`` and ``fence.i`` routines; ``remote_cse`` is the
+  ``riscv_flush_icache`` system call with flags 0 (every thread of the process).
+
+``remote_cse`` mechanisms are tried in the architecture's order (:class:`RemoteCse`)
+and the one in use is reported.  Because some seccomp profiles kill a process with
+SIGSYS the first time it calls membarrier, membarrier is first exercised once per
+process in a child process (:func:`probe_membarrier`); only if the child survives does
+this process touch it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import subprocess
+import sys
+import threading
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from execmem._backend import Range
+from execmem._errors import ExecmemError, SystemCallError, UnsupportedError
+from execmem.arch import ArchSpec
+from execmem.native import _libc
+from execmem.native._routines import HostRoutines
+
+# --- CTR_EL0 (pure) ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CacheType:
+    """Decoded arm64 CTR_EL0 (Arm ARM D19.2 "CTR_EL0, Cache Type Register")."""
+
+    raw: int
+    #: Smallest instruction / data cache line in bytes (4 << IminLine / DminLine).
+    icache_line: int
+    dcache_line: int
+    #: L1 instruction cache policy: 0 VPIPT, 1 AIVIVT, 2 VIPT, 3 PIPT.
+    l1ip: int
+    #: IDC=1: data cache clean to PoU not required for instruction-to-data coherence.
+    idc: bool
+    #: DIC=1: instruction cache invalidation to PoU not required.
+    dic: bool
+
+    @property
+    def features(self) -> frozenset[str]:
+        return frozenset(name for name, on in (("idc", self.idc), ("dic", self.dic)) if on)
+
+
+def decode_ctr_el0(value: int) -> CacheType:
+    """Decode a CTR_EL0 value: IminLine [3:0], L1Ip [15:14], DminLine [19:16], IDC [28], DIC [29]."""
+    if not 0 <= value < 1 << 64:
+        raise ValueError(f"CTR_EL0 value out of range: {value:#x}")
+    return CacheType(
+        raw=value,
+        icache_line=4 << (value & 0xF),
+        dcache_line=4 << ((value >> 16) & 0xF),
+        l1ip=(value >> 14) & 0x3,
+        idc=bool(value >> 28 & 1),
+        dic=bool(value >> 29 & 1),
+    )
+
+
+# --- membarrier probe (once per process, in a child) ------------------------------------
+
+_PROBE_SCRIPT = """
+import ctypes, sys
+libc = ctypes.CDLL(None, use_errno=True)
+libc.syscall.restype = ctypes.c_long
+nr = ctypes.c_long(int(sys.argv[1]))
+L = ctypes.c_long
+mask = libc.syscall(nr, L(0), L(0), L(0))
+if mask < 0:
+    print("query-failed", ctypes.get_errno())
+    sys.exit(0)
+for register, command in ((64, 32), (16, 8)):
+    if mask & command:
+        libc.syscall(nr, L(register), L(0), L(0))
+        libc.syscall(nr, L(command), L(0), L(0))
+print("ok", mask)
+"""
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    """Whether this process may call membarrier without being killed."""
+
+    safe: bool
+    detail: str
+
+
+def probe_command() -> list[str]:
+    """The child command of the membarrier probe (isolated, no site: fast start)."""
+    number = _libc.syscall_number("membarrier")
+    return [sys.executable, "-I", "-S", "-c", _PROBE_SCRIPT, str(number)]
+
+
+def run_probe(command: Sequence[str], timeout: float = 20.0) -> ProbeResult:
+    """Run a probe child; it is safe unless the child died from a signal (SIGSYS...)."""
+    try:
+        done = subprocess.run(list(command), capture_output=True, text=True, timeout=timeout, check=False)
+    except (OSError, subprocess.SubprocessError) as exc:
+        return ProbeResult(False, f"probe child could not run: {exc}")
+    if done.returncode < 0:
+        import signal
+
+        try:
+            name = signal.Signals(-done.returncode).name
+        except ValueError:
+            name = f"signal {-done.returncode}"
+        return ProbeResult(False, f"probe child killed by {name} (seccomp?)")
+    if done.returncode != 0:
+        return ProbeResult(False, f"probe child failed with exit code {done.returncode}")
+    return ProbeResult(True, done.stdout.strip() or "ok")
+
+
+_probe_result: ProbeResult | None = None
+_probe_lock = threading.Lock()
+
+
+def probe_membarrier() -> ProbeResult:
+    """:func:`run_probe` of :func:`probe_command`, once per process (cached)."""
+    global _probe_result
+    with _probe_lock:
+        if _probe_result is None:
+            try:
+                _probe_result = run_probe(probe_command())
+            except UnsupportedError as exc:
+                _probe_result = ProbeResult(False, str(exc))
+        return _probe_result
+
+
+# --- remote context synchronization -----------------------------------------------------
+
+
+class _Unavailable(Exception):
+    """A mechanism cannot be used here (reason in the message)."""
+
+
+#: errnos after which a mechanism is abandoned for the next one.
+_FALLBACK_ERRNOS = frozenset({errno.EINVAL, errno.ENOSYS, errno.EPERM, errno.EACCES})
+
+
+class _Membarrier:
+    """A membarrier command that needs its registration first (EPERM otherwise)."""
+
+    def __init__(self, name: str, command: int, register: int | None, sys_: _libc.Syscalls, notes: list[str]) -> None:
+        self.name, self.command, self.register = name, command, register
+        self._sys, self._notes = sys_, notes
+
+    def prepare(self, mask: int) -> None:
+        if not mask & self.command:
+            raise _Unavailable(f"{self.name}: not offered by membarrier(QUERY) = {mask:#x}")
+        if self.register is not None:
+            self._sys.membarrier(self.register)
+
+    def run(self, ranges: Sequence[Range]) -> None:
+        try:
+            self._sys.membarrier(self.command)
+        except ExecmemError as exc:
+            if _libc.errno_of(exc) != errno.EPERM or self.register is None:
+                raise
+            # Not registered (e.g. in a forked child, or registration lost): register
+            # and retry once, as wasmtime's pipeline_flush_mt does.
+            self._notes.append(f"{self.name}: EPERM, registered and retried")
+            self._sys.membarrier(self.register)
+            self._sys.membarrier(self.command)
+
+    def close(self) -> None:
+        pass
+
+
+class _MprotectIpi:
+    """Downgrading a present, dirty PTE makes the kernel shoot down the TLB of every CPU
+    running this process with an IPI; on x86 the IPI returns with IRET, which is
+    serializing.  Best effort: kernels using broadcast invalidation (AMD INVLPGB) send
+    no IPI, and threads not running at the time are not interrupted."""
+
+    name = "mprotect-ipi"
+
+    def __init__(self, sys_: _libc.Syscalls, page_size: int) -> None:
+        self._sys, self._size = sys_, page_size
+        self._page = 0
+
+    def prepare(self, mask: int) -> None:
+        self._page = self._sys.mmap(
+            0, self._size, _libc.PROT_READ | _libc.PROT_WRITE, _libc.MAP_PRIVATE | _libc.MAP_ANONYMOUS
+        )
+
+    def run(self, ranges: Sequence[Range]) -> None:
+        ctypes.memset(self._page, 1, 1)  # present and dirty: the downgrade needs a flush
+        self._sys.mprotect(self._page, self._size, _libc.PROT_READ)
+        self._sys.mprotect(self._page, self._size, _libc.PROT_READ | _libc.PROT_WRITE)
+
+    def close(self) -> None:
+        if self._page:
+            page, self._page = self._page, 0
+            self._sys.munmap(page, self._size)
+
+
+class _RiscvFlushIcache:
+    name = "riscv_flush_icache"
+
+    def __init__(self, sys_: _libc.Syscalls) -> None:
+        self._sys = sys_
+
+    def prepare(self, mask: int) -> None:
+        pass
+
+    def run(self, ranges: Sequence[Range]) -> None:
+        start = min((s for s, _ in ranges), default=0)
+        end = max((s + n for s, n in ranges), default=0)
+        self._sys.riscv_flush_icache(start, end, 0)  # flags 0: every thread of the process
+
+    def close(self) -> None:
+        pass
+
+
+_Mechanism = _Membarrier | _MprotectIpi | _RiscvFlushIcache
+
+
+class RemoteCse:
+    """``remote_cse`` with fallbacks; selects lazily (on first use) and reports.
+
+    ``candidates`` is the architecture's order of preference, from
+    ``membarrier-sync-core``, ``membarrier-private-expedited``, ``mprotect-ipi``,
+    ``membarrier-global`` and ``riscv_flush_icache``.
+    """
+
+    def __init__(
+        self,
+        sys_: _libc.Syscalls,
+        candidates: Sequence[str],
+        *,
+        page_size: int,
+        probe: Callable[[], ProbeResult] = probe_membarrier,
+    ) -> None:
+        self._sys = sys_
+        self._candidates = tuple(candidates)
+        self._page_size = page_size
+        self._probe = probe
+        self._lock = threading.Lock()
+        self._current: _Mechanism | None = None
+        self._index = 0
+        self.notes: list[str] = []
+        self.runs: Counter[str] = Counter()
+
+    @property
+    def mechanism(self) -> str | None:
+        """The mechanism in use, or None before the first ``remote_cse``."""
+        return self._current.name if self._current is not None else None
+
+    def _make(self, name: str) -> _Mechanism:
+        s, n = self._sys, self.notes
+        table: dict[str, Callable[[], _Mechanism]] = {
+            "membarrier-sync-core": lambda: _Membarrier(
+                name,
+                _libc.MEMBARRIER_CMD_PRIVATE_EXPEDITED_SYNC_CORE,
+                _libc.MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED_SYNC_CORE,
+                s,
+                n,
+            ),
+            "membarrier-private-expedited": lambda: _Membarrier(
+                name, _libc.MEMBARRIER_CMD_PRIVATE_EXPEDITED, _libc.MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED, s, n
+            ),
+            "membarrier-global": lambda: _Membarrier(name, _libc.MEMBARRIER_CMD_GLOBAL, None, s, n),
+            "mprotect-ipi": lambda: _MprotectIpi(s, self._page_size),
+            "riscv_flush_icache": lambda: _RiscvFlushIcache(s),
+        }
+        return table[name]()
+
+    def _select(self) -> _Mechanism:
+        """The next usable candidate from ``self._index`` on (lock held)."""
+        mask: int | None = None
+        while self._index < len(self._candidates):
+            name = self._candidates[self._index]
+            self._index += 1
+            mechanism = self._make(name)
+            try:
+                if isinstance(mechanism, _Membarrier):
+                    if mask is None:
+                        mask = self._query()
+                    if mask < 0:
+                        raise _Unavailable(f"{name}: membarrier unusable")
+                mechanism.prepare(mask or 0)
+            except _Unavailable as exc:
+                self.notes.append(str(exc))
+                continue
+            except ExecmemError as exc:
+                if _libc.errno_of(exc) not in _FALLBACK_ERRNOS:
+                    raise
+                self.notes.append(f"{name}: {exc}")
+                continue
+            self._current = mechanism
+            return mechanism
+        raise SystemCallError(
+            errno.ENOSYS,
+            "no way to make other threads take a context synchronization event: " + "; ".join(self.notes),
+        )
+
+    def _query(self) -> int:
+        """membarrier(QUERY), after the child probe says the call will not kill us; -1 if unusable."""
+        verdict = self._probe()
+        if not verdict.safe:
+            self.notes.append(f"membarrier not used: {verdict.detail}")
+            return -1
+        try:
+            return self._sys.membarrier(_libc.MEMBARRIER_CMD_QUERY)
+        except ExecmemError as exc:
+            self.notes.append(f"membarrier(QUERY): {exc}")
+            return -1
+
+    def run(self, ranges: Sequence[Range]) -> None:
+        with self._lock:
+            mechanism = self._current if self._current is not None else self._select()
+        while True:
+            try:
+                mechanism.run(ranges)
+            except ExecmemError as exc:
+                if _libc.errno_of(exc) not in _FALLBACK_ERRNOS:
+                    raise
+                with self._lock:
+                    if self._current is mechanism:
+                        self.notes.append(f"{mechanism.name} failed ({exc}); falling back")
+                        mechanism.close()
+                        self._current = None
+                        mechanism = self._select()
+                    elif self._current is not None:
+                        mechanism = self._current  # another thread already fell back
+                    else:
+                        mechanism = self._select()
+                continue
+            self.runs[mechanism.name] += 1
+            return
+
+    def close(self) -> None:
+        with self._lock:
+            if self._current is not None:
+                self._current.close()
+
+
+# --- per-host builders ------------------------------------------------------------------
+
+
+def _noop(ranges: Sequence[Range]) -> None:
+    pass
+
+
+def _plain(fn: Callable[..., object]) -> Callable[[Sequence[Range]], None]:
+    def step(ranges: Sequence[Range]) -> None:
+        fn()
+
+    return step
+
+
+def _per_line(fn: Callable[..., object], line: int) -> Callable[[Sequence[Range]], None]:
+    def step(ranges: Sequence[Range]) -> None:
+        for start, size in ranges:
+            if size > 0:
+                fn(start, start + size, line)
+
+    return step
+
+
+@dataclass
+class HostSync:
+    """What one host does for each step (filled by a builder from :data:`HOSTS`)."""
+
+    steps: dict[str, Callable[[Sequence[Range]], None]]
+    how: dict[str, str]
+    remote: RemoteCse
+    features: frozenset[str] = frozenset()
+    lines: tuple[int, int] = (64, 64)
+    cache_type: CacheType | None = None
+    extra: dict[str, object] = field(default_factory=dict)
+
+
+Builder = Callable[[ArchSpec, _libc.Syscalls, HostRoutines, int, Callable[[], ProbeResult]], HostSync]
+
+_COHERENT = "no-op: instruction fetch is coherent with data stores"
+
+
+def _x86_64(
+    spec: ArchSpec, sys_: _libc.Syscalls, routines: HostRoutines, page: int, probe: Callable[[], ProbeResult]
+) -> HostSync:
+    return HostSync(
+        steps={
+            "clean_dcache": _noop,
+            "barrier": _noop,
+            "invalidate_icache": _noop,
+            "local_cse": _plain(routines["local_cse"]),
+        },
+        how={
+            "clean_dcache": _COHERENT,
+            "barrier": _COHERENT,
+            "invalidate_icache": _COHERENT,
+            "local_cse": "cpuid (serializing)",
+        },
+        # PRIVATE_EXPEDITED's IPIs return with IRET (serializing on x86); the
+        # mprotect-induced shootdown IPI likewise; GLOBAL waits for every CPU to pass
+        # through the scheduler.
+        remote=RemoteCse(
+            sys_,
+            ("membarrier-sync-core", "membarrier-private-expedited", "mprotect-ipi", "membarrier-global"),
+            page_size=page,
+            probe=probe,
+        ),
+        lines=spec.cache_lines,
+    )
+
+
+def _arm64(
+    spec: ArchSpec, sys_: _libc.Syscalls, routines: HostRoutines, page: int, probe: Callable[[], ProbeResult]
+) -> HostSync:
+    cache = decode_ctr_el0(int(routines["read_cache_type"]()))  # type: ignore[call-overload]
+    return HostSync(
+        steps={
+            "clean_dcache": _per_line(routines["clean_dcache"], cache.dcache_line),
+            "barrier": _plain(routines["barrier"]),
+            "invalidate_icache": _per_line(routines["invalidate_icache"], cache.icache_line),
+            "local_cse": _plain(routines["local_cse"]),
+        },
+        how={
+            "clean_dcache": f"dc cvau every {cache.dcache_line} B",
+            "barrier": "dsb ish",
+            "invalidate_icache": f"ic ivau every {cache.icache_line} B",
+            "local_cse": "isb",
+        },
+        # An IPI returns with ERET, a context-synchronization event; broadcast TLBI
+        # sends no IPI, so mprotect is no fallback here (seeds/000).
+        remote=RemoteCse(
+            sys_,
+            ("membarrier-sync-core", "membarrier-private-expedited", "membarrier-global"),
+            page_size=page,
+            probe=probe,
+        ),
+        features=cache.features,
+        lines=(cache.dcache_line, cache.icache_line),
+        cache_type=cache,
+    )
+
+
+def _riscv64(
+    spec: ArchSpec, sys_: _libc.Syscalls, routines: HostRoutines, page: int, probe: Callable[[], ProbeResult]
+) -> HostSync:
+    return HostSync(
+        steps={
+            "clean_dcache": _noop,
+            "barrier": _plain(routines["barrier"]),
+            "invalidate_icache": _noop,
+            "local_cse": _plain(routines["local_cse"]),
+        },
+        how={
+            "clean_dcache": "no-op (Zifencei has no cache maintenance by address)",
+            "barrier": "fence rw,rw",
+            "invalidate_icache": "no-op (fence.i covers it)",
+            "local_cse": "fence.i",
+        },
+        remote=RemoteCse(sys_, ("riscv_flush_icache",), page_size=page, probe=probe),
+        lines=spec.cache_lines,
+    )
+
+
+#: One builder per host architecture, keyed by ``ArchSpec.name``.
+HOSTS: dict[str, Builder] = {"x86_64": _x86_64, "arm64": _arm64, "riscv64": _riscv64}
+
+
+class Synchronizer:
+    """Runs recipe steps on the host; see the module docstring."""
+
+    def __init__(
+        self,
+        spec: ArchSpec,
+        sys_: _libc.Syscalls,
+        routines: HostRoutines,
+        *,
+        page_size: int,
+        probe: Callable[[], ProbeResult] = probe_membarrier,
+    ) -> None:
+        try:
+            builder = HOSTS[spec.name]
+        except KeyError:
+            raise UnsupportedError(f"no native synchronization for {spec.name}") from None
+        self._host = builder(spec, sys_, routines, page_size, probe)
+        self.features = self._host.features
+        self.lines = self._host.lines
+
+    @property
+    def remote(self) -> RemoteCse:
+        return self._host.remote
+
+    def run(self, step: str, ranges: Sequence[Range]) -> None:
+        if step == "remote_cse":
+            self._host.remote.run(ranges)
+            return
+        try:
+            action = self._host.steps[step]
+        except KeyError:
+            raise UnsupportedError(f"run_step cannot execute {step!r} (write/map/atomic_store have their own verbs)") from None
+        action(ranges)
+
+    def describe(self) -> dict[str, object]:
+        remote = self._host.remote
+        how: dict[str, object] = dict(self._host.how)
+        how["remote_cse"] = remote.mechanism or "not selected yet (chosen on first use)"
+        described: dict[str, object] = {
+            "how": how,
+            "remote_cse": remote.mechanism,
+            "remote_cse_runs": dict(remote.runs),
+            "notes": list(remote.notes),
+            "cache_lines": {"data": self.lines[0], "instruction": self.lines[1]},
+            "cache_features": sorted(self.features),
+        }
+        if self._host.cache_type is not None:
+            described["ctr_el0"] = f"{self._host.cache_type.raw:#x}"
+        return described
+
+    def close(self) -> None:
+        self._host.remote.close()
+
+
+__all__ = [
+    "HOSTS",
+    "CacheType",
+    "ProbeResult",
+    "RemoteCse",
+    "Synchronizer",
+    "decode_ctr_el0",
+    "probe_command",
+    "probe_membarrier",
+    "run_probe",
+]
