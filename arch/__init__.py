@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import importlib
 import platform
-from types import ModuleType
 from dataclasses import dataclass, field, replace
+from types import ModuleType
 
 from execmem._errors import UnsupportedError
 
@@ -237,7 +237,7 @@ def _load(module_name: str) -> ArchSpec:
 def _validate(spec: ArchSpec) -> None:
     """The core relies on these properties; check them once at load time."""
     problems: list[str] = []
-    if not spec.trap_fill or spec.insn_align % len(spec.trap_fill) and len(spec.trap_fill) % spec.insn_align:
+    if not spec.trap_fill or (spec.insn_align % len(spec.trap_fill) and len(spec.trap_fill) % spec.insn_align):
         problems.append("trap_fill length must divide or be divided by insn_align")
     if spec.insn_align & (spec.insn_align - 1):
         problems.append("insn_align must be a power of two")

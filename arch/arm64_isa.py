@@ -212,6 +212,10 @@ def decode(word: int) -> Decoded:
                            addr_regs=addr, data_regs=before_mem, release=release)
         raise ModelError(f"{text!r}: memory instruction not modelled")
 
+    if m.startswith(("ld", "st", "prfm")):
+        # PC-relative literal loads (no memory operand in Capstone's view).
+        return Decoded(m, text, "load", writes=_real(regs))
+
     # Data processing: first register operand is the destination.
     if m in _COMPARES:
         reads = _real(regs)

@@ -37,7 +37,7 @@ from execmem.emu._kernel import RETURN_MAGIC, HostAction
 from execmem.emu._semantics import HOST, Model, ModelConfig, Step
 from execmem.emu._state import MachineState
 from execmem.emu._timeline import Timeline
-from execmem.emu._unicorn import Executor
+from execmem.emu._unicorn import Executor, FastCode
 
 PAGE = 0x1000
 CODE_BASE = 0x0010_0000
@@ -125,6 +125,8 @@ class Machine(EmulatedBackend):
         self._executor_regions: list[tuple[int, int]] = []
         #: state reached by sequential runs (``call``); exploration starts there
         self._state: MachineState | None = None
+        #: code in pages without write permission, for native quanta
+        self._immutable: list[Program] = []
         for c in range(cpus):
             stack = STACK_BASE + c * PAGE
             self.map_memory(stack, PAGE, "rw")
@@ -220,6 +222,8 @@ class Machine(EmulatedBackend):
         self.poke(at, code)
         setup.code_cursor = max(setup.code_cursor, at + len(code) + 16 - (CODE_BASE + cpu * CODE_STRIDE))
         program = Program(cpu, at, code, labels)
+        if "w" not in perms:
+            self._immutable.append(program)
         if start:
             setup.pc = labels.get("_start", at)
         if exit_at_end:
@@ -282,11 +286,33 @@ class Machine(EmulatedBackend):
             symbols={v: k for k, v in self._symbols.items()},
         )
 
+    def _fast_code(self) -> FastCode:
+        """Classify every instruction of code nobody can write: quanta stop at the rest."""
+        ranges: list[tuple[int, int]] = []
+        code: list[tuple[int, bytes]] = []
+        stops: set[int] = set()
+        exits = {pc for s in self._cpus for pc in s.exits} | {s.handler for s in self._cpus if s.handler}
+        for program in self._immutable:
+            if any(self._static.get(p, (0, "w"))[1].count("w") for p in range(program.address - program.address % PAGE, program.end, PAGE)):
+                continue
+            pc = program.address
+            while pc < program.end:
+                d = self.isa.decode_bytes(program.code[pc - program.address :])
+                if d.op not in ("alu", "branch", "nop") or d.length <= 0:
+                    stops.add(pc)
+                pc += max(d.length, 1)
+            ranges.append((program.address, program.end))
+            code.append((program.address, program.code))
+            stops.add(program.end)
+        stops |= exits
+        return FastCode(tuple(ranges), frozenset(stops), tuple(code))
+
     def model(self) -> Model:
         """A fresh model of the machine as built so far (Unicorn instances are reused)."""
-        if self._executor is None or self._executor_regions != self._regions:
+        fast = self._fast_code()
+        if self._executor is None or self._executor_regions != self._regions or self._executor.fast != fast:
             self._executor = Executor(
-                self.spec.engines.unicorn or (0, 0), self._regions, self.isa.REGISTERS, self.isa.PC, self.ncpus
+                self.spec.engines.unicorn or (0, 0), self._regions, self.isa.REGISTERS, self.isa.PC, self.ncpus, fast
             )
             self._executor_regions = list(self._regions)
         model = Model(self.config(), self._executor)

@@ -309,9 +309,45 @@ class Model:
         more(cpu.pc, b"", pre0, (), "")
         return results
 
+    # ---------------------------------------------------------------- quanta
+    #: Instructions per quantum of native execution.
+    quantum_limit = 20_000
+
+    def _fast_ok(self, cpu: CpuState) -> bool:
+        """Can the CPU run natively from here?  Only through immutable code whose
+        next instructions touch no memory, and only when no register carries a view
+        that could still order anything (then computing on registers is invisible)."""
+        if not self.executor.fast.covers(cpu.pc):
+            return False
+        if not self.rules.track_dependencies:
+            return True
+        v = cpu.views
+        floor = min(v[RNEW], v[DCNEW], v[ICNEW], v[FNEW], v[CAPC], v[CAPA])
+        return max(cpu.rview) <= floor
+
+    def _quantum(self, st: MachineState, c: int) -> Transition | None:
+        cpu = st.cpus[c]
+        pci = self.pc_index
+        regs = cpu.regs[: 8 * pci] + cpu.pc.to_bytes(8, "little") + cpu.regs[8 * pci + 8 :]
+        out = self.executor.quantum(c, regs, self.quantum_limit)
+        pc = int.from_bytes(out[8 * pci : 8 * pci + 8], "little")
+        if pc == cpu.pc and out == regs:
+            return None
+        new = cpu.copy()
+        new.pc = pc
+        new.regs = out[: 8 * pci] + bytes(8) + out[8 * pci + 8 :]
+        top = max(cpu.rview)
+        new.rview = (top,) * len(cpu.rview)
+        self.settle(new)
+        return Step(c, "exec", cpu.pc, "native quantum", f"to {pc:#x}"), self.replace(st, c, new)
+
     # ------------------------------------------------------------ instruction
     def _instruction(self, st: MachineState, c: int) -> list[Transition]:
         cpu = st.cpus[c]
+        if self._fast_ok(cpu):
+            quantum = self._quantum(st, c)
+            if quantum is not None:
+                return [quantum]
         out: list[Transition] = []
         seen: set[tuple[object, ...]] = set()
         for insn, anchor, records, note, fault in self.fetch(st, cpu):

@@ -58,7 +58,13 @@ class Outcome:
 class _Cpu:
     """One Unicorn instance with scratch memory and hooks."""
 
-    def __init__(self, arch: tuple[int, int], regions: Sequence[tuple[int, int]], registers: Sequence[int]) -> None:
+    def __init__(
+        self,
+        arch: tuple[int, int],
+        regions: Sequence[tuple[int, int]],
+        registers: Sequence[int],
+        fast: FastCode | None = None,
+    ) -> None:
         self.uc = unicorn.unicorn.Uc(*arch)
         self.handle = self.uc._uch
         self.buffers: list[tuple[int, int, ctypes.Array[ctypes.c_char]]] = []
@@ -82,6 +88,24 @@ class _Cpu:
         self.uc.hook_add(
             unicorn.UC_HOOK_MEM_UNMAPPED | unicorn.UC_HOOK_MEM_PROT, self._on_bad_access
         )
+        # Quanta: stop before every instruction the model must see, and anywhere
+        # outside the immutable code whose instructions were all classified.
+        self.fast = False
+        if fast is not None and fast.ranges:
+            for addr, code in fast.code:
+                self.poke(addr, code)
+            for addr in sorted(fast.stops):
+                self.uc.hook_add(unicorn.UC_HOOK_CODE, self._on_stop, begin=addr, end=addr)
+            cursor = 0
+            for lo, hi in sorted(fast.ranges):
+                if lo > cursor:
+                    self.uc.hook_add(unicorn.UC_HOOK_CODE, self._on_stop, begin=cursor, end=lo - 1)
+                cursor = max(cursor, hi)
+            self.uc.hook_add(unicorn.UC_HOOK_CODE, self._on_stop, begin=cursor, end=(1 << 64) - 1)
+
+    def _on_stop(self, uc: object, addr: int, size: int, _ud: object) -> None:
+        if self.fast:
+            self.uc.emu_stop()  # before the instruction executes (tests/test_unicorn_pins.py)
 
     def _address(self, addr: int, size: int) -> int:
         for base, length, buf in self.buffers:
@@ -136,6 +160,25 @@ class _Cpu:
             lib.uc_reg_read_batch(self.handle, self.ids, self.ptrs, self.nregs)
         return Outcome(bytes(self.vals), tuple(self.accesses), self.fault)
 
+    def quantum(self, pc_index: int, regs: bytes, limit: int) -> bytes:
+        """Run natively from PC until a stop point or ``limit`` instructions."""
+        ctypes.memmove(self.vals, regs, 8 * self.nregs)
+        lib = _ucmod.uclib
+        lib.uc_reg_write_batch(self.handle, self.ids, self.ptrs, self.nregs)
+        self.fast = True
+        self.accesses = []
+        self.fault = ""
+        try:
+            self.uc.emu_start(self.vals[pc_index], UNTIL, count=limit)
+        except unicorn.unicorn.UcError as exc:
+            self.fault = str(exc)
+        finally:
+            self.fast = False
+        if self.accesses or self.fault:
+            raise ModelError(f"a quantum touched memory or faulted ({self.fault or self.accesses[0]})")
+        lib.uc_reg_read_batch(self.handle, self.ids, self.ptrs, self.nregs)
+        return bytes(self.vals)
+
     def _start(self, pc: int, until: int, count: int, plan: Sequence[bytes]) -> None:
         self.plan = list(plan)
         self.accesses = []
@@ -145,6 +188,20 @@ class _Cpu:
         except unicorn.unicorn.UcError as exc:
             if not self.fault:
                 self.fault = str(exc)
+
+
+@dataclass(frozen=True)
+class FastCode:
+    """Code no one can modify, classified: ``stops`` are the instructions the model
+    must perform itself (memory accesses, barriers, maintenance, traps, exits)."""
+
+    ranges: tuple[tuple[int, int], ...] = ()
+    stops: frozenset[int] = frozenset()
+    #: (address, bytes) of that code, placed in every CPU's scratch memory
+    code: tuple[tuple[int, bytes], ...] = ()
+
+    def covers(self, pc: int) -> bool:
+        return pc not in self.stops and any(lo <= pc < hi for lo, hi in self.ranges)
 
 
 class Executor:
@@ -157,11 +214,13 @@ class Executor:
         registers: Sequence[int],
         pc_index: int,
         cpus: int,
+        fast: FastCode | None = None,
     ) -> None:
         for base, size in regions:
             if base % PAGE or size % PAGE or base <= UNTIL < base + size:
                 raise ModelError(f"guest region {base:#x}+{size:#x} is not page aligned or overlaps the stop page")
-        self._cpus = [_Cpu(arch, regions, registers) for _ in range(cpus)]
+        self.fast = fast or FastCode()
+        self._cpus = [_Cpu(arch, regions, registers, self.fast) for _ in range(cpus)]
         self.pc_index = pc_index
         self._memo: dict[tuple[bytes, bytes, tuple[bytes, ...] | None], Outcome] = {}
         self.executed = 0
@@ -180,6 +239,10 @@ class Executor:
             self._memo.clear()
         self._memo[key] = outcome
         return outcome
+
+    def quantum(self, cpu: int, regs: bytes, limit: int) -> bytes:
+        self.executed += 1
+        return self._cpus[cpu].quantum(self.pc_index, regs, limit)
 
     def instance(self, cpu: int) -> unicorn.unicorn.Uc:
         return self._cpus[cpu].uc
