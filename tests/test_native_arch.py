@@ -1,0 +1,191 @@
+"""Pure parts of the native backend, checked on any host: CTR_EL0 decoding, the
+routine texts of every architecture (decoded back with Capstone), /proc parsing."""
+
+from __future__ import annotations
+
+import capstone
+import pytest
+
+import execmem.arch
+from execmem._errors import UnsupportedError
+from execmem.native import _procmaps, _routines, _sync
+from execmem.native._mapping import _runs, round_up
+
+# (CTR_EL0, icache line, dcache line, L1Ip, IDC, DIC, where the value comes from)
+CTR_TABLE = [
+    (0x84448004, 64, 64, 2, False, False, "Cortex-A53 (QEMU cpu model)"),
+    (0x8444C004, 64, 64, 3, False, False, "Cortex-A57/A72, Neoverse N1 (QEMU cpu models)"),
+    (0xB444C004, 64, 64, 3, True, True, "Neoverse V1: DIC and IDC set (QEMU cpu model)"),
+    (0x000000049444C004, 64, 64, 3, True, False, "Cortex-A710: IDC, TminLine in [37:32] (QEMU)"),
+    (0x80030003, 32, 32, 0, False, False, "synthetic: 32-byte lines"),
+    (0x8000_0000 | (2 << 16) | 1, 8, 16, 0, False, False, "synthetic: different line sizes"),
+]
+
+
+@pytest.mark.parametrize(("raw", "iline", "dline", "l1ip", "idc", "dic", "source"), CTR_TABLE)
+def test_decode_ctr_el0(raw: int, iline: int, dline: int, l1ip: int, idc: bool, dic: bool, source: str) -> None:
+    cache = _sync.decode_ctr_el0(raw)
+    assert (cache.icache_line, cache.dcache_line, cache.l1ip, cache.idc, cache.dic) == (
+        iline,
+        dline,
+        l1ip,
+        idc,
+        dic,
+    ), source
+    assert cache.features == frozenset(n for n, on in (("idc", idc), ("dic", dic)) if on)
+    # The recipe drops exactly the steps the features make unnecessary.
+    arm = execmem.arch.get("arm64")
+    names = [s.name for s in arm.publish.effective(cache.features)]
+    assert ("clean_dcache" in names) is not idc
+    assert ("invalidate_icache" in names) is not dic
+
+
+def test_decode_ctr_el0_rejects_garbage() -> None:
+    with pytest.raises(ValueError):
+        _sync.decode_ctr_el0(-1)
+
+
+def _disasm(spec: execmem.arch.ArchSpec, code: bytes) -> list[tuple[str, str]]:
+    assert spec.engines.capstone is not None
+    cs = capstone.Cs(*spec.engines.capstone)
+    out = [(i.mnemonic, i.op_str) for i in cs.disasm(code, 0)]
+    assert sum(len(i.bytes) for i in cs.disasm(code, 0)) == len(code), "undecodable bytes"
+    return out
+
+
+#: What each routine must contain (mnemonics in order), per architecture.
+EXPECTED: dict[str, dict[str, list[str]]] = {
+    "x86_64": {
+        "store1": ["mov", "ret"],
+        "store2": ["mov", "ret"],
+        "store4": ["mov", "ret"],
+        "store8": ["mov", "ret"],
+        "local_cse": ["push", "xor", "cpuid", "pop", "ret"],
+    },
+    "arm64": {
+        "store1": ["strb", "ret"],
+        "store2": ["strh", "ret"],
+        "store4": ["str", "ret"],
+        "store8": ["str", "ret"],
+        "read_cache_type": ["mrs", "ret"],
+        "barrier": ["dsb", "ret"],
+        "local_cse": ["isb", "ret"],
+        "clean_dcache": ["sub", "bic", "dc", "add", "cmp", "b.lo", "ret"],
+        "invalidate_icache": ["sub", "bic", "ic", "add", "cmp", "b.lo", "ret"],
+    },
+    "riscv64": {
+        "store1": ["sb", "ret"],
+        "store2": ["sh", "ret"],
+        "store4": ["sw", "ret"],
+        "store8": ["sd", "ret"],
+        "barrier": ["fence", "ret"],
+        "local_cse": ["fence.i", "ret"],
+    },
+}
+
+
+@pytest.mark.parametrize("name", execmem.arch.names())
+def test_routines_assemble_and_decode(name: str) -> None:
+    spec = execmem.arch.get(name)
+    code = _routines.assemble(spec)
+    assert set(code) == set(EXPECTED[name])
+    for routine, blob in code.items():
+        assert len(blob) % spec.insn_align == 0
+        mnemonics = [m for m, _ in _disasm(spec, blob)]
+        assert mnemonics == EXPECTED[name][routine], (routine, mnemonics)
+
+
+def test_arm64_routine_operands() -> None:
+    spec = execmem.arch.get("arm64")
+    code = _routines.assemble(spec)
+    assert _disasm(spec, code["read_cache_type"])[0] == ("mrs", "x0, ctr_el0")
+    assert _disasm(spec, code["barrier"])[0] == ("dsb", "ish")
+    assert ("dc", "cvau, x0") in _disasm(spec, code["clean_dcache"])
+    assert ("ic", "ivau, x0") in _disasm(spec, code["invalidate_icache"])
+    # Known encodings (Arm ARM): MRS X0, CTR_EL0 = 0xd53b0020; ISB = 0xd5033fdf.
+    assert code["read_cache_type"][:4] == (0xD53B0020).to_bytes(4, "little")
+    assert code["local_cse"][:4] == (0xD5033FDF).to_bytes(4, "little")
+    # The loops branch back to the maintenance instruction (a loop of one line each).
+    loop = _disasm(spec, code["clean_dcache"])
+    assert loop[5][0] == "b.lo" and loop[5][1] == "#8"
+
+
+def test_x86_store_operands() -> None:
+    spec = execmem.arch.get("x86_64")
+    code = _routines.assemble(spec)
+    assert _disasm(spec, code["store8"])[0] == ("mov", "qword ptr [rdi], rsi")
+    assert _disasm(spec, code["store1"])[0] == ("mov", "byte ptr [rdi], sil")
+
+
+def test_riscv_words_are_hand_encoded() -> None:
+    spec = execmem.arch.get("riscv64")
+    code = _routines.assemble(spec)
+    assert _disasm(spec, code["store8"]) == [("sd", "a1, 0(a0)"), ("ret", "")]
+    assert _disasm(spec, code["barrier"])[0] == ("fence", "rw, rw")
+    assert _routines.words(".word 0x1; .word 2") == b"\x01\0\0\0\x02\0\0\0"
+    assert _routines.words("nop") is None
+    assert _routines.words("") is None
+
+
+def test_layout_aligns_and_trap_fills() -> None:
+    image, offsets = _routines.layout({"a": b"\x90", "b": b"\xc3\xc3"}, b"\xcc")
+    assert offsets == {"a": 0, "b": 16}
+    assert image[1:16] == b"\xcc" * 15 and image[16:] == b"\xc3\xc3"
+
+
+def test_unknown_routine_name_is_rejected() -> None:
+    spec = execmem.arch.get("x86_64")
+    bad = execmem.arch.ArchSpec(**{**spec.__dict__, "host_routines": (("frobnicate", "ret"),)})
+    with pytest.raises(UnsupportedError):
+        _routines.assemble(bad)
+
+
+def test_every_host_has_a_sync_builder() -> None:
+    # The builder table covers every architecture the arch layer knows.
+    assert set(_sync.HOSTS) == set(execmem.arch.names())
+
+
+MAPS = """\
+00400000-00452000 r-xp 00000000 08:02 173521      /usr/bin/dbus-daemon
+7f1c00000000-7f1c00200000 r-xs 00000000 00:01 1234                       /memfd:execmem (deleted)
+7f1c00200000-7f1c00400000 rw-s 00000000 00:01 1234                       /memfd:execmem (deleted)
+7f1c00400000-7f1c00401000 rwxp 00000000 00:00 0
+7ffd1b1e0000-7ffd1b201000 rw-p 00000000 00:00 0                          [stack]
+"""
+
+
+def test_parse_maps_and_wx() -> None:
+    vmas = _procmaps.parse_maps(MAPS)
+    assert len(vmas) == 5
+    assert vmas[1].path == "/memfd:execmem (deleted)" and vmas[1].executable and vmas[1].shared
+    assert [v.start for v in _procmaps.wx_violations(vmas=vmas)] == [0x7F1C00400000]
+    assert _procmaps.wx_violations([(0x7F1C00000000, 0x400000)], vmas=vmas) == []
+
+
+SMAPS = """\
+7f1c00000000-7f1c00200000 r-xs 00000000 00:01 1234                       /memfd:execmem (deleted)
+Size:               2048 kB
+Rss:                2048 kB
+ShmemPmdMapped:     2048 kB
+AnonHugePages:         0 kB
+VmFlags: rd ex sh mr mw me ms
+7f1c00200000-7f1c00400000 rw-p 00000000 00:00 0
+Size:               2048 kB
+AnonHugePages:      2048 kB
+VmFlags: rd wr mr mw me ac
+"""
+
+
+def test_parse_smaps_sums_overlapping_only() -> None:
+    first = _procmaps.parse_smaps(SMAPS, [(0x7F1C00000000, 4096)])
+    assert first["vmas"] == 1 and first["ShmemPmdMapped"] == 2 << 20 and first["Size"] == 2 << 20
+    assert _procmaps.huge_bytes(first) == 2 << 20
+    both = _procmaps.parse_smaps(SMAPS, None)
+    assert both["vmas"] == 2 and _procmaps.huge_bytes(both) == 4 << 20
+    assert _procmaps.parse_smaps(SMAPS, [(0x1000, 0x1000)]) == {"vmas": 0}
+
+
+def test_page_runs_and_rounding() -> None:
+    assert _runs([5, 1, 2, 3, 7, 8]) == [(1, 3), (5, 1), (7, 2)]
+    assert _runs([]) == []
+    assert round_up(1, 4096) == 4096 and round_up(8192, 4096) == 8192
