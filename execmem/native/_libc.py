@@ -141,6 +141,10 @@ class Fault:
         return True
 
 
+#: Calls whose effect happens even when they report an error: Linux releases the fd
+#: in ``close`` whatever it returns, so an injected failure releases it too.
+_EFFECTIVE_EVEN_ON_ERROR = frozenset({"close"})
+
 _faults: list[Fault] = []
 _lock = threading.Lock()
 _totals: Counter[str] = Counter()
@@ -211,6 +215,8 @@ class Syscalls:
             _totals[name] += 1
             injected = next((f.errno for f in _faults if f._should_fire(name, args)), None)
         if injected is not None:
+            if name in _EFFECTIVE_EVEN_ON_ERROR:
+                fn(*args)
             raise error(name, injected, ", ".join(map(_fmt, args)) + " [injected]")
         result = fn(*args)
         if result == fails or result is None:

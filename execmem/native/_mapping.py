@@ -113,8 +113,10 @@ def _undo_all(undo: list[Callable[[], None]]) -> None:
             action()
 
 
-def _as_bytes(data: bytes | bytearray | memoryview) -> bytes:
-    return data if isinstance(data, bytes) else bytes(data)
+def _close_quietly(sys_: _libc.Syscalls, fd: int) -> None:
+    """Close during cleanup: Linux releases the fd even when close reports an error."""
+    with contextlib.suppress(ExecmemError):
+        sys_.close(fd)
 
 
 class Backing:
@@ -150,15 +152,20 @@ class Backing:
         if directories is not None:  # tests and embedders may pin the file fallbacks
             self._candidates = (("memfd", None), *((f"dir:{d}", d) for d in directories))
 
-    def create(self, size: int, *, hugetlb: bool) -> tuple[int, bool]:
-        """A new file of ``size`` bytes: ``(fd, uses_hugetlb)``."""
+    def create(self, size: int, *, hugetlb: bool, scratch: int) -> tuple[int, bool]:
+        """A new file of ``size`` bytes: ``(fd, uses_hugetlb)``.
+
+        ``scratch`` is inaccessible address space of at least ``size`` bytes that the
+        caller owns: executable probes are mapped there (and put back inaccessible),
+        so a failure can never leave a probe mapping behind.
+        """
         if hugetlb and not self.hugetlb.startswith("unavailable") and self.kind in (None, "memfd"):
-            fd = self._try_hugetlb(size)
+            fd = self._try_hugetlb(size, scratch)
             if fd >= 0:
                 return fd, True
         with self._lock:
             if self.kind is None:
-                return self._select(size), False
+                return self._select(size, scratch), False
             kind, directory = self.kind, self.directory
         return self._create(kind, directory, size), False
 
@@ -179,7 +186,7 @@ class Backing:
         try:
             self._sys.unlink(path)  # nothing outlives the process, nobody else opens it
         except BaseException:
-            self._sys.close(fd)
+            _close_quietly(self._sys, fd)
             raise
         return fd
 
@@ -188,15 +195,15 @@ class Backing:
         try:
             self._sys.ftruncate(fd, size)
         except BaseException:
-            self._sys.close(fd)
+            _close_quietly(self._sys, fd)
             raise
         return fd
 
-    def _probe_exec(self, fd: int, length: int) -> None:
-        view = self._sys.mmap(0, length, RX, MAP_SHARED, fd, 0)
-        self._sys.munmap(view, length)
+    def _probe_exec(self, fd: int, length: int, scratch: int) -> None:
+        self._sys.mmap(scratch, length, RX, MAP_SHARED | MAP_FIXED, fd, 0)
+        self._sys.mmap(scratch, length, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED | MAP_NORESERVE)
 
-    def _select(self, size: int) -> int:
+    def _select(self, size: int, scratch: int) -> int:
         for kind, directory in self._candidates:
             if directory is not None and not os.path.isdir(directory):
                 self.notes.append(f"{kind}: {directory} does not exist")
@@ -209,9 +216,9 @@ class Backing:
                 self.notes.append(f"{kind}: {exc}")
                 continue
             try:
-                self._probe_exec(fd, self._page)
+                self._probe_exec(fd, self._page, scratch)
             except ExecmemError as exc:
-                self._sys.close(fd)
+                _close_quietly(self._sys, fd)
                 if _libc.errno_of(exc) not in _BACKING_FALLBACK:
                     raise
                 self.notes.append(f"{kind}: cannot be mapped executable (noexec?): {exc}")
@@ -220,7 +227,7 @@ class Backing:
             return fd
         raise SystemCallError(errno.EACCES, "no executable shared memory: " + "; ".join(self.notes))
 
-    def _try_hugetlb(self, size: int) -> int:
+    def _try_hugetlb(self, size: int, scratch: int) -> int:
         try:
             fd = self._memfd(_libc.MFD_HUGETLB)
         except ExecmemError as exc:
@@ -230,9 +237,9 @@ class Backing:
             self._sys.ftruncate(fd, size)
             self._sys.fallocate(fd, 0, 0, size)
             if self.hugetlb_files == 0:
-                self._probe_exec(fd, size)
+                self._probe_exec(fd, size, scratch)
         except ExecmemError as exc:
-            self._sys.close(fd)
+            _close_quietly(self._sys, fd)
             self.hugetlb = f"unavailable: {exc}"
             return -1
         self.hugetlb = "in use"
@@ -368,8 +375,8 @@ class DualMapper(Mapper):
             address = self.reserve_va(size, align, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE)
             undo.append(lambda: s.munmap(address, size))
             wants_hugetlb = self.huge_pages and size % PMD_SIZE == 0
-            fd, hugetlb = self.backing.create(size, hugetlb=wants_hugetlb)
-            undo.append(lambda: s.close(fd))
+            fd, hugetlb = self.backing.create(size, hugetlb=wants_hugetlb, scratch=address)
+            undo.append(lambda: _close_quietly(s, fd))
             alias = s.mmap(0, size, RW, MAP_SHARED, fd, 0)
             undo.append(lambda: s.munmap(alias, size))
             # A forked child must never be able to write the parent's code.
