@@ -8,7 +8,8 @@ import ctypes
 import platform
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import keystone
 import pytest
@@ -22,6 +23,12 @@ from execmem._errors import (
     UnsupportedError,
 )
 from execmem.native import NativeBackend, _procmaps, _routines
+
+
+def S(backend: NativeBackend) -> dict[str, Any]:
+    """``backend.stats()`` typed for reading nested values in assertions."""
+    return dict(backend.stats())
+
 
 pytestmark = pytest.mark.skipif(
     platform.machine().lower() not in ("x86_64", "amd64"), reason="test programs are x86-64 code"
@@ -257,7 +264,7 @@ def test_close_is_idempotent_and_returns_everything() -> None:
         b.write(rs[0], 0, b"\x90")
     with pytest.raises(BadStateError):
         b.reserve(4096, 16)
-    assert b.stats()["closed"] is True
+    assert S(b)["closed"] is True
 
 
 def test_alignment_and_large_page_alignment(backend: NativeBackend) -> None:
@@ -297,15 +304,15 @@ def test_syscalls_per_publish_into_mapped_dual_pack() -> None:
     with NativeBackend("dual") as b:
         r = publish(b, asm(ADD))
         b.run_step("remote_cse", [(r.address, 5)])  # selection happens on first use
-        before = dict(b.stats()["syscalls"])  # type: ignore[call-overload]
+        before = dict(S(b)["syscalls"])
         for i in range(10):
             b.write(r, 64 * (i + 1), asm(ADD))
         b.run_step("local_cse", [])
         b.run_step("remote_cse", [(r.address, 64 * 11)])
-        after = b.stats()["syscalls"]
+        after = S(b)["syscalls"]
         assert isinstance(after, dict)
         diff = {k: after[k] - before.get(k, 0) for k in after if after[k] != before.get(k, 0)}
-        if b.stats()["sync"]["remote_cse"] == "membarrier-sync-core":  # type: ignore[index]
+        if S(b)["sync"]["remote_cse"] == "membarrier-sync-core":
             assert diff == {"membarrier": 1}
         assert BINARY(r.address + 640)(1, 2) == 3
 
@@ -359,9 +366,11 @@ def test_live_patch_while_threads_run(mode: str) -> None:
     local_cse, remote_cse) every thread sees the new one."""
     with NativeBackend(mode) as b:
         assert b.concurrent_patch_safe
-        slot = lambda v: asm(f"mov eax, {v}; ret").ljust(8, b"\xcc")  # noqa: E731
+        def slot(v: int) -> bytes:
+            return asm(f"mov eax, {v}; ret").ljust(8, b"\xcc")
+
         r = publish(b, slot(1))
-        fn = NULLARY(r.address)
+        fn: Callable[[], int] = NULLARY(r.address)
         seen: list[set[int]] = [set() for _ in range(4)]
         after_sync: list[list[int]] = [[] for _ in range(4)]
         patched = threading.Event()

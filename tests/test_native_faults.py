@@ -9,7 +9,8 @@ import glob
 import os
 import platform
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 
@@ -18,8 +19,16 @@ from execmem.native import NativeBackend, _libc, _procmaps, _sync
 from execmem.native._libc import MEMBARRIER_CMD_PRIVATE_EXPEDITED_SYNC_CORE as SYNC_CORE
 from execmem.native._libc import MEMBARRIER_CMD_QUERY as QUERY
 from execmem.native._libc import MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED as REG_PRIVATE
-from execmem.native._libc import MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED_SYNC_CORE as REG_SYNC_CORE
+from execmem.native._libc import (
+    MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED_SYNC_CORE as REG_SYNC_CORE,
+)
 from execmem.native._libc import PROT_EXEC
+
+
+def S(backend: NativeBackend) -> dict[str, Any]:
+    """``backend.stats()`` typed for reading nested values in assertions."""
+    return dict(backend.stats())
+
 
 pytestmark = pytest.mark.skipif(
     platform.machine().lower() not in ("x86_64", "amd64"), reason="test programs are x86-64 code"
@@ -33,9 +42,15 @@ def call_add(address: int) -> int:
     return int(ctypes.CFUNCTYPE(ctypes.c_int64, ctypes.c_int64, ctypes.c_int64)(address)(40, 2))
 
 
+def arg(args: tuple[object, ...], index: int) -> int:
+    value = args[index]
+    assert isinstance(value, int)
+    return value
+
+
 def exec_with_fd(args: tuple[object, ...]) -> bool:
     """``mmap`` arguments that ask for an executable view of a file."""
-    return bool(int(args[2]) & PROT_EXEC) and int(args[4]) >= 0  # type: ignore[call-overload]
+    return bool(arg(args, 2) & PROT_EXEC) and arg(args, 4) >= 0
 
 
 def footprint() -> tuple[int, list[tuple[int, int, str, str]]]:
@@ -44,7 +59,7 @@ def footprint() -> tuple[int, list[tuple[int, int, str, str]]]:
     suspicious = [
         (v.start, v.end, v.perms, v.path)
         for v in _procmaps.read_maps()
-        if "execmem" in v.path or v.perms in ("---p", "r-xs", "rw-s", "r-xp") and not v.path
+        if "execmem" in v.path or (v.perms in ("---p", "r-xs", "rw-s", "r-xp") and not v.path)
     ]
     return fds, suspicious
 
@@ -74,8 +89,8 @@ def test_memfd_einval_falls_back_to_dev_shm() -> None:
         b.write(r, 0, ADD)
         b.map(r)
         assert call_add(r.address) == 42
-        detail = b.stats()["backing_detail"]
-        assert b.stats()["backing"] == "shm"
+        detail = S(b)["backing_detail"]
+        assert S(b)["backing"] == "shm"
         assert isinstance(detail, dict)
         notes = " ".join(detail["notes"])
         assert "MFD_EXEC" in notes and "memfd" in notes
@@ -95,20 +110,20 @@ def test_noexec_dev_shm_falls_back_to_tmpdir() -> None:
         b.map(r)
         assert call_add(r.address) == 42
         assert noexec.fired == 1
-        assert b.stats()["backing"] == "tmpfile"
-        notes = " ".join(b.stats()["backing_detail"]["notes"])  # type: ignore[index]
+        assert S(b)["backing"] == "tmpfile"
+        notes = " ".join(S(b)["backing_detail"]["notes"])
         assert "shm: cannot be mapped executable" in notes
     assert leftover_files() == []
 
 
 def test_memfd_without_mfd_exec_on_old_kernels() -> None:
-    old_kernel = lambda args: bool(int(args[1]) & _libc.MFD_EXEC)  # type: ignore[call-overload]  # noqa: E731
+    old_kernel = lambda args: bool(arg(args, 1) & _libc.MFD_EXEC)  # noqa: E731
     with _libc.inject("memfd_create", errno.EINVAL, when=old_kernel), NativeBackend("dual", probe=SAFE) as b:
         r = b.reserve(4096, 16)
         b.write(r, 0, ADD)
         b.map(r)
         assert call_add(r.address) == 42
-        detail = b.stats()["backing_detail"]
+        detail = S(b)["backing_detail"]
         assert isinstance(detail, dict)
         assert detail["kind"] == "memfd" and detail["memfd_exec_flag"] is False
 
@@ -132,7 +147,7 @@ def test_private_dir_fallback_is_configurable(tmp_path: os.PathLike[str]) -> Non
     with _libc.inject("memfd_create", errno.EPERM), NativeBackend("dual", directories=[str(tmp_path)], probe=SAFE) as b:
         r = b.reserve(4096, 16)
         b.map(r)
-        assert b.stats()["backing"] == f"dir:{tmp_path}"
+        assert S(b)["backing"] == f"dir:{tmp_path}"
         assert os.listdir(tmp_path) == []  # unlinked right after open
 
 
@@ -142,7 +157,7 @@ def test_private_dir_fallback_is_configurable(tmp_path: os.PathLike[str]) -> Non
 def _reserve_calls(mode: str) -> dict[str, int]:
     with NativeBackend(mode, probe=SAFE) as b:
         b.reserve(2 << 20, 16)
-        return dict(b.stats()["syscalls"])  # type: ignore[call-overload]
+        return dict(S(b)["syscalls"])
 
 
 @pytest.mark.parametrize("mode", ("dual", "mprotect", "rwx"))
@@ -215,39 +230,39 @@ def test_inject_counts_and_scopes() -> None:
 # --- remote context synchronization fallbacks --------------------------------------------
 
 
-def _remote(b: NativeBackend) -> dict[str, object]:
+def _remote(b: NativeBackend) -> dict[str, Any]:
     b.run_step("remote_cse", [])
-    sync = b.stats()["sync"]
+    sync = S(b)["sync"]
     assert isinstance(sync, dict)
     return sync
 
 
-def _is(cmd: int) -> object:
-    return lambda args: int(args[0]) == cmd
+def _is(cmd: int) -> Callable[[tuple[object, ...]], bool]:
+    return lambda args: arg(args, 0) == cmd
 
 
 def test_membarrier_sync_core_is_chosen_here() -> None:
     with NativeBackend(probe=SAFE) as b:
         sync = _remote(b)
         assert sync["remote_cse"] == "membarrier-sync-core", sync["notes"]
-        assert b.stats()["syscalls"]["membarrier"] == 3  # type: ignore[index]  # QUERY, REGISTER, run
+        assert S(b)["syscalls"]["membarrier"] == 3  # QUERY, REGISTER, run
         _remote(b)
-        assert b.stats()["syscalls"]["membarrier"] == 4  # type: ignore[index]
+        assert S(b)["syscalls"]["membarrier"] == 4
 
 
 def test_membarrier_eperm_registers_and_retries() -> None:
     with NativeBackend(probe=SAFE) as b, _libc.inject("membarrier", errno.EPERM, times=1, when=_is(SYNC_CORE)):
         sync = _remote(b)
     assert sync["remote_cse"] == "membarrier-sync-core"
-    assert any("EPERM, registered and retried" in n for n in sync["notes"])  # type: ignore[attr-defined]
-    assert b.stats()["syscalls"]["membarrier"] == 5  # type: ignore[index]  # QUERY, REG, EPERM, REG, run
+    assert any("EPERM, registered and retried" in n for n in sync["notes"])
+    assert S(b)["syscalls"]["membarrier"] == 5  # QUERY, REG, EPERM, REG, run
 
 
 def test_membarrier_sync_core_einval_falls_back_at_run_time() -> None:
     with NativeBackend(probe=SAFE) as b, _libc.inject("membarrier", errno.EINVAL, when=_is(SYNC_CORE)):
         sync = _remote(b)
         assert sync["remote_cse"] == "membarrier-private-expedited"
-        assert any("falling back" in n for n in sync["notes"])  # type: ignore[attr-defined]
+        assert any("falling back" in n for n in sync["notes"])
         assert _remote(b)["remote_cse_runs"] == {"membarrier-private-expedited": 2}
 
 
@@ -260,14 +275,14 @@ def test_no_membarrier_falls_back_to_mprotect_ipi() -> None:
     with NativeBackend(probe=SAFE) as b, _libc.inject("membarrier", errno.ENOSYS, when=_is(QUERY)):
         sync = _remote(b)
         assert sync["remote_cse"] == "mprotect-ipi"
-        assert b.stats()["syscalls"]["mprotect"] == 2  # type: ignore[index]
-        assert "mprotect-ipi" in sync["how"]["remote_cse"]  # type: ignore[index]
+        assert S(b)["syscalls"]["mprotect"] == 2
+        assert "mprotect-ipi" in sync["how"]["remote_cse"]
     owned = b.stats()
     assert owned["closed"] is True
 
 
 def test_mprotect_failure_falls_back_to_membarrier_global() -> None:
-    not_offered = lambda args: int(args[0]) in (REG_SYNC_CORE, REG_PRIVATE)  # type: ignore[call-overload]  # noqa: E731
+    not_offered = lambda args: arg(args, 0) in (REG_SYNC_CORE, REG_PRIVATE)  # noqa: E731
     with (
         NativeBackend(probe=SAFE) as b,
         _libc.inject("membarrier", errno.EINVAL, when=not_offered),
@@ -293,8 +308,8 @@ def test_unsafe_probe_means_membarrier_is_never_called() -> None:
     with NativeBackend(probe=unsafe) as b:
         sync = _remote(b)
         assert sync["remote_cse"] == "mprotect-ipi"
-        assert "membarrier" not in b.stats()["syscalls"]  # type: ignore[operator]
-        assert any("SIGSYS" in n for n in sync["notes"])  # type: ignore[attr-defined]
+        assert "membarrier" not in S(b)["syscalls"]
+        assert any("SIGSYS" in n for n in sync["notes"])
 
 
 def test_probe_child_killed_by_sigsys_is_unsafe() -> None:
