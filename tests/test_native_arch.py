@@ -3,12 +3,14 @@ routine texts of every architecture (decoded back with Capstone), /proc parsing.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import capstone
 import pytest
 
 import execmem.arch
-from execmem._errors import UnsupportedError
-from execmem.native import _procmaps, _routines, _sync
+from execmem._errors import SystemCallError, UnsupportedError
+from execmem.native import _libc, _procmaps, _routines, _sync
 from execmem.native._mapping import _runs, round_up
 
 # (CTR_EL0, icache line, dcache line, L1Ip, IDC, DIC, where the value comes from)
@@ -189,3 +191,88 @@ def test_page_runs_and_rounding() -> None:
     assert _runs([5, 1, 2, 3, 7, 8]) == [(1, 3), (5, 1), (7, 2)]
     assert _runs([]) == []
     assert round_up(1, 4096) == 4096 and round_up(8192, 4096) == 8192
+
+
+# --- the per-host builders, driven with recording routines and system calls -----------
+
+
+class RecordingSyscalls(_libc.Syscalls):
+    """Answers membarrier / riscv_flush_icache like a kernel that has them, and records."""
+
+    def __init__(self, mask: int = 0x1FF) -> None:
+        super().__init__()
+        self.mask = mask
+        self.calls: list[tuple[str, tuple[int, ...]]] = []
+
+    def membarrier(self, cmd: int, flags: int = 0) -> int:
+        self.calls.append(("membarrier", (cmd,)))
+        return self.mask if cmd == 0 else 0
+
+    def riscv_flush_icache(self, start: int, end: int, flags: int) -> None:
+        self.calls.append(("riscv_flush_icache", (start, end, flags)))
+
+
+def recording_routines(spec: execmem.arch.ArchSpec, ctr: int, calls: list[tuple[str, tuple[int, ...]]]) -> _routines.HostRoutines:
+    def make(name: str) -> Callable[..., object]:
+        def routine(*args: int) -> object:
+            calls.append((name, args))
+            return ctr if name == "read_cache_type" else None
+
+        return routine
+
+    return _routines.HostRoutines(0, 0, {name: make(name) for name, _ in spec.host_routines})
+
+
+SAFE = lambda: _sync.ProbeResult(True, "test")  # noqa: E731
+
+
+def test_arm64_builder_runs_routines_per_line() -> None:
+    spec = execmem.arch.get("arm64")
+    sys_ = RecordingSyscalls()
+    calls: list[tuple[str, tuple[int, ...]]] = []
+    sync = _sync.Synchronizer(spec, sys_, recording_routines(spec, 0x9444C004, calls), page_size=4096, probe=SAFE)
+    assert sync.features == frozenset({"idc"}) and sync.lines == (64, 64)
+    calls.clear()  # drop the CTR_EL0 read
+    ranges = [(0x10010, 100), (0x20000, 0), (0x30000, 64)]
+    for step in [s.name for s in spec.publish.effective(sync.features) if s.name != "write"]:
+        sync.run(step, ranges)
+    # IDC=1: no DC CVAU; IC IVAU over each non-empty range with the I-line size.
+    assert calls == [
+        ("barrier", ()),
+        ("invalidate_icache", (0x10010, 0x10074, 64)),
+        ("invalidate_icache", (0x30000, 0x30040, 64)),
+        ("barrier", ()),
+        ("local_cse", ()),
+    ]
+    assert sys_.calls == [("membarrier", (0,)), ("membarrier", (64,)), ("membarrier", (32,))]
+    described = sync.describe()
+    assert described["ctr_el0"] == "0x9444c004" and described["remote_cse"] == "membarrier-sync-core"
+    # arm64 never falls back to an mprotect IPI: broadcast TLBI sends none (seeds/000).
+    without = RecordingSyscalls(mask=0)
+    arm = _sync.Synchronizer(spec, without, recording_routines(spec, 0x8444C004, []), page_size=4096, probe=SAFE)
+    with pytest.raises(SystemCallError):
+        arm.run("remote_cse", ranges)
+    assert "mprotect-ipi" not in " ".join(arm.describe()["notes"])  # type: ignore[arg-type]
+
+
+def test_arm64_builder_cleans_with_dminline() -> None:
+    spec = execmem.arch.get("arm64")
+    calls: list[tuple[str, tuple[int, ...]]] = []
+    ctr = 0x8000_0000 | (2 << 16) | 1  # D-line 16 B, I-line 8 B
+    sync = _sync.Synchronizer(spec, RecordingSyscalls(), recording_routines(spec, ctr, calls), page_size=4096, probe=SAFE)
+    calls.clear()
+    sync.run("clean_dcache", [(0x1000, 32)])
+    sync.run("invalidate_icache", [(0x1000, 32)])
+    assert calls == [("clean_dcache", (0x1000, 0x1020, 16)), ("invalidate_icache", (0x1000, 0x1020, 8))]
+
+
+def test_riscv64_builder_uses_fences_and_flush_icache() -> None:
+    spec = execmem.arch.get("riscv64")
+    sys_ = RecordingSyscalls()
+    calls: list[tuple[str, tuple[int, ...]]] = []
+    sync = _sync.Synchronizer(spec, sys_, recording_routines(spec, 0, calls), page_size=4096, probe=SAFE)
+    for step in [s.name for s in spec.publish.steps if s.name != "write"]:
+        sync.run(step, [(0x4000, 16), (0x8000, 8)])
+    assert calls == [("barrier", ()), ("local_cse", ())]
+    assert sys_.calls == [("riscv_flush_icache", (0x4000, 0x8008, 0))]
+    assert sync.describe()["remote_cse"] == "riscv_flush_icache"
