@@ -136,3 +136,19 @@ def test_churn_100k(mode: str) -> None:
 @pytest.mark.slow
 def test_churn_large_packs() -> None:
     _assert_bounded(_churn("dual", 2000, 2 << 20))
+
+
+def _nr_hugepages() -> int:
+    with open("/proc/sys/vm/nr_hugepages") as f:
+        return int(f.read())
+
+
+@pytest.mark.skipif(_nr_hugepages() < 2, reason="no hugetlb pages reserved (vm.nr_hugepages)")
+def test_hugetlb_backing_when_the_system_has_huge_pages() -> None:
+    with NativeBackend("dual") as b:
+        r = b.reserve(2 << 20, 16)
+        b.write(r, 0, RET)
+        b.map(r)
+        assert S(b)["huge_pages"]["hugetlb"] == "in use"
+        assert obtained(b) == r.size == smaps_huge_bytes(r.address, r.address + r.size)
+        ctypes.CFUNCTYPE(None)(r.address)()

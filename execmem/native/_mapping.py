@@ -54,6 +54,7 @@ from execmem.native._libc import (
     MAP_ANONYMOUS,
     MAP_FIXED,
     MAP_NORESERVE,
+    MAP_POPULATE,
     MAP_PRIVATE,
     MAP_SHARED,
     PROT_EXEC,
@@ -408,7 +409,9 @@ class DualMapper(Mapper):
                 raise
 
     def map(self, region: Region) -> None:
-        self._sys.mmap(region.address, region.size, RX, MAP_SHARED | MAP_FIXED, region.fd, 0)
+        # MAP_POPULATE: the page tables are filled now (the pages exist already), so
+        # first execution takes no page fault and smaps shows the page sizes obtained.
+        self._sys.mmap(region.address, region.size, RX, MAP_SHARED | MAP_FIXED | MAP_POPULATE, region.fd, 0)
 
     def unmap(self, region: Region) -> None:
         self._sys.mmap(region.address, region.size, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED | MAP_NORESERVE)
