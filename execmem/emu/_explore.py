@@ -43,6 +43,9 @@ class Exploration:
     stuck: Witness | None = None
     seconds: float = 0.0
     runs: int = 0
+    #: Complete executions covered: paths from the initial state to a final state
+    #: through the explored state graph (exhaustive), or runs that finished (random).
+    schedules: int = 0
 
     @property
     def outcomes(self) -> list[Hashable]:
@@ -64,41 +67,48 @@ def exhaustive(
     started = time.perf_counter()
     result = Exploration()
     root = model.initial()
-    seen: set[Hashable] = {root.key()}
-    # Each frame: state, its successors, index of the next successor to try.
-    stack: list[tuple[MachineState, list[tuple[Step, MachineState]], int]] = []
+    root_key = root.key()
+    seen: set[Hashable] = {root_key}
+    # Successor keys per expanded state, to count the executions covered afterwards.
+    edges: dict[Hashable, list[Hashable]] = {}
+    finals: set[Hashable] = set()
     path: list[int] = []
     steps: list[Step] = []
 
-    def expand(st: MachineState) -> list[tuple[Step, MachineState]] | None:
+    def expand(st: MachineState, key: Hashable) -> list[tuple[Step, MachineState, tuple[object, ...]]] | None:
         result.states += 1
         if progress is not None and result.states % 1000 == 0:
             progress(result.states)
         if model.done(st):
+            finals.add(key)
             obs = observe(st)
             if obs not in result.finals:
                 result.finals[obs] = Witness(list(path), list(steps))
             return None
-        succ = model.successors(st)
+        succ = [(step, nxt, nxt.key()) for step, nxt in model.successors(st)]
+        edges[key] = [k for _, _, k in succ]
         if not succ and result.stuck is None:
             result.stuck = Witness(list(path), list(steps))
         return succ
 
-    succ = expand(root)
-    if succ:
-        stack.append((root, succ, 0))
+    # Each frame: successors of a state and the index of the next one to try.
+    stack: list[list[object]] = []
+    first = expand(root, root_key)
+    if first:
+        stack.append([first, 0])
     while stack:
-        st, succ, i = stack[-1]
+        frame = stack[-1]
+        succ, i = frame[0], frame[1]
+        assert isinstance(succ, list) and isinstance(i, int)
         if i >= len(succ):
             stack.pop()
             if path:
                 path.pop()
                 steps.pop()
             continue
-        stack[-1] = (st, succ, i + 1)
-        step, nxt = succ[i]
+        frame[1] = i + 1
+        step, nxt, key = succ[i]
         result.transitions += 1
-        key = nxt.key()
         if key in seen:
             continue
         seen.add(key)
@@ -107,14 +117,37 @@ def exhaustive(
             continue
         path.append(i)
         steps.append(step)
-        nsucc = expand(nxt)
+        nsucc = expand(nxt, key)
         if nsucc:
-            stack.append((nxt, nsucc, 0))
+            stack.append([nsucc, 0])
         else:
             path.pop()
             steps.pop()
+    result.schedules = _count_paths(root_key, edges, finals) if result.complete else 0
     result.seconds = time.perf_counter() - started
     return result
+
+
+def _count_paths(root: Hashable, edges: dict[Hashable, list[Hashable]], finals: set[Hashable]) -> int:
+    """Number of paths from ``root`` to a final state (the graph may have cycles:
+    a cycle contributes its acyclic unrollings only once, by memoizing on entry)."""
+    memo: dict[Hashable, int] = {}
+    stack: list[tuple[Hashable, int]] = [(root, 0)]
+    on_stack: set[Hashable] = {root}
+    while stack:
+        node, i = stack[-1]
+        succ = edges.get(node, [])
+        if i < len(succ):
+            stack[-1] = (node, i + 1)
+            nxt = succ[i]
+            if nxt not in memo and nxt not in on_stack:
+                stack.append((nxt, 0))
+                on_stack.add(nxt)
+            continue
+        stack.pop()
+        on_stack.discard(node)
+        memo[node] = (1 if node in finals else 0) + sum(memo.get(n, 0) for n in succ)
+    return memo.get(root, 0)
 
 
 def random_runs(
@@ -149,6 +182,7 @@ def random_runs(
         result.states += len(schedule)
         result.runs += 1
         if model.done(st):
+            result.schedules += 1
             obs = observe(st)
             if obs not in result.finals:
                 result.finals[obs] = Witness(schedule, steps)

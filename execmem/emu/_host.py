@@ -19,6 +19,7 @@ from execmem.emu._state import (
     WOLD,
     CpuState,
     MachineState,
+    join_into,
 )
 from execmem.emu._timeline import IC, TLBI, Event
 
@@ -52,7 +53,7 @@ def host_step(model: Model, st: MachineState, c: int) -> Iterator[Transition]:
     if kind == "store":
         va, data, release = args
         assert isinstance(va, int) and isinstance(data, bytes)
-        for pa, _walked, fault in model.translate(st, new, va, "w", new.views[RNEW]):
+        for pa, _walked, fault in model.translate(st, new, va, "w", new.views[RNEW], at=st.timeline.end):
             one = new.copy()
             if fault:
                 yield model.fault(st, c, one, 0, "DataAbort", f"{text} ({fault})")
@@ -107,11 +108,29 @@ def host_step(model: Model, st: MachineState, c: int) -> Iterator[Transition]:
             target = cpus[t].copy() if t != c else new
             target.irq = (*target.irq, (str(what), view, tag, int(arg) if isinstance(arg, int) else -1))
             cpus[t] = target
-        if action.kind == "ipi" and str(what) != "async-tlb":
-            new.acks = (*new.acks, *tags)
+        new.acks = (*new.acks, *tags)
         cpus[c] = new
         model.settle(new)
         yield _step(c, "host", 0, text, f"to CPUs {','.join(map(str, targets))}"), MachineState(st.timeline, tuple(cpus))  # type: ignore[call-overload]
+        return
+    if kind == "await":
+        # A kernel thread polling a flag with acquire semantics (smp_cond_load_acquire).
+        va, expected = args
+        assert isinstance(va, int) and isinstance(expected, int)
+        for pa, walked, fault in model.translate(st, new, va, "r", new.views[RNEW]):
+            if fault:
+                raise ModelError(f"await: {va:#x} is not readable ({fault})")
+            for data, post, gs in model.read_choices(st, new, pa, 8, max(new.views[RNEW], walked)):
+                if int.from_bytes(data, "little") != expected or not model.tlb_usable(st, new, va, walked, post):
+                    continue  # keeps polling: not a transition
+                one = new.copy()
+                for g in gs:
+                    one.coh = join_into(one.coh, g, post)
+                model.raise_view(one, ROLD, post)
+                for index in (RNEW, DCNEW, ICNEW):
+                    model.raise_view(one, index, post)
+                model.settle(one)
+                yield _step(c, "host", 0, text, f"read {expected:#x} (acquire)"), model.replace(st, c, one)
         return
     if kind == "wait":
         if new.acks:
@@ -125,7 +144,7 @@ def host_step(model: Model, st: MachineState, c: int) -> Iterator[Transition]:
         regs, pushes = model.isa.prepare_call(new.regs, target, call_args, RETURN_MAGIC)
         new.regs = regs
         for va, data in pushes:
-            for pa, _walked, fault in model.translate(st, new, va, "w", 0):
+            for pa, _walked, fault in model.translate(st, new, va, "w", 0, at=st.timeline.end):
                 if fault:
                     raise ModelError(f"call: stack at {va:#x} is not mapped writable")
                 new.sb = (*new.sb, model._store_entry(new, data, pa, va, _Plain(False), 0))
@@ -169,19 +188,36 @@ def deliveries(model: Model, st: MachineState, t: int) -> Iterator[Transition]:
         model.raise_view(new, index, view)
     tl = st.timeline
     detail = ""
+    cpus = list(st.cpus)
     if kind == "tlb":
         tl = tl.append(Event(TLBI, t, arg, page=t, note="ipi"))
         model.raise_view(new, ICOLD, tl.end)
         detail = f"local TLB invalidation @{tl.end}"
-    cpus = list(st.cpus)
+    elif kind == "dsb":
+        # The handler executes a DSB: it completes this CPU's pending TLBIs/ICs.
+        if new.sb:
+            return
+        completing = model.isa.STEP_FENCES["complete_tlbi"][0]
+        here = MachineState(tl, (*cpus[:t], new, *cpus[t + 1 :]))
+        completions = list(model.fence(here, t, new, completing, f"{completing} (IPI handler)", new.pc, new.pc))
+        if not completions:
+            return
+        for step, nst in completions:
+            yield from _finish_delivery(model, nst, t, tag, kind, f"handler ran DSB: {step.detail}")
+        return
     cpus[t] = new
+    yield from _finish_delivery(model, MachineState(tl, tuple(cpus)), t, tag, kind, detail)
+
+
+def _finish_delivery(model: Model, st: MachineState, t: int, tag: int, kind: str, detail: str) -> Iterator[Transition]:
+    cpus = list(st.cpus)
     sender = tag >> 24
     if tag in cpus[sender].acks:
         s = cpus[sender].copy()
         s.acks = tuple(a for a in s.acks if a != tag)
         model.settle(s)
         cpus[sender] = s
-    yield _step(t, "irq", new.pc, f"IPI ({kind}) from CPU{sender}", detail), MachineState(tl, tuple(cpus))
+    yield _step(t, "irq", cpus[t].pc, f"IPI ({kind}) from CPU{sender}", detail), MachineState(st.timeline, tuple(cpus))
 
 
 class _Plain:

@@ -170,6 +170,28 @@ class Machine(EmulatedBackend):
             self._symbols[name] = addr
         return addr
 
+    def page(self, perms: str = "rw", *, mapped: bool = True, value: bytes = b"") -> tuple[int, int]:
+        """A page mapped through a page-table entry (so it can be remapped while the
+        machine runs): returns (virtual address, physical frame)."""
+        from execmem.emu._kernel import pte_value
+
+        res = self.reserve(PAGE, PAGE)
+        frame = res.token.alias  # type: ignore[attr-defined]
+        self.poke(frame, value.ljust(PAGE, b"\0")[:PAGE])
+        if mapped:
+            pte = self._pte[res.address]
+            self._poke_physical(pte, pte_value(frame, perms).to_bytes(8, "little"))
+            res.mapped = True
+        return res.address, frame
+
+    def _poke_physical(self, pa: int, data: bytes) -> None:
+        g = self.isa.MODEL.granule
+        for i, b in enumerate(data):
+            gran = (pa + i) - (pa + i) % g
+            cur = bytearray(self._memory.get(gran, bytes(g)))
+            cur[pa + i - gran] = b
+            self._memory[gran] = bytes(cur)
+
     def symbol(self, name: str) -> int:
         try:
             return self._symbols[name]
@@ -178,13 +200,8 @@ class Machine(EmulatedBackend):
 
     def poke(self, va: int, data: bytes) -> None:
         """Initial memory contents (through a static mapping or a frame alias)."""
-        g = self.isa.MODEL.granule
-        for i, b in enumerate(data):
-            pa = self._pa(va + i)
-            gran = pa - pa % g
-            cur = bytearray(self._memory.get(gran, bytes(g)))
-            cur[pa - gran] = b
-            self._memory[gran] = bytes(cur)
+        for i in range(len(data)):
+            self._poke_physical(self._pa(va + i), data[i : i + 1])
         self._state = None if self._state is None else self._refresh(self._state)
 
     def _pa(self, va: int) -> int:
@@ -455,6 +472,10 @@ class HostProgram:
 
     def ipi(self, targets: Iterable[int], kind: str = "cse", arg: int = -1, *, note: str = "") -> HostProgram:
         return self._add("ipi", tuple(targets), kind, arg, note=note)
+
+    def await_value(self, va: int, value: int, note: str = "") -> HostProgram:
+        """Block until the 8 bytes at ``va`` read ``value`` (acquire, like smp_cond_load_acquire)."""
+        return self._add("await", va, value, note=note)
 
     def wait(self, note: str = "") -> HostProgram:
         return self._add("wait", note=note)

@@ -192,8 +192,15 @@ class Model:
             cpu.views[index] = value
 
     # ------------------------------------------------------------- translation
-    def translate(self, st: MachineState, cpu: CpuState, va: int, access: str, pre: int) -> list[tuple[int, int, str]]:
-        """(physical address, position the walk read, fault) for each allowed translation."""
+    def translate(
+        self, st: MachineState, cpu: CpuState, va: int, access: str, pre: int, *, at: int | None = None
+    ) -> list[tuple[int, int, str]]:
+        """(physical address, position the walk read, fault) for each allowed translation.
+
+        The entry must still be in the TLB where the access is placed: ``at`` (a store
+        becomes visible after everything already on the timeline), by default just
+        after the walk; reads placed later check again with :meth:`tlb_usable`.
+        """
         page = va - va % 0x1000
         static = self.config.static_map.get(page)
         if static is not None:
@@ -206,7 +213,7 @@ class Model:
         tl: Timeline = st.timeline
         out: list[tuple[int, int, str]] = []
         for w in (0, *tl.write_positions(pte)):
-            if w < tlb_floor(tl, pte, page, max(pre, w), cpu.index):
+            if w < tlb_floor(tl, pte, page, max(pre, w) if at is None else max(at, w), cpu.index):
                 continue  # a completed TLB invalidation removed this entry
             raw = b"".join(tl.value_at(g, w) for g in self.granules(pte, 8))
             entry = pte_decode(int.from_bytes(raw[:8], "little"))
@@ -217,6 +224,14 @@ class Model:
             if choice not in out:
                 out.append(choice)
         return out
+
+    def tlb_usable(self, st: MachineState, cpu: CpuState, va: int, walked: int, at: int) -> bool:
+        """Can an entry filled from the PTE write at ``walked`` still serve an access at ``at``?"""
+        page = va - va % 0x1000
+        pte = self.config.pte_addr.get(page)
+        if pte is None or page in self.config.static_map:
+            return True
+        return walked >= tlb_floor(st.timeline, pte, page, max(at, walked), cpu.index)
 
     # ------------------------------------------------------------- propagation
     def _eligible(self, cpu: CpuState, k: int) -> bool:
@@ -297,6 +312,8 @@ class Model:
                     results.append((acc, pre, records, notes, "InstructionAbort"))
                     continue
                 for chunk, anchor, record, note in self._fetch_granule(st, cpu, pa, max(pre, walked)):
+                    if not self.tlb_usable(st, cpu, va, walked, anchor):
+                        continue
                     data = acc + chunk
                     recs = (*records, record) if record else records
                     size = self.isa.instruction_length(data)
@@ -515,6 +532,11 @@ class Model:
         cpus[c] = cpu
         every = addr == ALL_LINES
         relevant: set[int] = set()
+        if kind == TLBI and any(every or s.va - s.va % 0x1000 == addr for x in cpus for s in x.sb):
+            # A completed TLB invalidation guarantees that accesses translated through
+            # the old entry are complete (Arm ARM D8.13; ESOP 2022 TLBI-ob): stores
+            # still buffered with the old translation must become visible first.
+            return
         if kind == TLBI:
             ptes = [g for page, g in self.config.pte_addr.items() if every or page == addr]
             for g in ptes:
@@ -611,13 +633,18 @@ class Model:
         per_access: list[list[tuple[int, int, str, tuple[bytes, int, list[int]] | None]]] = []
         for a in accesses:
             options: list[tuple[int, int, str, tuple[bytes, int, list[int]] | None]] = []
-            for pa, walked, fault in self.translate(st, cpu, a.addr, "r" if a.kind == "R" else "w", read_pre):
+            at = None if a.kind == "R" else st.timeline.end
+            for pa, walked, fault in self.translate(st, cpu, a.addr, "r" if a.kind == "R" else "w", read_pre, at=at):
                 if fault:
                     options.append((pa, walked, fault, None))
                 elif a.kind == "R":
                     line = st.timeline.line_of(pa - pa % self.granule)
                     pre = max(read_pre, walked, get(cpu.scl, line))
-                    options.extend((pa, walked, "", ch) for ch in self.read_choices(st, cpu, pa, a.size, pre))
+                    options.extend(
+                        (pa, walked, "", ch)
+                        for ch in self.read_choices(st, cpu, pa, a.size, pre)
+                        if self.tlb_usable(st, cpu, a.addr, walked, ch[1])
+                    )
                 else:
                     options.append((pa, walked, "", None))
             per_access.append(options)

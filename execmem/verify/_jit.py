@@ -1,0 +1,1 @@
+"""JIT scenarios (allocator flows on the modeled machine)."""
