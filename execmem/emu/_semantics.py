@@ -327,8 +327,8 @@ class Model:
         return results
 
     # ---------------------------------------------------------------- quanta
-    #: Instructions per quantum of native execution.
-    quantum_limit = 20_000
+    #: A quantum running this long without reaching a stop point is an error.
+    quantum_seconds = 30.0
 
     def _fast_ok(self, cpu: CpuState) -> bool:
         """Can the CPU run natively from here?  Only through immutable code whose
@@ -346,7 +346,7 @@ class Model:
         cpu = st.cpus[c]
         pci = self.pc_index
         regs = cpu.regs[: 8 * pci] + cpu.pc.to_bytes(8, "little") + cpu.regs[8 * pci + 8 :]
-        out = self.executor.quantum(c, regs, self.quantum_limit)
+        out = self.executor.quantum(c, regs, self.quantum_seconds)
         pc = int.from_bytes(out[8 * pci : 8 * pci + 8], "little")
         if pc == cpu.pc and out == regs:
             return None

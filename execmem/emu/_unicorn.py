@@ -91,6 +91,7 @@ class _Cpu:
         # Quanta: stop before every instruction the model must see, and anywhere
         # outside the immutable code whose instructions were all classified.
         self.fast = False
+        self.stopped = False
         if fast is not None and fast.ranges:
             for addr, code in fast.code:
                 self.poke(addr, code)
@@ -105,6 +106,7 @@ class _Cpu:
 
     def _on_stop(self, uc: object, addr: int, size: int, _ud: object) -> None:
         if self.fast:
+            self.stopped = True
             self.uc.emu_stop()  # before the instruction executes (tests/test_unicorn_pins.py)
 
     def _address(self, addr: int, size: int) -> int:
@@ -160,22 +162,34 @@ class _Cpu:
             lib.uc_reg_read_batch(self.handle, self.ids, self.ptrs, self.nregs)
         return Outcome(bytes(self.vals), tuple(self.accesses), self.fault)
 
-    def quantum(self, pc_index: int, regs: bytes, limit: int) -> bytes:
-        """Run natively from PC until a stop point or ``limit`` instructions."""
+    def quantum(self, pc_index: int, regs: bytes, seconds: float) -> bytes:
+        """Run natively from PC until the next stop point.
+
+        No instruction count: Unicorn's count hook alone costs ~25x on tight loops,
+        and the end point is deterministic anyway (register-only code in immutable
+        pages cannot observe other CPUs).  ``seconds`` only bounds a register-only
+        infinite loop, which is reported.
+        """
         ctypes.memmove(self.vals, regs, 8 * self.nregs)
         lib = _ucmod.uclib
         lib.uc_reg_write_batch(self.handle, self.ids, self.ptrs, self.nregs)
         self.fast = True
+        self.stopped = False
         self.accesses = []
         self.fault = ""
+        # count=0 after counted runs flushes every translated block (probe notes);
+        # harmless here: the executor never relies on Unicorn's cache for semantics.
+        self.translated.clear()
         try:
-            self.uc.emu_start(self.vals[pc_index], UNTIL, count=limit)
+            self.uc.emu_start(self.vals[pc_index], UNTIL, timeout=int(seconds * 1e6), count=0)
         except unicorn.unicorn.UcError as exc:
             self.fault = str(exc)
         finally:
             self.fast = False
         if self.accesses or self.fault:
             raise ModelError(f"a quantum touched memory or faulted ({self.fault or self.accesses[0]})")
+        if not self.stopped:
+            raise ModelError(f"guest code ran {seconds:.0f} s without touching memory (an endless register-only loop?)")
         lib.uc_reg_read_batch(self.handle, self.ids, self.ptrs, self.nregs)
         return bytes(self.vals)
 
@@ -240,9 +254,9 @@ class Executor:
         self._memo[key] = outcome
         return outcome
 
-    def quantum(self, cpu: int, regs: bytes, limit: int) -> bytes:
+    def quantum(self, cpu: int, regs: bytes, seconds: float) -> bytes:
         self.executed += 1
-        return self._cpus[cpu].quantum(self.pc_index, regs, limit)
+        return self._cpus[cpu].quantum(self.pc_index, regs, seconds)
 
     def instance(self, cpu: int) -> unicorn.unicorn.Uc:
         return self._cpus[cpu].uc

@@ -1,0 +1,1 @@
+"""Benchmarks: execmem versus the usual way, and the modeled machine versus raw Unicorn."""

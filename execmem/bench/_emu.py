@@ -1,0 +1,105 @@
+"""Benchmarks of the modeled machine (ratios against a baseline measured in the same run).
+
+* ``guest_throughput``: a register-only loop (no racing accesses) on the modeled
+  machine versus the same code on one raw Unicorn instance (``emu_start`` with no
+  hooks and no instruction count: Unicorn's fastest mode).
+* ``exploration_time``: exhaustive exploration of a two-thread program of
+  litmus size (message passing with cache maintenance, 6-7 instructions a thread).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import statistics
+import time
+from dataclasses import dataclass
+
+import unicorn
+
+from execmem import arch as _arch
+from execmem.emu import Machine
+from execmem.emu._machine import assemble
+
+LOOPS = {
+    "arm64": "movz x1, #{lo}\nmovk x1, #{hi}, lsl #16\nloop: add x0, x0, x1\neor x3, x0, x1\nsubs x1, x1, #1\nb.ne loop\nend: nop",
+    "x86_64": "mov rcx, {n}\nloop: add rax, rcx\nxor rdx, rax\ndec rcx\njnz loop\nend: nop",
+}
+#: Instructions the loop executes for n iterations (4 per iteration plus set-up).
+def _instructions(arch: str, n: int) -> int:
+    return 4 * n + (2 if arch == "arm64" else 1)
+
+
+@dataclass
+class Throughput:
+    arch: str
+    instructions: int
+    raw_seconds: float
+    model_seconds: float
+
+    @property
+    def raw_mips(self) -> float:
+        return self.instructions / self.raw_seconds / 1e6
+
+    @property
+    def model_mips(self) -> float:
+        return self.instructions / self.model_seconds / 1e6
+
+    @property
+    def ratio(self) -> float:
+        return self.raw_seconds / self.model_seconds
+
+
+def _raw(arch: str, code: bytes, labels: dict[str, int], base: int) -> float:
+    spec = _arch.get(arch)
+    assert spec.engines.unicorn is not None
+    uc = unicorn.unicorn.Uc(*spec.engines.unicorn)
+    buf = ctypes.create_string_buffer(0x10000)
+    uc.mem_map_ptr(base, 0x10000, unicorn.UC_PROT_ALL, ctypes.addressof(buf))
+    ctypes.memmove(buf, code, len(code))
+    started = time.perf_counter()
+    uc.emu_start(base, labels["end"])
+    return time.perf_counter() - started
+
+
+def guest_throughput(arch: str, *, iterations: int = 2_000_000, repeats: int = 5) -> Throughput:
+    src = LOOPS[arch].format(n=iterations, lo=iterations & 0xFFFF, hi=iterations >> 16)
+    base = 0x10_0000
+    code, labels = assemble(_arch.get(arch), src, base)
+    raw, model = [], []
+    for _ in range(repeats):
+        raw.append(_raw(arch, code, labels, base))
+        m = Machine(arch, cpus=1)
+        m.load(0, src, at=base)
+        m.model()  # build the Unicorn instances outside the timed part, as for raw
+        started = time.perf_counter()
+        m.run_sequential()
+        model.append(time.perf_counter() - started)
+    return Throughput(arch, _instructions(arch, iterations), statistics.median(raw), statistics.median(model))
+
+
+def exploration_time(*, repeats: int = 5) -> tuple[float, int]:
+    """Median seconds to explore message passing with cache maintenance exhaustively."""
+    times, states = [], 0
+    for _ in range(repeats):
+        m = Machine("arm64", cpus=2, line_size=4)
+        reader = m.load(1, "ldr w2, [x3]\ncbnz w2, l1\nl1: isb\nm0: b l0\nmov w9, #1\nl0:", perms="rwx")
+        flag = m.alloc(4)
+        m.load(0, "str w0, [x1]\ndc cvau, x1\ndsb ish\nic ivau, x1\ndsb ish\nstr w2, [x3]", perms="rwx")
+        m.set_reg(0, "x0", 0xD503201F)
+        m.set_reg(0, "x1", reader.labels["m0"])
+        m.set_reg(0, "x2", 1)
+        for c in (0, 1):
+            m.set_reg(c, "x3", flag)
+        started = time.perf_counter()
+        result = m.explore(lambda st, m=m: (m.reg(st, 1, "w2"), m.reg(st, 1, "w9")))
+        times.append(time.perf_counter() - started)
+        states = result.states
+    return statistics.median(times), states
+
+
+if __name__ == "__main__":
+    for arch in ("arm64", "x86_64"):
+        t = guest_throughput(arch)
+        print(f"{arch}: raw {t.raw_mips:.0f} M insn/s, modeled {t.model_mips:.0f} M insn/s, ratio {t.ratio:.2f}")
+    seconds, states = exploration_time()
+    print(f"two-thread exhaustive exploration: {seconds * 1000:.0f} ms, {states} states")
