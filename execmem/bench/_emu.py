@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import unicorn
 
 from execmem import arch as _arch
-from execmem.emu import Machine
+from execmem.emu import Machine, MachineState
 from execmem.emu._machine import assemble
 
 LOOPS = {
@@ -90,8 +90,11 @@ def exploration_time(*, repeats: int = 5) -> tuple[float, int]:
         m.set_reg(0, "x2", 1)
         for c in (0, 1):
             m.set_reg(c, "x3", flag)
+        def observe(st: MachineState, m: Machine = m) -> tuple[int, int]:
+            return m.reg(st, 1, "w2"), m.reg(st, 1, "w9")
+
         started = time.perf_counter()
-        result = m.explore(lambda st, m=m: (m.reg(st, 1, "w2"), m.reg(st, 1, "w9")))
+        result = m.explore(observe)
         times.append(time.perf_counter() - started)
         states = result.states
     return statistics.median(times), states
