@@ -377,7 +377,11 @@ class Model:
                 if record not in base.fetches:
                     base.fetches = (*base.fetches, record)
             if fault:
-                out.append(self.fault(st, c, base, cpu.pc, fault, "(fetch)"))
+                valid_at = self.spurious(st, cpu, cpu.pc, "x")
+                if valid_at and valid_at > max(cpu.views[FNEW], cpu.views[FETCH]):
+                    out.append(self.retry(st, c, base, cpu.pc, valid_at, "(fetch)"))
+                else:
+                    out.append(self.fault(st, c, base, cpu.pc, fault, "(fetch)"))
                 continue
             d = self.isa.decode_bytes(insn)
             for step, new_st in self._perform(st, c, base, insn, d):
@@ -423,6 +427,35 @@ class Model:
         yield from self._execute(st, c, cpu, insn, d)
 
     # ------------------------------------------------------------------ faults
+    def spurious(self, st: MachineState, cpu: CpuState, va: int, access: str) -> int:
+        """Position of the PTE write that makes a translation fault spurious, or 0.
+
+        A walk placed in the past may read an entry that was invalid then but is
+        valid now.  The kernel's fault handler finds the current entry valid and
+        returns (exception return: context-synchronizing), and the instruction is
+        retried after the handler's read of the entry.
+        """
+        page = va - va % 0x1000
+        pte = self.config.pte_addr.get(page)
+        if pte is None:
+            return 0
+        tl: Timeline = st.timeline
+        latest = max(tl.latest_write_at(g, tl.end) for g in self.granules(pte, 8))
+        raw = b"".join(tl.value_at(g, tl.end) for g in self.granules(pte, 8))
+        entry = pte_decode(int.from_bytes(raw[:8], "little"))
+        if entry is None or check_perms(entry[1], access) or latest == 0:
+            return 0
+        return latest
+
+    def retry(self, st: MachineState, c: int, cpu: CpuState, pc: int, seen: int, text: str) -> Transition:
+        """The kernel fixed a spurious fault up: synchronize and run the instruction again."""
+        for target, sources in self.rules.fences["exception"].joins:
+            self.join(cpu, target, sources)
+        for index in (RNEW, DCNEW, ICNEW, FNEW):
+            self.raise_view(cpu, index, seen)
+        cpu.pc = pc
+        return Step(c, "fault", pc, text, "spurious translation fault: the kernel returns and it is retried"), self.replace(st, c, cpu)
+
     def fault(self, st: MachineState, c: int, cpu: CpuState, pc: int, kind: str, text: str) -> Transition:
         cpu.faults = (*cpu.faults, (pc, kind))
         handler = self.config.handlers[c]
@@ -649,10 +682,15 @@ class Model:
                     options.append((pa, walked, "", None))
             per_access.append(options)
         for combo in itertools.product(*per_access):
-            faults = [f for _, _, f, _ in combo if f]
+            faults = [(a, f) for a, (_, _, f, _) in zip(accesses, combo, strict=True) if f]
             new = cpu.copy()
             if faults:
-                yield self.fault(st, c, new, pc, "DataAbort", f"{d.text} ({faults[0]})")
+                a, f = faults[0]
+                valid_at = self.spurious(st, cpu, a.addr, "r" if a.kind == "R" else "w")
+                if valid_at and valid_at > read_pre:
+                    yield self.retry(st, c, new, pc, valid_at, d.text)
+                else:
+                    yield self.fault(st, c, new, pc, "DataAbort", f"{d.text} ({f})")
                 continue
             plan = tuple(ch[0] for (_, _, _, ch) in combo if ch is not None)
             out = ex.run(c, regs, insn, plan if memory_op else ())
