@@ -23,6 +23,7 @@ from execmem._errors import (
     UnsupportedError,
 )
 from execmem.native import NativeBackend, _procmaps, _routines
+from tests._threads import second_thread
 
 
 def S(backend: NativeBackend) -> dict[str, Any]:
@@ -33,6 +34,14 @@ def S(backend: NativeBackend) -> dict[str, Any]:
 pytestmark = pytest.mark.skipif(
     platform.machine().lower() not in ("x86_64", "amd64"), reason="test programs are x86-64 code"
 )
+
+
+@pytest.fixture(autouse=True)
+def _other_thread() -> Iterator[None]:
+    """remote_cse is skipped in a single-threaded process; these tests exercise the real one."""
+    with second_thread():
+        yield
+
 
 W_X_MODES = ("dual", "mprotect")
 MODES = ("dual", "mprotect", "rwx")
@@ -409,3 +418,20 @@ def test_reservation_token_is_private() -> None:
         fake = Reservation(r.address, r.size)
         with pytest.raises(BadStateError):
             b.map(fake)
+
+
+def test_remote_cse_is_skipped_in_a_single_threaded_process() -> None:
+    """With no other thread, membarrier has nothing to synchronize (run in a child
+    process: the test runner itself may have threads)."""
+    import subprocess
+    import sys
+
+    code = (
+        "from execmem.native import NativeBackend\n"
+        "b = NativeBackend()\n"
+        "b.run_step('remote_cse', [])\n"
+        "print(dict(b.stats()['sync']['remote_cse_runs']))\n"
+        "b.close()\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "skipped: single thread" in out

@@ -23,6 +23,7 @@ from execmem.native._libc import (
     MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED_SYNC_CORE as REG_SYNC_CORE,
 )
 from execmem.native._libc import PROT_EXEC
+from tests._threads import second_thread
 
 
 def S(backend: NativeBackend) -> dict[str, Any]:
@@ -33,6 +34,14 @@ def S(backend: NativeBackend) -> dict[str, Any]:
 pytestmark = pytest.mark.skipif(
     platform.machine().lower() not in ("x86_64", "amd64"), reason="test programs are x86-64 code"
 )
+
+
+@pytest.fixture(autouse=True)
+def _other_thread() -> Iterator[None]:
+    """remote_cse is skipped in a single-threaded process; these tests exercise the real one."""
+    with second_thread():
+        yield
+
 
 ADD = bytes.fromhex("488d0437c3")  # lea rax, [rdi + rsi]; ret
 SAFE = lambda: _sync.ProbeResult(True, "test")  # noqa: E731
