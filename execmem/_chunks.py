@@ -1,0 +1,221 @@
+"""Chunk bookkeeping for one pack: bit vectors kept outside executable memory.
+
+A pack is carved into ``n`` chunks of the allocator's granularity.  As asmjit's
+``JitAllocator`` does, two bit vectors describe the allocations:
+
+* ``used``: bit ``i`` set when chunk ``i`` belongs to a text (any state but freed);
+* ``stop``: bit ``i`` set on the *last* chunk of each allocation, so that freeing
+  needs only the first chunk index (the size is recovered by scanning to the stop).
+
+A third vector, ``quarantined``, holds chunks that were freed but whose virtual
+addresses must not be handed out again before a synchronization epoch completes
+(see ``_allocator``: another CPU may still hold instructions fetched from them).
+Each quarantined span remembers the epoch stamp of its free.
+
+Free chunks are ``~(used | quarantined)``; neighbouring free chunks merge by
+construction.  Python integers serve as bit vectors: a first-fit search for ``k``
+consecutive free chunks is ``O(log k)`` shifts and ands over the whole vector (the
+classic doubling trick), which for a 2 MiB pack of 64-byte chunks (32768 bits) is a
+few microseconds.
+
+Everything here is pure: no I/O, no knowledge of addresses or architectures.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+#: Chunk states reported by :meth:`ChunkMap.states` / :meth:`ChunkMap.runs`.
+LIVE, FREE, QUARANTINED = "live", "free", "quarantined"
+_STATE_CHAR = {LIVE: "L", FREE: ".", QUARANTINED: "q"}
+
+
+@lru_cache(maxsize=256)
+def _every(step: int, nbits: int) -> int:
+    """Bits 0, step, 2*step, ... below ``nbits`` set."""
+    if step <= 1:
+        return (1 << nbits) - 1
+    count = -(-nbits // step)
+    # sum_{j<count} 2^(j*step) == (2^(count*step) - 1) / (2^step - 1)
+    return (((1 << (count * step)) - 1) // ((1 << step) - 1)) & ((1 << nbits) - 1)
+
+
+def run_starts(bits: int, length: int) -> int:
+    """Positions ``i`` such that bits ``i .. i+length-1`` are all set in ``bits``."""
+    if length <= 0:
+        raise ValueError("run length must be positive")
+    result = -1  # all ones: neutral for &
+    result_len = 0
+    cur, cur_len = bits, 1
+    remaining = length
+    while remaining:
+        if remaining & 1:
+            result = cur if result_len == 0 else result & (cur >> result_len)
+            result_len += cur_len
+        remaining >>= 1
+        if remaining:
+            cur &= cur >> cur_len
+            cur_len *= 2
+    return result
+
+
+@dataclass
+class _Span:
+    start: int
+    count: int
+    stamp: int
+
+
+class ChunkMap:
+    """Allocation state of ``n`` chunks (see the module docstring)."""
+
+    def __init__(self, n: int) -> None:
+        if n <= 0:
+            raise ValueError("a chunk map needs at least one chunk")
+        self.n = n
+        self._all = (1 << n) - 1
+        self.used = 0
+        self.stop = 0
+        self.quarantined = 0
+        self._spans: list[_Span] = []
+
+    # -- queries -------------------------------------------------------------------------
+
+    @property
+    def free(self) -> int:
+        return self._all & ~(self.used | self.quarantined)
+
+    def count(self, state: str) -> int:
+        if state == LIVE:
+            return self.used.bit_count()
+        if state == QUARANTINED:
+            return self.quarantined.bit_count()
+        if state == FREE:
+            return self.free.bit_count()
+        raise ValueError(f"unknown chunk state {state!r}")
+
+    @property
+    def empty(self) -> bool:
+        """No chunk belongs to a text (quarantined chunks may remain)."""
+        return self.used == 0
+
+    def state(self, index: int) -> str:
+        bit = 1 << index
+        if self.used & bit:
+            return LIVE
+        if self.quarantined & bit:
+            return QUARANTINED
+        return FREE
+
+    def find(self, count: int, step: int = 1, *, among: int | None = None, within: int | None = None) -> int | None:
+        """First index ``i`` (a multiple of ``step``) where ``count`` chunks are free.
+
+        ``among`` replaces the free vector (e.g. free | quarantined, to ask whether
+        quarantined space would do); ``within`` masks the candidates further.
+        """
+        if count <= 0 or count > self.n:
+            return None
+        bits = self.free if among is None else among & self._all
+        if within is not None:
+            bits &= within
+        starts = run_starts(bits, count) & _every(step, self.n)
+        # A run must end inside the map: starts beyond n - count are impossible anyway
+        # because bits above n are clear, but keep the mask explicit.
+        starts &= (1 << (self.n - count + 1)) - 1
+        if not starts:
+            return None
+        return (starts & -starts).bit_length() - 1
+
+    def span_of(self, start: int) -> int:
+        """Length of the allocation that starts at chunk ``start``."""
+        bit = 1 << start
+        if not self.used & bit:
+            raise ValueError(f"chunk {start} is not allocated")
+        if start and self.used & (bit >> 1) and not self.stop & (bit >> 1):
+            raise ValueError(f"chunk {start} is inside an allocation, not at its start")
+        above = self.stop >> start
+        if not above:
+            raise ValueError(f"allocation at chunk {start} has no stop bit")
+        return (above & -above).bit_length()
+
+    def is_free(self, start: int, count: int) -> bool:
+        mask = ((1 << count) - 1) << start
+        return start >= 0 and start + count <= self.n and self.free & mask == mask
+
+    # -- updates -------------------------------------------------------------------------
+
+    def take(self, start: int, count: int) -> None:
+        """Mark ``count`` free chunks from ``start`` as one allocation."""
+        if not self.is_free(start, count):
+            raise ValueError(f"chunks [{start}, {start + count}) are not all free")
+        self.used |= ((1 << count) - 1) << start
+        self.stop |= 1 << (start + count - 1)
+
+    def release(self, start: int) -> int:
+        """Free the allocation starting at ``start``; returns its length in chunks."""
+        count = self.span_of(start)
+        self.used &= ~(((1 << count) - 1) << start)
+        self.stop &= ~(1 << (start + count - 1))
+        return count
+
+    def quarantine(self, start: int, count: int, stamp: int) -> None:
+        """Hold free chunks back until an epoch started after ``stamp`` completes."""
+        mask = ((1 << count) - 1) << start
+        if (self.used | self.quarantined) & mask:
+            raise ValueError(f"chunks [{start}, {start + count}) are not free")
+        self.quarantined |= mask
+        self._spans.append(_Span(start, count, stamp))
+
+    def mature(self, completed: int) -> int:
+        """Return to the free pool every span whose stamp is below ``completed``.
+
+        Returns the number of chunks released.
+        """
+        released = 0
+        kept: list[_Span] = []
+        for span in self._spans:
+            if completed > span.stamp:
+                self.quarantined &= ~(((1 << span.count) - 1) << span.start)
+                released += span.count
+            else:
+                kept.append(span)
+        self._spans = kept
+        return released
+
+    def quarantine_stamps(self) -> list[tuple[int, int, int]]:
+        """``(start, count, stamp)`` of every quarantined span."""
+        return [(s.start, s.count, s.stamp) for s in self._spans]
+
+    def reset(self) -> None:
+        """Everything free, no quarantine (a pack reused after an epoch)."""
+        self.used = self.stop = self.quarantined = 0
+        self._spans = []
+
+    # -- reporting -----------------------------------------------------------------------
+
+    def states(self) -> str:
+        """One character per chunk: ``L`` live, ``.`` free, ``q`` quarantined."""
+        return "".join(_STATE_CHAR[state] * length for state, length in self.runs())
+
+    def runs(self) -> list[tuple[str, int]]:
+        """Run-length encoded chunk states, e.g. ``[("live", 3), ("free", 509)]``."""
+        out: list[tuple[str, int]] = []
+        index = 0
+        while index < self.n:
+            state = self.state(index)
+            if state == LIVE:
+                vec = self.used
+            elif state == QUARANTINED:
+                vec = self.quarantined & ~self.used
+            else:
+                vec = self.free
+            # Length of the run of set bits from index.
+            above = ~(vec >> index)
+            length = min((above & -above).bit_length() - 1, self.n - index)
+            out.append((state, length))
+            index += length
+        return out
+
+
+__all__ = ["FREE", "LIVE", "QUARANTINED", "ChunkMap", "run_starts"]
