@@ -1,0 +1,555 @@
+"""Strict parser (and printer) of herd7's AArch64 litmus format.
+
+A file is split as herd7's lib/splitter.mll does (read for the format only):
+
+1. the header ``AArch64 NAME`` (optionally ``(texname)`` and a ``"doc"`` string);
+2. ``Key=value`` lines, comments and a quoted doc string, up to ``{``;
+3. the init block ``{ ... }`` (state language, :mod:`._condition`);
+4. the code: a thread header ``P0 | P1 | P1.F ;`` then rows of ``|``-separated cells,
+   each ending with ``;``; a cell holds labels (``l1: l2:``) and at most one instruction;
+5. from the first ``exists``/``~exists``/``forall``/``final``/``locations``/``filter``
+   to the end: the condition (state language).
+
+Anything else is an error: :class:`execmem.LitmusError` with ``"<file>:<line>: <what>"``
+(never another exception type).  Inputs are bounded (:data:`MAX_TEXT`, thread, row and
+nesting limits) and every regular expression is linear.
+"""
+
+from __future__ import annotations
+
+import bisect
+import os
+import re
+from collections.abc import Iterator
+
+from execmem._errors import LitmusError
+from execmem.litmus._ast import (
+    Array,
+    CodeLabel,
+    CodeLine,
+    FaultAtom,
+    FrozenMap,
+    Init,
+    LitmusTest,
+    Loc,
+    LocAtom,
+    Mem,
+    Prop,
+    Reg,
+    Thread,
+    Value,
+    ValueAtom,
+    atoms,
+)
+from execmem.litmus._condition import (
+    MAX_INSTR_TEXT,
+    _Src,
+    parse_constraints,
+    parse_init,
+    skip_comment,
+)
+
+MAX_TEXT = 1 << 20  # characters
+MAX_THREADS = 64
+MAX_ROWS = 20_000
+
+_HEADER = re.compile(
+    r"[ \t]*([A-Za-z0-9_]+)[ \t]+([A-Za-z0-9_/.\-+\[\]:]+)[ \t]*"
+    r"(?:\(([A-Za-z][A-Za-z0-9_/.\-]*)\)[ \t]*)?"
+    r'(?:"([^"\n]*)"[ \t]*)?;?'
+)
+_KEYVAL = re.compile(r"([A-Za-z][A-Za-z0-9_/.\-]*)[ \t]*=[ \t]*([^\n]*)")
+_SPLIT_NAME = re.compile(r"[A-Za-z0-9_$.][A-Za-z0-9_/.\-$]*")
+_COND_KEYWORDS = frozenset(
+    ["exists", "forall", "final", "locations", "filter", "observed", "Observed", "cases"]
+)
+_BAD_CHAR = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
+_THREAD = re.compile(
+    r"P([0-9]{1,3})(\.F)?(?::([A-Za-z_.$][A-Za-z0-9_/.$]*(?:,[A-Za-z_.$][A-Za-z0-9_/.$]*)*))?"
+)
+_CODE_LABEL = re.compile(r"([A-Za-z_.$][A-Za-z0-9_/.$]*)[ \t\n]*:")
+_INSTR_START = re.compile(r"[A-Za-z.]")
+_INSTR_BAD = re.compile(r"[^\x20-\x7e]|[\"`|;]")
+
+
+class _Text:
+    """The source with a position -> line map."""
+
+    def __init__(self, text: str, fname: str) -> None:
+        self.text = text
+        self.fname = fname
+        self.src = _Src(fname)
+        self._nl = [i for i, c in enumerate(text) if c == "\n"]
+
+    def line(self, pos: int) -> int:
+        return bisect.bisect_left(self._nl, pos) + 1
+
+    def fail(self, pos: int, what: str) -> LitmusError:
+        return LitmusError(f"{self.fname}:{self.line(pos)}: {what}")
+
+
+def parse_file(path: str | os.PathLike[str]) -> LitmusTest:
+    """Read and parse a ``.litmus`` file (UTF-8, at most :data:`MAX_TEXT` bytes)."""
+    p = os.fspath(path)
+    try:
+        with open(p, "rb") as f:
+            data = f.read(MAX_TEXT + 1)
+    except OSError as e:
+        raise LitmusError(f"{p}:1: cannot read: {e.strerror or e}") from None
+    if len(data) > MAX_TEXT:
+        raise LitmusError(f"{p}:1: file larger than {MAX_TEXT} bytes")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise LitmusError(f"{p}:{line}: not UTF-8 text") from None
+    return parse_litmus(text, p)
+
+
+def parse_litmus(text: str, path: str | None = None) -> LitmusTest:
+    """Parse the text of one test; ``path`` is only used in messages and kept."""
+    fname = path if path is not None else "<litmus>"
+    if not isinstance(text, str):
+        raise LitmusError(f"{fname}:1: expected text, got {type(text).__name__}")
+    if len(text) > MAX_TEXT:
+        raise LitmusError(f"{fname}:1: text longer than {MAX_TEXT} characters")
+    try:
+        return _parse(text, path, fname)
+    except RecursionError:
+        raise LitmusError(f"{fname}:1: input nested too deeply") from None
+
+
+def _parse(raw: str, path: str | None, fname: str) -> LitmusTest:
+    text = raw.removeprefix("\ufeff").replace("\r\n", "\n").replace("\r", " ")
+    t = _Text(text, fname)
+    bad = _BAD_CHAR.search(text)
+    if bad:
+        raise t.fail(bad.start(), f"control character {bad.group(0)!r} in the text")
+
+    # 1. header
+    m = _HEADER.match(text)
+    if not m:
+        raise t.fail(0, "expected 'AArch64 <name>' on the first line")
+    arch, name, texname, doc = m.group(1), m.group(2), m.group(3), m.group(4)
+    if arch != "AArch64":
+        raise t.fail(0, f"'{arch}' tests are not supported (only AArch64)")
+    pos = _skip_blanks_and_comments(t, m.end(), newline=False)
+    if pos < len(text) and text[pos] != "\n":
+        raise t.fail(pos, "unexpected text after the test name")
+
+    # 2. key=value lines up to '{'
+    info: dict[str, str] = {}
+    info_lines: dict[str, int] = {}
+    while True:
+        pos = _skip_blanks_and_comments(t, pos, newline=True)
+        if pos >= len(text):
+            raise t.fail(pos, "missing init block '{'")
+        c = text[pos]
+        if c == "{":
+            break
+        if c == '"':
+            end = text.find('"', pos + 1)
+            if end < 0:
+                raise t.fail(pos, "unterminated doc string")
+            if doc is not None:
+                raise t.fail(pos, "a second doc string")
+            doc = text[pos + 1 : end]
+            pos = end + 1
+            continue
+        kv = _KEYVAL.match(text, pos)
+        if not kv:
+            raise t.fail(pos, "expected 'Key=value', a comment or the init block '{'")
+        key, value = kv.group(1), kv.group(2).rstrip(" \t")
+        if any(k.lower() == key.lower() for k in info):
+            raise t.fail(pos, f"'{key}' is given twice")
+        info[key] = value
+        info_lines[key] = t.line(pos)
+        pos = kv.end()
+
+    # 3. init block
+    init_start = pos + 1
+    init_end = _matching_brace(t, pos)
+    init = parse_init(text[init_start:init_end], t.line(init_start), fname)
+
+    # 4/5. code, then constraints
+    code_start = init_end + 1
+    cond_start = _find_constraints(t, code_start)
+    threads = _parse_code(t, code_start, cond_start)
+    locs, filt, condition = parse_constraints(text[cond_start:], t.line(cond_start), fname)
+
+    variants, cache_type = _digest_info(t, info, info_lines)
+    test = LitmusTest(
+        name=name,
+        path=path,
+        info=FrozenMap(info),
+        variants=variants,
+        cache_type=cache_type,
+        init=init,
+        threads=threads,
+        condition=condition,
+        locations_clause=locs,
+        filter=filt,
+        doc=doc,
+        texname=texname,
+    )
+    _check_references(t, test, cond_start, init_start)
+    return test
+
+
+def _skip_blanks_and_comments(t: _Text, pos: int, newline: bool) -> int:
+    text = t.text
+    n = len(text)
+    while pos < n:
+        c = text[pos]
+        if c in " \t" or (newline and c == "\n"):
+            pos += 1
+        elif text.startswith("(*", pos):
+            pos, _ = skip_comment(text, pos, t.line(pos), t.src)
+        else:
+            break
+    return pos
+
+
+def _matching_brace(t: _Text, pos: int) -> int:
+    """``text[pos] == '{'``: the position of the matching ``}`` (comments and strings
+    are skipped)."""
+    text = t.text
+    depth = 0
+    i = pos
+    n = len(text)
+    while i < n:
+        c = text[i]
+        if c == "{":
+            depth += 1
+        elif c == "}":
+            depth -= 1
+            if depth == 0:
+                return i
+        elif c == '"':
+            end = text.find('"', i + 1)
+            nl = text.find("\n", i + 1)
+            if end < 0 or (0 <= nl < end):
+                raise t.fail(i, "unterminated string")
+            i = end
+        elif text.startswith("(*", i):
+            i, _ = skip_comment(text, i, t.line(i), t.src)
+            continue
+        i += 1
+    raise t.fail(pos, "unterminated init block '{' (missing '}')")
+
+
+def _find_constraints(t: _Text, pos: int) -> int:
+    """Where the constraint section starts (its first keyword), or the end of text."""
+    text = t.text
+    n = len(text)
+    while pos < n:
+        c = text[pos]
+        if text.startswith("(*", pos):
+            pos, _ = skip_comment(text, pos, t.line(pos), t.src)
+            continue
+        if c == '"':
+            raise t.fail(pos, "unexpected '\"' in the code")
+        if c == "~":
+            j = pos + 1
+            while j < n and text[j] in " \t":
+                j += 1
+            m = _SPLIT_NAME.match(text, j)
+            if m and m.group(0) == "exists":
+                return pos
+            pos += 1
+            continue
+        m = _SPLIT_NAME.match(text, pos)
+        if m:
+            if m.group(0) in _COND_KEYWORDS:
+                return pos
+            pos = m.end()
+            continue
+        pos += 1
+    return n
+
+
+def _strip_comments(t: _Text, start: int, end: int) -> str:
+    """``text[start:end]`` with comments blanked (newlines kept, same length)."""
+    text = t.text
+    out: list[str] = []
+    i = start
+    while i < end:
+        if text.startswith("(*", i):
+            j, _ = skip_comment(text, i, t.line(i), t.src)
+            if j > end:
+                raise t.fail(i, "comment runs into the condition")
+            out.append("".join("\n" if ch == "\n" else " " for ch in text[i:j]))
+            i = j
+        else:
+            out.append(text[i])
+            i += 1
+    return "".join(out)
+
+
+def _segments(code: str, base: int, sep: str) -> Iterator[tuple[int, str]]:
+    """``code`` split on ``sep``: (absolute start, piece)."""
+    i = 0
+    while True:
+        j = code.find(sep, i)
+        if j < 0:
+            yield base + i, code[i:]
+            return
+        yield base + i, code[i:j]
+        i = j + 1
+
+
+def _first_nonblank(s: str) -> int:
+    return len(s) - len(s.lstrip())
+
+
+def _parse_code(t: _Text, start: int, end: int) -> tuple[Thread, ...]:
+    code = _strip_comments(t, start, end)
+    segs = list(_segments(code, start, ";"))
+    last_pos, last = segs.pop()  # after the final ';'
+    if last.strip():
+        raise t.fail(last_pos + _first_nonblank(last), "missing ';' at the end of the row")
+    if not segs:
+        raise t.fail(start, "missing the thread header 'P0 | P1 ... ;'")
+    if len(segs) > MAX_ROWS:
+        raise t.fail(start, f"more than {MAX_ROWS} code rows")
+    if not segs[0][1].strip() and len(segs) > 1:
+        segs.pop(0)  # herd accepts one ';' before the header
+    head_pos, head = segs[0]
+
+    # thread header
+    threads_meta: list[tuple[str, int, bool, tuple[str, ...], int]] = []
+    nmain = 0
+    handlers: set[int] = set()
+    for cpos, cell in _segments(head, head_pos, "|"):
+        cell_pos = cpos + _first_nonblank(cell)
+        word = cell.strip()
+        m = _THREAD.fullmatch(word)
+        if not m:
+            raise t.fail(cell_pos, f"expected a thread name P<n> or P<n>.F, found '{word}'")
+        proc, handler = int(m.group(1)), m.group(2) is not None
+        if handler:
+            if proc >= nmain:
+                raise t.fail(cell_pos, f"fault handler P{proc}.F of an undefined thread")
+            if proc in handlers:
+                raise t.fail(cell_pos, f"two fault handlers for P{proc}")
+            handlers.add(proc)
+        else:
+            if proc != nmain:
+                raise t.fail(cell_pos, f"threads must be P0, P1, ... in order (found P{proc})")
+            nmain += 1
+        annots = tuple(m.group(3).split(",")) if m.group(3) else ()
+        threads_meta.append((word.split(":")[0], proc, handler, annots, cell_pos))
+        if len(threads_meta) > MAX_THREADS:
+            raise t.fail(cell_pos, f"more than {MAX_THREADS} threads")
+    if nmain == 0:
+        raise t.fail(head_pos, "no thread P0")
+    if len(segs) < 2:
+        raise t.fail(segs[0][0] + len(head), "no code rows after the thread header")
+
+    ncol = len(threads_meta)
+    columns: list[list[CodeLine]] = [[] for _ in range(ncol)]
+    labels_of: dict[int, set[str]] = {}
+    for rpos, row in segs[1:]:
+        cells = list(_segments(row, rpos, "|"))
+        if len(cells) != ncol:
+            p = rpos + _first_nonblank(row)
+            raise t.fail(p, f"row has {len(cells)} columns, the header has {ncol}")
+        for col, (cpos, cell) in enumerate(cells):
+            ln = _parse_cell(t, cpos, cell)
+            if ln is None:
+                continue
+            proc = threads_meta[col][1]
+            seen = labels_of.setdefault(proc, set())
+            for lab in ln.labels:
+                if lab in seen:
+                    raise t.fail(cpos + _first_nonblank(cell),
+                                 f"label '{lab}' defined twice in P{proc}")
+                seen.add(lab)
+            columns[col].append(ln)
+    return tuple(
+        Thread(name=nm, proc=p, handler=h, lines=tuple(columns[i]), annotations=a)
+        for i, (nm, p, h, a, _) in enumerate(threads_meta)
+    )
+
+
+def _parse_cell(t: _Text, cpos: int, cell: str) -> CodeLine | None:
+    i = _first_nonblank(cell)
+    if i == len(cell):
+        return None
+    line_no = t.line(cpos + i)
+    labels: list[str] = []
+    while True:
+        m = _CODE_LABEL.match(cell, i)
+        if not m:
+            break
+        if m.group(1) == "codevar":
+            raise t.fail(cpos + i, "'codevar:' is not supported")
+        labels.append(m.group(1))
+        i = m.end()
+        i += _first_nonblank(cell[i:])
+    rest = " ".join(cell[i:].split())
+    instr: str | None = None
+    if rest:
+        if len(rest) > MAX_INSTR_TEXT:
+            raise t.fail(cpos + i, "instruction text too long")
+        bad = _INSTR_BAD.search(rest)
+        if bad:
+            raise t.fail(cpos + i, f"unexpected character {bad.group(0)!r} in an instruction")
+        if not _INSTR_START.match(rest):
+            raise t.fail(cpos + i, f"expected an instruction, found '{rest}'")
+        instr = "NOP" if rest.upper() == "NOP" else rest
+    return CodeLine(tuple(labels), instr, line_no)
+
+
+def _digest_info(
+    t: _Text, info: dict[str, str], lines: dict[str, int]
+) -> tuple[frozenset[str], frozenset[str]]:
+    variants: frozenset[str] = frozenset()
+    cache: frozenset[str] = frozenset()
+    for key, value in info.items():
+        words = [w for w in re.split(r"[,\s]+", value) if w]
+        if key.lower() == "variant":
+            variants = frozenset(w.lower() for w in words)
+        elif key.lower() == "cachetype":
+            ups = [w.upper() for w in words]
+            for w in ups:
+                if w not in ("IDC", "DIC"):
+                    raise LitmusError(f"{t.fname}:{lines[key]}: '{w}' is not a cache type "
+                                      "(DIC, IDC)")
+            cache = frozenset(ups)
+    return variants, cache
+
+
+def _check_references(t: _Text, test: LitmusTest, cond_pos: int, init_pos: int) -> None:
+    """Every thread, register and code label named in the init block, the condition,
+    the locations clause and the filter must exist."""
+    nprocs = test.nprocs
+    labels: dict[int, set[str]] = {}
+    for th in test.threads:
+        labels.setdefault(th.proc, set()).update(th.labels())
+    init_line = t.line(init_pos)
+    cond_line = test.condition.line_no or t.line(cond_pos)
+
+    def fail(line: int, what: str) -> None:
+        raise LitmusError(f"{t.fname}:{line}: {what}")
+
+    def check_proc(proc: int, line: int) -> None:
+        if proc >= nprocs:
+            fail(line, f"no thread P{proc}")
+
+    def check_value(v: Value, line: int) -> None:
+        if isinstance(v, CodeLabel):
+            check_proc(v.proc, line)
+            if v.label not in labels.get(v.proc, set()):
+                fail(line, f"label {v} is not defined")
+        elif isinstance(v, Array):
+            for x in v.items:
+                check_value(x, line)
+
+    def check_prop(p: Prop, line: int) -> None:
+        for a in atoms(p):
+            if isinstance(a, ValueAtom):
+                if isinstance(a.location, Reg):
+                    check_proc(a.location.proc, line)
+                check_value(a.value, line)
+            elif isinstance(a, LocAtom):
+                for loc in (a.left, a.right):
+                    if isinstance(loc, Reg):
+                        check_proc(loc.proc, line)
+            elif isinstance(a, FaultAtom):
+                check_fault(a, line)
+
+    def check_fault(a: FaultAtom, line: int) -> None:
+        check_proc(a.proc, line)
+        if a.label is not None and a.label not in labels.get(a.proc, set()):
+            fail(line, f"label P{a.proc}:{a.label} is not defined")
+
+    for reg, v in test.init.registers.items():
+        check_proc(reg.proc, init_line)
+        check_value(v, init_line)
+    for k in test.init.types:
+        if isinstance(k, Reg):
+            check_proc(k.proc, init_line)
+    for v in test.init.memory.values():
+        check_value(v, init_line)
+    for item in test.locations_clause:
+        if isinstance(item, Reg):
+            check_proc(item.proc, cond_line)
+        elif isinstance(item, FaultAtom):
+            check_fault(item, cond_line)
+    if test.filter is not None:
+        check_prop(test.filter, cond_line)
+    check_prop(test.condition.prop, cond_line)
+
+
+# ----------------------------------------------------------------------- printing
+
+
+def _init_value(v: Value) -> str:
+    return str(v)  # CodeLabel prints P1:L0, valid in the init block
+
+
+def _ty_prefix(ty: str | None) -> str:
+    if ty is None:
+        return ""
+    return ty if ty.endswith("*") else f"{ty} "
+
+
+def format_init(init: Init) -> list[str]:
+    out: list[str] = []
+    done: set[Reg | str] = set()
+    for reg, v in init.registers.items():
+        out.append(f"{_ty_prefix(init.types.get(reg))}{reg}={_init_value(v)};")
+        done.add(reg)
+    for name, v in list(init.memory.items()) + list(init.ptes.items()):
+        ty = init.types.get(name)
+        if ty is not None and ty.endswith("]"):
+            base, _, size = ty[:-1].partition("[")
+            out.append(f"{base} {name}[{size}]={_init_value(v)};")
+        else:
+            out.append(f"{_ty_prefix(ty)}{name}={_init_value(v)};")
+        done.add(name)
+    for key, ty in init.types.items():
+        if key in done:
+            continue
+        if isinstance(key, str) and ty.endswith("]"):
+            base, _, size = ty[:-1].partition("[")
+            out.append(f"{base} {key}[{size}];")
+        else:
+            out.append(f"{_ty_prefix(ty)}{key};")
+    return out
+
+
+def format_test(test: LitmusTest) -> str:
+    """herd7 text of ``test`` (``parse_litmus(format_test(t)) == t``)."""
+    lines = [f"AArch64 {test.name}" + (f" ({test.texname})" if test.texname else "")]
+    if test.doc is not None:
+        lines.append(f'"{test.doc}"')
+    lines.extend(f"{k}={v}" for k, v in test.info.items())
+    lines.append("{")
+    lines.extend(" " + item for item in format_init(test.init))
+    lines.append("}")
+    heads = [t.name + (":" + ",".join(t.annotations) if t.annotations else "")
+             for t in test.threads]
+    nrows = max(len(t.lines) for t in test.threads)
+    cols = [[str(ln) for ln in t.lines] + [""] * (nrows - len(t.lines)) for t in test.threads]
+    widths = [max([len(h)] + [len(c) for c in col]) for h, col in zip(heads, cols, strict=True)]
+    lines.append(" " + " | ".join(h.ljust(w) for h, w in zip(heads, widths, strict=True)) + " ;")
+    for r in range(nrows):
+        lines.append(" " + " | ".join(col[r].ljust(w) for col, w in zip(cols, widths, strict=True)) + " ;")
+    if test.locations_clause:
+        lines.append("locations [" + " ".join(
+            f"{_loc_item(i)};" for i in test.locations_clause) + "]")
+    if test.filter is not None:
+        lines.append(f"filter {test.filter}")
+    lines.append(str(test.condition))
+    return "\n".join(lines) + "\n"
+
+
+def _loc_item(i: Reg | Mem | FaultAtom) -> str:
+    if isinstance(i, Mem):
+        return i.name
+    return str(i)
+
+
+__all__ = ["MAX_TEXT", "Loc", "format_init", "format_test", "parse_file", "parse_litmus"]
