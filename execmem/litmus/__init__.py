@@ -44,6 +44,14 @@ from execmem.litmus._ast import (
     evaluate_prop,
 )
 from execmem.litmus._condition import canonical_register, parse_condition
+from execmem.litmus._herdasm import (
+    assemble_line,
+    assemble_thread,
+    encode_instruction_value,
+    process_labels,
+    rewrite_labels,
+    to_keystone,
+)
 from execmem.litmus._parse import format_test, parse_file, parse_litmus
 
 __all__ = [
@@ -74,11 +82,17 @@ __all__ = [
     "Thread",
     "Value",
     "ValueAtom",
+    "assemble_line",
+    "assemble_thread",
     "atoms",
     "canonical_register",
+    "encode_instruction_value",
     "evaluate_prop",
     "format_test",
     "parse_condition",
     "parse_file",
     "parse_litmus",
+    "process_labels",
+    "rewrite_labels",
+    "to_keystone",
 ]
