@@ -5,6 +5,9 @@ The public surface is re-exported here explicitly; everything else is private.
 
 from __future__ import annotations
 
+from execmem import arch
+from execmem._allocator import Allocator, jit_text_alloc, jit_text_free, publish
+from execmem._asm import asm
 from execmem._errors import (
     AlignmentError,
     AssemblyError,
@@ -20,22 +23,32 @@ from execmem._errors import (
     UnsupportedError,
     UseAfterFreeError,
 )
+from execmem._text import JitFunction, JitText, TextState
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AlignmentError",
+    "Allocator",
     "AssemblyError",
     "BadStateError",
     "ExecmemError",
     "ForkedProcessError",
+    "JitFunction",
+    "JitText",
     "LitmusError",
     "ModelError",
     "OutOfBoundsError",
     "OutOfMemoryError",
     "SystemCallError",
+    "TextState",
     "UnsafePatchError",
     "UnsupportedError",
     "UseAfterFreeError",
     "__version__",
+    "arch",
+    "asm",
+    "jit_text_alloc",
+    "jit_text_free",
+    "publish",
 ]

@@ -1,0 +1,950 @@
+"""The allocator core: packs, chunks, quarantine epochs, publishing and patching.
+
+Everything that touches memory goes through a :class:`~execmem._backend.Backend`;
+everything that depends on the architecture is asked of its ``ArchSpec``.
+
+Packs
+    ``backend.reserve(pack_size, pack_size)`` regions (trap-filled, not executable),
+    carved into ``granularity``-byte chunks tracked by bit vectors (``_chunks``),
+    first fit honouring the alignment.  A request whose footprint exceeds half a
+    pack (or whose alignment exceeds a pack) gets a reservation of its own: above
+    that size a pack would mostly hold one text anyway, and a text that big would
+    keep a whole pack from returning to the system.
+Coarse write units
+    When ``backend.write_unit`` exceeds the granularity (mprotect mode: a write to
+    executable memory makes whole pages non-executable for a moment), a text placed
+    in a pack that is already mapped is rounded to whole write units, so writing it,
+    refilling it and writing it in place never touch a page another live text is
+    executing from.  Texts placed while the pack is not mapped yet are packed densely
+    (nothing can execute there); ``map_rw_inplace`` claims its write units whole and
+    refuses when another text shares them.  Publishing or freeing one of several
+    densely packed texts after their pack was mapped still writes pages the others
+    share: publish them together (``publish``/``batch``) or use dual mapping when
+    other threads may be running those neighbours.
+Publishing
+    Texts in a reservation not yet mapped run the architecture's ``publish_fresh``
+    recipe (write, cache maintenance, ``map``: nothing can have been fetched from an
+    unmapped address, so no remote context synchronization is needed); texts in a
+    mapped reservation run ``publish``.  One batch runs each recipe once over all its
+    ranges, with at most one ``remote_cse`` overall (the last one).
+Quarantine and epochs
+    ``started``/``completed`` count the ``remote_cse`` steps the allocator runs.  A
+    free in a mapped reservation refills the text with traps and stamps its chunks
+    with ``started``; they are reused only once ``completed > stamp`` (every thread
+    has passed a context-synchronization event since the free, as RCU; seeds/000:
+    in-flight copies of old instructions survive cache and TLB maintenance).  When an
+    allocation would fit only in quarantined space, one epoch is forced
+    (``run_step("remote_cse", [])``) instead of reserving a new pack.  Frees in a
+    reservation never mapped need no quarantine.
+Empty packs
+    At most ``keep_empty`` empty packs are kept.  Beyond that a pack is unmapped
+    (its VA stays reserved, quarantined until an epoch); once an epoch completed it
+    is reused as a fresh pack, or released at the next epoch after that.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+from execmem._backend import Backend, Range, Reservation
+from execmem._chunks import LIVE, QUARANTINED, ChunkMap
+from execmem._errors import (
+    AlignmentError,
+    BadStateError,
+    ExecmemError,
+    ForkedProcessError,
+    UnsafePatchError,
+    UnsupportedError,
+    UseAfterFreeError,
+)
+from execmem._text import JitFunction, JitText, TextState, check_int, make_cfunc
+from execmem.arch import ArchSpec, Recipe
+
+DEFAULT_PACK_SIZE = 2 * 1024 * 1024
+DEFAULT_GRANULARITY = 64
+
+_SAFE_ALTERNATIVE = (
+    "publish a new text with the new code, swap the pointer callers use to reach it, "
+    "and free the old text (its memory is reclaimed after the next epoch)"
+)
+
+
+@dataclass(eq=False)
+class _Pack:
+    reservation: Reservation
+    chunks: ChunkMap
+    dedicated: bool
+    #: Set while unmapped and waiting for an epoch (``None``: in use).
+    retired_stamp: int | None = None
+    #: ``completed`` when the retired pack matured (released one epoch later if unused).
+    matured_at: int | None = None
+
+    @property
+    def address(self) -> int:
+        return self.reservation.address
+
+
+@dataclass
+class _Batch:
+    texts: list[JitText] = field(default_factory=list)
+    patches: list[tuple[JitText, int, bytes]] = field(default_factory=list)
+    overlay: dict[JitText, bytearray] = field(default_factory=dict)
+    depth: int = 0
+
+
+@dataclass
+class _Group:
+    """One recipe run: its ranges and what its write/map/atomic_store steps do."""
+
+    recipe: Recipe
+    ranges: list[Range]
+    write: Callable[[], None]
+    map: Callable[[], None]
+    store: Callable[[], None]
+
+
+def _pow2(value: int) -> bool:
+    return value > 0 and value & (value - 1) == 0
+
+
+class Allocator:
+    """Owns packs of executable memory and hands out :class:`JitText` handles.
+
+    ``backend``: where memory comes from (default ``execmem.native.NativeBackend()``,
+    owned and closed by this allocator).  ``pack_size``: bytes per pack, a power of
+    two and a multiple of the page size (default 2 MiB, the PMD size).
+    ``granularity``: the chunk size texts are rounded to (default 64, as
+    bpf_prog_pack).  ``keep_empty``: how many empty packs stay mapped for reuse.
+    See the module docstring for the policies.
+    """
+
+    def __init__(
+        self,
+        backend: Backend | None = None,
+        pack_size: int = DEFAULT_PACK_SIZE,
+        granularity: int = DEFAULT_GRANULARITY,
+        keep_empty: int = 1,
+        *,
+        _recipes: Mapping[str, Recipe] | None = None,
+        _quarantine: bool = True,
+    ) -> None:
+        for name, value in (("pack_size", pack_size), ("granularity", granularity), ("keep_empty", keep_empty)):
+            check_int(name, value)
+        owns = backend is None
+        if backend is None:
+            from execmem.native import NativeBackend
+
+            # NativeBackend exposes arch/cache_features as read-only properties, which
+            # mypy does not accept for the protocol's plain attributes.
+            backend = cast(Backend, NativeBackend())
+        elif not isinstance(backend, Backend):
+            raise TypeError(f"backend must implement execmem's Backend protocol, not {type(backend).__name__}")
+        spec = backend.arch
+        unit = backend.write_unit
+        minimum = max(spec.insn_align, len(spec.trap_fill), spec.patch_rule.word)
+        problems = []
+        if not _pow2(granularity) or granularity < minimum:
+            problems.append(f"granularity must be a power of two >= {minimum} on {spec.name}, not {granularity}")
+        if not _pow2(pack_size) or pack_size < max(backend.page_size, granularity, unit):
+            problems.append(
+                f"pack_size must be a power of two >= the page size ({backend.page_size:#x}), "
+                f"the granularity and the write unit, not {pack_size:#x}"
+            )
+        if keep_empty < 0:
+            problems.append(f"keep_empty must be >= 0, not {keep_empty}")
+        if unit > granularity and unit % granularity:
+            problems.append(f"the backend's write unit {unit} is not a multiple of granularity {granularity}")
+        recipes = dict(_recipes or {})
+        for key, recipe in recipes.items():
+            if key not in ("publish", "publish_fresh", "patch") or not isinstance(recipe, Recipe):
+                problems.append(f"_recipes: {key!r} is not a publish/publish_fresh/patch Recipe")
+        if problems:
+            if owns:
+                backend.close()
+            raise AlignmentError("; ".join(problems))
+        self.backend: Backend = backend
+        self.arch: ArchSpec = spec
+        self.pack_size = pack_size
+        self.granularity = granularity
+        self.keep_empty = keep_empty
+        self._owns_backend = owns
+        self._recipes = recipes
+        self._quarantine = bool(_quarantine)
+        #: Chunks per write unit when the backend writes whole pages (mprotect), else 1.
+        self._unit_chunks = unit // granularity if unit > granularity else 1
+        self._lock = threading.RLock()
+        self._local = threading.local()
+        self._pid = os.getpid()
+        self._closed = False
+        self._packs: list[_Pack] = []
+        self._retired: list[_Pack] = []
+        self._texts: set[JitText] = set()
+        self._started = 0
+        self._completed = 0
+        self._forced = 0
+        self._steps: Counter[str] = Counter()
+        self._recipe_runs: Counter[str] = Counter()
+        self._events: Counter[str] = Counter()
+
+    # -- plumbing ---------------------------------------------------------------------------
+
+    def _check(self) -> None:
+        if self._pid != os.getpid():
+            raise ForkedProcessError(
+                "this allocator belongs to the parent process; create a new one in the forked child"
+            )
+        if self._closed:
+            raise BadStateError("the allocator is closed")
+
+    def _own(self, text: object) -> JitText:
+        if not isinstance(text, JitText):
+            raise TypeError(f"expected a JitText, not {type(text).__name__}")
+        if text._allocator is not self:
+            raise BadStateError(f"{text!r} belongs to another allocator")
+        return text
+
+    @staticmethod
+    def _expect(text: JitText, *states: TextState, verb: str) -> None:
+        if text._state in states:
+            return
+        if text._state is TextState.FREED:
+            raise UseAfterFreeError(f"{verb}: the text at {text.address:#x} has been freed")
+        hint = {
+            TextState.RESERVED: "write it, then map() (or map_rw_inplace(), write, finalize())",
+            TextState.WRITING: "it is being written in place: finalize() it",
+            TextState.LIVE: "it is live: use update() for a live patch, or publish a new text",
+        }[text._state]
+        raise BadStateError(f"{verb} is not allowed on a {text._state.name} text at {text.address:#x}: {hint}")
+
+    @staticmethod
+    def _not_pending(text: JitText, verb: str) -> None:
+        if text._pending is not None:
+            raise BadStateError(f"{verb}: the text at {text.address:#x} is queued for publishing in a batch")
+
+    def _recipe(self, name: str) -> Recipe:
+        return self._recipes.get(name) or self.arch.recipe(name)
+
+    def _batch(self) -> _Batch | None:
+        return getattr(self._local, "batch", None)
+
+    def _trap(self, res: Reservation, offset: int, size: int) -> bytes:
+        phase = offset % len(self.arch.trap_fill)
+        return self.arch.trap_bytes(phase + size)[phase:]
+
+    def _offset(self, text: JitText) -> int:
+        return text.address - text._pack.reservation.address
+
+    # -- allocation ---------------------------------------------------------------------------
+
+    def jit_text_alloc(self, size: int, align: int = 16) -> JitText:
+        """Reserve ``size`` bytes of executable address space aligned to ``align``."""
+        check_int("size", size)
+        check_int("align", align)
+        if size <= 0:
+            raise AlignmentError(f"size must be positive, not {size}")
+        if not _pow2(align):
+            raise AlignmentError(f"align must be a power of two, not {align}")
+        with self._lock:
+            self._check()
+            return self._alloc(size, align)
+
+    def _shape(self, pack: _Pack, count: int, step: int) -> tuple[int, int]:
+        """Chunks and alignment step a request takes in ``pack`` (whole write units in
+        a mapped pack when the backend writes whole pages)."""
+        u = self._unit_chunks
+        if u > 1 and pack.reservation.mapped:
+            return -(-count // u) * u, max(step, u)
+        return count, step
+
+    def _find(self, count: int, step: int) -> tuple[_Pack, int, int] | None:
+        for pack in self._packs:
+            if pack.dedicated:
+                continue
+            n, s = self._shape(pack, count, step)
+            index = pack.chunks.find(n, s)
+            if index is not None:
+                return pack, index, n
+        return None
+
+    def _quarantine_would_do(self, count: int, step: int) -> bool:
+        if any(not p.dedicated for p in self._retired):
+            return True
+        for pack in self._packs:
+            if pack.dedicated or not pack.chunks.quarantined:
+                continue
+            n, s = self._shape(pack, count, step)
+            if pack.chunks.find(n, s, among=pack.chunks.free | pack.chunks.quarantined) is not None:
+                return True
+        return False
+
+    def _adopt_retired(self) -> _Pack | None:
+        """A matured retired pack, made a fresh (unmapped, empty) pack again."""
+        for pack in self._retired:
+            if not pack.dedicated and pack.matured_at is not None:
+                self._retired.remove(pack)
+                pack.retired_stamp = pack.matured_at = None
+                pack.chunks.reset()
+                self._packs.append(pack)
+                self._events["packs_reused"] += 1
+                return pack
+        return None
+
+    def _alloc(self, size: int, align: int) -> JitText:
+        gran = self.granularity
+        count = -(-size // gran)
+        if count * gran > self.pack_size // 2 or align > self.pack_size:
+            return self._alloc_dedicated(size, align, count)
+        step = max(1, align // gran)
+        hit = self._find(count, step)
+        if hit is None:
+            pack = self._adopt_retired()
+            if pack is None and self._quarantine and self._quarantine_would_do(count, step):
+                # Reuse quarantined space after one epoch rather than reserve a new pack.
+                self._forced += 1
+                self._remote_cse([])
+                hit = self._find(count, step)
+                pack = None if hit is not None else self._adopt_retired()
+            if hit is None and pack is not None:
+                n, s = self._shape(pack, count, step)
+                index = pack.chunks.find(n, s)
+                hit = (pack, index, n) if index is not None else None
+        if hit is None:
+            res = self.backend.reserve(self.pack_size, self.pack_size)
+            pack = _Pack(res, ChunkMap(res.size // gran), dedicated=False)
+            self._packs.append(pack)
+            self._events["packs_reserved"] += 1
+            n, s = self._shape(pack, count, step)
+            index = pack.chunks.find(n, s)
+            assert index is not None
+            hit = (pack, index, n)
+        pack, index, n = hit
+        pack.chunks.take(index, n)
+        return self._new_text(pack, index, n, size)
+
+    def _alloc_dedicated(self, size: int, align: int, count: int) -> JitText:
+        gran = self.granularity
+        res = self.backend.reserve(count * gran, max(align, gran))
+        pack = _Pack(res, ChunkMap(res.size // gran), dedicated=True)
+        pack.chunks.take(0, count)
+        self._packs.append(pack)
+        self._events["dedicated_reserved"] += 1
+        return self._new_text(pack, 0, count, size)
+
+    def _new_text(self, pack: _Pack, index: int, count: int, size: int) -> JitText:
+        address = pack.address + index * self.granularity
+        text = JitText(self, pack, index, count, address, size, self._trap(pack.reservation, index * self.granularity, size))
+        self._texts.add(text)
+        return text
+
+    # -- writing ------------------------------------------------------------------------------
+
+    def _write(self, text: JitText, offset: int, data: bytes) -> None:
+        with self._lock:
+            self._check()
+            self._own(text)
+            self._expect(text, TextState.RESERVED, TextState.WRITING, verb="write")
+            self._not_pending(text, "write")
+            if text._state is TextState.WRITING and data:
+                self.backend.write(text._pack.reservation, self._offset(text) + offset, data)
+            text._shadow[offset : offset + len(data)] = data
+            text._staged = text._staged or bool(data)
+
+    def _map_rw_inplace(self, text: JitText) -> None:
+        with self._lock:
+            self._check()
+            self._own(text)
+            self._expect(text, TextState.RESERVED, verb="map_rw_inplace")
+            self._not_pending(text, "map_rw_inplace")
+            pack, res = text._pack, text._pack.reservation
+            offset = self._offset(text)
+            claim: tuple[int, int] | None = None
+            u = self._unit_chunks
+            if u > 1:
+                # Whole write units for the text: begin_inplace makes them non-executable.
+                gran = self.granularity
+                first = offset // gran // u * u
+                end = -(-(offset + text.size) // gran)
+                last = min(-(-end // u) * u, pack.chunks.n)
+                mine = ((1 << text._nchunks) - 1) << text._chunk
+                units = ((1 << (last - first)) - 1) << first
+                if pack.chunks.used & units & ~mine:
+                    raise UnsupportedError(
+                        f"the text at {text.address:#x} shares a {self.backend.write_unit}-byte write unit with "
+                        "another text; writing it in place would make that text non-executable: use write() "
+                        "and map(), or allocate with align equal to the write unit"
+                    )
+                if not res.mapped and (first, last - first) != (text._chunk, text._nchunks):
+                    claim = (first, last - first)
+            self.backend.begin_inplace(res, offset, text.size)
+            try:
+                if text._staged:
+                    self.backend.write(res, offset, bytes(text._shadow))
+            except BaseException:
+                self.backend.end_inplace(res, offset, text.size)
+                raise
+            if claim is not None:
+                pack.chunks.release(text._chunk)
+                pack.chunks.take(*claim)
+                text._chunk, text._nchunks = claim
+            text._state = TextState.WRITING
+
+    # -- publishing ---------------------------------------------------------------------------
+
+    def _publish_one(self, text: JitText, *, inplace: bool) -> None:
+        verb = "finalize" if inplace else "map"
+        state = TextState.WRITING if inplace else TextState.RESERVED
+        with self._lock:
+            self._check()
+            self._own(text)
+            self._expect(text, state, verb=verb)
+            self._not_pending(text, verb)
+            batch = self._batch()
+            if batch is not None:
+                text._pending = "publish"
+                batch.texts.append(text)
+                return
+            self._sync([text], [])
+
+    def publish(self, texts: Iterable[JitText]) -> None:
+        """Publish many RESERVED (staged) and WRITING (in-place) texts with one synchronization."""
+        items = list(texts)
+        with self._lock:
+            self._check()
+            seen: set[JitText] = set()
+            for text in items:
+                self._own(text)
+                self._expect(text, TextState.RESERVED, TextState.WRITING, verb="publish")
+                self._not_pending(text, "publish")
+                if text in seen:
+                    raise BadStateError(f"{text!r} is listed twice")
+                seen.add(text)
+            if not items:
+                return
+            batch = self._batch()
+            if batch is not None:
+                for text in items:
+                    text._pending = "publish"
+                    batch.texts.append(text)
+                return
+            self._sync(items, [])
+
+    def _sync(self, texts: list[JitText], patches: list[tuple[JitText, int, bytes]]) -> None:
+        """Run the recipes for ``texts`` (to LIVE) and ``patches`` (composed words)."""
+        backend = self.backend
+        inplace = [t for t in texts if t._state is TextState.WRITING]
+        staged = [t for t in texts if t._state is TextState.RESERVED]
+        fresh = [t for t in texts if not t._pack.reservation.mapped]
+        mapped = [t for t in texts if t._pack.reservation.mapped]
+        staged_set = set(staged)
+        written: list[JitText] = []
+        stored: list[tuple[Reservation, int, bytes]] = []
+        ended: list[JitText] = []
+        # Compose the patch words in order (several patches may hit one word).
+        shadows: dict[JitText, bytearray] = {}
+        words: list[tuple[Reservation, int, bytes, bytes]] = []
+        for text, offset, data in patches:
+            shadow = shadows.setdefault(text, bytearray(text._shadow))
+            before = self._word(text, shadow, offset)
+            shadow[offset : offset + len(data)] = data
+            res_offset, word = self._word(text, shadow, offset)
+            words.append((text._pack.reservation, res_offset, word, before[1]))
+
+        def write(group: list[JitText]) -> Callable[[], None]:
+            def run() -> None:
+                for t in group:
+                    if t in staged_set and t._staged:
+                        staged_set.discard(t)
+                        backend.write(t._pack.reservation, self._offset(t), bytes(t._shadow))
+                        written.append(t)
+
+            return run
+
+        def map_(group: list[JitText]) -> Callable[[], None]:
+            def run() -> None:
+                for res in dict.fromkeys(t._pack.reservation for t in group):
+                    if not res.mapped:
+                        backend.map(res)
+                        self._events["maps"] += 1
+
+            return run
+
+        def store() -> None:
+            for res, res_offset, word, _old in words:
+                backend.atomic_store(res, res_offset, word)
+                stored.append((res, res_offset, _old))
+
+        def nothing() -> None:
+            return None
+
+        groups: list[_Group] = []
+        if fresh:
+            groups.append(_Group(self._recipe("publish_fresh"), [(t.address, t.size) for t in fresh], write(fresh), map_(fresh), nothing))
+        if mapped:
+            groups.append(_Group(self._recipe("publish"), [(t.address, t.size) for t in mapped], write(mapped), map_(mapped), nothing))
+        if words:
+            ranges = [(res.address + off, len(word)) for res, off, word, _ in words]
+            groups.append(_Group(self._recipe("patch"), ranges, nothing, nothing, store))
+        try:
+            for text in inplace:
+                backend.end_inplace(text._pack.reservation, self._offset(text), text.size)
+                ended.append(text)
+            self._run(groups)
+        except BaseException:
+            # Leave every text as it was: unpublished texts read as traps again,
+            # in-place texts writable again, patched words restored (best effort).
+            with contextlib.suppress(ExecmemError):
+                for t in written:
+                    backend.write(t._pack.reservation, self._offset(t), self._trap(t._pack.reservation, self._offset(t), t.size))
+                for t in ended:
+                    backend.begin_inplace(t._pack.reservation, self._offset(t), t.size)
+                for res, res_offset, old in reversed(stored):
+                    backend.atomic_store(res, res_offset, old)
+            for t in texts:
+                t._pending = None
+            raise
+        for text in texts:
+            text._state = TextState.LIVE
+            text._pending = None
+        for text, shadow in shadows.items():
+            text._shadow[:] = shadow
+        self._events["published"] += len(texts)
+        self._events["patched"] += len(patches)
+
+    def _run(self, groups: list[_Group]) -> None:
+        """Execute recipes step by step; one ``remote_cse`` for all of them."""
+        features = frozenset(self.backend.cache_features)
+        plans = [(g, g.recipe.effective(features)) for g in groups]
+        owner = max((i for i, (_, steps) in enumerate(plans) if any(s.name == "remote_cse" for s in steps)), default=-1)
+        everything = [r for g in groups for r in g.ranges]
+        for i, (group, steps) in enumerate(plans):
+            self._recipe_runs[group.recipe.name] += 1
+            for step in steps:
+                name = step.name
+                if name == "write":
+                    group.write()
+                elif name == "map":
+                    group.map()
+                elif name == "atomic_store":
+                    group.store()
+                elif name == "remote_cse":
+                    if i != owner:
+                        self._steps["remote_cse_merged"] += 1
+                        continue
+                    self._remote_cse(everything)
+                else:
+                    self.backend.run_step(name, group.ranges)
+                self._steps[name] += 1
+
+    def _remote_cse(self, ranges: list[Range]) -> None:
+        """One synchronization epoch: every thread passes a context-synchronization event."""
+        self._started += 1
+        mine = self._started
+        self.backend.run_step("remote_cse", ranges)
+        self._completed = max(self._completed, mine)
+        self._mature()
+
+    def _mature(self) -> None:
+        completed = self._completed
+        for pack in self._packs:
+            if pack.chunks.quarantined:
+                pack.chunks.mature(completed)
+        for pack in list(self._retired):
+            if pack.matured_at is None:
+                if pack.retired_stamp is not None and completed > pack.retired_stamp:
+                    pack.matured_at = completed
+                    if pack.dedicated:
+                        self._release(pack)
+            elif completed > pack.matured_at:
+                # Matured one epoch ago and not reused since: return it to the system.
+                self._release(pack)
+
+    def _release(self, pack: _Pack) -> None:
+        if pack in self._retired:
+            self._retired.remove(pack)
+        if pack in self._packs:
+            self._packs.remove(pack)
+        self.backend.release(pack.reservation)
+        self._events["packs_released"] += 1
+
+    # -- batches ------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def batch(self) -> Iterator[Allocator]:
+        """Defer ``map``/``finalize``/``publish``/``update`` in this thread to one
+        synchronization when the block exits; an exception cancels them all (the
+        texts stay unpublished, the patches unapplied).  Nested blocks join the
+        outermost."""
+        with self._lock:
+            self._check()
+        current = self._batch()
+        if current is not None:
+            current.depth += 1
+            try:
+                yield self
+            finally:
+                current.depth -= 1
+            return
+        batch = _Batch()
+        self._local.batch = batch
+        try:
+            yield self
+        except BaseException:
+            self._local.batch = None
+            with self._lock:
+                for text in batch.texts:
+                    text._pending = None
+            raise
+        self._local.batch = None
+        with self._lock:
+            self._check()
+            texts = [t for t in batch.texts if t._pending is not None and t._state is not TextState.FREED]
+            patches = [p for p in batch.patches if p[0]._state is TextState.LIVE]
+            if texts or patches:
+                self._sync(texts, patches)
+
+    # -- live patching ------------------------------------------------------------------------
+
+    def _word(self, text: JitText, shadow: bytearray, offset: int) -> tuple[int, bytes]:
+        """The aligned patch word around ``text.address + offset`` composed from
+        ``shadow`` (bytes past the text are trap filler): (reservation offset, bytes)."""
+        word = self.arch.patch_rule.word
+        start = (text.address + offset) & ~(word - 1)
+        out = bytearray()
+        for address in range(start, start + word):
+            index = address - text.address
+            if 0 <= index < text.size:
+                out.append(shadow[index])
+            else:
+                out += self._trap(text._pack.reservation, address - text._pack.address, 1)
+        return start - text._pack.address, bytes(out)
+
+    def _check_patch(self, text: JitText, shadow: bytearray, offset: int, data: bytes) -> None:
+        rule = self.arch.patch_rule
+        address = text.address + offset
+        where = f"patch of {len(data)} bytes at {address:#x}"
+        if not data:
+            raise UnsafePatchError(f"{where}: nothing to patch")
+        if not getattr(self.backend, "concurrent_patch_safe", self.backend.write_unit == 1):
+            raise UnsafePatchError(
+                f"{where}: in {self.backend.mode} mode an atomic store makes the page briefly "
+                f"non-executable, so threads running it would fault; {_SAFE_ALTERNATIVE}"
+            )
+        if len(data) > rule.max_size or address // rule.word != (address + len(data) - 1) // rule.word:
+            raise UnsafePatchError(
+                f"{where}: a live patch must lie within one naturally aligned {rule.word}-byte word "
+                f"({rule.why}); {_SAFE_ALTERNATIVE}"
+            )
+        if rule.whole_instruction:
+            from execmem._asm import decode_one
+
+            old = bytes(shadow[offset : offset + len(data)])
+            old_m = decode_one(self.arch, old, address)
+            new_m = decode_one(self.arch, data, address)
+            if old_m is None or new_m is None:
+                which = "old" if old_m is None else "new"
+                raise UnsafePatchError(
+                    f"{where}: the {which} bytes are not exactly one whole {self.arch.name} instruction "
+                    f"of {len(data)} bytes ({rule.why}); {_SAFE_ALTERNATIVE}"
+                )
+            if rule.mnemonics and (old_m not in rule.mnemonics or new_m not in rule.mnemonics):
+                bad = old_m if old_m not in rule.mnemonics else new_m
+                raise UnsafePatchError(
+                    f"{where}: {bad!r} may not be modified while other CPUs may execute it ({rule.why}); "
+                    f"{_SAFE_ALTERNATIVE}"
+                )
+
+    def _update(self, text: JitText, offset: int, data: bytes) -> None:
+        with self._lock:
+            self._check()
+            self._own(text)
+            self._expect(text, TextState.LIVE, verb="update")
+            batch = self._batch()
+            if batch is None:
+                self._check_patch(text, text._shadow, offset, data)
+                self._sync([], [(text, offset, data)])
+                return
+            overlay = batch.overlay.setdefault(text, bytearray(text._shadow))
+            self._check_patch(text, overlay, offset, data)
+            overlay[offset : offset + len(data)] = data
+            batch.patches.append((text, offset, data))
+
+    # -- calling ------------------------------------------------------------------------------
+
+    def _function(self, text: JitText, restype: Any, argtypes: tuple[Any, ...], offset: int) -> JitFunction:
+        with self._lock:
+            self._check()
+            self._own(text)
+            self._expect(text, TextState.LIVE, verb="function")
+            if self.backend.mode in ("emulated", "memory"):
+                raise UnsupportedError(
+                    f"the {self.backend.mode} backend's memory is not executable in this process; "
+                    f"run the code on the backend instead (execmem.emu.Machine.call(t.address, ...))"
+                )
+            return JitFunction(text, make_cfunc(restype, argtypes, text.address + offset), text.address + offset)
+
+    def _read(self, text: JitText) -> bytes:
+        with self._lock:
+            self._own(text)
+            if text._state is TextState.FREED:
+                raise UseAfterFreeError(f"read: the text at {text.address:#x} has been freed")
+            return bytes(text._shadow)
+
+    # -- freeing ------------------------------------------------------------------------------
+
+    def _free(self, text: JitText) -> None:
+        with self._lock:
+            self._check()
+            self._own(text)
+            if text._state is TextState.FREED:
+                raise UseAfterFreeError(f"free: the text at {text.address:#x} has already been freed")
+            previous = text._state
+            with text._calls_lock:
+                deferred = text._inflight > 0
+                text._state = TextState.FREED
+                text._freed_from = previous
+                text._reclaim_pending = deferred
+            text._pending = None
+            batch = self._batch()
+            if batch is not None:
+                batch.patches = [p for p in batch.patches if p[0] is not text]
+                batch.overlay.pop(text, None)
+            self._events["freed"] += 1
+            if deferred:
+                self._events["frees_deferred"] += 1
+                return
+            try:
+                self._reclaim(text, previous)
+            except BaseException:
+                text._state = previous
+                self._events["freed"] -= 1
+                raise
+            self._trim()
+
+    def _finish_deferred_free(self, text: JitText) -> None:
+        """The last in-flight call of a freed text returned: refill and quarantine now."""
+        with self._lock:
+            if self._closed or self._pid != os.getpid() or text not in self._texts:
+                return
+            try:
+                self._reclaim(text, text._freed_from)
+                self._trim()
+            except ExecmemError:
+                self._events["deferred_free_errors"] += 1
+
+    def _reclaim(self, text: JitText, previous: TextState) -> None:
+        pack, res = text._pack, text._pack.reservation
+        offset = self._offset(text)
+        if previous is TextState.WRITING:
+            self.backend.end_inplace(res, offset, text.size)
+        if previous in (TextState.WRITING, TextState.LIVE):
+            try:
+                self.backend.write(res, offset, self._trap(res, offset, text.size))
+            except BaseException:
+                if previous is TextState.WRITING:
+                    self.backend.begin_inplace(res, offset, text.size)
+                raise
+        pack.chunks.release(text._chunk)
+        if self._quarantine and res.mapped:
+            # Another CPU may hold instructions fetched from here: reuse after an epoch.
+            pack.chunks.quarantine(text._chunk, text._nchunks, self._started)
+        self._texts.discard(text)
+        text._shadow = bytearray()
+
+    def _trim(self) -> None:
+        """Keep at most ``keep_empty`` empty packs; retire the others."""
+        empty = [p for p in self._packs if p.chunks.empty]
+        for pack in [p for p in empty if p.dedicated]:
+            self._retire(pack)
+        regular = [p for p in empty if not p.dedicated]
+        excess = len(regular) - self.keep_empty
+        if excess > 0:
+            # Unmapped ones go first (no TLB shootdown), then the highest addresses.
+            victims = sorted(regular, key=lambda p: (p.reservation.mapped, -p.address))[:excess]
+            for pack in victims:
+                self._retire(pack)
+
+    def _retire(self, pack: _Pack) -> None:
+        res = pack.reservation
+        if not res.mapped:
+            # Never executable (or already unmapped): nothing to wait for.
+            self._release(pack)
+            return
+        self.backend.unmap(res)
+        self._events["packs_unmapped"] += 1
+        self._packs.remove(pack)
+        pack.chunks.reset()
+        pack.retired_stamp = self._started
+        # Without quarantine the VA may be mapped again at once (verification mutation).
+        pack.matured_at = None if self._quarantine else self._completed
+        self._retired.append(pack)
+
+    # -- reporting ----------------------------------------------------------------------------
+
+    def _pack_rows(self) -> list[tuple[_Pack, bool]]:
+        rows = [(p, False) for p in self._packs] + [(p, True) for p in self._retired]
+        return sorted(rows, key=lambda row: row[0].address)
+
+    def stats(self) -> dict[str, object]:
+        """What the allocator holds and did (and ``backend.stats()`` under ``"backend"``)."""
+        with self._lock:
+            gran = self.granularity
+            packs: list[dict[str, object]] = []
+            totals = Counter[str]()
+            for pack, retired in self._pack_rows():
+                size = pack.chunks.n * gran
+                if retired:
+                    live, free, quarantined = 0, 0, size
+                else:
+                    live = pack.chunks.count(LIVE) * gran
+                    quarantined = pack.chunks.count(QUARANTINED) * gran
+                    free = size - live - quarantined
+                packs.append(
+                    {
+                        "address": pack.address,
+                        "size": size,
+                        "mapped": pack.reservation.mapped,
+                        "dedicated": pack.dedicated,
+                        "retired": retired,
+                        "live_bytes": live,
+                        "free_bytes": free,
+                        "quarantined_bytes": quarantined,
+                    }
+                )
+                totals.update(reserved_bytes=size, live_bytes=live, free_bytes=free, quarantined_bytes=quarantined)
+            by_state = Counter(t.state.name for t in self._texts)
+            return {
+                "arch": self.arch.name,
+                "mode": self.backend.mode,
+                "granularity": gran,
+                "pack_size": self.pack_size,
+                "write_unit": self.backend.write_unit,
+                "keep_empty": self.keep_empty,
+                "quarantine": self._quarantine,
+                "closed": self._closed,
+                "packs": packs,
+                "totals": {"packs": len(packs), **{k: totals[k] for k in ("reserved_bytes", "live_bytes", "free_bytes", "quarantined_bytes")}},
+                "texts": {state.name: by_state[state.name] for state in TextState if state is not TextState.FREED}
+                | {"FREED": self._events["freed"]},
+                "epochs": {"started": self._started, "completed": self._completed, "forced": self._forced},
+                "steps": dict(self._steps),
+                "recipes": dict(self._recipe_runs),
+                "events": dict(self._events),
+                "backend": dict(self.backend.stats()),
+            }
+
+    def occupancy(self) -> list[dict[str, object]]:
+        """Per pack: address, size, granularity, flags and ``runs``, the chunk states
+        run-length encoded as ``[(state, chunks), ...]`` with states live/free/quarantined."""
+        with self._lock:
+            out: list[dict[str, object]] = []
+            for pack, retired in self._pack_rows():
+                runs = [(QUARANTINED, pack.chunks.n)] if retired else pack.chunks.runs()
+                out.append(
+                    {
+                        "address": pack.address,
+                        "size": pack.chunks.n * self.granularity,
+                        "granularity": self.granularity,
+                        "mapped": pack.reservation.mapped,
+                        "dedicated": pack.dedicated,
+                        "retired": retired,
+                        "runs": runs,
+                    }
+                )
+            return out
+
+    # -- lifetime -----------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Release every reservation (idempotent).  Texts become unusable."""
+        with self._lock:
+            if self._closed:
+                return
+            if self._pid != os.getpid():
+                self._closed = True  # the parent owns the memory; touch nothing
+                return
+            self._closed = True
+            for text in self._texts:
+                text._state = TextState.FREED
+            self._texts.clear()
+            first: ExecmemError | None = None
+            for pack, _ in self._pack_rows():
+                try:
+                    self.backend.release(pack.reservation)
+                except ExecmemError as exc:
+                    first = first or exc
+            self._packs.clear()
+            self._retired.clear()
+            if self._owns_backend:
+                try:
+                    self.backend.close()
+                except ExecmemError as exc:
+                    first = first or exc
+            if first is not None:
+                raise first
+
+    def __enter__(self) -> Allocator:
+        self._check()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else f"{len(self._packs)} packs, {len(self._texts)} texts"
+        return f"<execmem.Allocator {self.arch.name} {self.backend.mode}: {state}>"
+
+
+# -- the module-level default allocator -----------------------------------------------------
+
+_default: Allocator | None = None
+_default_lock = threading.Lock()
+
+
+def default_allocator() -> Allocator:
+    """The allocator behind ``execmem.jit_text_alloc`` (native, created on first use;
+    a forked child gets its own)."""
+    global _default
+    with _default_lock:
+        if _default is None or _default._closed or _default._pid != os.getpid():
+            _default = Allocator()
+        return _default
+
+
+def jit_text_alloc(size: int, align: int = 16) -> JitText:
+    """Reserve executable address space from the default (native) allocator."""
+    return default_allocator().jit_text_alloc(size, align)
+
+
+def jit_text_free(text: JitText) -> None:
+    """Same as ``text.free()``."""
+    if not isinstance(text, JitText):
+        raise TypeError(f"expected a JitText, not {type(text).__name__}")
+    text.free()
+
+
+def publish(texts: Iterable[JitText]) -> None:
+    """Publish texts (of one or more allocators) with one synchronization per allocator."""
+    groups: dict[Allocator, list[JitText]] = {}
+    for text in texts:
+        if not isinstance(text, JitText):
+            raise TypeError(f"expected a JitText, not {type(text).__name__}")
+        groups.setdefault(text.allocator, []).append(text)
+    for allocator, group in groups.items():
+        allocator.publish(group)
+
+
+__all__ = [
+    "DEFAULT_GRANULARITY",
+    "DEFAULT_PACK_SIZE",
+    "Allocator",
+    "default_allocator",
+    "jit_text_alloc",
+    "jit_text_free",
+    "publish",
+]
