@@ -94,25 +94,22 @@ class _Src:
         raise LitmusError(f"{self.fname}:{line}: {what}")
 
 
+_COMMENT_MARK = re.compile(r"\(\*|\*\)")
+
+
 def skip_comment(text: str, pos: int, line: int, src: _Src) -> tuple[int, int]:
     """``text[pos:]`` starts with ``(*``: return the position after the matching ``*)``
     (comments nest) and the line there."""
-    start_line = line
+    start, start_line = pos, line
     depth = 0
-    n = len(text)
-    while pos < n:
-        if text.startswith("(*", pos):
+    for m in _COMMENT_MARK.finditer(text, pos):
+        if m.group(0) == "(*":
             depth += 1
-            pos += 2
-        elif text.startswith("*)", pos):
-            depth -= 1
-            pos += 2
-            if depth == 0:
-                return pos, line
         else:
-            if text[pos] == "\n":
-                line += 1
-            pos += 1
+            depth -= 1
+            if depth == 0:
+                end = m.end()
+                return end, line + text.count("\n", start, end)
     src.fail(start_line, "unterminated comment '(*'")
 
 
@@ -187,7 +184,7 @@ def tokenize(text: str, line: int, src: _Src) -> list[Tok]:
                 src.fail(line, "symbolic registers (%name) are not supported")
             shown = c if c.isprintable() else repr(c)
             src.fail(line, f"unexpected character '{shown}'")
-    out.append(Tok("EOF", "", line))
+    out.append(Tok("EOF", "", out[-1].line if out else line))
     return out
 
 
@@ -224,12 +221,22 @@ def normalize_instr(text: str) -> str:
 # -------------------------------------------------------------------------- parser
 
 
+@dataclass(frozen=True)
+class Threads:
+    """What the code defines, to check references: ``nprocs`` main threads and the
+    labels of each process (main thread and fault handler together)."""
+
+    nprocs: int
+    labels: dict[int, frozenset[str]]
+
+
 class _Parser:
-    def __init__(self, toks: list[Tok], src: _Src) -> None:
+    def __init__(self, toks: list[Tok], src: _Src, threads: Threads | None = None) -> None:
         self.toks = toks
         self.i = 0
         self.src = src
         self.depth = 0
+        self.threads = threads
 
     # -- helpers
     @property
@@ -259,6 +266,22 @@ class _Parser:
         shown = "end of input" if t.kind == "EOF" else f"'{t.text}'"
         self.src.fail(t.line, f"{what} (found {shown})")
 
+    def error(self, tok: Tok, what: str) -> NoReturn:
+        self.src.fail(tok.line, what)
+
+    def check_proc(self, proc: int, tok: Tok) -> None:
+        if self.threads is not None and proc >= self.threads.nprocs:
+            self.error(tok, f"no thread P{proc}")
+
+    def check_label(self, proc: int, label: str, tok: Tok) -> None:
+        self.check_proc(proc, tok)
+        if self.threads is not None and label not in self.threads.labels.get(proc, ()):
+            self.error(tok, f"label P{proc}:{label} is not defined")
+
+    def code_label(self, proc: int, label: str, tok: Tok) -> CodeLabel:
+        self.check_label(proc, label, tok)
+        return CodeLabel(proc, label)
+
     def expect(self, kind: str, what: str | None = None) -> Tok:
         if self.tok.kind != kind:
             self.fail(f"expected {what or repr(kind)}")
@@ -281,7 +304,8 @@ class _Parser:
         name = t.text
         reg = canonical_register(name)
         if reg is None:
-            self.fail(f"'{name}' is not an AArch64 register", t)
+            self.error(t, f"'{name}' is not an AArch64 register")
+        self.check_proc(proc, proc_tok)
         return Reg(proc, reg)
 
     def starts_register(self) -> bool:
@@ -383,8 +407,8 @@ class _Parser:
         p, _, lab = t.text.partition(":")
         lab = lab.strip()
         if not _NAME.fullmatch(lab):
-            self.fail(f"bad label name '{lab}'", t)
-        return CodeLabel(int(p), lab)
+            self.error(t, f"bad label name '{lab}'")
+        return self.code_label(int(p), lab, t)
 
     def value(self, in_init: bool) -> Value:
         t = self.tok
@@ -393,7 +417,7 @@ class _Parser:
             if self.at(":"):
                 if in_init and self.peek().kind == "NAME":
                     self.next()
-                    return CodeLabel(self.proc_number(t), self.next().text)
+                    return self.code_label(self.proc_number(t), self.next().text, t)
                 self.fail("expected a value")
             return self.number(t)
         if t.kind == "NOP":
@@ -414,7 +438,7 @@ class _Parser:
             self.next()
             self.next()
             lab = self.expect("NAME", "a label name")
-            return CodeLabel(self.proc_number(t), lab.text)
+            return self.code_label(self.proc_number(t), lab.text, t)
         if t.kind == "&":
             self.next()
             return Loc(self.expect("NAME", "a location name after '&'").text)
@@ -454,7 +478,7 @@ class _Parser:
         def set_value(loc: Location, v: Value, t: Tok) -> None:
             k = key_of(loc)
             if k in registers or k in memory or k in ptes:
-                self.fail(f"'{k}' is initialised twice", t)
+                self.error(t, f"'{k}' is initialised twice")
             if isinstance(loc, Reg):
                 registers[loc] = v
             elif isinstance(v, Pte):
@@ -464,7 +488,7 @@ class _Parser:
 
         def set_type(k: Reg | str, ty: str, t: Tok) -> None:
             if k in types:
-                self.fail(f"type of '{k}' is declared twice", t)
+                self.error(t, f"type of '{k}' is declared twice")
             types[k] = ty
 
         while not self.at("EOF"):
@@ -486,14 +510,14 @@ class _Parser:
                 size_tok = self.next()
                 size = self.number(size_tok).value
                 if not 0 < size <= MAX_ARRAY:
-                    self.fail("bad array size", size_tok)
+                    self.error(size_tok, "bad array size")
                 self.expect("]")
                 set_type(name, f"{ty}[{size}]", start)
                 if self.accept("="):
                     arr = self.array_value()
                     if len(arr.items) != size:
-                        self.fail(f"array '{name}' has {size} cells but {len(arr.items)} "
-                                  "initial values", start)
+                        self.error(start, f"array '{name}' has {size} cells but "
+                                   f"{len(arr.items)} initial values")
                     set_value(Mem(name), arr, start)
             else:
                 if self.accept("*"):
@@ -577,9 +601,11 @@ class _Parser:
         self.expect("(")
         p = self.expect("PROC", "a thread (P0)")
         proc = self.proc_number(p)
+        self.check_proc(proc, p)
         label: str | None = None
         if self.accept(":"):
             label = self.expect("NAME", "a label").text
+            self.check_label(proc, label, p)
         loc: str | None = None
         ftype: str | None = None
         if self.accept(","):
@@ -604,7 +630,7 @@ class _Parser:
                     parts.append(self.expect("NAME", "a fault type").text)
                 ftype = ":".join(parts)
             if ftype is not None and ftype not in FAULT_TYPES:
-                self.fail(f"'{ftype}' is not a fault type", first)
+                self.error(first, f"'{ftype}' is not a fault type")
         self.expect(")", "')'")
         return FaultAtom(proc, label, loc, ftype)
 
@@ -616,6 +642,11 @@ class _Parser:
         self.next()
         neg = op.kind == "!="
         a: Prop
+        if (self.at("PROC") and self.peek().kind == ":" and self.peek(2).kind == "NAME"
+                and canonical_register(self.peek(2).text) is None):
+            t = self.tok
+            self.error(t, f'write a code label as label:"P{t.text}:{self.peek(2).text}" '
+                          "in a condition")
         if self.starts_register() or self.at("["):
             a = LocAtom(loc, self.location())
         elif self.at("*"):
@@ -694,16 +725,16 @@ def _flatten(kind: type[And] | type[Or], items: list[Prop]) -> tuple[Prop, ...]:
     return tuple(out)
 
 
-def parse_init(text: str, line: int, fname: str) -> Init:
+def parse_init(text: str, line: int, fname: str, threads: Threads | None = None) -> Init:
     src = _Src(fname)
-    return _Parser(tokenize(text, line, src), src).init()
+    return _Parser(tokenize(text, line, src), src, threads).init()
 
 
 def parse_constraints(
-    text: str, line: int, fname: str
+    text: str, line: int, fname: str, threads: Threads | None = None
 ) -> tuple[tuple[LocationsItem, ...], Prop | None, Condition]:
     src = _Src(fname)
-    return _Parser(tokenize(text, line, src), src).constraints()
+    return _Parser(tokenize(text, line, src), src, threads).constraints()
 
 
 def parse_condition(text: str, fname: str = "<condition>") -> Condition:

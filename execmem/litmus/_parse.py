@@ -24,25 +24,19 @@ from collections.abc import Iterator
 
 from execmem._errors import LitmusError
 from execmem.litmus._ast import (
-    Array,
-    CodeLabel,
     CodeLine,
     FaultAtom,
     FrozenMap,
     Init,
     LitmusTest,
-    Loc,
-    LocAtom,
     Mem,
-    Prop,
     Reg,
     Thread,
     Value,
-    ValueAtom,
-    atoms,
 )
 from execmem.litmus._condition import (
     MAX_INSTR_TEXT,
+    Threads,
     _Src,
     parse_constraints,
     parse_init,
@@ -134,7 +128,7 @@ def _parse(raw: str, path: str | None, fname: str) -> LitmusTest:
     if arch != "AArch64":
         raise t.fail(0, f"'{arch}' tests are not supported (only AArch64)")
     pos = _skip_blanks_and_comments(t, m.end(), newline=False)
-    if pos < len(text) and text[pos] != "\n":
+    if pos < len(text) and text[pos] not in "\n{":
         raise t.fail(pos, "unexpected text after the test name")
 
     # 2. key=value lines up to '{'
@@ -169,13 +163,22 @@ def _parse(raw: str, path: str | None, fname: str) -> LitmusTest:
     # 3. init block
     init_start = pos + 1
     init_end = _matching_brace(t, pos)
-    init = parse_init(text[init_start:init_end], t.line(init_start), fname)
 
-    # 4/5. code, then constraints
+    # 4/5. code, then constraints; the init block is parsed once the code is known
+    # so references to threads and labels are checked where they are written
     code_start = init_end + 1
     cond_start = _find_constraints(t, code_start)
     threads = _parse_code(t, code_start, cond_start)
-    locs, filt, condition = parse_constraints(text[cond_start:], t.line(cond_start), fname)
+    labels: dict[int, set[str]] = {}
+    for th in threads:
+        labels.setdefault(th.proc, set()).update(th.labels())
+    known = Threads(
+        nprocs=sum(1 for th in threads if not th.handler),
+        labels={p: frozenset(v) for p, v in labels.items()},
+    )
+    init = parse_init(text[init_start:init_end], t.line(init_start), fname, known)
+    locs, filt, condition = parse_constraints(
+        text[cond_start:], t.line(cond_start), fname, known)
 
     variants, cache_type = _digest_info(t, info, info_lines)
     test = LitmusTest(
@@ -192,7 +195,6 @@ def _parse(raw: str, path: str | None, fname: str) -> LitmusTest:
         doc=doc,
         texname=texname,
     )
-    _check_references(t, test, cond_start, init_start)
     return test
 
 
@@ -304,6 +306,8 @@ def _first_nonblank(s: str) -> int:
 
 def _parse_code(t: _Text, start: int, end: int) -> tuple[Thread, ...]:
     code = _strip_comments(t, start, end)
+    if code.count(";") > MAX_ROWS + 2:
+        raise t.fail(start, f"more than {MAX_ROWS} code rows")
     segs = list(_segments(code, start, ";"))
     last_pos, last = segs.pop()  # after the final ';'
     if last.strip():
@@ -420,68 +424,6 @@ def _digest_info(
     return variants, cache
 
 
-def _check_references(t: _Text, test: LitmusTest, cond_pos: int, init_pos: int) -> None:
-    """Every thread, register and code label named in the init block, the condition,
-    the locations clause and the filter must exist."""
-    nprocs = test.nprocs
-    labels: dict[int, set[str]] = {}
-    for th in test.threads:
-        labels.setdefault(th.proc, set()).update(th.labels())
-    init_line = t.line(init_pos)
-    cond_line = test.condition.line_no or t.line(cond_pos)
-
-    def fail(line: int, what: str) -> None:
-        raise LitmusError(f"{t.fname}:{line}: {what}")
-
-    def check_proc(proc: int, line: int) -> None:
-        if proc >= nprocs:
-            fail(line, f"no thread P{proc}")
-
-    def check_value(v: Value, line: int) -> None:
-        if isinstance(v, CodeLabel):
-            check_proc(v.proc, line)
-            if v.label not in labels.get(v.proc, set()):
-                fail(line, f"label {v} is not defined")
-        elif isinstance(v, Array):
-            for x in v.items:
-                check_value(x, line)
-
-    def check_prop(p: Prop, line: int) -> None:
-        for a in atoms(p):
-            if isinstance(a, ValueAtom):
-                if isinstance(a.location, Reg):
-                    check_proc(a.location.proc, line)
-                check_value(a.value, line)
-            elif isinstance(a, LocAtom):
-                for loc in (a.left, a.right):
-                    if isinstance(loc, Reg):
-                        check_proc(loc.proc, line)
-            elif isinstance(a, FaultAtom):
-                check_fault(a, line)
-
-    def check_fault(a: FaultAtom, line: int) -> None:
-        check_proc(a.proc, line)
-        if a.label is not None and a.label not in labels.get(a.proc, set()):
-            fail(line, f"label P{a.proc}:{a.label} is not defined")
-
-    for reg, v in test.init.registers.items():
-        check_proc(reg.proc, init_line)
-        check_value(v, init_line)
-    for k in test.init.types:
-        if isinstance(k, Reg):
-            check_proc(k.proc, init_line)
-    for v in test.init.memory.values():
-        check_value(v, init_line)
-    for item in test.locations_clause:
-        if isinstance(item, Reg):
-            check_proc(item.proc, cond_line)
-        elif isinstance(item, FaultAtom):
-            check_fault(item, cond_line)
-    if test.filter is not None:
-        check_prop(test.filter, cond_line)
-    check_prop(test.condition.prop, cond_line)
-
-
 # ----------------------------------------------------------------------- printing
 
 
@@ -552,4 +494,4 @@ def _loc_item(i: Reg | Mem | FaultAtom) -> str:
     return str(i)
 
 
-__all__ = ["MAX_TEXT", "Loc", "format_init", "format_test", "parse_file", "parse_litmus"]
+__all__ = ["MAX_TEXT", "format_init", "format_test", "parse_file", "parse_litmus"]
