@@ -158,7 +158,7 @@ class Allocator:
             )
         if keep_empty < 0:
             problems.append(f"keep_empty must be >= 0, not {keep_empty}")
-        if unit > granularity and unit % granularity:
+        if _pow2(granularity) and unit > granularity and unit % granularity:
             problems.append(f"the backend's write unit {unit} is not a multiple of granularity {granularity}")
         recipes = dict(_recipes or {})
         for key, recipe in recipes.items():
@@ -793,6 +793,8 @@ class Allocator:
     def stats(self) -> dict[str, object]:
         """What the allocator holds and did (and ``backend.stats()`` under ``"backend"``)."""
         with self._lock:
+            if self._pid != os.getpid():
+                raise ForkedProcessError("this allocator belongs to the parent process")
             gran = self.granularity
             packs: list[dict[str, object]] = []
             totals = Counter[str]()

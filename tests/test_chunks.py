@@ -89,7 +89,7 @@ def test_states_and_runs() -> None:
     assert m.states() == "." * 10
 
 
-@settings(max_examples=200)
+@settings(parent=settings.get_profile("execmem"))
 @given(st.lists(st.tuples(st.sampled_from(["alloc", "free", "mature"]), st.integers(1, 9), st.sampled_from([1, 2, 4])), max_size=60))
 def test_against_a_list_model(ops: list[tuple[str, int, int]]) -> None:
     n = 40
