@@ -134,7 +134,10 @@ class _Cpu:
         self.uc.emu_stop()
 
     def _on_bad_access(self, uc: object, access: int, addr: int, size: int, value: int, _ud: object) -> bool:
-        self.fault = f"bad access at {addr:#x}"
+        # Unicorn may look up the *next* instruction before stopping; instruction
+        # fetch is the model's business, so only data accesses count as faults.
+        if access not in (unicorn.UC_MEM_FETCH_UNMAPPED, unicorn.UC_MEM_FETCH_PROT):
+            self.fault = f"bad access at {addr:#x}"
         return False
 
     def run(self, pc_index: int, regs: bytes, insn: bytes, plan: Sequence[bytes]) -> Outcome:
@@ -200,7 +203,7 @@ class _Cpu:
         try:
             self.uc.emu_start(pc, until, count=count)
         except unicorn.unicorn.UcError as exc:
-            if not self.fault:
+            if not self.fault and exc.errno not in (unicorn.UC_ERR_FETCH_UNMAPPED, unicorn.UC_ERR_FETCH_PROT):
                 self.fault = str(exc)
 
 
