@@ -1,0 +1,303 @@
+"""Hypothesis state machine over the allocator core on the MemoryBackend.
+
+Random alloc / write / map / map_rw_inplace / finalize / update / free / batches /
+forced epochs, against a small model.  After every step:
+
+* no two texts overlap, every text is aligned and inside a live reservation;
+* every byte of every reservation that is not in a LIVE or WRITING text reads as
+  the architecture's trap filler, and those texts read as their shadow copies;
+* quarantined space is not reused before an epoch completed after its free;
+* the accounting adds up (per pack, in total, texts by state, reservations);
+* an illegal transition raised and changed nothing (backend memory, calls, stats).
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+import pytest
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import Bundle, RuleBasedStateMachine, initialize, invariant, rule
+
+import execmem
+from execmem import JitText, TextState
+from execmem._errors import BadStateError, UnsafePatchError, UnsupportedError, UseAfterFreeError
+from execmem._memory_backend import MemoryBackend
+
+ARM64_WORDS = [
+    bytes.fromhex("1f2003d5"),  # nop
+    bytes.fromhex("00000014"),  # b .
+    bytes.fromhex("c0035fd6"),  # ret (not on the CMODX list)
+    bytes.fromhex("002020d4"),  # brk #0x100 (the trap filler)
+]
+X86_BYTES = [b"\x90", b"\xc3", b"\xcc"]  # nop, ret, int3: every byte a whole instruction
+
+
+class Boom(Exception):
+    pass
+
+
+class AllocatorMachine(RuleBasedStateMachine):
+    ARCH = "x86_64"
+    WRITE_UNIT = 1
+
+    texts = Bundle("texts")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.backend: MemoryBackend
+        self.a: execmem.Allocator
+        self.align: dict[JitText, int] = {}
+        self.state: dict[JitText, TextState] = {}
+        #: (start, end, epoch stamp) of text footprints freed from a mapped reservation.
+        self.freed: list[tuple[int, int, int]] = []
+
+    @initialize(pack_shift=st.sampled_from([12, 13, 14]), keep_empty=st.integers(0, 2))
+    def setup(self, pack_shift: int, keep_empty: int) -> None:
+        self.backend = MemoryBackend(self.ARCH, write_unit=self.WRITE_UNIT)
+        self.a = execmem.Allocator(backend=self.backend, pack_size=1 << pack_shift, granularity=64, keep_empty=keep_empty)
+        self.spec = self.backend.arch
+
+    def teardown(self) -> None:
+        if hasattr(self, "a"):
+            self.a.close()
+            assert self.backend.reservations == []
+
+    # -- helpers ------------------------------------------------------------------------------
+
+    def code(self, data: st.DataObject, size: int) -> bytes:
+        if self.spec.insn_align == 4:
+            n = data.draw(st.integers(1, max(1, size // 4)))
+            return b"".join(data.draw(st.sampled_from(ARM64_WORDS)) for _ in range(n))[:size]
+        n = data.draw(st.integers(1, min(size, 24)))
+        return b"".join(data.draw(st.sampled_from(X86_BYTES)) for _ in range(n))
+
+    def fingerprint(self) -> tuple[Any, ...]:
+        return (self.backend.snapshot(), len(self.backend.calls), self.a.stats(), dict(self.state))
+
+    def refused(self, action: Any, *errors: type[Exception]) -> None:
+        """``action`` must raise one of ``errors`` and change nothing."""
+        before = self.fingerprint()
+        with pytest.raises(errors):
+            action()
+        assert self.fingerprint() == before
+
+    def footprint(self, t: JitText) -> tuple[int, int]:
+        start = t._pack.address + t._chunk * self.a.granularity
+        return start, start + t._nchunks * self.a.granularity
+
+    def stamp(self) -> tuple[int, int]:
+        epochs = self.a.stats()["epochs"]
+        return epochs["started"], epochs["completed"]
+
+    # -- rules --------------------------------------------------------------------------------
+
+    @rule(target=texts, data=st.data())
+    def alloc(self, data: st.DataObject) -> JitText:
+        big = data.draw(st.booleans()) and data.draw(st.booleans()) and data.draw(st.booleans())
+        size = data.draw(st.integers(1, 3 * self.a.pack_size // 4) if big else st.integers(1, 300))
+        align = data.draw(st.sampled_from([1, 4, 16, 64, 256, 1024]))
+        t = self.a.jit_text_alloc(size, align)
+        assert t.address % align == 0 and t.size == size and t.state is TextState.RESERVED
+        _, completed = self.stamp()
+        lo, hi = self.footprint(t)
+        for start, end, stamp in self.freed:
+            if start < hi and lo < end:
+                assert completed > stamp, "quarantined space reused before its epoch"
+        self.align[t] = align
+        self.state[t] = TextState.RESERVED
+        return t
+
+    @rule(t=texts, data=st.data())
+    def write(self, t: JitText, data: st.DataObject) -> None:
+        if self.state[t] not in (TextState.RESERVED, TextState.WRITING):
+            self.refused(lambda: t.write(0, b"\x90"), BadStateError)
+            return
+        code = self.code(data, t.size)
+        step = self.spec.insn_align
+        offset = data.draw(st.integers(0, (t.size - len(code)) // step)) * step
+        before = t.read()
+        t.write(offset, code)
+        assert t.read() == before[:offset] + code + before[offset + len(code) :]
+
+    @rule(t=texts)
+    def map(self, t: JitText) -> None:
+        if self.state[t] is not TextState.RESERVED:
+            self.refused(t.map, BadStateError)
+            return
+        t.map()
+        self.state[t] = TextState.LIVE
+
+    @rule(t=texts)
+    def map_rw_inplace(self, t: JitText) -> None:
+        if self.state[t] is not TextState.RESERVED:
+            self.refused(t.map_rw_inplace, BadStateError)
+            return
+        before = self.fingerprint()
+        try:
+            t.map_rw_inplace()
+        except UnsupportedError:  # coarse write units shared with another text
+            assert self.a.granularity < self.WRITE_UNIT
+            assert self.fingerprint() == before
+            return
+        self.state[t] = TextState.WRITING
+
+    @rule(t=texts)
+    def finalize(self, t: JitText) -> None:
+        if self.state[t] is not TextState.WRITING:
+            self.refused(t.finalize, BadStateError)
+            return
+        t.finalize()
+        self.state[t] = TextState.LIVE
+
+    @rule(t=texts, data=st.data())
+    def update(self, t: JitText, data: st.DataObject) -> None:
+        if self.state[t] is not TextState.LIVE:
+            self.refused(lambda: t.update(0, b"\x90"), BadStateError)
+            return
+        step = self.spec.insn_align
+        offset = data.draw(st.integers(0, (t.size - 1) // step)) * step
+        new = data.draw(st.sampled_from(ARM64_WORDS if step == 4 else X86_BYTES))
+        if offset + len(new) > t.size:
+            return
+        before = self.fingerprint()
+        shadow = t.read()
+        try:
+            t.update(offset, new)
+        except UnsafePatchError:
+            assert self.fingerprint() == before
+            return
+        assert t.read() == shadow[:offset] + new + shadow[offset + len(new) :]
+
+    @rule(t=texts)
+    def free(self, t: JitText) -> None:
+        if self.state[t] is TextState.FREED:
+            self.refused(t.free, UseAfterFreeError)
+            return
+        mapped = t._pack.reservation.mapped
+        span = self.footprint(t)
+        started, _ = self.stamp()
+        t.free()
+        self.state[t] = TextState.FREED
+        if mapped:
+            self.freed.append((*span, started))
+
+    @rule(ts=st.lists(texts, max_size=4, unique=True), fail=st.booleans(), data=st.data())
+    def batch(self, ts: list[JitText], fail: bool, data: st.DataObject) -> None:
+        before = self.fingerprint()
+        done: dict[JitText, TextState] = {}
+        try:
+            with self.a.batch():
+                for t in ts:
+                    state = self.state[t]
+                    if state is TextState.RESERVED:
+                        t.map()
+                        done[t] = TextState.LIVE
+                    elif state is TextState.WRITING:
+                        t.finalize()
+                        done[t] = TextState.LIVE
+                    elif state is TextState.LIVE and self.spec.insn_align == 1 and self.WRITE_UNIT == 1:
+                        t.update(0, data.draw(st.sampled_from(X86_BYTES)))
+                    assert t.state is state  # deferred
+                if fail:
+                    raise Boom
+        except Boom:
+            assert self.fingerprint() == before
+            return
+        self.state.update(done)
+
+    @rule()
+    def forced_epoch(self) -> None:
+        with self.a._lock:
+            self.a._remote_cse([])
+
+    # -- invariants ---------------------------------------------------------------------------
+
+    @invariant()
+    def states_match(self) -> None:
+        if not hasattr(self, "a"):
+            return
+        for t, state in self.state.items():
+            assert t.state is state
+
+    @invariant()
+    def no_overlap_and_inside_reservations(self) -> None:
+        if not hasattr(self, "a"):
+            return
+        live = {r.address: r for r in self.backend.reservations}
+        spans = []
+        for t, state in self.state.items():
+            if state is TextState.FREED:
+                continue
+            res = t._pack.reservation
+            assert live.get(res.address) is res
+            lo, hi = self.footprint(t)
+            assert res.address <= lo <= t.address and t.address + t.size <= hi <= res.address + res.size
+            assert t.address % self.align[t] == 0
+            if state is TextState.LIVE:
+                assert res.mapped
+            spans.append((lo, hi))
+        spans.sort()
+        for (_, end), (start, _) in itertools.pairwise(spans):
+            assert end <= start, "texts overlap"
+
+    @invariant()
+    def memory_is_trap_except_published_code(self) -> None:
+        if not hasattr(self, "a"):
+            return
+        for res in self.backend.reservations:
+            expected = bytearray(self.spec.trap_bytes(res.size))
+            for t, state in self.state.items():
+                if state in (TextState.LIVE, TextState.WRITING) and t._pack.reservation is res:
+                    offset = t.address - res.address
+                    expected[offset : offset + t.size] = t.read()
+            assert self.backend.read(res.address, res.size) == bytes(expected)
+
+    @invariant()
+    def accounting_adds_up(self) -> None:
+        if not hasattr(self, "a"):
+            return
+        stats = self.a.stats()
+        gran = self.a.granularity
+        total = 0
+        for pack in stats["packs"]:
+            assert pack["live_bytes"] + pack["free_bytes"] + pack["quarantined_bytes"] == pack["size"]
+            total += pack["live_bytes"]
+        footprints = sum(self.footprint(t)[1] - self.footprint(t)[0] for t, s in self.state.items() if s is not TextState.FREED)
+        assert total == footprints == stats["totals"]["live_bytes"]
+        assert footprints % gran == 0
+        for state in (TextState.RESERVED, TextState.WRITING, TextState.LIVE):
+            assert stats["texts"][state.name] == sum(1 for s in self.state.values() if s is state)
+        assert stats["texts"]["FREED"] == sum(1 for s in self.state.values() if s is TextState.FREED)
+        assert len(stats["packs"]) == len(self.backend.reservations)
+        assert stats["epochs"]["completed"] == stats["epochs"]["started"] == self.backend.remote_cse_count
+        empty_mapped = [p for p in stats["packs"] if not p["dedicated"] and not p["retired"] and p["live_bytes"] == 0]
+        assert len(empty_mapped) <= self.a.keep_empty
+
+
+_SETTINGS = settings(parent=settings.get_profile("execmem"))
+
+
+class X86Machine(AllocatorMachine):
+    ARCH = "x86_64"
+
+
+class Arm64Machine(AllocatorMachine):
+    ARCH = "arm64"
+
+
+class CoarseUnitMachine(AllocatorMachine):
+    """mprotect-like backend: writes change whole 4 KiB pages."""
+
+    ARCH = "x86_64"
+    WRITE_UNIT = 4096
+
+
+TestX86 = X86Machine.TestCase
+TestX86.settings = _SETTINGS
+TestArm64 = Arm64Machine.TestCase
+TestArm64.settings = _SETTINGS
+TestCoarseUnits = CoarseUnitMachine.TestCase
+TestCoarseUnits.settings = _SETTINGS
