@@ -11,7 +11,7 @@ import time
 import pytest
 
 import execmem
-from execmem._errors import ModelError, UseAfterFreeError
+from execmem._errors import UseAfterFreeError
 
 X86 = platform.machine().lower() in ("x86_64", "amd64")
 x86_only = pytest.mark.skipif(not X86, reason="x86-64 machine code")
@@ -117,12 +117,6 @@ def test_free_during_a_call_defers_refill_and_quarantine() -> None:
         backend.close()
 
 
-@pytest.mark.xfail(
-    raises=ModelError,
-    strict=False,
-    reason="execmem.emu: Unicorn faults fetching RETURN_MAGIC (0xffffe000) after `ret` in a "
-    "count=1 run, so Machine.call of any function fails (bug in execmem/emu/_unicorn.py)",
-)
 def test_smoke_on_the_modeled_machine() -> None:
     from execmem.emu import Machine
 
@@ -132,6 +126,18 @@ def test_smoke_on_the_modeled_machine() -> None:
     t.write(0, execmem.asm("mov x0, #42\nret", "arm64", t.address))
     t.map()
     assert m.call(t.address) == 42
+    u = a.jit_text_alloc(16)  # the pack is mapped now: publish with membarrier
+    u.write(0, execmem.asm("mov x0, #7\nret", "arm64", u.address))
+    u.map()
+    assert m.call(u.address) == 7
+    w = a.jit_text_alloc(20)
+    w.write(0, execmem.asm("nop\nmov x0, #42\nret\nmov x0, #5\nret", "arm64", w.address))
+    w.map()
+    assert m.call(w.address) == 42
+    w.update(0, execmem.asm(f"b {w.address + 12}", "arm64", w.address))  # NOP -> B: both CMODX
+    assert m.call(w.address) == 5
+    t.free()
+    assert a.stats()["epochs"]["completed"] >= 1
 
 
 def test_allocator_runs_on_the_modeled_machine() -> None:
