@@ -46,6 +46,7 @@ from execmem.litmus._condition import (
 MAX_TEXT = 1 << 20  # characters
 MAX_THREADS = 64
 MAX_ROWS = 20_000
+MAX_INFO = 1000
 
 _HEADER = re.compile(
     r"[ \t]*([A-Za-z0-9_]+)[ \t]+([A-Za-z0-9_/.\-+\[\]:]+)[ \t]*"
@@ -63,6 +64,7 @@ _THREAD = re.compile(
 )
 _CODE_LABEL = re.compile(r"([A-Za-z_.$][A-Za-z0-9_/.$]*)[ \t\n]*:")
 _INSTR_START = re.compile(r"[A-Za-z.]")
+_BLANKS = re.compile(r"\s*")
 _INSTR_BAD = re.compile(r"[^\x20-\x7e]|[\"`|;]")
 
 
@@ -134,6 +136,7 @@ def _parse(raw: str, path: str | None, fname: str) -> LitmusTest:
     # 2. key=value lines up to '{'
     info: dict[str, str] = {}
     info_lines: dict[str, int] = {}
+    seen_keys: set[str] = set()
     while True:
         pos = _skip_blanks_and_comments(t, pos, newline=True)
         if pos >= len(text):
@@ -154,8 +157,11 @@ def _parse(raw: str, path: str | None, fname: str) -> LitmusTest:
         if not kv:
             raise t.fail(pos, "expected 'Key=value', a comment or the init block '{'")
         key, value = kv.group(1), kv.group(2).rstrip(" \t")
-        if any(k.lower() == key.lower() for k in info):
+        if key.lower() in seen_keys:
             raise t.fail(pos, f"'{key}' is given twice")
+        if len(info) >= MAX_INFO:
+            raise t.fail(pos, f"more than {MAX_INFO} 'Key=value' lines")
+        seen_keys.add(key.lower())
         info[key] = value
         info_lines[key] = t.line(pos)
         pos = kv.end()
@@ -229,8 +235,7 @@ def _matching_brace(t: _Text, pos: int) -> int:
                 return i
         elif c == '"':
             end = text.find('"', i + 1)
-            nl = text.find("\n", i + 1)
-            if end < 0 or (0 <= nl < end):
+            if end < 0 or text.find("\n", i + 1, end) >= 0:
                 raise t.fail(i, "unterminated string")
             i = end
         elif text.startswith("(*", i):
@@ -389,8 +394,7 @@ def _parse_cell(t: _Text, cpos: int, cell: str) -> CodeLine | None:
         if m.group(1) == "codevar":
             raise t.fail(cpos + i, "'codevar:' is not supported")
         labels.append(m.group(1))
-        i = m.end()
-        i += _first_nonblank(cell[i:])
+        i = _BLANKS.match(cell, m.end()).end()  # type: ignore[union-attr]
     rest = " ".join(cell[i:].split())
     instr: str | None = None
     if rest:
@@ -473,7 +477,7 @@ def format_test(test: LitmusTest) -> str:
     lines.append("}")
     heads = [t.name + (":" + ",".join(t.annotations) if t.annotations else "")
              for t in test.threads]
-    nrows = max(len(t.lines) for t in test.threads)
+    nrows = max(1, max(len(t.lines) for t in test.threads))  # herd wants one row
     cols = [[str(ln) for ln in t.lines] + [""] * (nrows - len(t.lines)) for t in test.threads]
     widths = [max([len(h)] + [len(c) for c in col]) for h, col in zip(heads, cols, strict=True)]
     lines.append(" " + " | ".join(h.ljust(w) for h, w in zip(heads, widths, strict=True)) + " ;")
