@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -196,8 +197,10 @@ def test_catalogue_wide_facts(suite: dict[str, LitmusTest]) -> None:
 def test_cache_type_header() -> None:
     dic = next(p for p in EXT_FILES if p.parent.name == "DIC1-IDC1")
     idc = next(p for p in EXT_FILES if p.parent.name == "DIC0-IDC1")
-    assert parse_file(dic).cache_type == frozenset({"DIC"})
-    assert parse_file(idc).cache_type == frozenset({"IDC"})
+    t = parse_file(dic)
+    assert t.cache_type == frozenset({"DIC"}) and t.dic and t.idc  # DIC implies IDC
+    t = parse_file(idc)
+    assert t.cache_type == frozenset({"IDC"}) and t.idc and not t.dic
 
 
 # ------------------------------------------------------------------- the format
@@ -446,6 +449,37 @@ def test_inline_errors(text: str, line: int, what: str) -> None:
     msg = str(info.value)
     assert msg.startswith(f"f.litmus:{line}: "), msg
     assert what in msg, msg
+
+
+def test_thread_without_code_round_trips() -> None:
+    t = parse_litmus("AArch64 T\n{ }\n P0 | P1 ;\n NOP |  ;\nexists 0:X0=0\n")
+    assert t.threads[1].lines == ()
+    assert parse_litmus(format_test(t)) == t
+    t = parse_litmus("AArch64 T\n{ }\n P0 ;\n   ;\n")
+    assert t.threads[0].lines == () and parse_litmus(format_test(t)) == t
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "AArch64 T\n" + "".join(f"K{i}=v\n" for i in range(100_000)),
+        "AArch64 T\n{" + '"a"' * 300_000,
+        "AArch64 T\n{ }\n P0 ;\n" + "".join(f"l{i}:" for i in range(100_000)) + "NOP;",
+        "AArch64 T\n{ }\n P0 ;\n NOP ;\nexists " + "(" * 500_000,
+        "AArch64 T\n{ }\n P0 ;\n NOP ;\nexists " + "~" * 500_000 + "0:X0=1",
+        "AArch64 T\n{ }\n P0 ;\n NOP ;\nexists " + " /\\ ".join(["0:X0=1"] * 80_000),
+        "AArch64 T\n" + "(*" * 500_000,
+        "AArch64 T\n{}\n" + "P0|" * 300_000,
+    ],
+    ids=["keys", "quotes", "labels", "parens", "nots", "ands", "comments", "pipes"],
+)
+def test_pathological_inputs_are_fast(text: str) -> None:
+    start = time.monotonic()
+    try:
+        parse_litmus(text, "f")
+    except LitmusError as e:
+        assert re.match(r"f:\d+: ", str(e))
+    assert time.monotonic() - start < 10
 
 
 def test_size_and_type_limits(tmp_path: Path) -> None:

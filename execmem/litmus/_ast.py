@@ -559,6 +559,16 @@ class LitmusTest:
     texname: str | None = None
 
     @property
+    def dic(self) -> bool:
+        """``CacheType=DIC``: instruction fetch is coherent with data, no IC IVAU needed."""
+        return "DIC" in self.cache_type
+
+    @property
+    def idc(self) -> bool:
+        """``CacheType=IDC`` (or DIC, which implies it, as in herd7): no DC CVAU needed."""
+        return "IDC" in self.cache_type or "DIC" in self.cache_type
+
+    @property
     def nprocs(self) -> int:
         """Number of main threads (P0..P<n-1>)."""
         return sum(1 for t in self.threads if not t.handler)
