@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 import re
 import time
 from pathlib import Path
@@ -361,9 +362,13 @@ def test_evaluate_with_lookup_and_resolver() -> None:
 def test_frozen_model() -> None:
     m = FrozenMap({"a": 1})
     assert m == {"a": 1} and hash(m) == hash(FrozenMap([("a", 1)]))
+    hash(m)
+    m2 = pickle.loads(pickle.dumps(m))
+    assert m2 == m and m2._h is None  # no stale cached hash crosses processes
     with pytest.raises(TypeError):
         m["b"] = 2  # type: ignore[index]
     t = parse_litmus(BASE + "exists 0:X0=1\n")
+    assert pickle.loads(pickle.dumps(t)) == t
     with pytest.raises(AttributeError):
         t.name = "other"  # type: ignore[misc]
 

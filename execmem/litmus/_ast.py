@@ -69,6 +69,10 @@ class FrozenMap(Mapping[K, V], Generic[K, V]):
     def __repr__(self) -> str:
         return f"FrozenMap({self._d!r})"
 
+    def __reduce__(self) -> tuple[type[FrozenMap[K, V]], tuple[list[tuple[K, V]]]]:
+        # the cached hash is not pickled: string hashes differ between processes
+        return (type(self), (list(self._d.items()),))
+
 
 # --------------------------------------------------------------------------- values
 
