@@ -9,7 +9,6 @@ values, ``observed``, ``with``) is reported as unsupported, with the line.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NoReturn
 
@@ -744,5 +743,3 @@ def parse_condition(text: str, fname: str = "<condition>") -> Condition:
         raise LitmusError(f"{fname}:1: only a condition is expected here")
     return cond
 
-
-Resolver = Callable[[Value], object]
