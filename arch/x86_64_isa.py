@@ -123,13 +123,16 @@ def _decode(insn: bytes) -> Decoded:
     return Decoded(m, text, "alu", i.size)
 
 
-_OLD = ("rold", "wold", "fetch")
+_OLD = ("rold", "wold", "icold", "fetch")
 RULES: dict[str, FenceRule] = {
-    # MFENCE / locked instructions: the store buffer drains; later reads follow earlier writes.
-    "mfence": FenceRule(drain=True, joins=(("rnew", _OLD),)),
+    # MFENCE / locked instructions: the store buffer drains; every later memory
+    # operation (reads, INVLPG/INVLPGB, CLFLUSH) follows every earlier one.
+    "mfence": FenceRule(drain=True, joins=(("rnew", _OLD), ("dcnew", _OLD), ("icnew", _OLD))),
     # Serializing instructions (SDM 9.1.3/8.3): drain, complete everything, refetch.
     "serialize": FenceRule(
-        drain=True, cse=True, joins=(("rnew", _OLD), ("fnew", ("rold", "wold", "fetch", "rnew")))
+        drain=True,
+        cse=True,
+        joins=(("rnew", _OLD), ("dcnew", _OLD), ("icnew", _OLD), ("fnew", (*_OLD, "rnew"))),
     ),
 }
 RULES["exception"] = RULES["serialize"]

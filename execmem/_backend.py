@@ -57,17 +57,32 @@ Range = tuple[int, int]
 class Backend(Protocol):
     """What the allocator core needs from memory.  See the module docstring."""
 
-    #: The architecture whose recipes this backend executes.
-    arch: ArchSpec
-    page_size: int
-    #: Human-readable mode: "dual-mapping", "mprotect", "rwx", "emulated", "memory".
-    mode: str
-    #: Smallest unit whose protection can change independently of its neighbours.
-    #: Texts written in place never share such a unit with live text (the page size
-    #: in mprotect mode, 1 where writes go through a separate writable view).
-    write_unit: int
-    #: Cache-type features of the (host or modeled) CPU, e.g. ``{"idc"}`` on arm64.
-    cache_features: frozenset[str]
+    @property
+    def arch(self) -> ArchSpec:
+        """The architecture whose recipes this backend executes."""
+        ...
+
+    @property
+    def page_size(self) -> int: ...
+
+    @property
+    def mode(self) -> str:
+        """Human-readable mode: "dual-mapping", "mprotect", "rwx", "emulated", "memory"."""
+        ...
+
+    @property
+    def write_unit(self) -> int:
+        """Smallest unit whose protection can change independently of its neighbours.
+
+        Texts written in place never share such a unit with live text (the page size
+        in mprotect mode, 1 where writes go through a separate writable view).
+        """
+        ...
+
+    @property
+    def cache_features(self) -> frozenset[str]:
+        """Cache-type features of the (host or modeled) CPU, e.g. ``{"idc"}`` on arm64."""
+        ...
 
     def reserve(self, size: int, align: int) -> Reservation:
         """Reserve ``size`` bytes of VA aligned to ``align`` with trap-filled backing.

@@ -62,8 +62,13 @@ def exhaustive(
     max_states: int = 2_000_000,
     max_depth: int = 10_000,
     progress: Progress | None = None,
+    stop: Callable[[Hashable], bool] | None = None,
 ) -> Exploration:
-    """Depth-first search of every reachable state (see the module docstring)."""
+    """Depth-first search of every reachable state (see the module docstring).
+
+    ``stop``: end the search at the first final observation it accepts (a witness
+    is all an "unsafe" verdict needs); the result is then marked incomplete.
+    """
     started = time.perf_counter()
     result = Exploration()
     root = model.initial()
@@ -74,6 +79,7 @@ def exhaustive(
     finals: set[Hashable] = set()
     path: list[int] = []
     steps: list[Step] = []
+    stopped: list[bool] = []
 
     def expand(st: MachineState, key: Hashable) -> list[tuple[Step, MachineState, tuple[object, ...]]] | None:
         result.states += 1
@@ -84,6 +90,8 @@ def exhaustive(
             obs = observe(st)
             if obs not in result.finals:
                 result.finals[obs] = Witness(list(path), list(steps))
+            if stop is not None and stop(obs):
+                stopped.append(True)
             return None
         succ = [(step, nxt, nxt.key()) for step, nxt in model.successors(st)]
         edges[key] = [k for _, _, k in succ]
@@ -96,7 +104,7 @@ def exhaustive(
     first = expand(root, root_key)
     if first:
         stack.append([first, 0])
-    while stack:
+    while stack and not stopped:
         frame = stack[-1]
         succ, i = frame[0], frame[1]
         assert isinstance(succ, list) and isinstance(i, int)
@@ -123,7 +131,9 @@ def exhaustive(
         else:
             path.pop()
             steps.pop()
-    result.schedules = _count_paths(root_key, edges, finals) if result.complete else 0
+    if stopped:
+        result.complete = False
+    result.schedules = _count_paths(root_key, edges, finals) if result.complete else len(finals)
     result.seconds = time.perf_counter() - started
     return result
 

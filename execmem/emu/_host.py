@@ -39,6 +39,38 @@ def _sender_view(cpu: CpuState) -> int:
     return max(v[ROLD], v[WOLD], v[DCOLD], v[ICOLD], v[FETCH], v[RNEW])
 
 
+def is_local(model: Model, cpu: CpuState) -> bool:
+    """Does the CPU's next host action touch only its own state?
+
+    Such an action commutes with every step of every other CPU and changes nothing
+    they can observe until a later (global) step, so the explorer may take it
+    eagerly as the only successor (a one-transition ample set).  Buffering a store
+    through a static mapping, a barrier that completes no pending maintenance,
+    issuing an IC/TLBI, and calls/records qualify; anything that reads or extends
+    the timeline, sends or waits for interrupts, does not.
+    """
+    actions = model.hosts[cpu.index]
+    if cpu.host >= len(actions) or cpu.irq:
+        return False
+    action = actions[cpu.host]
+    kind, args = action.kind, action.args
+    if kind == "store":
+        va = args[0]
+        assert isinstance(va, int)
+        return va - va % 0x1000 in model.config.static_map
+    if kind in ("pte", "record"):
+        return True
+    if kind == "ic" or (kind == "tlbi" and (len(args) < 2 or args[1] != "local")):
+        return True
+    if kind == "fence":
+        rule = model.rules.fences[str(args[0])]
+        return not (rule.drain and cpu.sb) and not (rule.complete and cpu.pending)
+    if kind == "call":
+        _, pushes = model.isa.prepare_call(cpu.regs, 0, args[1], 0)
+        return all(va - va % 0x1000 in model.config.static_map for va, _ in pushes)
+    return False
+
+
 def host_step(model: Model, st: MachineState, c: int) -> Iterator[Transition]:
     """Perform the next host action of CPU ``c`` (``cpu.pc == HOST``)."""
     cpu = st.cpus[c]
@@ -72,7 +104,7 @@ def host_step(model: Model, st: MachineState, c: int) -> Iterator[Transition]:
         if pte is None:
             raise ModelError(f"page {vpage:#x} has no page-table entry in this machine")
         value = pte_value(ppage if isinstance(ppage, int) else None, str(perms))
-        entry = model._store_entry(new, value.to_bytes(8, "little"), pte, vpage, _Plain(False), 0)
+        entry = model._store_entry(new, value.to_bytes(8, "little"), pte, pte, _Plain(False), 0)
         new.sb = (*new.sb, entry)
         model.settle(new)
         yield _step(c, "host", 0, text, "page-table store buffered"), model.replace(st, c, new)
@@ -166,7 +198,8 @@ def _local_tlbi(model: Model, st: MachineState, c: int, cpu: CpuState, vpage: in
     """A TLB invalidation of this CPU's own TLB, complete at once (x86 INVLPG)."""
     addr = -1 if vpage is None else vpage - vpage % 0x1000
     tl = st.timeline.append(Event(TLBI, c, addr, page=c, note="local"))
-    model.raise_view(cpu, ICOLD, tl.end)
+    for index in (ICOLD, RNEW, DCNEW, ICNEW, FNEW):
+        model.raise_view(cpu, index, tl.end)
     model.settle(cpu)
     return _step(c, "host", 0, text, f"@{tl.end}"), model.replace(st, c, cpu, tl)
 
@@ -190,8 +223,11 @@ def deliveries(model: Model, st: MachineState, t: int) -> Iterator[Transition]:
     detail = ""
     cpus = list(st.cpus)
     if kind == "tlb":
+        # The handler invalidates this CPU's TLB; everything after it (the interrupt
+        # return, the retried instruction) comes after that invalidation.
         tl = tl.append(Event(TLBI, t, arg, page=t, note="ipi"))
-        model.raise_view(new, ICOLD, tl.end)
+        for index in (ICOLD, RNEW, DCNEW, ICNEW, FNEW):
+            model.raise_view(new, index, tl.end)
         detail = f"local TLB invalidation @{tl.end}"
     elif kind == "dsb":
         # The handler executes a DSB: it completes this CPU's pending TLBIs/ICs.

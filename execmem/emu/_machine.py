@@ -358,12 +358,16 @@ class Machine(EmulatedBackend):
         runs: int = 1000,
         seed: int = 0,
         progress: Callable[[int], None] | None = None,
+        stop: Callable[[Hashable], bool] | None = None,
     ) -> Exploration:
-        """Every reachable final state (or ``runs`` random schedules when not exhaustive)."""
+        """Every reachable final state (or ``runs`` random schedules when not exhaustive).
+
+        ``stop`` ends an exhaustive search at the first observation it accepts.
+        """
         model = self.model()
         obs = observe or (lambda st: st.key())
         if exhaustive_search:
-            return exhaustive(model, obs, max_states=max_states, progress=progress)
+            return exhaustive(model, obs, max_states=max_states, progress=progress, stop=stop)
         return random_runs(model, obs, runs=runs, seed=seed, progress=progress)
 
     def replay(self, schedule: list[int]) -> tuple[list[Step], MachineState]:

@@ -154,7 +154,16 @@ class Model:
             cpu.status = DONE
 
     # -------------------------------------------------------------- successors
+    #: Take CPU-local host actions eagerly (partial-order reduction, see ``_host.is_local``).
+    reduce = True
+
     def successors(self, st: MachineState) -> list[Transition]:
+        if self.reduce:
+            for c, cpu in enumerate(st.cpus):
+                if cpu.status == RUN and cpu.pc == HOST and _host.is_local(self, cpu):
+                    local = list(_host.host_step(self, st, c))
+                    if len(local) == 1:
+                        return local
         out: list[Transition] = []
         for c, cpu in enumerate(st.cpus):
             if cpu.sb:
@@ -309,7 +318,8 @@ class Model:
         def more(va: int, acc: bytes, pre: int, records: tuple[tuple[int, int, int], ...], notes: str) -> None:
             for pa, walked, fault in self.translate(st, cpu, va, "x", pre):
                 if fault:
-                    results.append((acc, pre, records, notes, "InstructionAbort"))
+                    # (for a fault, the view slot carries the position the walk read)
+                    results.append((acc, walked, records, notes, "InstructionAbort"))
                     continue
                 for chunk, anchor, record, note in self._fetch_granule(st, cpu, pa, max(pre, walked)):
                     if not self.tlb_usable(st, cpu, va, walked, anchor):
@@ -377,9 +387,9 @@ class Model:
                 if record not in base.fetches:
                     base.fetches = (*base.fetches, record)
             if fault:
-                valid_at = self.spurious(st, cpu, cpu.pc, "x")
-                if valid_at and valid_at > max(cpu.views[FNEW], cpu.views[FETCH]):
-                    out.append(self.retry(st, c, base, cpu.pc, valid_at, "(fetch)"))
+                base.views[FETCH] = cpu.views[FETCH]
+                if self.spurious(st, cpu.pc, "x", anchor):
+                    out.append(self.retry(st, c, base, cpu.pc, "(fetch)"))
                 else:
                     out.append(self.fault(st, c, base, cpu.pc, fault, "(fetch)"))
                 continue
@@ -427,32 +437,31 @@ class Model:
         yield from self._execute(st, c, cpu, insn, d)
 
     # ------------------------------------------------------------------ faults
-    def spurious(self, st: MachineState, cpu: CpuState, va: int, access: str) -> int:
-        """Position of the PTE write that makes a translation fault spurious, or 0.
+    def spurious(self, st: MachineState, va: int, access: str, walked: int) -> bool:
+        """Is a translation fault spurious (the kernel's handler will just return)?
 
-        A walk placed in the past may read an entry that was invalid then but is
-        valid now.  The kernel's fault handler finds the current entry valid and
-        returns (exception return: context-synchronizing), and the instruction is
-        retried after the handler's read of the entry.
+        A walk placed in the past may read an entry that forbade the access then
+        but allows it now (a fresh mapping, an mprotect).  The fault handler finds
+        the current entry fine and returns (exception return: context-synchronizing),
+        and the instruction is retried after the handler, at the present.
         """
         page = va - va % 0x1000
         pte = self.config.pte_addr.get(page)
         if pte is None:
-            return 0
+            return False
         tl: Timeline = st.timeline
         latest = max(tl.latest_write_at(g, tl.end) for g in self.granules(pte, 8))
         raw = b"".join(tl.value_at(g, tl.end) for g in self.granules(pte, 8))
         entry = pte_decode(int.from_bytes(raw[:8], "little"))
-        if entry is None or check_perms(entry[1], access) or latest == 0:
-            return 0
-        return latest
+        return entry is not None and not check_perms(entry[1], access) and walked < latest
 
-    def retry(self, st: MachineState, c: int, cpu: CpuState, pc: int, seen: int, text: str) -> Transition:
+    def retry(self, st: MachineState, c: int, cpu: CpuState, pc: int, text: str) -> Transition:
         """The kernel fixed a spurious fault up: synchronize and run the instruction again."""
         for target, sources in self.rules.fences["exception"].joins:
             self.join(cpu, target, sources)
+        now = st.timeline.end
         for index in (RNEW, DCNEW, ICNEW, FNEW):
-            self.raise_view(cpu, index, seen)
+            self.raise_view(cpu, index, now)
         cpu.pc = pc
         return Step(c, "fault", pc, text, "spurious translation fault: the kernel returns and it is retried"), self.replace(st, c, cpu)
 
@@ -682,13 +691,12 @@ class Model:
                     options.append((pa, walked, "", None))
             per_access.append(options)
         for combo in itertools.product(*per_access):
-            faults = [(a, f) for a, (_, _, f, _) in zip(accesses, combo, strict=True) if f]
+            faults = [(a, f, walked) for a, (_, walked, f, _) in zip(accesses, combo, strict=True) if f]
             new = cpu.copy()
             if faults:
-                a, f = faults[0]
-                valid_at = self.spurious(st, cpu, a.addr, "r" if a.kind == "R" else "w")
-                if valid_at and valid_at > read_pre:
-                    yield self.retry(st, c, new, pc, valid_at, d.text)
+                a, f, walked = faults[0]
+                if self.spurious(st, a.addr, "r" if a.kind == "R" else "w", walked):
+                    yield self.retry(st, c, new, pc, d.text)
                 else:
                     yield self.fault(st, c, new, pc, "DataAbort", f"{d.text} ({f})")
                 continue

@@ -203,13 +203,16 @@ class CpuState:
 
 
 class MachineState:
-    """The timeline plus every CPU.  Immutable by convention."""
+    """The timeline plus every CPU.  Immutable by convention (keys are cached)."""
 
-    __slots__ = ("cpus", "timeline")
+    __slots__ = ("_key", "cpus", "timeline")
 
     def __init__(self, timeline: Timeline, cpus: tuple[CpuState, ...]) -> None:
         self.timeline = timeline
         self.cpus = cpus
+        self._key: tuple[object, ...] | None = None
 
     def key(self) -> tuple[object, ...]:
-        return (self.timeline.key(), tuple(c.key() for c in self.cpus))
+        if self._key is None:
+            self._key = (self.timeline.key(), tuple(c.key() for c in self.cpus))
+        return self._key

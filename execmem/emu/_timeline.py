@@ -58,7 +58,7 @@ INITIAL = Event(INIT, -1, -1)
 class Timeline:
     """An immutable timeline plus indices (rebuilt on insertion, extended on append)."""
 
-    __slots__ = ("_values", "events", "granule", "initial", "line", "maint", "tlbis", "writes")
+    __slots__ = ("_key", "_values", "events", "granule", "initial", "line", "maint", "tlbis", "writes")
 
     def __init__(
         self,
@@ -77,6 +77,7 @@ class Timeline:
         #: Initial bytes of every granule that has any (others read as zero).
         self.initial = initial
         self._values: dict[int, tuple[bytes, ...]] = {}
+        self._key: tuple[object, ...] | None = None
         if writes is None or maint is None or tlbis is None:
             writes, maint, tlbis = {}, {}, {}
             for pos, ev in enumerate(events):
@@ -128,7 +129,9 @@ class Timeline:
         return len(self.events) - 1
 
     def key(self) -> tuple[object, ...]:
-        return tuple(ev.key() for ev in self.events)
+        if self._key is None:
+            self._key = tuple(ev.key() for ev in self.events)
+        return self._key
 
     # -- per-granule history -------------------------------------------------
     def line_of(self, granule: int) -> int:

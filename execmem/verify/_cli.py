@@ -23,6 +23,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scheduler", metavar="ADDRESS", help="run on this Dask cluster (needs the dask extra)")
     parser.add_argument("--max-states", type=int, default=500_000, help="state budget per variant")
     parser.add_argument("--markdown", action="store_true", help="print the results as a Markdown table")
+    parser.add_argument(
+        "--complete", action="store_true", help="explore unsafe variants completely too (default: stop at the first witness)"
+    )
 
 
 def _selected(args: argparse.Namespace) -> list[Variant]:
@@ -35,8 +38,8 @@ def _selected(args: argparse.Namespace) -> list[Variant]:
     return chosen
 
 
-def _run_one(variant_id: str, max_states: int) -> Result:
-    return run_variant(find(variant_id), max_states=max_states)
+def _run_one(variant_id: str, max_states: int, complete: bool = False) -> Result:
+    return run_variant(find(variant_id), max_states=max_states, first_witness=not complete)
 
 
 def run_many(
@@ -45,6 +48,7 @@ def run_many(
     jobs: int = 0,
     scheduler: str | None = None,
     max_states: int = 500_000,
+    complete: bool = False,
     progress: Callable[[Result], None] | None = None,
 ) -> list[Result]:
     """Run variants in worker processes (or on a Dask cluster); results in input order."""
@@ -62,12 +66,12 @@ def run_many(
         except ImportError:
             raise ExecmemError("--scheduler needs Dask: pip install 'execmem[dask]'") from None
         with Client(scheduler) as client:
-            futures = {client.submit(_run_one, vid, max_states, pure=False): vid for vid in ids}
+            futures = {client.submit(_run_one, vid, max_states, complete, pure=False): vid for vid in ids}
             for future in as_completed(futures):
                 done(futures[future], future.result())
     elif jobs == 1 or len(ids) == 1:
         for vid in ids:
-            done(vid, _run_one(vid, max_states))
+            done(vid, _run_one(vid, max_states, complete))
     else:
         import concurrent.futures
         import multiprocessing
@@ -77,7 +81,7 @@ def run_many(
         # Unicorn instances must not cross a fork: workers start fresh interpreters.
         context = multiprocessing.get_context("spawn")
         with concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-            pending = {pool.submit(_run_one, vid, max_states): vid for vid in ids}
+            pending = {pool.submit(_run_one, vid, max_states, complete): vid for vid in ids}
             for future in concurrent.futures.as_completed(pending):
                 done(pending[future], future.result())
     return [results[vid] for vid in ids]
@@ -87,7 +91,7 @@ def _table(results: Iterable[Result], markdown: bool) -> str:
     rows = [("scenario", "arch", "variant", "expected", "observed", "schedules", "states", "seconds")]
     rows += [
         (r.scenario, r.arch, r.variant, r.expected, r.observed if not r.error else f"error: {r.error}",
-         str(r.schedules), str(r.states), f"{r.seconds:.2f}")
+         f"{r.schedules}" if r.complete else f">={r.schedules}", str(r.states), f"{r.seconds:.2f}")
         for r in results
     ]
     if markdown:
@@ -107,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if args.show:
         variant = find(args.show)
-        result = run_variant(variant, max_states=args.max_states)
+        result = run_variant(variant, max_states=args.max_states, first_witness=not args.complete)
         if result.error:
             raise ExecmemError(f"{variant.id}: {result.error}")
         print(f"{variant.id}: expected {result.expected}, observed {result.observed} ({result.why})")
@@ -131,7 +135,9 @@ def run(args: argparse.Namespace) -> int:
             mark = "ok" if result.ok else "MISMATCH"
             print(f"\r[{count}/{total}] {result.scenario}/{result.arch}/{result.variant}: {mark}\033[K", end="", file=sys.stderr)
 
-    results = run_many(chosen, jobs=args.jobs, scheduler=args.scheduler, max_states=args.max_states, progress=progress)
+    results = run_many(
+        chosen, jobs=args.jobs, scheduler=args.scheduler, max_states=args.max_states, complete=args.complete, progress=progress
+    )
     if not args.json and sys.stderr.isatty():
         print("\r\033[K", end="", file=sys.stderr)
     bad = [r for r in results if not r.ok]

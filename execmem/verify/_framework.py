@@ -111,7 +111,7 @@ def scenario(name: str, summary: str, seed: str) -> Callable[[Callable[[], list[
 
 
 def scenarios() -> list[Scenario]:
-    from execmem.verify import _jit, _tlb  # noqa: F401  (registration)
+    from execmem.verify import _jit, _reuse, _tlb, _update  # noqa: F401  (registration)
 
     return list(_SCENARIOS.values())
 
@@ -141,13 +141,20 @@ def find(variant_id: str) -> Variant:
     return matches[0]
 
 
-def run_variant(variant: Variant, *, max_states: int = 500_000) -> Result:
-    """Explore one variant exhaustively and compare with its expected verdict."""
+def run_variant(variant: Variant, *, max_states: int = 500_000, first_witness: bool = True) -> Result:
+    """Explore one variant exhaustively and compare with its expected verdict.
+
+    With ``first_witness`` the search stops at the first hazard (one counterexample
+    settles "unsafe"; the schedule count is then a lower bound).  A "safe" verdict
+    always needs the complete search.
+    """
     started = time.perf_counter()
     result = Result(variant.scenario, variant.arch, variant.name, variant.expected, "error", variant.why)
     try:
         case = variant.build()
-        exploration = case.machine.explore(case.hazard, max_states=max_states)
+        exploration = case.machine.explore(
+            case.hazard, max_states=max_states, stop=bool if first_witness else None
+        )
     except ExecmemError as exc:
         result.error = str(exc)
         result.seconds = time.perf_counter() - started
@@ -167,7 +174,7 @@ def run_variant(variant: Variant, *, max_states: int = 500_000) -> Result:
             "trace": format_trace(witness.steps, case.machine.ncpus, names=case.names or None),
         }
     else:
-        result.observed = SAFE if exploration.complete else "unknown"
+        result.observed = SAFE if exploration.complete else "unknown (state budget exhausted)"
     result.seconds = time.perf_counter() - started
     return result
 
