@@ -1,45 +1,38 @@
-"""The allocator core: packs, chunks, quarantine epochs, publishing and patching.
+"""The allocator core: handles, states, publishing and patching.
 
 Everything that touches memory goes through a :class:`~execmem._backend.Backend`;
-everything that depends on the architecture is asked of its ``ArchSpec``.
+everything that depends on the architecture is asked of its ``ArchSpec``.  Packs,
+placement, quarantine epochs and retirement are in ``_packs``; recipe execution and
+the live-patch rule in ``_recipes``; the handles in ``_text``.
 
-Packs
-    ``backend.reserve(pack_size, pack_size)`` regions (trap-filled, not executable),
-    carved into ``granularity``-byte chunks tracked by bit vectors (``_chunks``),
-    first fit honouring the alignment.  A request whose footprint exceeds half a
-    pack (or whose alignment exceeds a pack) gets a reservation of its own: above
-    that size a pack would mostly hold one text anyway, and a text that big would
-    keep a whole pack from returning to the system.
-Coarse write units
-    When ``backend.write_unit`` exceeds the granularity (mprotect mode: a write to
-    executable memory makes whole pages non-executable for a moment), a text placed
-    in a pack that is already mapped is rounded to whole write units, so writing it,
-    refilling it and writing it in place never touch a page another live text is
-    executing from.  Texts placed while the pack is not mapped yet are packed densely
-    (nothing can execute there); ``map_rw_inplace`` claims its write units whole and
-    refuses when another text shares them.  Publishing or freeing one of several
-    densely packed texts after their pack was mapped still writes pages the others
-    share: publish them together (``publish``/``batch``) or use dual mapping when
-    other threads may be running those neighbours.
 Publishing
     Texts in a reservation not yet mapped run the architecture's ``publish_fresh``
     recipe (write, cache maintenance, ``map``: nothing can have been fetched from an
     unmapped address, so no remote context synchronization is needed); texts in a
-    mapped reservation run ``publish``.  One batch runs each recipe once over all its
-    ranges, with at most one ``remote_cse`` overall (the last one).
-Quarantine and epochs
-    ``started``/``completed`` count the ``remote_cse`` steps the allocator runs.  A
-    free in a mapped reservation refills the text with traps and stamps its chunks
-    with ``started``; they are reused only once ``completed > stamp`` (every thread
-    has passed a context-synchronization event since the free, as RCU; seeds/000:
-    in-flight copies of old instructions survive cache and TLB maintenance).  When an
-    allocation would fit only in quarantined space, one epoch is forced
-    (``run_step("remote_cse", [])``) instead of reserving a new pack.  Frees in a
-    reservation never mapped need no quarantine.
-Empty packs
-    At most ``keep_empty`` empty packs are kept.  Beyond that a pack is unmapped
-    (its VA stays reserved, quarantined until an epoch); once an epoch completed it
-    is reused as a fresh pack, or released at the next epoch after that.
+    mapped reservation run ``publish``.  One batch (``publish``, ``batch()``) runs
+    each recipe once over all its ranges, with at most one ``remote_cse`` overall.
+In place
+    ``map_rw_inplace`` calls ``backend.begin_inplace`` and writes go straight to the
+    final location; ``finalize`` calls ``end_inplace`` and then runs the recipe (its
+    ``write`` step has nothing left to copy).
+Coarse write units
+    When ``backend.write_unit`` exceeds the granularity (mprotect mode: a write to
+    executable memory makes whole pages non-executable for a moment), a text placed
+    in a pack that is already mapped takes whole write units, so writing, refilling
+    or writing it in place never touches a page another live text is executing from.
+    Texts placed while the pack is not mapped yet are packed densely (nothing can
+    execute there); ``map_rw_inplace`` then claims its write units whole, and refuses
+    when another text shares them.  Publishing or freeing one of several densely
+    packed texts after their pack was mapped still writes pages the others share:
+    publish them together (``publish``/``batch``), or use dual mapping, when other
+    threads may be running those neighbours.  Live patches are refused there
+    (``UnsafePatchError``): the atomic store would make the page briefly
+    non-executable.
+Freeing
+    The text is refilled with traps and its chunks return to the pack, quarantined
+    until an epoch if the reservation is mapped.  A free while ``JitFunction`` calls
+    are in flight marks the text FREED at once and leaves refill and quarantine to
+    the last call that returns.
 """
 
 from __future__ import annotations
@@ -52,43 +45,22 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, cast
 
-from execmem._backend import Backend, Range, Reservation
-from execmem._chunks import LIVE, QUARANTINED, ChunkMap
+from execmem import _recipes
+from execmem._backend import Backend, Reservation
 from execmem._errors import (
     AlignmentError,
     BadStateError,
     ExecmemError,
     ForkedProcessError,
-    UnsafePatchError,
     UnsupportedError,
     UseAfterFreeError,
 )
+from execmem._packs import PackPool
 from execmem._text import JitFunction, JitText, TextState, check_int, make_cfunc
 from execmem.arch import ArchSpec, Recipe
 
 DEFAULT_PACK_SIZE = 2 * 1024 * 1024
 DEFAULT_GRANULARITY = 64
-
-_SAFE_ALTERNATIVE = (
-    "publish a new text with the new code, swap the pointer callers use to reach it, "
-    "and free the old text (its memory is reclaimed after the next epoch)"
-)
-
-
-@dataclass(eq=False)
-class _Pack:
-    reservation: Reservation
-    chunks: ChunkMap
-    dedicated: bool
-    #: Set while unmapped and waiting for an epoch (``None``: in use).
-    retired_stamp: int | None = None
-    #: ``completed`` when the retired pack matured (released one epoch later if unused).
-    matured_at: int | None = None
-
-    @property
-    def address(self) -> int:
-        return self.reservation.address
-
 
 @dataclass
 class _Batch:
@@ -96,17 +68,6 @@ class _Batch:
     patches: list[tuple[JitText, int, bytes]] = field(default_factory=list)
     overlay: dict[JitText, bytearray] = field(default_factory=dict)
     depth: int = 0
-
-
-@dataclass
-class _Group:
-    """One recipe run: its ranges and what its write/map/atomic_store steps do."""
-
-    recipe: Recipe
-    ranges: list[Range]
-    write: Callable[[], None]
-    map: Callable[[], None]
-    store: Callable[[], None]
 
 
 def _pow2(value: int) -> bool:
@@ -182,15 +143,19 @@ class Allocator:
         self._local = threading.local()
         self._pid = os.getpid()
         self._closed = False
-        self._packs: list[_Pack] = []
-        self._retired: list[_Pack] = []
         self._texts: set[JitText] = set()
-        self._started = 0
-        self._completed = 0
-        self._forced = 0
         self._steps: Counter[str] = Counter()
         self._recipe_runs: Counter[str] = Counter()
         self._events: Counter[str] = Counter()
+        self._pool = PackPool(
+            backend,
+            pack_size=pack_size,
+            granularity=granularity,
+            keep_empty=keep_empty,
+            quarantine=self._quarantine,
+            unit_chunks=self._unit_chunks,
+            events=self._events,
+        )
 
     # -- plumbing ---------------------------------------------------------------------------
 
@@ -254,91 +219,11 @@ class Allocator:
             self._check()
             return self._alloc(size, align)
 
-    def _shape(self, pack: _Pack, count: int, step: int) -> tuple[int, int]:
-        """Chunks and alignment step a request takes in ``pack`` (whole write units in
-        a mapped pack when the backend writes whole pages)."""
-        u = self._unit_chunks
-        if u > 1 and pack.reservation.mapped:
-            return -(-count // u) * u, max(step, u)
-        return count, step
-
-    def _find(self, count: int, step: int) -> tuple[_Pack, int, int] | None:
-        for pack in self._packs:
-            if pack.dedicated:
-                continue
-            n, s = self._shape(pack, count, step)
-            index = pack.chunks.find(n, s)
-            if index is not None:
-                return pack, index, n
-        return None
-
-    def _quarantine_would_do(self, count: int, step: int) -> bool:
-        if any(not p.dedicated for p in self._retired):
-            return True
-        for pack in self._packs:
-            if pack.dedicated or not pack.chunks.quarantined:
-                continue
-            n, s = self._shape(pack, count, step)
-            if pack.chunks.find(n, s, among=pack.chunks.free | pack.chunks.quarantined) is not None:
-                return True
-        return False
-
-    def _adopt_retired(self) -> _Pack | None:
-        """A matured retired pack, made a fresh (unmapped, empty) pack again."""
-        for pack in self._retired:
-            if not pack.dedicated and pack.matured_at is not None:
-                self._retired.remove(pack)
-                pack.retired_stamp = pack.matured_at = None
-                pack.chunks.reset()
-                self._packs.append(pack)
-                self._events["packs_reused"] += 1
-                return pack
-        return None
-
     def _alloc(self, size: int, align: int) -> JitText:
+        pack, index, count = self._pool.place(size, align)
         gran = self.granularity
-        count = -(-size // gran)
-        if count * gran > self.pack_size // 2 or align > self.pack_size:
-            return self._alloc_dedicated(size, align, count)
-        step = max(1, align // gran)
-        hit = self._find(count, step)
-        if hit is None:
-            pack = self._adopt_retired()
-            if pack is None and self._quarantine and self._quarantine_would_do(count, step):
-                # Reuse quarantined space after one epoch rather than reserve a new pack.
-                self._forced += 1
-                self._remote_cse([])
-                hit = self._find(count, step)
-                pack = None if hit is not None else self._adopt_retired()
-            if hit is None and pack is not None:
-                n, s = self._shape(pack, count, step)
-                index = pack.chunks.find(n, s)
-                hit = (pack, index, n) if index is not None else None
-        if hit is None:
-            res = self.backend.reserve(self.pack_size, self.pack_size)
-            pack = _Pack(res, ChunkMap(res.size // gran), dedicated=False)
-            self._packs.append(pack)
-            self._events["packs_reserved"] += 1
-            n, s = self._shape(pack, count, step)
-            index = pack.chunks.find(n, s)
-            assert index is not None
-            hit = (pack, index, n)
-        pack, index, n = hit
-        pack.chunks.take(index, n)
-        return self._new_text(pack, index, n, size)
-
-    def _alloc_dedicated(self, size: int, align: int, count: int) -> JitText:
-        gran = self.granularity
-        res = self.backend.reserve(count * gran, max(align, gran))
-        pack = _Pack(res, ChunkMap(res.size // gran), dedicated=True)
-        pack.chunks.take(0, count)
-        self._packs.append(pack)
-        self._events["dedicated_reserved"] += 1
-        return self._new_text(pack, 0, count, size)
-
-    def _new_text(self, pack: _Pack, index: int, count: int, size: int) -> JitText:
-        address = pack.address + index * self.granularity
-        text = JitText(self, pack, index, count, address, size, self._trap(pack.reservation, index * self.granularity, size))
+        trap = self._trap(pack.reservation, index * gran, size)
+        text = JitText(self, pack, index, count, pack.address + index * gran, size, trap)
         self._texts.add(text)
         return text
 
@@ -479,22 +364,23 @@ class Allocator:
                 backend.atomic_store(res, res_offset, word)
                 stored.append((res, res_offset, _old))
 
-        def nothing() -> None:
-            return None
-
-        groups: list[_Group] = []
+        groups: list[_recipes.Group] = []
         if fresh:
-            groups.append(_Group(self._recipe("publish_fresh"), [(t.address, t.size) for t in fresh], write(fresh), map_(fresh), nothing))
+            ranges = [(t.address, t.size) for t in fresh]
+            groups.append(_recipes.Group(self._recipe("publish_fresh"), ranges, write=write(fresh), map=map_(fresh)))
         if mapped:
-            groups.append(_Group(self._recipe("publish"), [(t.address, t.size) for t in mapped], write(mapped), map_(mapped), nothing))
+            ranges = [(t.address, t.size) for t in mapped]
+            groups.append(_recipes.Group(self._recipe("publish"), ranges, write=write(mapped), map=map_(mapped)))
         if words:
             ranges = [(res.address + off, len(word)) for res, off, word, _ in words]
-            groups.append(_Group(self._recipe("patch"), ranges, nothing, nothing, store))
+            groups.append(_recipes.Group(self._recipe("patch"), ranges, store=store))
         try:
             for text in inplace:
                 backend.end_inplace(text._pack.reservation, self._offset(text), text.size)
                 ended.append(text)
-            self._run(groups)
+            _recipes.run(
+                backend, groups, remote_cse=self._pool.remote_cse, steps=self._steps, recipes=self._recipe_runs
+            )
         except BaseException:
             # Leave every text as it was: unpublished texts read as traps again,
             # in-place texts writable again, patched words restored (best effort).
@@ -515,62 +401,6 @@ class Allocator:
             text._shadow[:] = shadow
         self._events["published"] += len(texts)
         self._events["patched"] += len(patches)
-
-    def _run(self, groups: list[_Group]) -> None:
-        """Execute recipes step by step; one ``remote_cse`` for all of them."""
-        features = frozenset(self.backend.cache_features)
-        plans = [(g, g.recipe.effective(features)) for g in groups]
-        owner = max((i for i, (_, steps) in enumerate(plans) if any(s.name == "remote_cse" for s in steps)), default=-1)
-        everything = [r for g in groups for r in g.ranges]
-        for i, (group, steps) in enumerate(plans):
-            self._recipe_runs[group.recipe.name] += 1
-            for step in steps:
-                name = step.name
-                if name == "write":
-                    group.write()
-                elif name == "map":
-                    group.map()
-                elif name == "atomic_store":
-                    group.store()
-                elif name == "remote_cse":
-                    if i != owner:
-                        self._steps["remote_cse_merged"] += 1
-                        continue
-                    self._remote_cse(everything)
-                else:
-                    self.backend.run_step(name, group.ranges)
-                self._steps[name] += 1
-
-    def _remote_cse(self, ranges: list[Range]) -> None:
-        """One synchronization epoch: every thread passes a context-synchronization event."""
-        self._started += 1
-        mine = self._started
-        self.backend.run_step("remote_cse", ranges)
-        self._completed = max(self._completed, mine)
-        self._mature()
-
-    def _mature(self) -> None:
-        completed = self._completed
-        for pack in self._packs:
-            if pack.chunks.quarantined:
-                pack.chunks.mature(completed)
-        for pack in list(self._retired):
-            if pack.matured_at is None:
-                if pack.retired_stamp is not None and completed > pack.retired_stamp:
-                    pack.matured_at = completed
-                    if pack.dedicated:
-                        self._release(pack)
-            elif completed > pack.matured_at:
-                # Matured one epoch ago and not reused since: return it to the system.
-                self._release(pack)
-
-    def _release(self, pack: _Pack) -> None:
-        if pack in self._retired:
-            self._retired.remove(pack)
-        if pack in self._packs:
-            self._packs.remove(pack)
-        self.backend.release(pack.reservation)
-        self._events["packs_released"] += 1
 
     # -- batches ------------------------------------------------------------------------------
 
@@ -625,39 +455,8 @@ class Allocator:
         return start - text._pack.address, bytes(out)
 
     def _check_patch(self, text: JitText, shadow: bytearray, offset: int, data: bytes) -> None:
-        rule = self.arch.patch_rule
-        address = text.address + offset
-        where = f"patch of {len(data)} bytes at {address:#x}"
-        if not data:
-            raise UnsafePatchError(f"{where}: nothing to patch")
-        if not getattr(self.backend, "concurrent_patch_safe", self.backend.write_unit == 1):
-            raise UnsafePatchError(
-                f"{where}: in {self.backend.mode} mode an atomic store makes the page briefly "
-                f"non-executable, so threads running it would fault; {_SAFE_ALTERNATIVE}"
-            )
-        if len(data) > rule.max_size or address // rule.word != (address + len(data) - 1) // rule.word:
-            raise UnsafePatchError(
-                f"{where}: a live patch must lie within one naturally aligned {rule.word}-byte word "
-                f"({rule.why}); {_SAFE_ALTERNATIVE}"
-            )
-        if rule.whole_instruction:
-            from execmem._asm import decode_one
-
-            old = bytes(shadow[offset : offset + len(data)])
-            old_m = decode_one(self.arch, old, address)
-            new_m = decode_one(self.arch, data, address)
-            if old_m is None or new_m is None:
-                which = "old" if old_m is None else "new"
-                raise UnsafePatchError(
-                    f"{where}: the {which} bytes are not exactly one whole {self.arch.name} instruction "
-                    f"of {len(data)} bytes ({rule.why}); {_SAFE_ALTERNATIVE}"
-                )
-            if rule.mnemonics and (old_m not in rule.mnemonics or new_m not in rule.mnemonics):
-                bad = old_m if old_m not in rule.mnemonics else new_m
-                raise UnsafePatchError(
-                    f"{where}: {bad!r} may not be modified while other CPUs may execute it ({rule.why}); "
-                    f"{_SAFE_ALTERNATIVE}"
-                )
+        old = bytes(shadow[offset : offset + len(data)])
+        _recipes.check_patch(self.arch, self.backend, text.address + offset, old, data)
 
     def _update(self, text: JitText, offset: int, data: bytes) -> None:
         with self._lock:
@@ -724,7 +523,7 @@ class Allocator:
                 text._state = previous
                 self._events["freed"] -= 1
                 raise
-            self._trim()
+            self._pool.trim()
 
     def _finish_deferred_free(self, text: JitText) -> None:
         """The last in-flight call of a freed text returned: refill and quarantine now."""
@@ -733,7 +532,7 @@ class Allocator:
                 return
             try:
                 self._reclaim(text, text._freed_from)
-                self._trim()
+                self._pool.trim()
             except ExecmemError:
                 self._events["deferred_free_errors"] += 1
 
@@ -749,91 +548,40 @@ class Allocator:
                 if previous is TextState.WRITING:
                     self.backend.begin_inplace(res, offset, text.size)
                 raise
-        pack.chunks.release(text._chunk)
-        if self._quarantine and res.mapped:
-            # Another CPU may hold instructions fetched from here: reuse after an epoch.
-            pack.chunks.quarantine(text._chunk, text._nchunks, self._started)
+        # Another CPU may hold instructions fetched from here: reuse after an epoch.
+        self._pool.free(pack, text._chunk)
         self._texts.discard(text)
         text._shadow = bytearray()
 
-    def _trim(self) -> None:
-        """Keep at most ``keep_empty`` empty packs; retire the others."""
-        empty = [p for p in self._packs if p.chunks.empty]
-        for pack in [p for p in empty if p.dedicated]:
-            self._retire(pack)
-        regular = [p for p in empty if not p.dedicated]
-        excess = len(regular) - self.keep_empty
-        if excess > 0:
-            # Unmapped ones go first (no TLB shootdown), then the highest addresses.
-            victims = sorted(regular, key=lambda p: (p.reservation.mapped, -p.address))[:excess]
-            for pack in victims:
-                self._retire(pack)
-
-    def _retire(self, pack: _Pack) -> None:
-        res = pack.reservation
-        if not res.mapped:
-            # Never executable (or already unmapped): nothing to wait for.
-            self._release(pack)
-            return
-        self.backend.unmap(res)
-        self._events["packs_unmapped"] += 1
-        self._packs.remove(pack)
-        pack.chunks.reset()
-        pack.retired_stamp = self._started
-        # Without quarantine the VA may be mapped again at once (verification mutation).
-        pack.matured_at = None if self._quarantine else self._completed
-        self._retired.append(pack)
-
     # -- reporting ----------------------------------------------------------------------------
-
-    def _pack_rows(self) -> list[tuple[_Pack, bool]]:
-        rows = [(p, False) for p in self._packs] + [(p, True) for p in self._retired]
-        return sorted(rows, key=lambda row: row[0].address)
 
     def stats(self) -> dict[str, object]:
         """What the allocator holds and did (and ``backend.stats()`` under ``"backend"``)."""
         with self._lock:
             if self._pid != os.getpid():
                 raise ForkedProcessError("this allocator belongs to the parent process")
-            gran = self.granularity
-            packs: list[dict[str, object]] = []
-            totals = Counter[str]()
-            for pack, retired in self._pack_rows():
-                size = pack.chunks.n * gran
-                if retired:
-                    live, free, quarantined = 0, 0, size
-                else:
-                    live = pack.chunks.count(LIVE) * gran
-                    quarantined = pack.chunks.count(QUARANTINED) * gran
-                    free = size - live - quarantined
-                packs.append(
-                    {
-                        "address": pack.address,
-                        "size": size,
-                        "mapped": pack.reservation.mapped,
-                        "dedicated": pack.dedicated,
-                        "retired": retired,
-                        "live_bytes": live,
-                        "free_bytes": free,
-                        "quarantined_bytes": quarantined,
-                    }
-                )
-                totals.update(reserved_bytes=size, live_bytes=live, free_bytes=free, quarantined_bytes=quarantined)
+            pool = self._pool
+            packs = pool.describe()
+            keys = ("size", "live_bytes", "free_bytes", "quarantined_bytes")
+            totals: dict[str, object] = {"packs": len(packs)}
+            for key in keys:
+                totals["reserved_bytes" if key == "size" else key] = sum(cast(int, p[key]) for p in packs)
             by_state = Counter(t.state.name for t in self._texts)
+            texts = {s.name: by_state[s.name] for s in TextState if s is not TextState.FREED}
+            texts["FREED"] = self._events["freed"]
             return {
                 "arch": self.arch.name,
                 "mode": self.backend.mode,
-                "granularity": gran,
+                "granularity": self.granularity,
                 "pack_size": self.pack_size,
                 "write_unit": self.backend.write_unit,
                 "keep_empty": self.keep_empty,
                 "quarantine": self._quarantine,
                 "closed": self._closed,
                 "packs": packs,
-                "totals": {"packs": len(packs), **{k: totals[k] for k in ("reserved_bytes", "live_bytes", "free_bytes", "quarantined_bytes")}},
-                "texts": {state.name: by_state[state.name] for state in TextState if state is not TextState.FREED}
-                | {"FREED": self._events["freed"]},
-                "epochs": {"started": self._started, "completed": self._completed, "forced": self._forced},
+                "totals": totals,
+                "texts": texts,
+                "epochs": {"started": pool.started, "completed": pool.completed, "forced": pool.forced},
                 "steps": dict(self._steps),
                 "recipes": dict(self._recipe_runs),
                 "events": dict(self._events),
@@ -844,21 +592,7 @@ class Allocator:
         """Per pack: address, size, granularity, flags and ``runs``, the chunk states
         run-length encoded as ``[(state, chunks), ...]`` with states live/free/quarantined."""
         with self._lock:
-            out: list[dict[str, object]] = []
-            for pack, retired in self._pack_rows():
-                runs = [(QUARANTINED, pack.chunks.n)] if retired else pack.chunks.runs()
-                out.append(
-                    {
-                        "address": pack.address,
-                        "size": pack.chunks.n * self.granularity,
-                        "granularity": self.granularity,
-                        "mapped": pack.reservation.mapped,
-                        "dedicated": pack.dedicated,
-                        "retired": retired,
-                        "runs": runs,
-                    }
-                )
-            return out
+            return self._pool.occupancy()
 
     # -- lifetime -----------------------------------------------------------------------------
 
@@ -874,14 +608,7 @@ class Allocator:
             for text in self._texts:
                 text._state = TextState.FREED
             self._texts.clear()
-            first: ExecmemError | None = None
-            for pack, _ in self._pack_rows():
-                try:
-                    self.backend.release(pack.reservation)
-                except ExecmemError as exc:
-                    first = first or exc
-            self._packs.clear()
-            self._retired.clear()
+            first = self._pool.close()
             if self._owns_backend:
                 try:
                     self.backend.close()
@@ -898,7 +625,7 @@ class Allocator:
         self.close()
 
     def __repr__(self) -> str:
-        state = "closed" if self._closed else f"{len(self._packs)} packs, {len(self._texts)} texts"
+        state = "closed" if self._closed else f"{len(self._pool.packs)} packs, {len(self._texts)} texts"
         return f"<execmem.Allocator {self.arch.name} {self.backend.mode}: {state}>"
 
 

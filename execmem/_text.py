@@ -22,7 +22,8 @@ from typing import TYPE_CHECKING, Any
 from execmem._errors import AlignmentError, OutOfBoundsError, UseAfterFreeError
 
 if TYPE_CHECKING:
-    from execmem._allocator import Allocator, _Pack
+    from execmem._allocator import Allocator
+    from execmem._packs import Pack as _Pack
 
 
 class TextState(enum.Enum):

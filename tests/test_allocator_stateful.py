@@ -211,7 +211,7 @@ class AllocatorMachine(RuleBasedStateMachine):
     @rule()
     def forced_epoch(self) -> None:
         with self.a._lock:
-            self.a._remote_cse([])
+            self.a._pool.remote_cse([])
 
     # -- invariants ---------------------------------------------------------------------------
 

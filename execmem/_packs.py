@@ -1,0 +1,285 @@
+"""Packs of executable address space: placement, quarantine epochs, retirement.
+
+:class:`PackPool` owns every reservation of one allocator and the two epoch
+counters.  It knows nothing about texts' contents or states; the allocator
+(``_allocator``) calls it under its lock.
+
+Placement
+    First fit over the packs in the order they were reserved, honouring the
+    alignment (in chunks).  A request whose footprint exceeds half a pack, or whose
+    alignment exceeds a pack, gets a dedicated reservation: above that size a pack
+    would mostly hold one text anyway, and a big text would keep a whole pack from
+    ever returning to the system.  With a coarse write unit (``unit_chunks > 1``,
+    mprotect mode) a request placed in a *mapped* pack takes whole write units.
+Epochs
+    ``started``/``completed`` count the ``remote_cse`` steps run through
+    :meth:`PackPool.remote_cse`.  Chunks freed from a mapped reservation are stamped
+    with ``started`` and become free again once ``completed > stamp``: every thread
+    has then taken a context-synchronization event since the free (seeds/000: stale
+    in-flight instructions survive TLB and cache maintenance until a CSE).  When a
+    request fits only in quarantined space, one epoch is forced rather than a new
+    pack reserved.
+Retirement
+    At most ``keep_empty`` empty packs stay.  An extra empty pack that is mapped is
+    unmapped (the VA stays reserved) and quarantined as a whole; after an epoch it
+    is reused as a fresh pack, and released at the next epoch if nobody needed it.
+    Unmapped empty packs are released at once (nothing could have fetched from them).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+
+from execmem._backend import Backend, Range, Reservation
+from execmem._chunks import LIVE, QUARANTINED, ChunkMap
+from execmem._errors import ExecmemError
+
+
+@dataclass(eq=False)
+class Pack:
+    reservation: Reservation
+    chunks: ChunkMap
+    dedicated: bool
+    #: Set while unmapped and waiting for an epoch (``None``: in use).
+    retired_stamp: int | None = None
+    #: ``completed`` when the retired pack matured (released one epoch later if unused).
+    matured_at: int | None = None
+
+    @property
+    def address(self) -> int:
+        return self.reservation.address
+
+
+class PackPool:
+    """Every reservation of one allocator (see the module docstring)."""
+
+    def __init__(
+        self,
+        backend: Backend,
+        *,
+        pack_size: int,
+        granularity: int,
+        keep_empty: int,
+        quarantine: bool,
+        unit_chunks: int,
+        events: Counter[str],
+    ) -> None:
+        self.backend = backend
+        self.pack_size = pack_size
+        self.granularity = granularity
+        self.keep_empty = keep_empty
+        self.quarantine = quarantine
+        self.unit_chunks = unit_chunks
+        self.events = events
+        self.packs: list[Pack] = []
+        self.retired: list[Pack] = []
+        self.started = 0
+        self.completed = 0
+        self.forced = 0
+
+    # -- placement ------------------------------------------------------------------------
+
+    def shape(self, pack: Pack, count: int, step: int) -> tuple[int, int]:
+        """Chunks and alignment step a request takes in ``pack``."""
+        u = self.unit_chunks
+        if u > 1 and pack.reservation.mapped:
+            return -(-count // u) * u, max(step, u)
+        return count, step
+
+    def _find(self, count: int, step: int, packs: list[Pack]) -> tuple[Pack, int, int] | None:
+        for pack in packs:
+            if pack.dedicated:
+                continue
+            n, s = self.shape(pack, count, step)
+            index = pack.chunks.find(n, s)
+            if index is not None:
+                return pack, index, n
+        return None
+
+    def _quarantine_would_do(self, count: int, step: int) -> bool:
+        if any(not p.dedicated for p in self.retired):
+            return True
+        for pack in self.packs:
+            if pack.dedicated or not pack.chunks.quarantined:
+                continue
+            n, s = self.shape(pack, count, step)
+            if pack.chunks.find(n, s, among=pack.chunks.free | pack.chunks.quarantined) is not None:
+                return True
+        return False
+
+    def _adopt_retired(self) -> Pack | None:
+        """A matured retired pack, made a fresh (unmapped, empty) pack again."""
+        for pack in self.retired:
+            if not pack.dedicated and pack.matured_at is not None:
+                self.retired.remove(pack)
+                pack.retired_stamp = pack.matured_at = None
+                pack.chunks.reset()
+                self.packs.append(pack)
+                self.events["packs_reused"] += 1
+                return pack
+        return None
+
+    def place(self, size: int, align: int) -> tuple[Pack, int, int]:
+        """Take chunks for ``size`` bytes at ``align``: (pack, first chunk, chunk count)."""
+        gran = self.granularity
+        count = -(-size // gran)
+        if count * gran > self.pack_size // 2 or align > self.pack_size:
+            res = self.backend.reserve(count * gran, max(align, gran))
+            pack = Pack(res, ChunkMap(res.size // gran), dedicated=True)
+            self.packs.append(pack)
+            self.events["dedicated_reserved"] += 1
+            pack.chunks.take(0, count)
+            return pack, 0, count
+        step = max(1, align // gran)
+        hit = self._find(count, step, self.packs)
+        if hit is None:
+            adopted = self._adopt_retired()
+            if adopted is None and self.quarantine and self._quarantine_would_do(count, step):
+                # Reuse quarantined space after one epoch rather than reserve a new pack.
+                self.forced += 1
+                self.remote_cse([])
+                hit = self._find(count, step, self.packs)
+                adopted = None if hit is not None else self._adopt_retired()
+            if hit is None and adopted is not None:
+                hit = self._find(count, step, [adopted])
+        if hit is None:
+            res = self.backend.reserve(self.pack_size, self.pack_size)
+            pack = Pack(res, ChunkMap(res.size // gran), dedicated=False)
+            self.packs.append(pack)
+            self.events["packs_reserved"] += 1
+            hit = self._find(count, step, [pack])
+            assert hit is not None
+        pack, index, n = hit
+        pack.chunks.take(index, n)
+        return hit
+
+    def free(self, pack: Pack, first: int) -> None:
+        """Return an allocation; quarantined if its reservation may have been executed."""
+        count = pack.chunks.release(first)
+        if self.quarantine and pack.reservation.mapped:
+            pack.chunks.quarantine(first, count, self.started)
+
+    # -- epochs -----------------------------------------------------------------------------
+
+    def remote_cse(self, ranges: list[Range]) -> None:
+        """One synchronization epoch: every thread passes a context-synchronization event."""
+        self.started += 1
+        mine = self.started
+        self.backend.run_step("remote_cse", ranges)
+        self.completed = max(self.completed, mine)
+        self._mature()
+
+    def _mature(self) -> None:
+        completed = self.completed
+        for pack in self.packs:
+            if pack.chunks.quarantined:
+                pack.chunks.mature(completed)
+        for pack in list(self.retired):
+            if pack.matured_at is None:
+                if pack.retired_stamp is not None and completed > pack.retired_stamp:
+                    pack.matured_at = completed
+                    if pack.dedicated:
+                        self.release(pack)
+            elif completed > pack.matured_at:
+                # Matured one epoch ago and not reused since: return it to the system.
+                self.release(pack)
+
+    # -- retirement -------------------------------------------------------------------------
+
+    def release(self, pack: Pack) -> None:
+        if pack in self.retired:
+            self.retired.remove(pack)
+        if pack in self.packs:
+            self.packs.remove(pack)
+        self.backend.release(pack.reservation)
+        self.events["packs_released"] += 1
+
+    def trim(self) -> None:
+        """Keep at most ``keep_empty`` empty packs; retire the others."""
+        empty = [p for p in self.packs if p.chunks.empty]
+        for pack in [p for p in empty if p.dedicated]:
+            self._retire(pack)
+        regular = [p for p in empty if not p.dedicated]
+        excess = len(regular) - self.keep_empty
+        if excess > 0:
+            # Unmapped ones go first (no TLB shootdown), then the highest addresses.
+            victims = sorted(regular, key=lambda p: (p.reservation.mapped, -p.address))[:excess]
+            for pack in victims:
+                self._retire(pack)
+
+    def _retire(self, pack: Pack) -> None:
+        res = pack.reservation
+        if not res.mapped:
+            self.release(pack)  # never executable (or already unmapped): nothing to wait for
+            return
+        self.backend.unmap(res)
+        self.events["packs_unmapped"] += 1
+        self.packs.remove(pack)
+        pack.chunks.reset()
+        pack.retired_stamp = self.started
+        # Without quarantine the VA may be mapped again at once (verification mutation).
+        pack.matured_at = None if self.quarantine else self.completed
+        self.retired.append(pack)
+
+    def close(self) -> ExecmemError | None:
+        """Release every reservation; returns the first error (after trying them all)."""
+        first: ExecmemError | None = None
+        for pack, _ in self.rows():
+            try:
+                self.backend.release(pack.reservation)
+            except ExecmemError as exc:
+                first = first or exc
+        self.packs.clear()
+        self.retired.clear()
+        return first
+
+    # -- reporting --------------------------------------------------------------------------
+
+    def rows(self) -> list[tuple[Pack, bool]]:
+        """Every pack (with whether it is retired), by address."""
+        rows = [(p, False) for p in self.packs] + [(p, True) for p in self.retired]
+        return sorted(rows, key=lambda row: row[0].address)
+
+    def describe(self) -> list[dict[str, object]]:
+        gran = self.granularity
+        out: list[dict[str, object]] = []
+        for pack, retired in self.rows():
+            size = pack.chunks.n * gran
+            if retired:
+                live, quarantined = 0, size
+            else:
+                live = pack.chunks.count(LIVE) * gran
+                quarantined = pack.chunks.count(QUARANTINED) * gran
+            out.append(
+                {
+                    "address": pack.address,
+                    "size": size,
+                    "mapped": pack.reservation.mapped,
+                    "dedicated": pack.dedicated,
+                    "retired": retired,
+                    "live_bytes": live,
+                    "free_bytes": size - live - quarantined,
+                    "quarantined_bytes": quarantined,
+                }
+            )
+        return out
+
+    def occupancy(self) -> list[dict[str, object]]:
+        out: list[dict[str, object]] = []
+        for pack, retired in self.rows():
+            out.append(
+                {
+                    "address": pack.address,
+                    "size": pack.chunks.n * self.granularity,
+                    "granularity": self.granularity,
+                    "mapped": pack.reservation.mapped,
+                    "dedicated": pack.dedicated,
+                    "retired": retired,
+                    "runs": [(QUARANTINED, pack.chunks.n)] if retired else pack.chunks.runs(),
+                }
+            )
+        return out
+
+
+__all__ = ["Pack", "PackPool"]
