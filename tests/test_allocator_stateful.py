@@ -89,7 +89,7 @@ class AllocatorMachine(RuleBasedStateMachine):
         return start, start + t._nchunks * self.a.granularity
 
     def stamp(self) -> tuple[int, int]:
-        epochs = self.a.stats()["epochs"]
+        epochs: dict[str, int] = self.a.stats()["epochs"]  # type: ignore[assignment]
         return epochs["started"], epochs["completed"]
 
     # -- rules --------------------------------------------------------------------------------
@@ -259,7 +259,7 @@ class AllocatorMachine(RuleBasedStateMachine):
     def accounting_adds_up(self) -> None:
         if not hasattr(self, "a"):
             return
-        stats = self.a.stats()
+        stats: dict[str, Any] = self.a.stats()
         gran = self.a.granularity
         total = 0
         for pack in stats["packs"]:

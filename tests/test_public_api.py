@@ -7,11 +7,17 @@ import ctypes
 import platform
 import threading
 import time
+from typing import Any
 
 import pytest
 
 import execmem
 from execmem._errors import UseAfterFreeError
+
+
+def S(a: execmem.Allocator) -> dict[str, Any]:
+    return a.stats()
+
 
 X86 = platform.machine().lower() in ("x86_64", "amd64")
 x86_only = pytest.mark.skipif(not X86, reason="x86-64 machine code")
@@ -103,14 +109,14 @@ def test_free_during_a_call_defers_refill_and_quarantine() -> None:
             fn(ctypes.addressof(flag))  # no new calls
         # The running call still sees its code: no refill yet, nothing quarantined.
         assert ctypes.string_at(t.address, len(code)) == code
-        assert a.stats()["totals"]["quarantined_bytes"] == 0
-        assert a.stats()["events"]["frees_deferred"] == 1
+        assert S(a)["totals"]["quarantined_bytes"] == 0
+        assert S(a)["events"]["frees_deferred"] == 1
         flag.value = 1
         caller.join(5)
         assert results == [7]
         # The last call returned: trap refill and quarantine happened then.
         assert ctypes.string_at(t.address, len(code)) == b"\xcc" * len(code)
-        assert a.stats()["totals"]["quarantined_bytes"] == 64
+        assert S(a)["totals"]["quarantined_bytes"] == 64
     finally:
         flag.value = 1
         a.close()
@@ -137,7 +143,7 @@ def test_smoke_on_the_modeled_machine() -> None:
     w.update(0, execmem.asm(f"b {w.address + 12}", "arm64", w.address))  # NOP -> B: both CMODX
     assert m.call(w.address) == 5
     t.free()
-    assert a.stats()["epochs"]["completed"] >= 1
+    assert S(a)["epochs"]["completed"] >= 1
 
 
 def test_allocator_runs_on_the_modeled_machine() -> None:
