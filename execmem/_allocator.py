@@ -62,6 +62,7 @@ from execmem.arch import ArchSpec, Recipe
 DEFAULT_PACK_SIZE = 2 * 1024 * 1024
 DEFAULT_GRANULARITY = 64
 
+
 @dataclass
 class _Batch:
     texts: list[JitText] = field(default_factory=list)
