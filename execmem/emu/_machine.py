@@ -228,16 +228,33 @@ class Machine(EmulatedBackend):
         ``perms="rwx"`` gives self-modifying code (litmus tests) a writable mapping.
         """
         self._check_cpu(cpu)
-        setup = self._cpus[cpu]
         if at is None:
-            at = CODE_BASE + cpu * CODE_STRIDE + setup.code_cursor
+            at = CODE_BASE + cpu * CODE_STRIDE + self._cpus[cpu].code_cursor
         code, labels = assemble(self.spec, source, at)
-        if at + len(code) > CODE_BASE + (cpu + 1) * CODE_STRIDE and at >= CODE_BASE and at < CODE_BASE + self.ncpus * CODE_STRIDE:
-            raise ModelError("guest code area of this CPU is full (64 KiB)")
+        return self.place(cpu, code, at, labels=labels, start=start, exit_at_end=exit_at_end, handler=handler, perms=perms)
+
+    def place(
+        self,
+        cpu: int,
+        code: bytes,
+        at: int,
+        *,
+        labels: dict[str, int] | None = None,
+        start: bool = True,
+        exit_at_end: bool = True,
+        handler: bool = False,
+        perms: str = "rx",
+    ) -> Program:
+        """Put already encoded ``code`` for ``cpu`` at ``at`` (see :meth:`load`)."""
+        self._check_cpu(cpu)
+        setup = self._cpus[cpu]
+        labels = dict(labels or {})
         first = at - at % PAGE
         self.map_memory(first, at + max(len(code), 1) - first, perms)
         self.poke(at, code)
-        setup.code_cursor = max(setup.code_cursor, at + len(code) + 16 - (CODE_BASE + cpu * CODE_STRIDE))
+        area = CODE_BASE + cpu * CODE_STRIDE
+        if area <= at < area + CODE_STRIDE:
+            setup.code_cursor = max(setup.code_cursor, at + len(code) + 16 - area)
         program = Program(cpu, at, code, labels)
         if "w" not in perms:
             self._immutable.append(program)

@@ -1,0 +1,104 @@
+"""``execmem litmus [--json] [--kinds FILE] [-j N] PATH...``"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import multiprocessing
+import os
+import sys
+from pathlib import Path
+
+from execmem._errors import ExecmemError
+from execmem.litmus._run import LitmusResult, run_file
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("paths", nargs="+", metavar="PATH", help=".litmus files or folders of them")
+    parser.add_argument("--json", action="store_true", help="print a JSON array of results")
+    parser.add_argument("--kinds", metavar="FILE", help="compare with a herd kinds file (NAME Allowed|Forbidden)")
+    parser.add_argument("-j", "--jobs", type=int, default=0, help="worker processes (default: one per CPU)")
+    parser.add_argument("--max-states", type=int, default=1_000_000, help="state budget per test")
+
+
+def collect(paths: list[str]) -> list[str]:
+    files: list[str] = []
+    for p in paths:
+        path = Path(p)
+        if path.is_dir():
+            files.extend(str(f) for f in sorted(path.glob("*.litmus")))
+        elif path.is_file():
+            files.append(str(path))
+        else:
+            raise ExecmemError(f"{p}: no such file or directory")
+    if not files:
+        raise ExecmemError("no .litmus files found")
+    return files
+
+
+def read_kinds(path: str) -> dict[str, str]:
+    kinds: dict[str, str] = {}
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ExecmemError(f"{path}: {exc.strerror}") from None
+    for n, line in enumerate(text.splitlines(), 1):
+        fields = line.split()
+        if not fields or line.lstrip().startswith("#"):
+            continue
+        if len(fields) < 2 or fields[1] not in ("Allowed", "Forbidden", "Required"):
+            raise ExecmemError(f"{path}:{n}: expected 'NAME Allowed|Forbidden'")
+        kinds[fields[0]] = fields[1]
+    return kinds
+
+
+def run_all(files: list[str], *, jobs: int = 0, max_states: int = 1_000_000, progress: bool = False) -> list[LitmusResult]:
+    workers = jobs or os.cpu_count() or 1
+    results: dict[str, LitmusResult] = {}
+    if workers == 1 or len(files) == 1:
+        for n, f in enumerate(files, 1):
+            results[f] = run_file(f, max_states=max_states)
+            _progress(progress, n, len(files), results[f])
+    else:
+        # Unicorn instances must not cross a fork: workers start fresh interpreters.
+        context = multiprocessing.get_context("spawn")
+        with concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+            futures = {pool.submit(run_file, f, max_states=max_states): f for f in files}
+            for n, future in enumerate(concurrent.futures.as_completed(futures), 1):
+                results[futures[future]] = future.result()
+                _progress(progress, n, len(files), results[futures[future]])
+    if progress:
+        print("\r\033[K", end="", file=sys.stderr)
+    return [results[f] for f in files]
+
+
+def _progress(enabled: bool, n: int, total: int, result: LitmusResult) -> None:
+    if enabled:
+        print(f"\r[{n}/{total}] {result.name}\033[K", end="", file=sys.stderr)
+
+
+def run(args: argparse.Namespace) -> int:
+    files = collect(args.paths)
+    kinds = read_kinds(args.kinds) if args.kinds else None
+    results = run_all(files, jobs=args.jobs, max_states=args.max_states, progress=not args.json and sys.stderr.isatty())
+    if args.json:
+        print(json.dumps([r.to_json() for r in results], indent=2))
+    else:
+        width = max(len(r.name) for r in results)
+        for r in results:
+            extra = f"  {r.detail}" if r.detail else ""
+            print(f"{r.name:<{width}}  {r.verdict:<11} states {r.states:<4} explored {r.explored:<7} {r.seconds:6.2f}s{extra}")
+    failed = [r for r in results if r.verdict in ("error", "unsupported")]
+    if kinds is None:
+        return 1 if any(r.verdict == "error" for r in results) else 0
+    compared = [r for r in results if r.name in kinds]
+    disagree = [r for r in compared if r.verdict != kinds[r.name]]
+    out = sys.stderr if args.json else sys.stdout
+    for r in disagree:
+        print(f"DISAGREE {r.name}: herd says {kinds[r.name]}, the model says {r.verdict} {r.detail}".rstrip(), file=out)
+    missing = [r.name for r in results if r.name not in kinds]
+    if missing:
+        print(f"no kind for {len(missing)} test(s): {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}", file=out)
+    print(f"agree {len(compared) - len(disagree)}/{len(compared)}", file=out)
+    return 1 if disagree or failed else 0
