@@ -142,7 +142,7 @@ class Setup:
 
     def observe(self, st: MachineState) -> Hashable:
         get = self.lookup(st)
-        return tuple(get(a) for a in self.observed)  # type: ignore[return-value]
+        return tuple(get(a) for a in self.observed)
 
     def holds(self, st: MachineState) -> bool:
         return self.test.condition.holds(self.lookup(st), self.resolve)
