@@ -125,6 +125,8 @@ class Machine(EmulatedBackend):
         self._executor_regions: list[tuple[int, int]] = []
         #: state reached by sequential runs (``call``); exploration starts there
         self._state: MachineState | None = None
+        #: (start PC, registers) of every CPU when that state was reached
+        self._phase: list[tuple[int, dict[int, int]]] = []
         #: code in pages without write permission, for native quanta
         self._immutable: list[Program] = []
         for c in range(cpus):
@@ -361,8 +363,19 @@ class Machine(EmulatedBackend):
         cpus = []
         for c, cpu in enumerate(st.cpus):
             cpu = cpu.copy()
-            if cpu.status == "done" and cpu.pc == HOST and cpu.host < len(self._cpus[c].host):
-                cpu.status = "run"
+            setup = self._cpus[c]
+            if cpu.status == "done" and cpu.pc == HOST:
+                start, regs = self._phase[c]
+                if setup.pc != start:
+                    # Guest code loaded after the checkpoint: this CPU starts it now,
+                    # with the registers set since.
+                    for index, value in setup.regs.items():
+                        if regs.get(index) != value:
+                            cpu.regs = cpu.with_reg(index, value)
+                    cpu.pc = setup.pc
+                    cpu.status = "run"
+                elif cpu.host < len(setup.host):
+                    cpu.status = "run"
             cpus.append(cpu)
         return MachineState(new_tl, tuple(cpus))
 
@@ -409,7 +422,17 @@ class Machine(EmulatedBackend):
         else:
             raise ModelError(f"no result after {max_steps} steps")
         self._state = st
+        self._phase = [(setup.pc, dict(setup.regs)) for setup in self._cpus]
         return st
+
+    def checkpoint(self) -> MachineState:
+        """Run everything built so far to completion (sequentially) and start from there.
+
+        What is built afterwards - host actions, guest code loaded on idle CPUs and
+        their registers - is the concurrent phase that ``explore`` examines: a
+        set-up phase need not be interleaved with it.
+        """
+        return self.run_sequential()
 
     def call(self, entry: int, *args: int, cpu: int | None = None, max_steps: int = 1_000_000) -> int:
         """Run pending host actions, then ``entry(*args)`` on ``cpu``; return its result."""
