@@ -1,0 +1,106 @@
+"""The verification catalog: every scenario and required mutation is present, every
+observed verdict matches the expected one, counterexamples replay."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from execmem.verify import find, replay, run_variant, scenarios, variants
+from execmem.verify._cli import run_many
+
+REQUIRED_SCENARIOS = {
+    "jit-publish", "jit-finalize-inplace", "rox-cache-trap-fill", "torn-update", "va-reuse",
+    "tlb-batch-remote-dsb", "tlb-async-flush", "alias-write-no-maintenance",
+}
+REQUIRED_MUTATIONS = {
+    "arm64": {"no-dc", "no-ic", "no-dsb", "no-isb", "no-remote-cse", "no-quarantine", "map-before-write"},
+    "x86_64": {"no-serialize", "no-quarantine", "map-before-write"},
+}
+
+
+def test_every_required_scenario_and_mutation_is_present() -> None:
+    assert {s.name for s in scenarios()} >= REQUIRED_SCENARIOS
+    for arch, required in REQUIRED_MUTATIONS.items():
+        present = {v.mutation for v in variants(arch=arch) if v.mutation}
+        assert present >= required, required - present
+        # every required mutation is shown unsafe somewhere
+        unsafe = {v.mutation for v in variants(arch=arch) if v.mutation and v.expected == "unsafe"}
+        assert unsafe >= required, required - unsafe
+
+
+def test_mutations_not_required_by_the_configuration_are_expected_safe_and_say_why() -> None:
+    safe_mutations = [v for v in variants() if v.mutation and v.expected == "safe"]
+    assert {v.id for v in safe_mutations} >= {
+        "jit-publish/arm64/no-dc-idc", "jit-publish/arm64/no-ic-dic", "va-reuse/x86_64/no-quarantine",
+    }
+    assert all(len(v.why) > 20 for v in safe_mutations)
+
+
+@pytest.mark.slow
+def test_catalog_observed_verdicts_match_expected() -> None:
+    results = run_many(variants(), jobs=2)
+    mismatches = {f"{r.scenario}/{r.arch}/{r.variant}": (r.expected, r.observed, r.error) for r in results if not r.ok}
+    assert mismatches == {}
+    for r in results:
+        if r.observed == "unsafe":
+            assert r.counterexample and r.counterexample["schedule"] and r.counterexample["trace"]
+        else:
+            assert r.complete and r.schedules > 0
+
+
+@pytest.mark.parametrize("variant_id", ["tlb-batch-remote-dsb/arm64/remote-dsb", "jit-publish/arm64/no-remote-cse",
+                                        "torn-update/x86_64/in-place"])
+def test_a_replayed_counterexample_reproduces_its_hazard(variant_id: str) -> None:
+    variant = find(variant_id)
+    result = run_variant(variant)
+    assert result.observed == "unsafe" and result.counterexample is not None
+    steps, hazard, _case = replay(variant, result.counterexample["schedule"])
+    assert hazard == result.hazard
+    assert len(steps) == len(result.counterexample["schedule"])
+
+
+def test_full_exploration_of_an_unsafe_variant_counts_schedules() -> None:
+    result = run_variant(find("tlb-async-flush/x86_64/async"), first_witness=False)
+    assert result.observed == "unsafe" and result.complete and result.schedules > 100
+
+
+def cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "execmem", "verify", *args], capture_output=True, text=True, cwd=cwd)
+
+
+def test_cli_json_fields_and_exit_code() -> None:
+    out = cli("--json", "--scenario", "tlb-async-flush", "-j", "1")
+    assert out.returncode == 0, out.stderr
+    rows = json.loads(out.stdout)
+    assert {(r["variant"], r["observed"]) for r in rows} == {("async", "unsafe"), ("sync", "safe")}
+    for r in rows:
+        assert {"scenario", "arch", "variant", "expected", "observed", "schedules"} <= set(r)
+    assert next(r for r in rows if r["observed"] == "unsafe")["counterexample"]["schedule"]
+
+
+def test_cli_show_prints_the_trace_and_writes_the_timeline(tmp_path: Path) -> None:
+    svg = tmp_path / "va.svg"
+    out = cli("--show", "va-reuse/arm64/no-quarantine", "--svg", str(svg))
+    assert out.returncode == 0, out.stderr
+    assert "ran f's old instructions" in out.stdout and "CPU1 caller" in out.stdout
+    assert svg.read_text().startswith("<svg") and "CPU0 JIT" in svg.read_text()
+
+
+def test_cli_errors_are_one_line() -> None:
+    for args in (["--scenario", "nope"], ["--show", "nope/x"], ["--arch", "mips"]):
+        out = cli(*args)
+        assert out.returncode != 0
+        assert "Traceback" not in out.stderr and out.stderr.count("\n") <= 2
+
+
+@pytest.mark.slow
+def test_runs_on_a_dask_cluster() -> None:
+    distributed = pytest.importorskip("distributed")
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        results = run_many(variants(scenario_name="tlb-async-flush"), scheduler=cluster.scheduler_address)
+    assert [(r.variant, r.observed) for r in results] == [("async", "unsafe"), ("sync", "safe")]
