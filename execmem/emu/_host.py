@@ -6,6 +6,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from execmem._errors import ModelError
+from execmem.emu._execute import read_choices, store_entry
 from execmem.emu._kernel import RETURN_MAGIC
 from execmem.emu._state import (
     DCNEW,
@@ -90,7 +91,7 @@ def host_step(model: Model, st: MachineState, c: int) -> Iterator[Transition]:
             if fault:
                 yield model.fault(st, c, one, 0, "DataAbort", f"{text} ({fault})")
                 continue
-            entry = model._store_entry(one, data, pa, va, _Plain(bool(release)), 0)
+            entry = store_entry(model, one, data, pa, va, _Plain(bool(release)), 0)
             one.sb = (*one.sb, entry)
             model.settle(one)
             yield _step(c, "host", 0, text, "buffered"), model.replace(st, c, one)
@@ -104,7 +105,7 @@ def host_step(model: Model, st: MachineState, c: int) -> Iterator[Transition]:
         if pte is None:
             raise ModelError(f"page {vpage:#x} has no page-table entry in this machine")
         value = pte_value(ppage if isinstance(ppage, int) else None, str(perms))
-        entry = model._store_entry(new, value.to_bytes(8, "little"), pte, pte, _Plain(False), 0)
+        entry = store_entry(model, new, value.to_bytes(8, "little"), pte, pte, _Plain(False), 0)
         new.sb = (*new.sb, entry)
         model.settle(new)
         yield _step(c, "host", 0, text, "page-table store buffered"), model.replace(st, c, new)
@@ -152,7 +153,7 @@ def host_step(model: Model, st: MachineState, c: int) -> Iterator[Transition]:
         for pa, walked, fault in model.translate(st, new, va, "r", new.views[RNEW]):
             if fault:
                 raise ModelError(f"await: {va:#x} is not readable ({fault})")
-            for data, post, gs in model.read_choices(st, new, pa, 8, max(new.views[RNEW], walked)):
+            for data, post, gs in read_choices(model, st, new, pa, 8, max(new.views[RNEW], walked)):
                 if int.from_bytes(data, "little") != expected or not model.tlb_usable(st, new, va, walked, post):
                     continue  # keeps polling: not a transition
                 one = new.copy()
@@ -179,7 +180,7 @@ def host_step(model: Model, st: MachineState, c: int) -> Iterator[Transition]:
             for pa, _walked, fault in model.translate(st, new, va, "w", 0, at=st.timeline.end):
                 if fault:
                     raise ModelError(f"call: stack at {va:#x} is not mapped writable")
-                new.sb = (*new.sb, model._store_entry(new, data, pa, va, _Plain(False), 0))
+                new.sb = (*new.sb, store_entry(model, new, data, pa, va, _Plain(False), 0))
                 break
         new.pc = target
         model.settle(new)

@@ -23,14 +23,13 @@ still happen as early as the last context-synchronization event allows.
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any
 
 from execmem._errors import ModelError
-from execmem.emu import _host
+from execmem.emu import _execute, _host
 from execmem.emu._kernel import RETURN_MAGIC, HostAction, check_perms, pte_decode, tlb_floor
 from execmem.emu._state import (
     CAPA,
@@ -46,7 +45,6 @@ from execmem.emu._state import (
     ICOLD,
     REL,
     RNEW,
-    ROLD,
     RUN,
     VIEW,
     WOLD,
@@ -299,7 +297,7 @@ class Model:
             for w in (base, *[p for p in writes if p > base]):
                 value = tl.value_at(g, w)
                 if own:
-                    value = _overlay(value, g, own, self.granule)
+                    value = _execute.overlay(value, g, own, self.granule)
                 choices.append((value[offset:], max(pre, w), None, f"@{w}"))
             return choices
         for w in (0, *writes):
@@ -434,7 +432,7 @@ class Model:
             return
         if op == "svc":
             raise ModelError(f"{d.text}: system calls are not modelled")
-        yield from self._execute(st, c, cpu, insn, d)
+        yield from _execute.execute(self, st, c, cpu, insn, d)
 
     # ------------------------------------------------------------------ faults
     def spurious(self, st: MachineState, va: int, access: str, walked: int) -> bool:
@@ -612,191 +610,4 @@ class Model:
                     return False
         return True
 
-    # ------------------------------------------------------- Unicorn-executed
-    def read_choices(self, st: MachineState, cpu: CpuState, pa: int, size: int, pre: int) -> list[tuple[bytes, int, list[int]]]:
-        """(value, post-view, granules) for every value a read of ``size`` bytes may return."""
-        tl: Timeline = st.timeline
-        gs = self.granules(pa, size)
-        if len(gs) > 2:
-            raise ModelError(f"access of {size} bytes at {pa:#x} is not single-copy atomic in the model")
-        offset = pa - gs[0]
-        own = [s for s in cpu.sb if any(s.addr <= g < s.addr + s.span * self.granule for g in gs)]
-        bound = {g: max(pre, get(cpu.coh, g)) for g in gs}
-        base = max(tl.latest_write_at(g, bound[g]) for g in gs)
-        sigmas = sorted({base, *(p for g in gs for p in tl.write_positions(g) if p > base)})
-        fwd = dict(cpu.fwd)
-        covered = bool(own) and _covers(own, pa, size, self.granule)
-        own_view = max((max(s.vaddr, s.vdata) for s in own), default=0)
-        out: list[tuple[bytes, int, list[int]]] = []
-        seen: set[tuple[bytes, int]] = set()
-        for sigma in sigmas:
-            whole = b"".join(tl.value_at(g, sigma) for g in gs)
-            read_pos = [tl.latest_write_at(g, sigma) for g in gs]
-            own_fwd = [fwd.get(g) for g in gs]
-            if all(f is not None and f[0] == rp for f, rp in zip(own_fwd, read_pos, strict=True)):
-                post = max(pre, *(f[1] for f in own_fwd if f is not None))
-            else:
-                post = max(pre, *read_pos)
-            if own:
-                whole = _overlay(whole, gs[0], own, self.granule)
-                post = max(pre, own_view) if covered else max(post, own_view)
-            value = whole[offset : offset + size]
-            if (value, post) not in seen:
-                seen.add((value, post))
-                out.append((value, post, gs))
-            if covered:
-                break  # fully forwarded from the store buffer: memory is irrelevant
-        return out
 
-    def _execute(self, st: MachineState, c: int, cpu: CpuState, insn: bytes, d: Any) -> Iterator[Transition]:
-        ex = self.executor
-        pc = cpu.pc
-        pci = self.pc_index
-        # The state keeps PC in ``cpu.pc`` only (its register slot is zero, so equal
-        # states compare equal); Unicorn needs it in the register file.
-        regs = cpu.regs[: 8 * pci] + pc.to_bytes(8, "little") + cpu.regs[8 * pci + 8 :]
-        atomic = d.op == "atomic"
-        memory_op = d.op in ("load", "store") or atomic
-        if atomic and cpu.sb:
-            return  # locked instructions drain the store buffer first
-        probe = ex.run(c, regs, insn, None) if memory_op else None
-        v = cpu.views
-        vaddr = self.va_view(cpu, d.addr_regs)
-        read_pre = max(v[RNEW], v[FETCH], vaddr)
-        if self.rules.ordered_reads:
-            read_pre = max(read_pre, v[ROLD])
-        if atomic:
-            read_pre = st.timeline.end  # a locked read-modify-write reads the latest value
-        if d.acquire == "A":
-            if any(s.release for s in cpu.sb):
-                return  # LDAR waits for an earlier STLR to become visible
-            read_pre = max(read_pre, v[REL])
-        accesses = list(probe.accesses) if probe else []
-        per_access: list[list[tuple[int, int, str, tuple[bytes, int, list[int]] | None]]] = []
-        for a in accesses:
-            options: list[tuple[int, int, str, tuple[bytes, int, list[int]] | None]] = []
-            at = None if a.kind == "R" else st.timeline.end
-            for pa, walked, fault in self.translate(st, cpu, a.addr, "r" if a.kind == "R" else "w", read_pre, at=at):
-                if fault:
-                    options.append((pa, walked, fault, None))
-                elif a.kind == "R":
-                    line = st.timeline.line_of(pa - pa % self.granule)
-                    pre = max(read_pre, walked, get(cpu.scl, line))
-                    options.extend(
-                        (pa, walked, "", ch)
-                        for ch in self.read_choices(st, cpu, pa, a.size, pre)
-                        if self.tlb_usable(st, cpu, a.addr, walked, ch[1])
-                    )
-                else:
-                    options.append((pa, walked, "", None))
-            per_access.append(options)
-        for combo in itertools.product(*per_access):
-            faults = [(a, f, walked) for a, (_, walked, f, _) in zip(accesses, combo, strict=True) if f]
-            new = cpu.copy()
-            if faults:
-                a, f, walked = faults[0]
-                if self.spurious(st, a.addr, "r" if a.kind == "R" else "w", walked):
-                    yield self.retry(st, c, new, pc, d.text)
-                else:
-                    yield self.fault(st, c, new, pc, "DataAbort", f"{d.text} ({f})")
-                continue
-            plan = tuple(ch[0] for (_, _, _, ch) in combo if ch is not None)
-            out = ex.run(c, regs, insn, plan if memory_op else ())
-            if not memory_op and out.accesses:
-                raise ModelError(f"{d.text}: unexpected memory access")
-            if out.fault:
-                yield self.fault(st, c, new, pc, "Exception", f"{d.text} ({out.fault})")
-                continue
-            new.pc = int.from_bytes(out.regs[8 * pci : 8 * pci + 8], "little")
-            new.regs = out.regs[: 8 * pci] + bytes(8) + out.regs[8 * pci + 8 :]
-            reads = [(a, pa, walked, ch) for a, (pa, walked, _, ch) in zip(accesses, combo, strict=True) if a.kind == "R"]
-            self._views_after(new, d, vaddr, [ch for _, _, _, ch in reads if ch is not None])
-            detail = []
-            for a, _pa, _walked, ch in reads:
-                assert ch is not None
-                value, post, gs = ch
-                for g in gs:
-                    new.coh = join_into(new.coh, g, post)
-                    new.scl = join_into(new.scl, st.timeline.line_of(g), post)
-                self.raise_view(new, ROLD, post)
-                if d.acquire or self.rules.ordered_reads or atomic:
-                    self.raise_view(new, RNEW, post)
-                detail.append(f"read {a.addr:#x} = {int.from_bytes(value, 'little'):#x}")
-            tl = st.timeline
-            writes = [(a, pa) for a, (pa, _, _, _) in zip(accesses, combo, strict=True) if a.kind == "W"]
-            out_writes = [a for a in out.accesses if a.kind == "W"]
-            for (a, pa), done in zip(writes, out_writes, strict=True):
-                entry = self._store_entry(new, done.data, pa, a.addr, d, pc)
-                if atomic:
-                    tl = self.commit(tl, new, entry)
-                    detail.append(f"{a.addr:#x} := {int.from_bytes(done.data, 'little'):#x} (atomic)")
-                else:
-                    new.sb = (*new.sb, entry)
-                    detail.append(f"{a.addr:#x} := {int.from_bytes(done.data, 'little'):#x} (buffered)")
-            if memory_op:
-                self.raise_view(new, CAPA, vaddr)
-            self.settle(new)
-            yield Step(c, "exec", pc, d.text, "; ".join(detail)), self.replace(st, c, new, tl)
-
-    def _views_after(self, new: CpuState, d: Any, vaddr: int, reads: Sequence[tuple[bytes, int, list[int]]]) -> None:
-        if not self.rules.track_dependencies:
-            return
-        rview = list(new.rview)
-        if d.op == "load":
-            posts = [post for _, post, _ in reads] or [0]
-            dests = [r for r in d.writes if r not in d.addr_regs]
-            for i, r in enumerate(dests):
-                rview[r] = posts[min(i, len(posts) - 1)]
-            for r in d.writes:
-                if r in d.addr_regs:
-                    rview[r] = vaddr
-        elif d.op == "store":
-            for r in d.writes:
-                rview[r] = vaddr
-        elif d.op == "branch":
-            self.raise_view(new, CAPC, max((new.rview[r] for r in d.cond_regs), default=0))
-            for r in d.writes:
-                rview[r] = 0
-        else:
-            out = max((new.rview[r] for r in d.reads), default=0)
-            for r in d.writes:
-                rview[r] = out
-        new.rview = tuple(rview)
-
-    def _store_entry(self, cpu: CpuState, value: bytes, pa: int, va: int, d: Any, pc: int) -> Store:
-        gs = self.granules(pa, len(value))
-        if len(gs) > 2:
-            raise ModelError(f"store of {len(value)} bytes at {va:#x} is not modelled")
-        offset = pa - gs[0]
-        data = bytearray(len(gs) * self.granule)
-        data[offset : offset + len(value)] = value
-        full = offset == 0 and len(value) == len(gs) * self.granule
-        mask = -1 if full else ((1 << len(value)) - 1) << offset
-        seq = cpu.seq
-        cpu.seq += 1
-        release = bool(getattr(d, "release", False))
-        after = seq if release or self.rules.fifo_stores else cpu.store_fence
-        vdata = self.va_view(cpu, getattr(d, "data_regs", ()))
-        vaddr = self.va_view(cpu, getattr(d, "addr_regs", ()))
-        return Store(seq, gs[0], len(gs), bytes(data), mask, vaddr, vdata, release, after, va, pc)
-
-
-def _overlay(value: bytes, first: int, stores: Sequence[Store], granule: int) -> bytes:
-    """``value`` (granules from ``first``) overwritten by buffered stores, oldest first."""
-    out = bytearray(value)
-    end = first + len(value)
-    for s in stores:
-        for b in range(s.span * granule):
-            addr = s.addr + b
-            if first <= addr < end and (s.mask == -1 or s.mask >> b & 1):
-                out[addr - first] = s.data[b]
-    return bytes(out)
-
-
-def _covers(stores: Sequence[Store], addr: int, size: int, granule: int) -> bool:
-    covered = set()
-    for s in stores:
-        for b in range(s.span * granule):
-            if s.mask == -1 or s.mask >> b & 1:
-                covered.add(s.addr + b)
-    return all(addr + i in covered for i in range(size))
