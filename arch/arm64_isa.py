@@ -19,13 +19,13 @@ po-scl-ob) into the view discipline of Pulte et al.'s Promising-ARM (PLDI 2019).
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
 
 import capstone
 from capstone import arm64_const as cs
 from unicorn import arm64_const as uc
 
 from execmem._errors import ModelError
+from execmem.arch._model import Decoded, FenceRule, ModelRules
 
 #: Unicorn registers that make up a CPU's architectural state in the model, in the
 #: order of the packed register file.  Indices 0..30 are X0..X30.
@@ -65,35 +65,6 @@ def register_index(name: str) -> int | None:
     raise ModelError(f"register {name!r} is not modelled (only general-purpose registers are)")
 
 
-@dataclass(frozen=True)
-class Decoded:
-    """What the model needs to know about one instruction encoding."""
-
-    mnemonic: str
-    text: str
-    #: "alu", "load", "store", "branch", "fence", "isb", "dc", "ic", "tlbi", "eret",
-    #: "svc", "trap", "nop", "undefined", "halt"
-    op: str
-    reads: tuple[int, ...] = ()
-    writes: tuple[int, ...] = ()
-    addr_regs: tuple[int, ...] = ()
-    data_regs: tuple[int, ...] = ()
-    cond_regs: tuple[int, ...] = ()
-    #: "" or "A" (LDAR: RCsc acquire) or "Q" (LDAPR: RCpc acquire)
-    acquire: str = ""
-    release: bool = False
-    #: For fences: a key of :data:`RULES`.
-    fence: str = ""
-    #: For DC/IC/TLBI: the register holding the VA (None: whole cache / all entries).
-    va_reg: int | None = None
-    #: Concurrent modification of this instruction is allowed (Arm ARM B2.2.5).
-    cmodx: bool = False
-    length: int = 4
-    #: TLBI ...IS: broadcast to the inner shareable domain.
-    broadcast: bool = False
-
-
-_CMODX = {"b", "bl", "brk", "cbnz", "cbz", "hvc", "isb", "nop", "smc", "svc", "tbnz", "tbz"}
 _FLAG_SETTERS = {"adds", "subs", "ands", "bics", "adcs", "sbcs", "negs", "ngcs", "cmp", "cmn", "tst"}
 _FLAG_READERS = {
     "csel", "csinc", "csinv", "csneg", "cset", "csetm", "cinc", "cinv", "cneg",
@@ -140,20 +111,19 @@ def decode(word: int) -> Decoded:
     m = insn.mnemonic.lower()
     text = f"{m} {insn.op_str}".strip()
     regs, mems = _regs_of(insn)
-    cmodx = m in _CMODX or m.startswith("b.")
 
     if m == "udf":
         return Decoded(m, text, "undefined")
     if m in ("brk", "hlt"):
-        return Decoded(m, text, "trap", cmodx=cmodx)
+        return Decoded(m, text, "trap")
     if m in ("svc", "hvc", "smc"):
-        return Decoded(m, text, "svc", cmodx=cmodx)
+        return Decoded(m, text, "svc")
     if m in ("nop", "yield", "hint", "wfe", "sev", "sevl", "esb", "csdb", "bti", "pacia1716"):
-        return Decoded(m, text, "nop", cmodx=cmodx)
+        return Decoded(m, text, "nop")
     if m == "wfi":
         return Decoded(m, text, "halt")
     if m == "isb":
-        return Decoded(m, text, "isb", cmodx=True)
+        return Decoded(m, text, "isb")
     if m in ("dmb", "dsb"):
         option = insn.op_str.strip().lower() or "sy"
         kind = _FENCES.get(option)
@@ -182,10 +152,10 @@ def decode(word: int) -> Decoded:
     if m in ("b", "bl") or m.startswith("b."):
         cond: tuple[int, ...] = (NZCV,) if m.startswith("b.") else ()
         writes: tuple[int, ...] = (30,) if m == "bl" else ()
-        return Decoded(m, text, "branch", reads=cond, writes=writes, cond_regs=cond, cmodx=True)
+        return Decoded(m, text, "branch", reads=cond, writes=writes, cond_regs=cond)
     if m in ("cbz", "cbnz", "tbz", "tbnz"):
         r = _real(regs)[:1]
-        return Decoded(m, text, "branch", reads=r, cond_regs=r, cmodx=True)
+        return Decoded(m, text, "branch", reads=r, cond_regs=r)
     if m in ("br", "blr", "ret", "braa", "blraa", "retaa"):
         r = _real(regs)[:1] or (30,)
         writes = (30,) if m.startswith("blr") else ()
@@ -251,16 +221,6 @@ def decode(word: int) -> Decoded:
 # ---------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class FenceRule:
-    drain: bool = False
-    complete: bool = False
-    order_stores: bool = False
-    joins: tuple[tuple[str, tuple[str, ...]], ...] = ()
-    #: This instruction is a context-synchronization event (discards fetched instructions).
-    cse: bool = False
-
-
 _ALL_OLD = ("rold", "wold", "dcold", "icold")
 _M_OLD = ("rold", "wold", "dcold")
 
@@ -295,25 +255,6 @@ RULES: dict[str, FenceRule] = {
 }
 #: Exception entry and return are IFBs in Arm's model (unless FEAT_ExS says otherwise).
 RULES["exception"] = RULES["isb"]
-
-
-@dataclass(frozen=True)
-class ModelRules:
-    """Per-architecture parameters of the modeled machine (see ``execmem.emu``)."""
-
-    #: Coherence granule in bytes (each aligned granule is one location).
-    granule: int
-    #: Fetches read the latest write at their time (x86, or arm64 with DIC).
-    coherent_fetch: bool
-    #: A CPU's own stores are always visible to its own fetches (x86 SMC snooping).
-    own_stores_visible_to_fetch: bool
-    #: Stores leave the store buffer in program order (x86-TSO).
-    fifo_stores: bool
-    #: Every read is ordered after earlier reads (x86-TSO).
-    ordered_reads: bool
-    #: Reads carry dependency views (Arm); False when the ordering is total (TSO).
-    track_dependencies: bool
-    fences: dict[str, FenceRule]
 
 
 MODEL = ModelRules(

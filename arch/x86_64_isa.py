@@ -14,13 +14,12 @@ time, so an instruction that straddles two words can be torn by concurrent store
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
 
 import capstone
 from capstone import x86_const as cs
 from unicorn import x86_const as uc
 
-from execmem.arch.arm64_isa import FenceRule, ModelRules
+from execmem.arch._model import Decoded, FenceRule, ModelRules
 
 REGISTERS: tuple[int, ...] = (
     uc.UC_X86_REG_RAX, uc.UC_X86_REG_RBX, uc.UC_X86_REG_RCX, uc.UC_X86_REG_RDX,
@@ -54,24 +53,6 @@ def register_index(name: str) -> int | None:
     if n in REGISTER_NAMES:
         return REGISTER_NAMES.index(n)
     return None
-
-
-@dataclass(frozen=True)
-class Decoded:
-    mnemonic: str
-    text: str
-    op: str
-    length: int
-    fence: str = ""
-    reads: tuple[int, ...] = ()
-    writes: tuple[int, ...] = ()
-    addr_regs: tuple[int, ...] = ()
-    data_regs: tuple[int, ...] = ()
-    cond_regs: tuple[int, ...] = ()
-    acquire: str = ""
-    release: bool = False
-    va_reg: int | None = None
-    cmodx: bool = True
 
 
 _md = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)

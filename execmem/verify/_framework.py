@@ -34,6 +34,15 @@ class Case:
     names: tuple[str, ...] = ()
 
 
+def first_fault(st: MachineState, cpus: range | tuple[int, ...], what: str) -> str:
+    """Hazard text for the first CPU (of ``cpus``) that faulted, or ""."""
+    for c in cpus:
+        if st.cpus[c].faults:
+            pc, kind = st.cpus[c].faults[0]
+            return f"CPU{c} {kind} at {pc:#x}: {what}"
+    return ""
+
+
 @dataclass(frozen=True)
 class Variant:
     scenario: str

@@ -14,7 +14,7 @@ from collections.abc import Callable
 import execmem
 from execmem import arch as _arch
 from execmem.emu import Machine, MachineState
-from execmem.verify._framework import SAFE, UNSAFE, Case, Variant, scenario
+from execmem.verify._framework import SAFE, UNSAFE, Case, Variant, first_fault, scenario
 
 ANSWER = 42
 #: A function returning ``value`` and the guest code that calls through a pointer.
@@ -47,10 +47,9 @@ def _text(a: execmem.Allocator, arch: str, value: int) -> execmem.JitText:
 
 def _caller_hazard(m: Machine, arch: str, cpus: tuple[int, ...], expected: int, *, writer: bool = False) -> Callable[[MachineState], str]:
     def hazard(st: MachineState) -> str:
-        for c in range(m.ncpus):
-            if st.cpus[c].faults:
-                pc, kind = st.cpus[c].faults[0]
-                return f"CPU{c} {kind} at {pc:#x} (executed trap filler or a torn instruction)"
+        faulted = first_fault(st, range(m.ncpus), "executed trap filler or a torn instruction")
+        if faulted:
+            return faulted
         for c in cpus:
             if m.reg(st, c, CALLED_REG[arch]) and (m.reg(st, c, RESULT_REG[arch]) & 0xFFFF_FFFF) != expected:
                 return f"CPU{c} ran stale code (got {m.reg(st, c, RESULT_REG[arch]) & 0xFFFF_FFFF:#x})"
@@ -182,9 +181,9 @@ def _trap_fill(arch: str, *, recipes: dict[str, _arch.Recipe] | None = None, **m
     m.set_reg(1, POINTER_REG[arch], slot)
 
     def hazard(st: MachineState) -> str:
-        cpu = st.cpus[1]
-        if cpu.faults:
-            return f"CPU1 {cpu.faults[0][1]} at {cpu.faults[0][0]:#x}: prefetched trap filler"
+        faulted = first_fault(st, (1,), "prefetched trap filler")
+        if faulted:
+            return faulted
         result = m.reg(st, 1, RESULT_REG[arch]) & 0xFFFF_FFFF
         if result not in (0, 7, ANSWER):  # 0: it never found a pointer to call
             return f"CPU1 got {result:#x}"

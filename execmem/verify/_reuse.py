@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import execmem
 from execmem.emu import Machine, MachineState
-from execmem.verify._framework import SAFE, UNSAFE, Case, Variant, scenario
+from execmem.verify._framework import SAFE, UNSAFE, Case, Variant, first_fault, scenario
 from execmem.verify._jit import FUNCTION, _allocator
 
 #: CPU1: wait for a pointer, call it (f), wait for "go", call through the pointer again.
@@ -54,10 +54,9 @@ def _reuse(arch: str, tlb: str, quarantine: bool) -> Case:
     m.set_reg(1, "x8" if arch == "arm64" else "r8", 0)
 
     def hazard(st: MachineState) -> str:
-        for c in (0, 1):
-            if st.cpus[c].faults:
-                pc, kind = st.cpus[c].faults[0]
-                return f"CPU{c} {kind} at {pc:#x}"
+        faulted = first_fault(st, (0, 1), "a fault")
+        if faulted:
+            return faulted
         got = m.reg(st, 1, result) & 0xFFFF_FFFF
         if got != 2:
             return f"CPU1 called g but ran f's old instructions (got {got})"

@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import execmem
 from execmem.emu import Machine, MachineState
-from execmem.verify._framework import SAFE, UNSAFE, Case, Variant, scenario
+from execmem.verify._framework import SAFE, UNSAFE, Case, Variant, first_fault, scenario
 from execmem.verify._jit import (
     CALLER,
     POINTER_REG,
@@ -69,9 +69,9 @@ def _torn(arch: str, kind: str) -> Case:
         valid = {0x11111111, 0x22222222}
 
     def hazard(st: MachineState) -> str:
-        cpu = st.cpus[1]
-        if cpu.faults:
-            return f"CPU1 {cpu.faults[0][1]} at {cpu.faults[0][0]:#x}: executed a torn instruction"
+        faulted = first_fault(st, (1,), "executed a torn instruction")
+        if faulted:
+            return faulted
         if m.reg(st, 1, "x1" if arch == "arm64" else "rsi"):
             result = m.reg(st, 1, RESULT_REG[arch]) & 0xFFFF_FFFF
             if result not in valid:
