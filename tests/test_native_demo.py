@@ -1,18 +1,25 @@
-"""``execmem demo``: runs on this host, quickly, and reports what it did."""
+"""``execmem demo``: runs on this host, quickly, through the public API, and reports
+what it did; its programs are right on every architecture it has one for."""
 
 from __future__ import annotations
 
 import platform
+import re
 import time
 
-import capstone
 import pytest
 
+import execmem
 import execmem.arch
-from execmem import _demo
+from execmem import _asm, _demo
 from execmem.cli import main
 
 on_x86 = pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"), reason="x86-64 host")
+
+
+def _has(out: str, key: str, value: str) -> bool:
+    """A ``key  value`` line of the demo's table (any column width)."""
+    return re.search(rf"^  {re.escape(key)}\s+{re.escape(value)}", out, re.MULTILINE) is not None
 
 
 @on_x86
@@ -23,39 +30,92 @@ def test_demo_runs_fast_and_reports(mode: str, capsys: pytest.CaptureFixture[str
     elapsed = time.perf_counter() - started
     out = capsys.readouterr().out
     assert elapsed < 2.0, elapsed
-    for expected in (
-        "add(2, 40)                 42",
-        "fib(50)                    12586269025",
-        "add_plus_one(20, 21)       42",
-        "probe(5)                   5",
-        "probe(5) after live patch  1005",
-        "(all traps)",
-        "remote_cse",
-        "huge pages",
-        "trap fill",
+    for key, value in (
+        ("add(2, 40)", "42"),
+        ("fib(50)", "12586269025"),
+        ("add_plus_one(20, 21)", "42"),
+        ("answer()", "7"),
+        ("fib after free", "cc cc cc cc cc cc ... (all traps)"),
+        ("fib.function() after free", "UseAfterFreeError"),
+        ("local_cse", "cpuid (serializing)"),
+        ("mode", {"dual": "dual-mapping", "mprotect": "mprotect", "rwx": "rwx"}[mode]),
     ):
-        assert expected in out, out
+        assert _has(out, key, value), (key, value, out)
+    for key in ("backing", "pack", "trap fill", "huge pages", "remote_cse", "system calls", "recipes"):
+        assert _has(out, key, ""), (key, out)
+    assert "never anything else" in out and "UNEXPECTED" not in out
     assert ("no mapping is writable and executable" in out) is (mode != "rwx")
+    if mode == "mprotect":
+        # A live patch would make the page briefly non-executable: refused, nothing stored.
+        assert _has(out, "answer() after live update", "refused: ")
+        assert _has(out, "remote_cse", "none selected (never needed): ran 0 time(s)")
+        assert _has(out, "recipes", "publish_fresh x1")
+    else:
+        assert _has(out, "answer() after live update", "42  (5-byte instruction replaced by one atomic store)")
+        # One batch for four texts on a fresh pack (no membarrier needed), then the
+        # live patch with another thread running: the only membarrier.
+        assert _has(out, "recipes", "publish_fresh x1, patch x1")
+        assert re.search(r"^  remote_cse\s+membarrier[\w-]*: ran 1 time\(s\)$", out, re.MULTILINE), out
 
 
-def test_demo_programs_assemble_for_every_keystone_architecture() -> None:
-    for name, program in _demo.PROGRAMS.items():
-        spec = execmem.arch.get(name)
-        assemble = _demo._assembler(spec)
-        addresses = {"add": 0x7F00_1234_5000, "hook": 0x7F00_1234_5040}
-        for key in ("add", "fib", "add_plus_one", "hook", "probe"):
-            assert assemble(_demo._fill(program[key], addresses), 0x7F00_1234_5080), (name, key)
-        # The live-patched instruction: old and new are the same length, inside one
-        # aligned word, and both on the architecture's concurrently-modifiable list.
-        site = int(program["patch_site"])
-        probe = assemble(program["probe"], 0x7F00_1234_5080)
-        new = assemble(_demo._fill(program["patch_new"], addresses), 0x7F00_1234_5080 + site)
-        assert spec.engines.capstone is not None
-        cs = capstone.Cs(*spec.engines.capstone)
-        old_insn = next(cs.disasm(probe[site:], 0))
-        new_insn = next(cs.disasm(new, 0))
-        assert old_insn.size == new_insn.size == len(new)
-        assert site % spec.patch_rule.word + len(new) <= spec.patch_rule.word
-        assert old_insn.mnemonic.startswith("nop") and new_insn.mnemonic in ("call", "bl")
-        if spec.patch_rule.mnemonics:
-            assert {old_insn.mnemonic, new_insn.mnemonic} <= spec.patch_rule.mnemonics
+@on_x86
+def test_demo_reports_what_stats_says(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["demo"]) == 0
+    out = capsys.readouterr().out
+    match = re.search(r"^  pack\s+(0x[0-9a-f]+), 2048 KiB, mapped: live (\d+) B, quarantined (\d+) B$", out, re.MULTILINE)
+    assert match, out
+    assert int(match.group(2)) == 3 * 64 and int(match.group(3)) == 64  # three live texts, fib freed
+    assert _has(out, "texts", "LIVE 3, FREED 1")
+    trap = re.search(r"^  trap fill\s+cc: (\d+) of the pack's (\d+) bytes are traps$", out, re.MULTILINE)
+    assert trap, out
+    code = sum(len(execmem.asm(_demo.fill(s, dict.fromkeys(_demo.PROGRAMS["x86_64"].sources, 0x7F00_0000_0000))))
+               for name, s in _demo.PROGRAMS["x86_64"].sources.items() if name != "fib")
+    assert int(trap.group(2)) - int(trap.group(1)) <= code
+
+
+def test_demo_without_a_program_for_the_host_is_one_clear_error() -> None:
+    with pytest.raises(execmem.UnsupportedError, match="no program for riscv64"):
+        _demo.program_for(execmem.arch.get("riscv64"))
+
+
+@pytest.mark.parametrize("arch", sorted(_demo.PROGRAMS))
+def test_demo_patch_is_one_whole_concurrently_modifiable_instruction(arch: str) -> None:
+    spec = execmem.arch.get(arch)
+    program = _demo.PROGRAMS[arch]
+    base = 0x7F00_1234_5000
+    answer = execmem.asm(program.sources["answer"], arch, base)
+    new = execmem.asm(program.patch, arch, base + program.patch_offset)
+    old = answer[program.patch_offset : program.patch_offset + len(new)]
+    word = spec.patch_rule.word
+    assert program.patch_offset // word == (program.patch_offset + len(new) - 1) // word
+    old_m = _asm.decode_one(spec, old, base + program.patch_offset)
+    new_m = _asm.decode_one(spec, new, base + program.patch_offset)
+    assert old_m is not None and new_m is not None, (old.hex(), new.hex())
+    if spec.patch_rule.mnemonics:
+        assert {old_m, new_m} <= spec.patch_rule.mnemonics
+
+
+@pytest.mark.parametrize("arch", sorted(_demo.PROGRAMS))
+def test_demo_programs_compute_the_right_results_on_the_modeled_machine(arch: str) -> None:
+    """The same flow as the demo (size, allocate, assemble in place, one batch, call,
+    live update) on the modeled machine, so the arm64 program is checked on any host."""
+    from execmem.emu import Machine
+
+    program = _demo.PROGRAMS[arch]
+    machine = Machine(arch, cpus=2)
+    allocator = execmem.Allocator(backend=machine, pack_size=4096)
+    placeholders = dict.fromkeys(program.sources, _demo.PLACEHOLDER)
+    sizes = {n: len(execmem.asm(_demo.fill(s, placeholders), arch, _demo.PLACEHOLDER)) for n, s in program.sources.items()}
+    texts = {n: allocator.jit_text_alloc(sizes[n]) for n in program.sources}
+    addresses = {n: t.address for n, t in texts.items()}
+    for name, text in texts.items():
+        code = execmem.asm(_demo.fill(program.sources[name], addresses), arch, text.address)
+        assert len(code) == text.size, name
+        text.write(0, code)
+    execmem.publish(texts.values())
+    expected = {"add": 42, "fib": 12586269025, "add_plus_one": 42, "answer": program.before}
+    for name, arguments in _demo.CALLS:
+        assert machine.call(texts[name].address, *arguments) == expected[name], name
+    answer = texts["answer"]
+    answer.update(program.patch_offset, execmem.asm(program.patch, arch, answer.address + program.patch_offset))
+    assert machine.call(answer.address) == program.after

@@ -1,0 +1,238 @@
+"""Targets, the printed table, the Markdown page and the plot of ``execmem bench``."""
+
+from __future__ import annotations
+
+import textwrap
+from typing import Any
+
+from execmem._errors import ExecmemError
+from execmem.bench._measure import describe_machine
+
+BASELINE_NOTE = (
+    "The baseline is UNSAFE for other threads: it makes no thread that may run the code "
+    "take a serializing / context-synchronization event, and on arm64 its mprotect does "
+    "no cache maintenance for anonymous memory. execmem does both (syncs/fn)."
+)
+
+
+def _rows(report: dict[str, Any], mode: str) -> list[dict[str, Any]]:
+    return [r for r in report["publish"] if r["mode"] == mode]
+
+
+def _row(report: dict[str, Any], n: int, mode: str) -> dict[str, Any]:
+    return next(r for r in report["publish"] if r["n"] == n and r["mode"] == mode)
+
+
+def targets(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The brief's targets, evaluated at the largest N of the run (10,000 in a full run)."""
+    n = max(r["n"] for r in report["publish"])
+    batched, base = _row(report, n, "execmem-batched"), _row(report, n, "baseline")
+    speed = base["seconds_per_function"] / batched["seconds_per_function"]
+    va = base["address_space_per_function"] / batched["address_space_per_function"]
+    exec_va = base["executable_address_space_per_function"] / batched["executable_address_space_per_function"]
+    out: dict[str, dict[str, Any]] = {
+        "batched_publish_10x_faster": {
+            "pass": speed >= 10,
+            "value": speed,
+            "threshold": 10,
+            "n": n,
+            "detail": f"baseline {base['seconds_per_function'] * 1e6:.1f} us/fn, "
+            f"batched {batched['seconds_per_function'] * 1e6:.1f} us/fn",
+        },
+        "address_space_50x_less": {
+            "pass": va >= 50,
+            "value": va,
+            "threshold": 50,
+            "n": n,
+            "detail": f"all mappings (RX view + RW alias): {batched['address_space_per_function']:.0f} vs "
+            f"{base['address_space_per_function']:.0f} B/fn; executable VA alone {exec_va:.1f}x",
+        },
+    }
+    syncs = {str(r["n"]): r["syncs"] for r in _rows(report, "execmem-batched")}
+    out["one_sync_per_batch"] = {
+        "pass": all(v == 1 for v in syncs.values()),
+        "value": syncs,
+        "threshold": 1,
+        "detail": "remote_cse runs (membarrier) per published batch, idle second thread alive",
+    }
+    vmas = {f"{r['mode']} {r['n']}": r["vmas_own"] for r in report["publish"] if r["mode"] != "baseline"}
+    out["vmas_flat_in_n"] = {
+        "pass": len(set(vmas.values())) == 1,
+        "value": vmas,
+        "detail": "VMAs of execmem's own mappings after publishing N functions",
+    }
+    bad = [f"{r['mode']} {r['n']}" for r in report["publish"] if r["calls_ok"] != r["calls"]]
+    out["every_function_returns_its_value"] = {"pass": not bad, "value": bad or "all", "detail": "one call each"}
+    return out
+
+
+# -- text --------------------------------------------------------------------------------------
+
+
+def _size(value: float) -> str:
+    return f"{value:,.0f}"
+
+
+def table(report: dict[str, Any]) -> str:
+    cfg, lines = report["config"], []
+    lines.append(
+        f"execmem bench: {cfg['arch']}, {cfg['mode']} ({cfg['backing']}), medians of {cfg['repeats']} repeats"
+        f"{' (quick)' if cfg['quick'] else ''}"
+    )
+    lines.append(f"machine: {describe_machine(report['machine'])}")
+    lines.append("")
+    lines.append("Publishing N functions of 16-64 bytes; a second, idle Python thread is alive, so")
+    lines.append("execmem's membarrier really runs (it is skipped in a single-threaded process).")
+    head = ("N", "mode", "us/fn", "vs base", "VA B/fn", "exec VA", "RSS B/fn", "PSS B/fn", "VMAs own", "VMAs proc", "syscalls/fn", "syncs/fn", "calls ok")
+    rows = []
+    for r in report["publish"]:
+        rows.append(
+            (
+                f"{r['n']:,}",
+                r["mode"],
+                f"{r['seconds_per_function'] * 1e6:.2f}",
+                f"{r['speedup_vs_baseline']:.2f}x",
+                _size(r["address_space_per_function"]),
+                _size(r["executable_address_space_per_function"]),
+                _size(r["rss_per_function"]),
+                _size(r["pss_per_function"]),
+                str(r["vmas_own"]),
+                f"{r['vmas']} ({r['vmas_delta']:+d})",
+                f"{r['syscalls_per_function']:.4f}",
+                f"{r['syncs_per_function']:.4f}",
+                f"{r['calls_ok']}/{r['calls']}",
+            )
+        )
+    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(head)]
+    left = {1}
+    for row in (head, *rows):
+        cells = [c.ljust(w) if i in left else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))]
+        lines.append("  " + "  ".join(cells))
+    lines.append("  us/fn: alloc + write + publish, per function (warm allocator: first pack mapped, membarrier registered).")
+    lines.append("  VA: bytes of all the mode's mappings (execmem: RX view + RW alias); exec VA: executable part only.")
+    lines.append("  RSS counts a page mapped twice (dual mapping) twice, PSS once; VMAs own: VMAs of those mappings;")
+    lines.append("  VMAs proc: whole process after publishing (delta from before). syncs: remote_cse (membarrier) runs.")
+    lines.extend(textwrap.wrap(BASELINE_NOTE, 104, initial_indent="  ", subsequent_indent="  "))
+    free = ", ".join(
+        f"{r['mode']} {r['free_seconds_per_function'] * 1e6:.1f}" for r in report["publish"] if r["n"] == max(x["n"] for x in report["publish"])
+    )
+    lines.append(f"  free, us/fn at the largest N: {free}")
+    c = report["churn"]
+    lines.append("")
+    lines.append(
+        f"Alloc/free churn: {c['operations']:,} operations ({c['allocations']:,} allocations of 16..4096 bytes, "
+        f"each written and published; seed {c['seed']}; single thread)"
+    )
+    lines.append(
+        f"  execmem {c['execmem_ops_per_second']:,.0f} ops/s, baseline {c['baseline_ops_per_second']:,.0f} ops/s: "
+        f"{c['ratio']:.2f}x; syscalls/op {c['execmem_syscalls_per_op']:.4f} vs {c['baseline_syscalls_per_op']:.4f}; "
+        f"peak executable VA {c['execmem_peak_executable_bytes'] >> 10:,} KiB vs {c['baseline_peak_executable_bytes'] >> 10:,} KiB"
+    )
+    k = report["call"]
+    lines.append("")
+    lines.append(
+        f"Call overhead ({k['calls']:,} calls of a published `return 42`): JitText.function "
+        f"{k['function_ns_per_call']:.0f} ns/call, plain ctypes pointer {k['ctypes_ns_per_call']:.0f} ns/call: "
+        f"{k['ratio']:.2f}x (+{k['function_ns_per_call'] - k['ctypes_ns_per_call']:.0f} ns for counting calls in flight)"
+    )
+    emu, lit = report["emu"], report["litmus"]
+    lines.append("")
+    by = ", ".join(
+        f"{a} {v['ratio']:.2f} ({v['model_mips']:.0f} vs {v['raw_mips']:.0f} M insn/s)" for a, v in emu["by_arch"].items()
+    )
+    lines.append(f"Modeled machine: non-racing guest throughput / raw Unicorn on the same code: {by}")
+    lines.append(f"  emu_ratio_vs_raw = {report['emu_ratio_vs_raw']:.2f} (the minimum)")
+    two = lit["two_thread"]
+    lines.append(
+        f"  exhaustive exploration, two-thread message passing with cache maintenance: "
+        f"{two['seconds'] * 1000:.1f} ms ({two['final_states']} final states)"
+    )
+    cat = lit["catalog"]
+    if cat.get("skipped"):
+        lines.append(f"  litmus catalog: skipped ({cat['skipped']})")
+    else:
+        lines.append(
+            f"  litmus catalog ({cat['tests']} of {cat['of']} tests): {cat['seconds']:.1f} s wall with "
+            f"{cat['workers']} worker(s), {cat['cpu_seconds']:.1f} s of exploration, agree with herd7 "
+            f"{cat['agree']}/{cat['compared']}, slowest {cat['slowest']}"
+        )
+    lines.append("")
+    lines.append("Targets")
+    for name, t in report["targets"].items():
+        value = t["value"]
+        shown = f"{value:.2f}x" if isinstance(value, float) else str(value)
+        at = f" at N={t['n']:,}" if "n" in t else ""
+        need = f" (need >= {t['threshold']}x)" if isinstance(value, float) else ""
+        lines.append(f"  {'PASS' if t['pass'] else 'FAIL'} {name}{at}: {shown}{need}; {t['detail']}")
+    return "\n".join(lines)
+
+
+def markdown(report: dict[str, Any], command: str, text: str, plot: str | None) -> str:
+    out = [
+        "# execmem benchmark",
+        "",
+        "Generated by the command below; the table is its output, unedited.",
+        "",
+        "```",
+        command,
+        "```",
+        "",
+        f"Machine: {describe_machine(report['machine'])}.",
+        "",
+        "```",
+        text,
+        "```",
+    ]
+    if plot:
+        out += ["", f"![time and address space per function vs N]({plot})"]
+    return "\n".join(out) + "\n"
+
+
+# -- plot --------------------------------------------------------------------------------------
+
+_STYLE = {"execmem": ("tab:blue", "o"), "execmem-batched": ("tab:green", "s"), "baseline": ("tab:red", "^")}
+
+
+def plot(report: dict[str, Any], path: str) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        from matplotlib.ticker import FuncFormatter, LogLocator
+    except ImportError:
+        raise ExecmemError("the plot needs matplotlib: pip install 'execmem[plot]' (or pass --no-plot)") from None
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2), constrained_layout=True)
+    for mode, (color, marker) in _STYLE.items():
+        rows = sorted(_rows(report, mode), key=lambda r: r["n"])
+        ns = [r["n"] for r in rows]
+        label = {"execmem": "execmem, one by one", "execmem-batched": "execmem, one batch", "baseline": "baseline: mmap+mprotect each"}[mode]
+        style = {"marker": marker, "color": color, "label": label, "linestyle": "--" if mode == "execmem" else "-"}
+        left.plot(ns, [r["seconds_per_function"] * 1e6 for r in rows], **style)
+        right.plot(ns, [r["address_space_per_function"] for r in rows], markersize=9 if mode == "execmem" else 6, **style)
+    left.set_title("time to publish, per function")
+    left.set_ylabel("microseconds")
+    right.set_title("address space mapped, per function (one by one = batch)")
+    right.set_ylabel("bytes (all mappings)")
+    plain = FuncFormatter(lambda value, _pos: f"{value:,.0f}" if value >= 1 else f"{value:g}")
+    for ax in (left, right):
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        for axis in (ax.xaxis, ax.yaxis):
+            axis.set_major_formatter(plain)
+            axis.set_minor_locator(LogLocator(subs=(2.0, 5.0)))
+            axis.set_minor_formatter(plain)
+        ax.set_xlabel("N functions published")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    cfg = report["config"]
+    fig.suptitle(f"execmem {cfg['mode']} vs mmap+mprotect per function ({cfg['arch']}, medians of {cfg['repeats']})", fontsize=10)
+    try:
+        fig.savefig(path, dpi=110)
+    except OSError as exc:
+        raise ExecmemError(f"cannot write the plot to {path}: {exc.strerror or exc}") from None
+    finally:
+        plt.close(fig)
+
+
+__all__ = ["BASELINE_NOTE", "markdown", "plot", "table", "targets"]

@@ -1,0 +1,199 @@
+"""``execmem bench``: one quick run checks that every measurement works and the report
+has its shape.  Timing targets are printed by the tool, never asserted here."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import io
+import json
+import math
+import mmap
+import platform
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import execmem.arch
+from execmem.bench import _cli, _measure, _publish, _report
+from execmem.bench._baseline import BaselineJit
+from execmem.cli import main
+
+on_x86 = pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"), reason="x86-64 host")
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], Path, str]:
+    pytest.importorskip("matplotlib")
+    folder = tmp_path_factory.mktemp("bench")
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = main(["bench", "--quick", "--json", "--plot", str(folder / "b.png"), "--markdown", str(folder / "b.md")])
+    assert code == 0
+    return json.loads(out.getvalue()), folder, out.getvalue()
+
+
+@on_x86
+def test_quick_report_has_every_section(quick: tuple[dict[str, Any], Path, str]) -> None:
+    report, _, _ = quick
+    for key in ("publish", "churn", "call", "emu_ratio_vs_raw", "litmus", "targets", "machine", "config"):
+        assert key in report, key
+    rows = report["publish"]
+    assert {(r["n"], r["mode"]) for r in rows} == {(n, m) for n in (100, 1000) for m in _publish.MODES}
+    for r in rows:
+        for key in ("seconds_per_function", "address_space_per_function", "rss_per_function", "vmas",
+                    "vmas_delta", "syscalls_per_function", "syncs_per_function"):
+            assert isinstance(r[key], (int, float)), (key, r)
+            assert r[key] >= 0 or key == "vmas_delta", (key, r)
+        assert r["calls_ok"] == r["calls"] == r["n"]
+
+
+@on_x86
+def test_quick_report_counts_what_each_mode_does(quick: tuple[dict[str, Any], Path, str]) -> None:
+    report, _, _ = quick
+    page = mmap.PAGESIZE
+    for r in report["publish"]:
+        n = r["n"]
+        if r["mode"] == "baseline":
+            assert r["syscalls"] == {"mmap": n, "mprotect": n} and r["syncs"] == 0
+            assert r["address_space_per_function"] == page
+        elif r["mode"] == "execmem-batched":
+            # The idle thread makes membarrier run: exactly one for the whole batch.
+            assert r["syncs"] == 1 and r["sync_mechanism"]
+        else:
+            assert r["syncs"] == n
+    own = {r["vmas_own"] for r in report["publish"] if r["mode"] != "baseline"}
+    assert len(own) == 1
+
+
+@on_x86
+def test_quick_report_other_sections(quick: tuple[dict[str, Any], Path, str]) -> None:
+    report, _, _ = quick
+    churn = report["churn"]
+    assert churn["operations"] == 2000 and churn["execmem_ops_per_second"] > 0 and churn["ratio"] > 0
+    assert churn["baseline_syscalls_per_op"] > 1  # mmap + mprotect per allocation, munmap per free
+    assert report["call"]["ratio"] > 0 and report["call"]["calls"] == 20_000
+    emu = report["emu"]["by_arch"]
+    assert set(emu) == {"arm64", "x86_64"}
+    assert report["emu_ratio_vs_raw"] == min(v["ratio"] for v in emu.values()) > 0
+    litmus = report["litmus"]
+    assert litmus["two_thread"]["final_states"] > 0
+    catalog = litmus["catalog"]
+    if not catalog.get("skipped"):
+        assert catalog["tests"] == 5 and catalog["errors"] == 0
+        assert catalog["agree"] == catalog["compared"]
+    for name, target in report["targets"].items():
+        assert isinstance(target["pass"], bool), name
+    assert {"batched_publish_10x_faster", "address_space_50x_less", "one_sync_per_batch", "vmas_flat_in_n"} <= set(report["targets"])
+
+
+@on_x86
+def test_quick_run_writes_plot_and_markdown(quick: tuple[dict[str, Any], Path, str]) -> None:
+    report, folder, _ = quick
+    assert (folder / "b.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    page = (folder / "b.md").read_text()
+    assert "execmem bench --quick --plot" in page and "![time and address space per function vs N](b.png)" in page
+    assert "PASS" in page or "FAIL" in page
+    assert _report.table(report) in page
+
+
+@on_x86
+def test_table_prints_ratios_targets_and_the_baseline_warning(quick: tuple[dict[str, Any], Path, str]) -> None:
+    text = _report.table(quick[0])
+    assert "UNSAFE for other threads" in text and "vs base" in text
+    assert "emu_ratio_vs_raw" in text
+    for name in quick[0]["targets"]:
+        assert any(line.strip().startswith(("PASS " + name, "FAIL " + name)) for line in text.splitlines()), name
+
+
+def _row(n: int, mode: str, seconds: float, va: float, syncs: int, vmas: int) -> dict[str, Any]:
+    return {"n": n, "mode": mode, "seconds_per_function": seconds, "address_space_per_function": va,
+            "executable_address_space_per_function": va / 2, "syncs": syncs, "vmas_own": vmas,
+            "calls_ok": n, "calls": n}
+
+
+def test_targets_are_judged_at_the_largest_n() -> None:
+    rows = []
+    for n in (100, 10_000):
+        rows += [_row(n, "baseline", 20e-6, 4096, 0, 9), _row(n, "execmem", 60e-6, 70, n, 2),
+                 _row(n, "execmem-batched", 1.5e-6 if n == 10_000 else 30e-6, 70, 1, 2)]
+    targets = _report.targets({"publish": rows})
+    assert targets["batched_publish_10x_faster"]["pass"] and targets["batched_publish_10x_faster"]["n"] == 10_000
+    assert targets["address_space_50x_less"]["pass"]
+    assert targets["one_sync_per_batch"]["pass"] and targets["vmas_flat_in_n"]["pass"]
+    rows[-1]["syncs"] = 2
+    rows[-2]["vmas_own"] = 3
+    rows[-3]["calls_ok"] = 0
+    targets = _report.targets({"publish": rows})
+    assert not targets["one_sync_per_batch"]["pass"] and not targets["vmas_flat_in_n"]["pass"]
+    assert not targets["every_function_returns_its_value"]["pass"]
+
+
+@pytest.mark.parametrize("arch", ["x86_64", "arm64"])
+def test_function_template_encodes_like_keystone(arch: str) -> None:
+    spec = execmem.arch.get(arch)
+    codes = _publish.functions(spec, 50, seed=3)
+    assert len({value for _, value in codes}) == 50
+    for code, _ in codes:
+        assert 16 <= len(code) <= 64 and len(code) % spec.insn_align == 0
+    code, value = codes[7]
+    source = {"x86_64": f"mov eax, {value:#x}; ret",
+              "arm64": f"movz w0, #{value & 0xFFFF:#x}; movk w0, #{value >> 16:#x}, lsl #16; ret"}[arch]
+    body = execmem.asm(source, arch=arch)
+    assert code == body + spec.trap_bytes(len(code))[len(body):]
+
+
+def test_churn_plan_is_seeded_and_never_frees_nothing() -> None:
+    plan = _publish.churn_plan(3000, seed=5)
+    assert plan == _publish.churn_plan(3000, seed=5) != _publish.churn_plan(3000, seed=6)
+    live = 0
+    for op in plan:
+        if isinstance(op, int):
+            assert 16 <= op <= 4096
+            live += 1
+        else:
+            assert live > 0 and 0 <= op < 1
+            live -= 1
+
+
+@on_x86
+def test_baseline_maps_calls_counts_and_unmaps() -> None:
+    spec = execmem.arch.host()
+    jit = BaselineJit()
+    try:
+        codes = _publish.functions(spec, 3, seed=1)
+        addresses = [jit.publish(code) for code, _ in codes]
+        for address, (_, value) in zip(addresses, codes, strict=True):
+            assert ctypes.CFUNCTYPE(ctypes.c_uint32)(address)() == value
+        assert jit.syscalls == {"mmap": 3, "mprotect": 3}
+        assert sum(size for _, size in jit.ranges()) == 3 * jit.page
+        memory = _measure.memory_of(jit.ranges())
+        assert memory["address_space"] == 3 * jit.page and 1 <= memory["vmas"] <= 3
+        jit.free(addresses[0])
+        assert jit.syscalls["munmap"] == 1
+    finally:
+        jit.close()
+    assert jit.live == {}
+
+
+def test_coalesce_and_median() -> None:
+    assert _measure.coalesce([(30, 10), (0, 10), (10, 5), (35, 10)]) == [(0, 15), (30, 15)]
+    assert _measure.median([3.0, 1.0, 2.0]) == 2.0 and math.isnan(_measure.median([]))
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["bench", "--repeats", "0", "--no-plot"], "--repeats must be at least 1"),
+        (["bench", "--litmus", "/nonexistent/litmus", "--no-plot"], "no such litmus folder"),
+    ],
+)
+def test_bad_options_are_one_line_errors(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("execmem: error: ") and message in err and err.count("\n") == 1
+
+
+def test_quick_plan_is_small() -> None:
+    assert max(_cli.QUICK["sizes"]) <= 1000 <= max(_cli.FULL["sizes"]) // 10  # type: ignore[call-overload]
