@@ -57,12 +57,15 @@ def test_quick_report_counts_what_each_mode_does(quick: tuple[dict[str, Any], Pa
         n = r["n"]
         if r["mode"] == "baseline":
             assert r["syscalls"] == {"mmap": n, "mprotect": n} and r["syncs"] == 0
-            assert r["address_space_per_function"] == page
+            assert r["address_space_per_function"] == r["footprint_per_function"] == page
         elif r["mode"] == "execmem-batched":
             # The idle thread makes membarrier run: exactly one for the whole batch.
             assert r["syncs"] == 1 and r["sync_mechanism"]
         else:
             assert r["syncs"] == n
+        if r["mode"] != "baseline":
+            # Whole chunks of 64 bytes for functions of 16-64 bytes.
+            assert r["footprint_per_function"] == 64
     own = {r["vmas_own"] for r in report["publish"] if r["mode"] != "baseline"}
     assert len(own) == 1
 
@@ -93,7 +96,7 @@ def test_quick_run_writes_plot_and_markdown(quick: tuple[dict[str, Any], Path, s
     report, folder, _ = quick
     assert (folder / "b.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     page = (folder / "b.md").read_text()
-    assert "execmem bench --quick --plot" in page and "![time and address space per function vs N](b.png)" in page
+    assert "execmem bench --quick --json --plot" in page and "![time and address space per function vs N](b.png)" in page
     assert "PASS" in page or "FAIL" in page
     assert _report.table(report) in page
 
@@ -109,6 +112,7 @@ def test_table_prints_ratios_targets_and_the_baseline_warning(quick: tuple[dict[
 
 def _row(n: int, mode: str, seconds: float, va: float, syncs: int, vmas: int) -> dict[str, Any]:
     return {"n": n, "mode": mode, "seconds_per_function": seconds, "address_space_per_function": va,
+            "footprint_per_function": va,
             "executable_address_space_per_function": va / 2, "syncs": syncs, "vmas_own": vmas,
             "calls_ok": n, "calls": n}
 

@@ -17,9 +17,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from execmem import __version__
 from execmem._errors import ExecmemError
 from execmem.bench import _model, _publish, _report
-from execmem.bench._measure import Progress, machine
+from execmem.bench._measure import Progress, machine, revision
 
 FULL = {"sizes": (100, 1000, 10_000), "repeats": 5, "churn_ops": 20_000, "calls": 200_000}
 QUICK = {"sizes": (100, 1000), "repeats": 2, "churn_ops": 2_000, "calls": 20_000}
@@ -60,6 +61,8 @@ def collect(args: argparse.Namespace) -> dict[str, Any]:
     report: dict[str, Any] = {
         "config": {
             "arch": platform.machine(),
+            "execmem": __version__,
+            "revision": revision(),
             "mode": args.mode,
             "backing": first["backing"],
             "huge_pages_obtained_bytes": first["huge_pages_obtained_bytes"],
@@ -86,6 +89,7 @@ def _command(args: argparse.Namespace) -> list[str]:
     """The command line that reproduces this run."""
     out = ["execmem", "bench"]
     out += ["--quick"] if args.quick else []
+    out += ["--json"] if args.json else []
     out += ["--mode", args.mode] if args.mode != "dual" else []
     out += ["--repeats", str(args.repeats)] if args.repeats is not None else []
     out += ["--litmus", args.litmus] if args.litmus else []

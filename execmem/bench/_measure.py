@@ -105,6 +105,24 @@ def machine() -> dict[str, object]:
     }
 
 
+def revision() -> str | None:
+    """``git describe`` of the checkout holding this package (``+changes`` when its
+    ``execmem/`` differs from the commit), or None outside a git checkout."""
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "execmem"], cwd=root, capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return f"{head}+changes" if dirty else head
+
+
 def describe_machine(info: dict[str, object]) -> str:
     mem = cast(int, info.get("memory_bytes") or 0) / 2**30
     vm = ", virtual machine" if info.get("virtualized") else ""
@@ -145,4 +163,5 @@ __all__ = [
     "median",
     "memory_of",
     "process_rss",
+    "revision",
 ]

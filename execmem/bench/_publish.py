@@ -117,6 +117,12 @@ def _backend_counts(backend: NativeBackend) -> tuple[Counter[str], int]:
     return Counter(cast(Mapping[str, int], stats["syscalls"])), _syncs(runs)
 
 
+def _live_bytes(allocator: execmem.Allocator) -> int:
+    """Bytes of chunks allocated to texts (``stats()["totals"]["live_bytes"]``)."""
+    totals = cast(Mapping[str, int], allocator.stats()["totals"])
+    return totals["live_bytes"]
+
+
 @dataclass
 class Sample:
     """One timed run of one mode at one N."""
@@ -131,6 +137,7 @@ class Sample:
     vmas_delta: int
     process_rss_delta: int
     calls_ok: int
+    footprint: int
     mechanism: str | None = None
     backing: str | None = None
     huge_bytes: int | None = None
@@ -147,6 +154,7 @@ def _publish_execmem(codes: Sequence[tuple[bytes, int]], *, batched: bool, mode:
             warm.write(0, code)
             warm.map()
         calls0, syncs0 = _backend_counts(backend)
+        live0 = _live_bytes(allocator)
         texts = []
         started = time.perf_counter()
         if batched:
@@ -164,6 +172,7 @@ def _publish_execmem(codes: Sequence[tuple[bytes, int]], *, batched: bool, mode:
         seconds = time.perf_counter() - started
         calls1, syncs1 = _backend_counts(backend)
         vmas, rss = count_vmas(), process_rss()
+        footprint = _live_bytes(allocator) - live0
         memory = memory_of(backend.owned_ranges())
         executable = sum(size for _, size in backend.executable_ranges())
         ok = sum(text.function(restype)() == value for text, (_, value) in zip(texts, codes, strict=True))
@@ -182,7 +191,7 @@ def _publish_execmem(codes: Sequence[tuple[bytes, int]], *, batched: bool, mode:
     calls1.subtract(calls0)
     return Sample(
         seconds, free_seconds, {k: v for k, v in calls1.items() if v}, syncs1 - syncs0, memory, executable,
-        vmas, vmas - vmas0, rss - rss0, ok, mechanism, backing, obtained,
+        vmas, vmas - vmas0, rss - rss0, ok, footprint, mechanism, backing, obtained,
     )
 
 
@@ -206,7 +215,8 @@ def _publish_baseline(codes: Sequence[tuple[bytes, int]]) -> Sample:
     finally:
         jit.close()
     return Sample(
-        seconds, free_seconds, syscalls, 0, memory, memory["address_space"], vmas, vmas - vmas0, rss - rss0, ok
+        seconds, free_seconds, syscalls, 0, memory, memory["address_space"], vmas, vmas - vmas0, rss - rss0, ok,
+        memory["address_space"],
     )
 
 
@@ -247,6 +257,7 @@ def publish_benchmark(
                     "free_seconds_per_function": median([s.free_seconds for s in runs]) / n,
                     "address_space_per_function": last.memory["address_space"] / n,
                     "executable_address_space_per_function": last.executable / n,
+                    "footprint_per_function": last.footprint / n,
                     "rss_per_function": last.memory["rss"] / n,
                     "pss_per_function": last.memory["pss"] / n,
                     "process_rss_delta_per_function": median([s.process_rss_delta for s in runs]) / n,
