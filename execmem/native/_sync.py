@@ -198,16 +198,24 @@ class _MprotectIpi:
     def __init__(self, sys_: _libc.Syscalls, page_size: int) -> None:
         self._sys, self._size = sys_, page_size
         self._page = 0
+        self._writable = False
 
     def prepare(self, mask: int) -> None:
         self._page = self._sys.mmap(
             0, self._size, _libc.PROT_READ | _libc.PROT_WRITE, _libc.MAP_PRIVATE | _libc.MAP_ANONYMOUS
         )
+        self._writable = True
 
     def run(self, ranges: Sequence[Range]) -> None:
+        rw = _libc.PROT_READ | _libc.PROT_WRITE
+        if not self._writable:  # an earlier run could not make the page writable again
+            self._sys.mprotect(self._page, self._size, rw)
+            self._writable = True
         ctypes.memset(self._page, 1, 1)  # present and dirty: the downgrade needs a flush
         self._sys.mprotect(self._page, self._size, _libc.PROT_READ)
-        self._sys.mprotect(self._page, self._size, _libc.PROT_READ | _libc.PROT_WRITE)
+        self._writable = False
+        self._sys.mprotect(self._page, self._size, rw)
+        self._writable = True
 
     def close(self) -> None:
         if self._page:
