@@ -93,6 +93,9 @@ class Region:
     #: mprotect mode: pages (indices) currently read+write, and in-place nesting counts.
     rw_pages: set[int] = field(default_factory=set)
     inplace: Counter[int] = field(default_factory=Counter)
+    #: Parts already returned to the system ("view", "alias", "fd"): a release that
+    #: failed half way is retried for the rest only (``NativeBackend.close``).
+    released_parts: set[str] = field(default_factory=set)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
 
@@ -327,7 +330,9 @@ class Mapper:
         raise NotImplementedError
 
     def release(self, region: Region, *, forked: bool) -> None:
-        self._sys.munmap(region.address, region.size)
+        if "view" not in region.released_parts:
+            self._sys.munmap(region.address, region.size)
+            region.released_parts.add("view")
 
     def write(self, region: Region, offset: int, data: bytes) -> None:
         ctypes.memmove(region.write_base + offset, data, len(data))
@@ -344,7 +349,7 @@ class Mapper:
 
     def owned_ranges(self, region: Region) -> list[Range]:
         """Every address range this region occupies (for W^X audits)."""
-        return [(region.address, region.size)]
+        return [] if "view" in region.released_parts else [(region.address, region.size)]
 
     def describe(self) -> dict[str, object]:
         """The backing, for ``stats()``."""
@@ -419,20 +424,26 @@ class DualMapper(Mapper):
     def release(self, region: Region, *, forked: bool) -> None:
         s = self._sys
         errors: list[ExecmemError] = []
-        actions: list[Callable[[], None]] = [lambda: s.munmap(region.address, region.size)]
+        actions: list[tuple[str, Callable[[], None]]] = [("view", lambda: s.munmap(region.address, region.size))]
         if not forked:  # a child has no alias (MADV_DONTFORK): that VA may be someone else's
-            actions.append(lambda: s.munmap(region.write_base, region.size))
-        actions.append(lambda: s.close(region.fd))
-        for action in actions:
+            actions.append(("alias", lambda: s.munmap(region.write_base, region.size)))
+        actions.append(("fd", lambda: s.close(region.fd)))
+        for part, action in actions:
+            if part in region.released_parts:
+                continue
             try:
                 action()
             except ExecmemError as exc:
                 errors.append(exc)
+                if part != "fd":  # Linux releases the fd whatever close returns
+                    continue
+            region.released_parts.add(part)
         if errors:
             raise errors[0]
 
     def owned_ranges(self, region: Region) -> list[Range]:
-        return [(region.address, region.size), (region.write_base, region.size)]
+        parts = (("view", region.address), ("alias", region.write_base))
+        return [(start, region.size) for part, start in parts if part not in region.released_parts]
 
     def describe(self) -> dict[str, object]:
         described = self.backing.describe()

@@ -93,9 +93,13 @@ class NativeBackend:
         self._sync: Synchronizer | None = None
         self._lock = threading.Lock()
         self._regions: dict[int, Region] = {}  # by address
+        #: Regions whose release failed part way (a system call refused): still
+        #: mapped, owned for audits, and released again by ``close``.
+        self._unreleased: list[Region] = []
         self._steps: Counter[str] = Counter()
         self._generation = _fork_generation
         self._closed = False
+        self._sync_closed = False
         self._peak_reserved = 0
 
     # -- properties ------------------------------------------------------------------------
@@ -187,7 +191,12 @@ class NativeBackend:
         with self._lock:
             del self._regions[region.address]
         region.released, region.mapped, reservation.mapped = True, False, False
-        self._mapper.release(region, forked=self.forked)
+        try:
+            self._mapper.release(region, forked=self.forked)
+        except ExecmemError:
+            with self._lock:
+                self._unreleased.append(region)
+            raise
 
     def write(self, reservation: Reservation, offset: int, data: bytes) -> None:
         region = self._region(reservation)
@@ -229,7 +238,7 @@ class NativeBackend:
     def owned_ranges(self) -> list[Range]:
         """Every range this backend maps (views, aliases, reservations) - for W^X audits."""
         with self._lock:
-            regions = list(self._regions.values())
+            regions = [*self._regions.values(), *self._unreleased]
         return [r for region in regions for r in self._mapper.owned_ranges(region)]
 
     def executable_ranges(self) -> list[Range]:
@@ -271,6 +280,7 @@ class NativeBackend:
             "syscalls": syscalls,
             "syscalls_total": sum(syscalls.values()),
             "reservations": len(regions),
+            "release_pending": len(self._unreleased),
             "bytes_reserved": sum(r.size for r in regions),
             "bytes_mapped": sum(size for _, size in executable),
             "peak_bytes_reserved": self._peak_reserved,
@@ -279,13 +289,17 @@ class NativeBackend:
         }
 
     def close(self) -> None:
-        """Release every reservation and helper (idempotent; allowed in a forked child)."""
-        if self._closed:
+        """Release every reservation and helper (idempotent; allowed in a forked child).
+
+        What a refused system call kept from being released (here or in an earlier
+        ``release``) is tried again by the next ``close``."""
+        if self._closed and not self._unreleased and self._sync_closed:
             return
         self._closed = True
         with self._lock:
-            regions = list(self._regions.values())
+            regions = [*self._regions.values(), *self._unreleased]
             self._regions.clear()
+            self._unreleased.clear()
         first: ExecmemError | None = None
         for region in regions:
             region.released = True
@@ -293,11 +307,16 @@ class NativeBackend:
                 self._mapper.release(region, forked=self.forked)
             except ExecmemError as exc:
                 first = first or exc
-        if self._sync is not None and not self.forked:
+                with self._lock:
+                    self._unreleased.append(region)
+        if self._sync is not None and not self.forked and not self._sync_closed:
             try:
                 self._sync.close()
+                self._sync_closed = True
             except ExecmemError as exc:
                 first = first or exc
+        else:
+            self._sync_closed = True
         if first is not None:
             raise first
 

@@ -219,8 +219,8 @@ class _MprotectIpi:
 
     def close(self) -> None:
         if self._page:
-            page, self._page = self._page, 0
-            self._sys.munmap(page, self._size)
+            self._sys.munmap(self._page, self._size)
+            self._page = 0  # kept when munmap fails, so that a second close retries
 
 
 class _RiscvFlushIcache:
