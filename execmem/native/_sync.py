@@ -326,10 +326,12 @@ class RemoteCse:
                 continue
             self._current = mechanism
             return mechanism
-        raise SystemCallError(
-            errno.ENOSYS,
-            "no way to make other threads take a context synchronization event: " + "; ".join(self.notes),
-        )
+        message = "no way to make other threads take a context synchronization event: " + "; ".join(self.notes)
+        # Start over next time: a mechanism abandoned for a transient failure gets
+        # another chance instead of leaving the process unable to publish for good.
+        self._index = 0
+        del self.notes[:-32]
+        raise SystemCallError(errno.ENOSYS, message)
 
     def _query(self) -> int:
         """membarrier(QUERY), after the child probe says the call will not kill us; -1 if unusable."""
