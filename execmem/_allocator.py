@@ -346,8 +346,11 @@ class Allocator:
                 for t in group:
                     if t in staged_set and t._staged:
                         staged_set.discard(t)
-                        backend.write(t._pack.reservation, self._offset(t), bytes(t._shadow))
+                        # Listed before the write: a write that fails after storing the
+                        # bytes (mprotect mode: execute permission not restored) is
+                        # rolled back to traps too, which also restores the permission.
                         written.append(t)
+                        backend.write(t._pack.reservation, self._offset(t), bytes(t._shadow))
 
             return run
 
@@ -546,6 +549,11 @@ class Allocator:
             try:
                 self.backend.write(res, offset, self._trap(res, offset, text.size))
             except BaseException:
+                # The refill may have failed after storing the traps (mprotect mode:
+                # execute permission not restored): put the code back, best effort, so
+                # the text is still what its state says and its page executable again.
+                with contextlib.suppress(ExecmemError):
+                    self.backend.write(res, offset, bytes(text._shadow))
                 if previous is TextState.WRITING:
                     self.backend.begin_inplace(res, offset, text.size)
                 raise
