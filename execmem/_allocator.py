@@ -527,7 +527,7 @@ class Allocator:
                 text._state = previous
                 self._events["freed"] -= 1
                 raise
-            self._pool.trim()
+            self._pool.trim_quietly()
 
     def _finish_deferred_free(self, text: JitText) -> None:
         """The last in-flight call of a freed text returned: refill and quarantine now."""
@@ -536,9 +536,10 @@ class Allocator:
                 return
             try:
                 self._reclaim(text, text._freed_from)
-                self._pool.trim()
             except ExecmemError:
                 self._events["deferred_free_errors"] += 1
+                return
+            self._pool.trim_quietly()
 
     def _reclaim(self, text: JitText, previous: TextState) -> None:
         pack, res = text._pack, text._pack.reservation

@@ -180,10 +180,19 @@ class PackPool:
                 if pack.retired_stamp is not None and completed > pack.retired_stamp:
                     pack.matured_at = completed
                     if pack.dedicated:
-                        self.release(pack)
+                        self._release_quietly(pack)
             elif completed > pack.matured_at:
                 # Matured one epoch ago and not reused since: return it to the system.
-                self.release(pack)
+                self._release_quietly(pack)
+
+    def _release_quietly(self, pack: Pack) -> None:
+        """Housekeeping inside an epoch: a refused release must not fail the publish or
+        allocation that ran the epoch (the backend keeps what it could not release and
+        tries again when it is closed)."""
+        try:
+            self.release(pack)
+        except ExecmemError:
+            self.events["release_errors"] += 1
 
     # -- retirement -------------------------------------------------------------------------
 
@@ -207,6 +216,15 @@ class PackPool:
             victims = sorted(regular, key=lambda p: (p.reservation.mapped, -p.address))[:excess]
             for pack in victims:
                 self._retire(pack)
+
+    def trim_quietly(self) -> None:
+        """:meth:`trim` after a free that succeeded: a refused unmap or release leaves
+        the empty pack in place (tried again at the next trim) instead of making the
+        free look failed."""
+        try:
+            self.trim()
+        except ExecmemError:
+            self.events["trim_errors"] += 1
 
     def _retire(self, pack: Pack) -> None:
         res = pack.reservation
