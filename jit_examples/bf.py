@@ -181,7 +181,7 @@ class JIT:
     def __init__(self, allocator: execmem.Allocator | None = None) -> None:
         if execmem.arch.host().name != "x86_64":
             raise execmem.UnsupportedError("the bf example generates x86-64 code")
-        self.allocator = allocator or execmem.Allocator()
+        self.allocator = allocator or execmem.default_allocator()
         self._callbacks = []
         for src in (_GETC, _PUTC):
             size = len(execmem.asm(src, address=0))
@@ -207,6 +207,10 @@ class Program:
     def __init__(self, jit: JIT, text: execmem.JitText, size: int) -> None:
         self.jit, self.text, self.size = jit, text, size
         self._run = text.function(None, ctypes.POINTER(_Context))
+
+    def free(self) -> None:
+        """Gives the code back (after the quarantine epoch); the program cannot run again."""
+        self.text.free()
 
     def __call__(self, data: bytes = b"", *, max_output: int = 1 << 16) -> bytes:
         tape = (ctypes.c_uint8 * TAPE)()

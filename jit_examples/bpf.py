@@ -249,7 +249,7 @@ class Filter:
             raise execmem.UnsupportedError("the bpf example generates x86-64 code")
         self.prog = list(prog)
         source = compile_x86(self.prog)
-        self.allocator = allocator or execmem.Allocator()
+        self.allocator = allocator or execmem.default_allocator()
         size = len(execmem.asm(source, address=0))
         self.text = self.allocator.jit_text_alloc(size)
         self.text.write(0, execmem.asm(source, address=self.text.address))

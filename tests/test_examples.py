@@ -91,7 +91,21 @@ def test_bf_random_programs(source: str, data: bytes) -> None:
         return
     if any(op == "[" for op, _ in ops):
         return  # random loops may never terminate
-    assert bf.JIT().compile(source)(data) == bf.interpret(source, data)
+    program = _bf_jit().compile(source)
+    try:
+        assert program(data) == bf.interpret(source, data)
+    finally:
+        program.free()
+
+
+_BF_JIT: list[bf.JIT] = []
+
+
+def _bf_jit() -> bf.JIT:
+    """One JIT (two published callbacks) for all the random programs."""
+    if not _BF_JIT:
+        _BF_JIT.append(bf.JIT())
+    return _BF_JIT[0]
 
 
 def test_bf_rejects_unbalanced_brackets() -> None:

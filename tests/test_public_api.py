@@ -46,6 +46,7 @@ def test_public_names_are_pinned() -> None:
             "__version__",
             "arch",
             "asm",
+            "default_allocator",
             "jit_text_alloc",
             "jit_text_free",
             "publish",
