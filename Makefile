@@ -5,7 +5,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck check bench litmus verify clean
+.PHONY: demo test lint typecheck check bench soak litmus verify clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,9 @@ check: lint typecheck test
 
 bench: $(STAMP)
 	$(PY) -m execmem bench
+
+soak: $(STAMP)
+	$(PY) -m execmem.bench.soak
 
 litmus: $(STAMP)
 	$(PY) -m execmem litmus --kinds ../shared/litmus/aarch64-ifetch/kinds.txt ../shared/litmus/aarch64-ifetch
