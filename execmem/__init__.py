@@ -6,7 +6,14 @@ The public surface is re-exported here explicitly; everything else is private.
 from __future__ import annotations
 
 from execmem import arch
-from execmem._allocator import Allocator, default_allocator, jit_text_alloc, jit_text_free, publish
+from execmem._allocator import (
+    Allocator,
+    default_allocator,
+    jit_text_alloc,
+    jit_text_alloc_many,
+    jit_text_free,
+    publish,
+)
 from execmem._asm import asm
 from execmem._errors import (
     AlignmentError,
@@ -50,6 +57,7 @@ __all__ = [
     "asm",
     "default_allocator",
     "jit_text_alloc",
+    "jit_text_alloc_many",
     "jit_text_free",
     "publish",
 ]

@@ -38,6 +38,8 @@ Freeing
 from __future__ import annotations
 
 import contextlib
+import itertools
+import operator
 import os
 import threading
 from collections import Counter
@@ -52,11 +54,12 @@ from execmem._errors import (
     BadStateError,
     ExecmemError,
     ForkedProcessError,
+    OutOfBoundsError,
     UnsupportedError,
     UseAfterFreeError,
 )
 from execmem._packs import PackPool
-from execmem._text import JitFunction, JitText, TextState, check_int, make_cfunc
+from execmem._text import JitFunction, JitText, TextState, check_bytes, check_int, make_cfunc
 from execmem.arch import ArchSpec, Recipe
 
 DEFAULT_PACK_SIZE = 2 * 1024 * 1024
@@ -73,6 +76,37 @@ class _Batch:
 
 def _pow2(value: int) -> bool:
     return value > 0 and value & (value - 1) == 0
+
+
+_address = operator.attrgetter("_address")
+
+
+def _positive(size: object) -> int:
+    if check_int("size", size) <= 0:
+        raise AlignmentError(f"size must be positive, not {size}")
+    return cast(int, size)
+
+
+def _adjacent(texts: list[JitText]) -> Iterator[list[JitText]]:
+    """``texts`` (in address order) cut into runs whose chunks touch in one pack."""
+    run: list[JitText] = []
+    for t in texts:
+        if run and (t._pack is not run[-1]._pack or t._chunk != run[-1]._chunk + run[-1]._nchunks):
+            yield run
+            run = []
+        run.append(t)
+    if run:
+        yield run
+
+
+def _merged(texts: list[JitText]) -> list[tuple[int, int]]:
+    """The texts' address ranges, adjacent texts' merged: one range per run for the
+    recipe's cache-maintenance steps (the bytes between them are trap filler)."""
+    out = []
+    for run in _adjacent(texts):
+        start = run[0]._address
+        out.append((start, run[-1]._address + run[-1]._size - start))
+    return out
 
 
 class Allocator:
@@ -141,6 +175,8 @@ class Allocator:
         #: Chunks per write unit when the backend writes whole pages (mprotect), else 1.
         self._unit_chunks = unit // granularity if unit > granularity else 1
         self._lock = threading.RLock()
+        #: Guards the texts' counts of calls in flight (JitFunction) against free().
+        self._calls_lock = threading.Lock()
         self._local = threading.local()
         self._pid = os.getpid()
         self._closed = False
@@ -228,6 +264,64 @@ class Allocator:
         self._texts.add(text)
         return text
 
+    def jit_text_alloc_many(self, sizes: Iterable[int], align: int = 16) -> list[JitText]:
+        """One text per size, as ``jit_text_alloc`` would give, but placed side by side:
+        one placement and one bookkeeping update per pack instead of one per text (a
+        JIT compiling a module of functions), and ``publish`` then writes adjacent
+        texts with one store.  On any error nothing is allocated."""
+        wanted = [size if type(size) is int and size > 0 else _positive(size) for size in sizes]
+        check_int("align", align)
+        if not _pow2(align):
+            raise AlignmentError(f"align must be a power of two, not {align}")
+        unit = max(align, self.granularity)  # a text takes whole alignment steps in a run
+        budget = self.pack_size // 2 // unit  # a run never exceeds what one text may take
+        shared = self._pool.fits_in_a_pack(1, align)
+        out: list[JitText] = []
+        with self._lock:
+            self._check()
+            try:
+                if not shared:
+                    return [self._alloc(size, align) for size in wanted]
+                steps = [-(-size // unit) for size in wanted]
+                if sum(steps) <= budget:  # the common case: one run
+                    return self._alloc_run(wanted, align)
+                group: list[int] = []
+                used = 0
+                for size, n in zip(wanted, steps, strict=True):
+                    if n > budget:
+                        out.append(self._alloc(size, align))  # a dedicated reservation
+                        continue
+                    if used + n > budget:
+                        out += self._alloc_run(group, align)
+                        group, used = [], 0
+                    group.append(size)
+                    used += n
+                if group:
+                    out += self._alloc_run(group, align)
+            except BaseException:
+                for text in out:
+                    # Never published, so never fetched: free again without quarantine.
+                    text._pack.chunks.release(text._chunk)
+                    text._state = TextState.FREED
+                    self._texts.discard(text)
+                self._pool.trim_quietly()
+                raise
+        return out
+
+    def _alloc_run(self, sizes: list[int], align: int) -> list[JitText]:
+        gran = self.granularity
+        pack, spans = self._pool.place_many([-(-size // gran) for size in sizes], max(1, align // gran))
+        res, base = pack.reservation, pack.address
+        # Chunks start on a whole trap instruction (the granularity is a multiple of its
+        # length), so a text's initial (trap) contents depend on its size only.
+        traps = {size: self._trap(res, 0, size) for size in set(sizes)}
+        texts = [
+            JitText(self, pack, index, count, base + index * gran, size, traps[size])
+            for size, (index, count) in zip(sizes, spans, strict=True)
+        ]
+        self._texts.update(texts)
+        return texts
+
     # -- writing ------------------------------------------------------------------------------
 
     def _write(self, text: JitText, offset: int, data: bytes) -> None:
@@ -236,10 +330,13 @@ class Allocator:
             self._own(text)
             self._expect(text, TextState.RESERVED, TextState.WRITING, verb="write")
             self._not_pending(text, "write")
-            if text._state is TextState.WRITING and data:
-                self.backend.write(text._pack.reservation, self._offset(text) + offset, data)
-            text._shadow[offset : offset + len(data)] = data
-            text._staged = text._staged or bool(data)
+            self._store(text, offset, data)
+
+    def _store(self, text: JitText, offset: int, data: bytes) -> None:
+        if text._state is TextState.WRITING and data:
+            self.backend.write(text._pack.reservation, self._offset(text) + offset, data)
+        text._shadow[offset : offset + len(data)] = data
+        text._staged = text._staged or bool(data)
 
     def _map_rw_inplace(self, text: JitText) -> None:
         with self._lock:
@@ -297,19 +394,41 @@ class Allocator:
                 return
             self._sync([text], [])
 
-    def publish(self, texts: Iterable[JitText]) -> None:
-        """Publish many RESERVED (staged) and WRITING (in-place) texts with one synchronization."""
+    def publish(self, texts: Iterable[JitText], codes: Iterable[bytes] | None = None) -> None:
+        """Publish many RESERVED (staged) and WRITING (in-place) texts with one synchronization.
+
+        ``codes``, if given, holds one bytes-like per text, written at its offset 0
+        first (as ``text.write(0, code)``); checked in full before anything is written.
+        """
         items = list(texts)
+        payloads = None if codes is None else [c if type(c) is bytes else check_bytes(c) for c in codes]
+        if payloads is not None and len(payloads) != len(items):
+            raise AlignmentError(f"publish: {len(items)} texts but {len(payloads)} codes")
         with self._lock:
             self._check()
-            seen: set[JitText] = set()
-            for text in items:
-                self._own(text)
-                self._expect(text, TextState.RESERVED, TextState.WRITING, verb="publish")
-                self._not_pending(text, "publish")
-                if text in seen:
-                    raise BadStateError(f"{text!r} is listed twice")
-                seen.add(text)
+            publishable = (TextState.RESERVED, TextState.WRITING)
+            for text, code in zip(items, payloads or itertools.repeat(b""), strict=False):
+                if (
+                    type(text) is not JitText
+                    or text._allocator is not self
+                    or text._state not in publishable
+                    or text._pending is not None
+                    or len(code) > text._size
+                ):
+                    self._own(text)
+                    self._expect(text, *publishable, verb="publish")
+                    self._not_pending(text, "publish")
+                    raise OutOfBoundsError(f"publish: {len(code)} bytes of code for {text!r}")
+            if len(set(items)) != len(items):
+                twice = next(t for t, n in Counter(items).items() if n > 1)
+                raise BadStateError(f"{twice!r} is listed twice")
+            if payloads is not None:
+                for text, code in zip(items, payloads, strict=True):
+                    if text._state is TextState.RESERVED and code:  # the common case, inline
+                        text._shadow[: len(code)] = code
+                        text._staged = True
+                    else:
+                        self._store(text, 0, code)
             if not items:
                 return
             batch = self._batch()
@@ -323,11 +442,14 @@ class Allocator:
     def _sync(self, texts: list[JitText], patches: list[tuple[JitText, int, bytes]]) -> None:
         """Run the recipes for ``texts`` (to LIVE) and ``patches`` (composed words)."""
         backend = self.backend
+        # Address order: texts allocated together form runs written with one store.
+        texts = sorted(texts, key=_address)
         inplace = [t for t in texts if t._state is TextState.WRITING]
-        staged = [t for t in texts if t._state is TextState.RESERVED]
-        fresh = [t for t in texts if not t._pack.reservation.mapped]
-        mapped = [t for t in texts if t._pack.reservation.mapped]
-        staged_set = set(staged)
+        fresh: list[JitText] = []
+        mapped: list[JitText] = []
+        for t in texts:
+            (mapped if t._pack.reservation.mapped else fresh).append(t)
+        staged_set = {t for t in texts if t._state is TextState.RESERVED}
         written: list[JitText] = []
         stored: list[tuple[Reservation, int, bytes]] = []
         ended: list[JitText] = []
@@ -343,14 +465,15 @@ class Allocator:
 
         def write(group: list[JitText]) -> Callable[[], None]:
             def run() -> None:
-                for t in group:
-                    if t in staged_set and t._staged:
-                        staged_set.discard(t)
-                        # Listed before the write: a write that fails after storing the
-                        # bytes (mprotect mode: execute permission not restored) is
-                        # rolled back to traps too, which also restores the permission.
-                        written.append(t)
-                        backend.write(t._pack.reservation, self._offset(t), bytes(t._shadow))
+                todo = [t for t in group if t in staged_set and t._staged]
+                staged_set.difference_update(todo)
+                for run_ in _adjacent(todo):
+                    # Listed before the write: a write that fails after storing the
+                    # bytes (mprotect mode: execute permission not restored) is
+                    # rolled back to traps too, which also restores the permission.
+                    written.extend(run_)
+                    res, offset, blob = self._blob(run_)
+                    backend.write(res, offset, blob)
 
             return run
 
@@ -370,10 +493,10 @@ class Allocator:
 
         groups: list[_recipes.Group] = []
         if fresh:
-            ranges = [(t.address, t.size) for t in fresh]
+            ranges = _merged(fresh)
             groups.append(_recipes.Group(self._recipe("publish_fresh"), ranges, write=write(fresh), map=map_(fresh)))
         if mapped:
-            ranges = [(t.address, t.size) for t in mapped]
+            ranges = _merged(mapped)
             groups.append(_recipes.Group(self._recipe("publish"), ranges, write=write(mapped), map=map_(mapped)))
         if words:
             ranges = [(res.address + off, len(word)) for res, off, word, _ in words]
@@ -405,6 +528,20 @@ class Allocator:
             text._shadow[:] = shadow
         self._events["published"] += len(texts)
         self._events["patched"] += len(patches)
+
+    def _blob(self, run: list[JitText]) -> tuple[Reservation, int, bytes]:
+        """One write for texts adjacent in one reservation: their staged bytes, with
+        the trap filler that is already between them."""
+        res = run[0]._pack.reservation
+        first = run[0]
+        if len(run) == 1:
+            return res, self._offset(first), bytes(first._shadow)
+        start, end = first._address, run[-1]._address + run[-1]._size
+        blob = bytearray(self._trap(res, start - res.address, end - start))
+        for t in run:
+            at = t._address - start
+            blob[at : at + t._size] = t._shadow
+        return res, start - res.address, bytes(blob)
 
     # -- batches ------------------------------------------------------------------------------
 
@@ -507,7 +644,7 @@ class Allocator:
             if text._state is TextState.FREED:
                 raise UseAfterFreeError(f"free: the text at {text.address:#x} has already been freed")
             previous = text._state
-            with text._calls_lock:
+            with self._calls_lock:
                 deferred = text._inflight > 0
                 text._state = TextState.FREED
                 text._freed_from = previous
@@ -667,15 +804,28 @@ def jit_text_free(text: JitText) -> None:
     text.free()
 
 
-def publish(texts: Iterable[JitText]) -> None:
-    """Publish texts (of one or more allocators) with one synchronization per allocator."""
-    groups: dict[Allocator, list[JitText]] = {}
-    for text in texts:
+def jit_text_alloc_many(sizes: Iterable[int], align: int = 16) -> list[JitText]:
+    """``Allocator.jit_text_alloc_many`` on the default (native) allocator."""
+    return default_allocator().jit_text_alloc_many(sizes, align)
+
+
+def publish(texts: Iterable[JitText], codes: Iterable[bytes] | None = None) -> None:
+    """Publish texts (of one or more allocators) with one synchronization per allocator;
+    ``codes`` as in ``Allocator.publish``."""
+    items = list(texts)
+    payloads = None if codes is None else list(codes)
+    if payloads is not None and len(payloads) != len(items):
+        raise AlignmentError(f"publish: {len(items)} texts but {len(payloads)} codes")
+    groups: dict[Allocator, tuple[list[JitText], list[bytes]]] = {}
+    for i, text in enumerate(items):
         if not isinstance(text, JitText):
             raise TypeError(f"expected a JitText, not {type(text).__name__}")
-        groups.setdefault(text.allocator, []).append(text)
-    for allocator, group in groups.items():
-        allocator.publish(group)
+        group = groups.setdefault(text.allocator, ([], []))
+        group[0].append(text)
+        if payloads is not None:
+            group[1].append(payloads[i])
+    for allocator, (group_texts, group_codes) in groups.items():
+        allocator.publish(group_texts, None if payloads is None else group_codes)
 
 
 __all__ = [
@@ -684,6 +834,7 @@ __all__ = [
     "Allocator",
     "default_allocator",
     "jit_text_alloc",
+    "jit_text_alloc_many",
     "jit_text_free",
     "publish",
 ]

@@ -41,6 +41,12 @@ def _every(step: int, nbits: int) -> int:
     return (((1 << (count * step)) - 1) // ((1 << step) - 1)) & ((1 << nbits) - 1)
 
 
+@lru_cache(maxsize=1024)
+def _bits(gap: int, count: int, stop: bool) -> str:
+    """``gap`` clear bits, then ``count`` chunks: all set, or only the last (``stop``)."""
+    return "0" * gap + ("0" * (count - 1) + "1" if stop else "1" * count)
+
+
 def run_starts(bits: int, length: int) -> int:
     """Positions ``i`` such that bits ``i .. i+length-1`` are all set in ``bits``."""
     if length <= 0:
@@ -151,6 +157,35 @@ class ChunkMap:
             raise ValueError(f"chunks [{start}, {start + count}) are not all free")
         self.used |= ((1 << count) - 1) << start
         self.stop |= 1 << (start + count - 1)
+
+    def take_many(self, spans: list[tuple[int, int]]) -> None:
+        """Mark several allocations ``(start, count)`` at once, sorted and disjoint, all
+        inside one free run: one update of each vector instead of one per allocation."""
+        if not spans:
+            return
+        lo = spans[0][0]
+        hi = spans[-1][0] + spans[-1][1]
+        if not self.is_free(lo, hi - lo):
+            raise ValueError(f"chunks [{lo}, {hi}) are not all free")
+        if len(spans) == hi - lo:  # one chunk each, no gaps: every bit set in both
+            if any(count != 1 for _, count in spans):
+                raise ValueError("spans must be sorted, disjoint and non-empty")
+            mask = ((1 << (hi - lo)) - 1) << lo
+            self.used |= mask
+            self.stop |= mask
+            return
+        used: list[str] = []
+        stop: list[str] = []
+        pos = lo
+        for start, count in spans:
+            if start < pos or count <= 0:
+                raise ValueError("spans must be sorted, disjoint and non-empty")
+            used.append(_bits(start - pos, count, False))
+            stop.append(_bits(start - pos, count, True))
+            pos = start + count
+        # Built as text in chunk order, read back reversed: bit i is character i.
+        self.used |= int("".join(used)[::-1], 2) << lo
+        self.stop |= int("".join(stop)[::-1], 2) << lo
 
     def release(self, start: int) -> int:
         """Free the allocation starting at ``start``; returns its length in chunks."""

@@ -28,6 +28,7 @@ Retirement
 
 from __future__ import annotations
 
+import itertools
 from collections import Counter
 from dataclasses import dataclass
 
@@ -80,31 +81,46 @@ class PackPool:
 
     # -- placement ------------------------------------------------------------------------
 
-    def shape(self, pack: Pack, count: int, step: int) -> tuple[int, int]:
-        """Chunks and alignment step a request takes in ``pack``."""
+    def layout(self, pack: Pack, counts: list[int], step: int) -> tuple[list[tuple[int, int]], int, int]:
+        """Allocations of ``counts`` chunks side by side in ``pack``: their (offset,
+        chunks) from the run's start, the run's length and its alignment step."""
         u = self.unit_chunks
-        if u > 1 and pack.reservation.mapped:
-            return -(-count // u) * u, max(step, u)
-        return count, step
+        coarse = u > 1 and pack.reservation.mapped
+        s = max(step, u) if coarse else step
+        if s == 1 and not coarse:  # side by side, no padding
+            offsets = list(itertools.accumulate(counts, initial=0))
+            return list(zip(offsets, counts, strict=False)), offsets[-1], 1
+        spans: list[tuple[int, int]] = []
+        offset = 0
+        for count in counts:
+            n = -(-count // u) * u if coarse else count
+            offset = -(-offset // s) * s
+            spans.append((offset, n))
+            offset += n
+        return spans, offset, s
 
-    def _find(self, count: int, step: int, packs: list[Pack]) -> tuple[Pack, int, int] | None:
+    def _find(self, counts: list[int], step: int, packs: list[Pack]) -> tuple[Pack, list[tuple[int, int]]] | None:
+        shapes: dict[bool, tuple[list[tuple[int, int]], int, int]] = {}
         for pack in packs:
             if pack.dedicated:
                 continue
-            n, s = self.shape(pack, count, step)
-            index = pack.chunks.find(n, s)
+            key = pack.reservation.mapped
+            if key not in shapes:
+                shapes[key] = self.layout(pack, counts, step)
+            spans, total, s = shapes[key]
+            index = pack.chunks.find(total, s)
             if index is not None:
-                return pack, index, n
+                return pack, [(index + offset, n) for offset, n in spans]
         return None
 
-    def _quarantine_would_do(self, count: int, step: int) -> bool:
+    def _quarantine_would_do(self, counts: list[int], step: int) -> bool:
         if any(not p.dedicated for p in self.retired):
             return True
         for pack in self.packs:
             if pack.dedicated or not pack.chunks.quarantined:
                 continue
-            n, s = self.shape(pack, count, step)
-            if pack.chunks.find(n, s, among=pack.chunks.free | pack.chunks.quarantined) is not None:
+            _, total, s = self.layout(pack, counts, step)
+            if pack.chunks.find(total, s, among=pack.chunks.free | pack.chunks.quarantined) is not None:
                 return True
         return False
 
@@ -120,38 +136,51 @@ class PackPool:
                 return pack
         return None
 
+    def fits_in_a_pack(self, size: int, align: int) -> bool:
+        """Whether ``size`` bytes at ``align`` share packs (else: a dedicated reservation)."""
+        return -(-size // self.granularity) * self.granularity <= self.pack_size // 2 and align <= self.pack_size
+
     def place(self, size: int, align: int) -> tuple[Pack, int, int]:
         """Take chunks for ``size`` bytes at ``align``: (pack, first chunk, chunk count)."""
         gran = self.granularity
         count = -(-size // gran)
-        if count * gran > self.pack_size // 2 or align > self.pack_size:
+        if not self.fits_in_a_pack(size, align):
             res = self.backend.reserve(count * gran, max(align, gran))
             pack = Pack(res, ChunkMap(res.size // gran), dedicated=True)
             self.packs.append(pack)
             self.events["dedicated_reserved"] += 1
             pack.chunks.take(0, count)
             return pack, 0, count
-        step = max(1, align // gran)
-        hit = self._find(count, step, self.packs)
+        pack, spans = self.place_many([count], max(1, align // gran))
+        return pack, spans[0][0], spans[0][1]
+
+    def place_many(self, counts: list[int], step: int) -> tuple[Pack, list[tuple[int, int]]]:
+        """Take side-by-side chunks in one pack for allocations of ``counts`` chunks, each
+        aligned to ``step`` chunks: (pack, [(first chunk, chunk count), ...]).  The
+        caller keeps the run within half a pack (``fits_in_a_pack``)."""
+        hit = self._find(counts, step, self.packs)
         if hit is None:
             adopted = self._adopt_retired()
-            if adopted is None and self.quarantine and self._quarantine_would_do(count, step):
+            if adopted is None and self.quarantine and self._quarantine_would_do(counts, step):
                 # Reuse quarantined space after one epoch rather than reserve a new pack.
                 self.forced += 1
                 self.remote_cse([])
-                hit = self._find(count, step, self.packs)
+                hit = self._find(counts, step, self.packs)
                 adopted = None if hit is not None else self._adopt_retired()
             if hit is None and adopted is not None:
-                hit = self._find(count, step, [adopted])
+                hit = self._find(counts, step, [adopted])
         if hit is None:
             res = self.backend.reserve(self.pack_size, self.pack_size)
-            pack = Pack(res, ChunkMap(res.size // gran), dedicated=False)
+            pack = Pack(res, ChunkMap(res.size // self.granularity), dedicated=False)
             self.packs.append(pack)
             self.events["packs_reserved"] += 1
-            hit = self._find(count, step, [pack])
+            hit = self._find(counts, step, [pack])
             assert hit is not None
-        pack, index, n = hit
-        pack.chunks.take(index, n)
+        pack, spans = hit
+        if len(spans) == 1:
+            pack.chunks.take(*spans[0])
+        else:
+            pack.chunks.take_many(spans)
         return hit
 
     def free(self, pack: Pack, first: int) -> None:

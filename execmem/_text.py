@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import ctypes
 import enum
-import threading
 from typing import TYPE_CHECKING, Any
 
 from execmem._errors import AlignmentError, OutOfBoundsError, UseAfterFreeError
@@ -39,6 +38,10 @@ class TextState(enum.Enum):
     FREED = "freed"
 
 
+_FREED = TextState.FREED
+_RESERVED = TextState.RESERVED
+
+
 def check_int(name: str, value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be int, not {type(value).__name__}")
@@ -58,7 +61,6 @@ class JitText:
         "__weakref__",
         "_address",
         "_allocator",
-        "_calls_lock",
         "_chunk",
         "_freed_from",
         "_inflight",
@@ -72,6 +74,10 @@ class JitText:
         "_state",
     )
 
+    # Set by free(), and read only after it (not in __init__: bulk allocation is hot).
+    _freed_from: TextState
+    _reclaim_pending: bool
+
     def __init__(self, allocator: Allocator, pack: _Pack, chunk: int, nchunks: int, address: int, size: int, trap: bytes) -> None:
         self._allocator = allocator
         self._pack = pack
@@ -79,15 +85,12 @@ class JitText:
         self._nchunks = nchunks
         self._address = address
         self._size = size
-        self._state = TextState.RESERVED
+        self._state = _RESERVED
         #: Staging buffer while RESERVED; afterwards the shadow of what is in memory.
         self._shadow = bytearray(trap)
         self._staged = False  # whether write() touched the staging buffer
         self._pending: str | None = None  # "publish" while queued in a batch
-        self._calls_lock = threading.Lock()
         self._inflight = 0
-        self._reclaim_pending = False
-        self._freed_from = TextState.RESERVED
 
     @property
     def address(self) -> int:
@@ -188,16 +191,18 @@ class JitFunction:
 
     def __call__(self, *args: Any) -> Any:
         text = self._text
-        with text._calls_lock:
-            if text._state is TextState.FREED:
+        calls_lock = text._allocator._calls_lock
+        with calls_lock:
+            if text._state is _FREED:
                 raise UseAfterFreeError(f"the text at {text._address:#x} has been freed")
             text._inflight += 1
         try:
             return self._cfunc(*args)
         finally:
-            with text._calls_lock:
+            with calls_lock:
                 text._inflight -= 1
-                finish = text._inflight == 0 and text._reclaim_pending
+                # close() frees texts without a deferred reclaim: no _reclaim_pending.
+                finish = text._inflight == 0 and text._state is _FREED and getattr(text, "_reclaim_pending", False)
                 if finish:
                     text._reclaim_pending = False
             if finish:

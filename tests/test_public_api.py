@@ -48,6 +48,7 @@ def test_public_names_are_pinned() -> None:
             "asm",
             "default_allocator",
             "jit_text_alloc",
+            "jit_text_alloc_many",
             "jit_text_free",
             "publish",
         ]
