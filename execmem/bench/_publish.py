@@ -12,8 +12,8 @@ Publishing
     (untimed) so its first pack is mapped and the ``remote_cse`` mechanism chosen and
     registered: the timed part is the steady state a JIT sees.  Modes: ``execmem``
     (``jit_text_alloc`` + ``write`` + ``map`` per function), ``execmem-batched``
-    (``jit_text_alloc`` + ``write`` per function, one ``execmem.publish``) and
-    ``baseline``.  A second, idle Python thread is alive throughout: execmem skips
+    (one ``jit_text_alloc_many`` for all the sizes, then one ``publish(texts, codes)``:
+    what a JIT compiling a module does) and ``baseline``.  A second, idle Python thread is alive throughout: execmem skips
     membarrier in a single-threaded process, and the point is to count what real
     synchronization costs.
 Churn
@@ -158,11 +158,8 @@ def _publish_execmem(codes: Sequence[tuple[bytes, int]], *, batched: bool, mode:
         texts = []
         started = time.perf_counter()
         if batched:
-            for code, _ in codes:
-                text = allocator.jit_text_alloc(len(code))
-                text.write(0, code)
-                texts.append(text)
-            execmem.publish(texts)
+            texts = allocator.jit_text_alloc_many([len(code) for code, _ in codes])
+            allocator.publish(texts, [code for code, _ in codes])
         else:
             for code, _ in codes:
                 text = allocator.jit_text_alloc(len(code))
