@@ -76,7 +76,7 @@ class _Span:
 class ChunkMap:
     """Allocation state of ``n`` chunks (see the module docstring)."""
 
-    def __init__(self, n: int) -> None:
+    def __init__(self, n: int, *, window: int = 1024) -> None:
         if n <= 0:
             raise ValueError("a chunk map needs at least one chunk")
         self.n = n
@@ -85,6 +85,11 @@ class ChunkMap:
         self.stop = 0
         self.quarantined = 0
         self._spans: list[_Span] = []
+        #: Every chunk below ``_hint`` is used or quarantined (a lower bound, as asmjit's
+        #: search hints): ``find`` first looks at ``window`` chunks from there, with
+        #: small integers, before it searches the whole vector.
+        self._hint = 0
+        self._window = window
 
     # -- queries -------------------------------------------------------------------------
 
@@ -122,6 +127,10 @@ class ChunkMap:
         """
         if count <= 0 or count > self.n:
             return None
+        if among is None and within is None:
+            found = self._find_near_hint(count, step)
+            if found is not None:
+                return found
         bits = self.free if among is None else among & self._all
         if within is not None:
             bits &= within
@@ -132,6 +141,24 @@ class ChunkMap:
         if not starts:
             return None
         return (starts & -starts).bit_length() - 1
+
+    def _find_near_hint(self, count: int, step: int) -> int | None:
+        """First fit inside the window at the hint (which is then the global first fit:
+        nothing below the hint is free), or None to search everything."""
+        lo = self._hint - self._hint % step
+        width = max(self._window, 2 * (count + step))
+        if lo + width > self.n:
+            return None
+        busy = self.used | self.quarantined if self.quarantined else self.used
+        mask = (1 << width) - 1
+        free = ~(busy >> lo) & mask
+        if not free:
+            self._hint = max(self._hint, lo + width)
+            return None
+        starts = run_starts(free, count) & _every(step, width) & ((1 << (width - count + 1)) - 1)
+        if not starts:
+            return None
+        return lo + (starts & -starts).bit_length() - 1
 
     def span_of(self, start: int) -> int:
         """Length of the allocation that starts at chunk ``start``."""
@@ -146,8 +173,10 @@ class ChunkMap:
         return (above & -above).bit_length()
 
     def is_free(self, start: int, count: int) -> bool:
-        mask = ((1 << count) - 1) << start
-        return start >= 0 and start + count <= self.n and self.free & mask == mask
+        if start < 0 or count < 0 or start + count > self.n:
+            return False
+        busy = self.used | self.quarantined if self.quarantined else self.used
+        return not (busy >> start) & ((1 << count) - 1)
 
     # -- updates -------------------------------------------------------------------------
 
@@ -157,6 +186,8 @@ class ChunkMap:
             raise ValueError(f"chunks [{start}, {start + count}) are not all free")
         self.used |= ((1 << count) - 1) << start
         self.stop |= 1 << (start + count - 1)
+        if start <= self._hint < start + count:
+            self._hint = start + count
 
     def take_many(self, spans: list[tuple[int, int]]) -> None:
         """Mark several allocations ``(start, count)`` at once, sorted and disjoint, all
@@ -192,6 +223,7 @@ class ChunkMap:
         count = self.span_of(start)
         self.used &= ~(((1 << count) - 1) << start)
         self.stop &= ~(1 << (start + count - 1))
+        self._hint = min(self._hint, start)
         return count
 
     def quarantine(self, start: int, count: int, stamp: int) -> None:
@@ -213,6 +245,7 @@ class ChunkMap:
             if completed > span.stamp:
                 self.quarantined &= ~(((1 << span.count) - 1) << span.start)
                 released += span.count
+                self._hint = min(self._hint, span.start)
             else:
                 kept.append(span)
         self._spans = kept
@@ -226,6 +259,7 @@ class ChunkMap:
         """Everything free, no quarantine (a pack reused after an epoch)."""
         self.used = self.stop = self.quarantined = 0
         self._spans = []
+        self._hint = 0
 
     # -- reporting -----------------------------------------------------------------------
 

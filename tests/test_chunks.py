@@ -90,10 +90,15 @@ def test_states_and_runs() -> None:
 
 
 @settings(parent=settings.get_profile("execmem"))
-@given(st.lists(st.tuples(st.sampled_from(["alloc", "free", "mature"]), st.integers(1, 9), st.sampled_from([1, 2, 4])), max_size=60))
-def test_against_a_list_model(ops: list[tuple[str, int, int]]) -> None:
+@given(
+    st.lists(st.tuples(st.sampled_from(["alloc", "free", "mature"]), st.integers(1, 9), st.sampled_from([1, 2, 4])), max_size=60),
+    st.sampled_from([1024, 4, 12]),
+)
+def test_against_a_list_model(ops: list[tuple[str, int, int]], window: int) -> None:
+    """First fit, as a list of chunk states says; small windows exercise the search near
+    the hint (and falling back from it) on a 40-chunk map."""
     n = 40
-    m = ChunkMap(n)
+    m = ChunkMap(n, window=window)
     model: list[str] = [FREE] * n
     allocs: dict[int, tuple[int, int]] = {}
     stamp = 0
