@@ -99,14 +99,10 @@ def _adjacent(texts: list[JitText]) -> Iterator[list[JitText]]:
         yield run
 
 
-def _merged(texts: list[JitText]) -> list[tuple[int, int]]:
-    """The texts' address ranges, adjacent texts' merged: one range per run for the
-    recipe's cache-maintenance steps (the bytes between them are trap filler)."""
-    out = []
-    for run in _adjacent(texts):
-        start = run[0]._address
-        out.append((start, run[-1]._address + run[-1]._size - start))
-    return out
+def _ranges(runs: list[list[JitText]]) -> list[tuple[int, int]]:
+    """One address range per run of adjacent texts, for the recipe's cache-maintenance
+    steps (the bytes between the texts are trap filler)."""
+    return [(run[0]._address, run[-1]._address + run[-1]._size - run[0]._address) for run in runs]
 
 
 class Allocator:
@@ -311,14 +307,10 @@ class Allocator:
     def _alloc_run(self, sizes: list[int], align: int) -> list[JitText]:
         gran = self.granularity
         pack, spans = self._pool.place_many([-(-size // gran) for size in sizes], max(1, align // gran))
-        res, base = pack.reservation, pack.address
         # Chunks start on a whole trap instruction (the granularity is a multiple of its
         # length), so a text's initial (trap) contents depend on its size only.
-        traps = {size: self._trap(res, 0, size) for size in set(sizes)}
-        texts = [
-            JitText(self, pack, index, count, base + index * gran, size, traps[size])
-            for size, (index, count) in zip(sizes, spans, strict=True)
-        ]
+        traps = {size: self._trap(pack.reservation, 0, size) for size in set(sizes)}
+        texts = JitText._run(self, pack, spans, sizes, traps)
         self._texts.update(texts)
         return texts
 
@@ -463,17 +455,18 @@ class Allocator:
             res_offset, word = self._word(text, shadow, offset)
             words.append((text._pack.reservation, res_offset, word, before[1]))
 
-        def write(group: list[JitText]) -> Callable[[], None]:
+        def write(runs: list[list[JitText]]) -> Callable[[], None]:
             def run() -> None:
-                todo = [t for t in group if t in staged_set and t._staged]
-                staged_set.difference_update(todo)
-                for run_ in _adjacent(todo):
-                    # Listed before the write: a write that fails after storing the
-                    # bytes (mprotect mode: execute permission not restored) is
-                    # rolled back to traps too, which also restores the permission.
-                    written.extend(run_)
-                    res, offset, blob = self._blob(run_)
-                    backend.write(res, offset, blob)
+                for whole in runs:
+                    todo = [t for t in whole if t in staged_set and t._staged]
+                    staged_set.difference_update(todo)
+                    for part in [whole] if len(todo) == len(whole) else _adjacent(todo):
+                        # Listed before the write: a write that fails after storing the
+                        # bytes (mprotect mode: execute permission not restored) is
+                        # rolled back to traps too, which also restores the permission.
+                        written.extend(part)
+                        res, offset, blob = self._blob(part)
+                        backend.write(res, offset, blob)
 
             return run
 
@@ -492,12 +485,10 @@ class Allocator:
                 stored.append((res, res_offset, _old))
 
         groups: list[_recipes.Group] = []
-        if fresh:
-            ranges = _merged(fresh)
-            groups.append(_recipes.Group(self._recipe("publish_fresh"), ranges, write=write(fresh), map=map_(fresh)))
-        if mapped:
-            ranges = _merged(mapped)
-            groups.append(_recipes.Group(self._recipe("publish"), ranges, write=write(mapped), map=map_(mapped)))
+        for recipe, group in (("publish_fresh", fresh), ("publish", mapped)):
+            if group:
+                runs = list(_adjacent(group))
+                groups.append(_recipes.Group(self._recipe(recipe), _ranges(runs), write=write(runs), map=map_(group)))
         if words:
             ranges = [(res.address + off, len(word)) for res, off, word, _ in words]
             groups.append(_recipes.Group(self._recipe("patch"), ranges, store=store))

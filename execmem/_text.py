@@ -92,6 +92,32 @@ class JitText:
         self._pending: str | None = None  # "publish" while queued in a batch
         self._inflight = 0
 
+    @classmethod
+    def _run(
+        cls, allocator: Allocator, pack: _Pack, spans: list[tuple[int, int]], sizes: list[int], traps: dict[int, bytes]
+    ) -> list[JitText]:
+        """``JitText(...)`` for each text of a run (``jit_text_alloc_many``), the same
+        fields as ``__init__`` set without a call per text (the hot path)."""
+        gran = allocator.granularity
+        base = pack.address
+        new = object.__new__
+        out = []
+        for size, (chunk, nchunks) in zip(sizes, spans, strict=True):
+            t = new(cls)
+            t._allocator = allocator
+            t._pack = pack
+            t._chunk = chunk
+            t._nchunks = nchunks
+            t._address = base + chunk * gran
+            t._size = size
+            t._state = _RESERVED
+            t._shadow = bytearray(traps[size])
+            t._staged = False
+            t._pending = None
+            t._inflight = 0
+            out.append(t)
+        return out
+
     @property
     def address(self) -> int:
         """The executable address (fixed at allocation, executable once LIVE)."""

@@ -584,6 +584,21 @@ def flow_batch(env: Env) -> Callable[[], None]:
     return check
 
 
+def flow_many(env: Env) -> Callable[[], None]:
+    """jit_text_alloc_many over the mapped pack, a new pack and a dedicated reservation,
+    then one publish(texts, codes): coalesced writes, both recipes, one remote_cse."""
+    sizes = [16] * 20 + [env.pack // 2 - 64, env.pack // 2 + 64] + [16] * 4
+    texts = env.a.jit_text_alloc_many(sizes)
+    values = [env.value() for _ in texts]
+    env.a.publish(texts, [const_fn(v) for v in values])
+
+    def check() -> None:
+        for t, v in zip(texts, values, strict=True):
+            _calls(t, v)()
+
+    return check
+
+
 def flow_close(env: Env) -> Callable[[], None]:
     """Allocator then backend.  After an error the harness closes again (``Env.close``),
     as a user would: the second close releases what a refused call kept."""
@@ -665,6 +680,7 @@ FLOWS = [
     FlowSpec("retire-reuse", flow_retire_reuse, keep_empty=0),
     FlowSpec("retire-release", flow_retire_release, keep_empty=0),
     FlowSpec("batch", flow_batch),
+    FlowSpec("many", flow_many),
     FlowSpec("close", flow_close),
     FlowSpec("fresh-allocator", flow_fresh_allocator),
     FlowSpec("deferred-free", flow_deferred_free),
