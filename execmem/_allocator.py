@@ -11,6 +11,8 @@ Publishing
     unmapped address, so no remote context synchronization is needed); texts in a
     mapped reservation run ``publish``.  One batch (``publish``, ``batch()``) runs
     each recipe once over all its ranges, with at most one ``remote_cse`` overall.
+    Texts side by side in a pack (``jit_text_alloc_many`` places them so) are
+    written with one store and maintained as one range.
 In place
     ``map_rw_inplace`` calls ``backend.begin_inplace`` and writes go straight to the
     final location; ``finalize`` calls ``end_inplace`` and then runs the recipe (its
