@@ -308,11 +308,11 @@ class Allocator:
 
     def _alloc_run(self, sizes: list[int], align: int) -> list[JitText]:
         gran = self.granularity
-        pack, spans = self._pool.place_many([-(-size // gran) for size in sizes], max(1, align // gran))
+        pack, chunks, counts = self._pool.place_many([-(-size // gran) for size in sizes], max(1, align // gran))
         # Chunks start on a whole trap instruction (the granularity is a multiple of its
         # length), so a text's initial (trap) contents depend on its size only.
         traps = {size: self._trap(pack.reservation, 0, size) for size in set(sizes)}
-        texts = JitText._run(self, pack, spans, sizes, traps)
+        texts = JitText._run(self, pack, chunks, counts, sizes, traps)
         self._texts.update(texts)
         return texts
 

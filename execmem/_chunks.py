@@ -189,28 +189,29 @@ class ChunkMap:
         if start <= self._hint < start + count:
             self._hint = start + count
 
-    def take_many(self, spans: list[tuple[int, int]]) -> None:
-        """Mark several allocations ``(start, count)`` at once, sorted and disjoint, all
-        inside one free run: one update of each vector instead of one per allocation."""
-        if not spans:
+    def take_many(self, starts: list[int], counts: list[int]) -> None:
+        """Mark several allocations (``starts[i]``, ``counts[i]``) at once, sorted and
+        disjoint, all inside one free run: one update of each vector instead of one
+        per allocation."""
+        if len(starts) != len(counts):
+            raise ValueError("one count per start")
+        if not starts:
             return
-        lo = spans[0][0]
-        hi = spans[-1][0] + spans[-1][1]
+        lo = starts[0]
+        hi = starts[-1] + counts[-1]
         if not self.is_free(lo, hi - lo):
             raise ValueError(f"chunks [{lo}, {hi}) are not all free")
-        if len(spans) == hi - lo:  # one chunk each, no gaps: every bit set in both
-            if any(count != 1 for _, count in spans):
-                raise ValueError("spans must be sorted, disjoint and non-empty")
-            mask = ((1 << (hi - lo)) - 1) << lo
+        if len(starts) == hi - lo and all(count == 1 for count in counts):
+            mask = ((1 << (hi - lo)) - 1) << lo  # one chunk each, no gaps: every bit set
             self.used |= mask
             self.stop |= mask
             return
         used: list[str] = []
         stop: list[str] = []
         pos = lo
-        for start, count in spans:
+        for start, count in zip(starts, counts, strict=True):
             if start < pos or count <= 0:
-                raise ValueError("spans must be sorted, disjoint and non-empty")
+                raise ValueError("allocations must be sorted, disjoint and non-empty")
             used.append(_bits(start - pos, count, False))
             stop.append(_bits(start - pos, count, True))
             pos = start + count

@@ -81,36 +81,41 @@ class PackPool:
 
     # -- placement ------------------------------------------------------------------------
 
-    def layout(self, pack: Pack, counts: list[int], step: int) -> tuple[list[tuple[int, int]], int, int]:
-        """Allocations of ``counts`` chunks side by side in ``pack``: their (offset,
-        chunks) from the run's start, the run's length and its alignment step."""
+    def layout(self, pack: Pack, counts: list[int], step: int) -> tuple[list[int], list[int], int, int]:
+        """Allocations of ``counts`` chunks side by side in ``pack``: their offsets from
+        the run's start and chunk counts, the run's length and its alignment step.
+        (Lists of ints, not of tuples: a run may hold thousands, and ints are not
+        tracked by the garbage collector.)"""
         u = self.unit_chunks
         coarse = u > 1 and pack.reservation.mapped
         s = max(step, u) if coarse else step
         if s == 1 and not coarse:  # side by side, no padding
-            offsets = list(itertools.accumulate(counts, initial=0))
-            return list(zip(offsets, counts, strict=False)), offsets[-1], 1
-        spans: list[tuple[int, int]] = []
+            starts = list(itertools.accumulate(counts, initial=0))
+            total = starts.pop()
+            return starts, counts, total, 1
+        offsets: list[int] = []
+        shaped: list[int] = []
         offset = 0
         for count in counts:
             n = -(-count // u) * u if coarse else count
             offset = -(-offset // s) * s
-            spans.append((offset, n))
+            offsets.append(offset)
+            shaped.append(n)
             offset += n
-        return spans, offset, s
+        return offsets, shaped, offset, s
 
-    def _find(self, counts: list[int], step: int, packs: list[Pack]) -> tuple[Pack, list[tuple[int, int]]] | None:
-        shapes: dict[bool, tuple[list[tuple[int, int]], int, int]] = {}
+    def _find(self, counts: list[int], step: int, packs: list[Pack]) -> tuple[Pack, list[int], list[int]] | None:
+        shapes: dict[bool, tuple[list[int], list[int], int, int]] = {}
         for pack in packs:
             if pack.dedicated:
                 continue
             key = pack.reservation.mapped
             if key not in shapes:
                 shapes[key] = self.layout(pack, counts, step)
-            spans, total, s = shapes[key]
+            offsets, shaped, total, s = shapes[key]
             index = pack.chunks.find(total, s)
             if index is not None:
-                return pack, [(index + offset, n) for offset, n in spans]
+                return pack, [index + offset for offset in offsets], shaped
         return None
 
     def _quarantine_would_do(self, counts: list[int], step: int) -> bool:
@@ -119,7 +124,7 @@ class PackPool:
         for pack in self.packs:
             if pack.dedicated or not pack.chunks.quarantined:
                 continue
-            _, total, s = self.layout(pack, counts, step)
+            _, _, total, s = self.layout(pack, counts, step)
             if pack.chunks.find(total, s, among=pack.chunks.free | pack.chunks.quarantined) is not None:
                 return True
         return False
@@ -151,13 +156,13 @@ class PackPool:
             self.events["dedicated_reserved"] += 1
             pack.chunks.take(0, count)
             return pack, 0, count
-        pack, spans = self.place_many([count], max(1, align // gran))
-        return pack, spans[0][0], spans[0][1]
+        pack, starts, counts = self.place_many([count], max(1, align // gran))
+        return pack, starts[0], counts[0]
 
-    def place_many(self, counts: list[int], step: int) -> tuple[Pack, list[tuple[int, int]]]:
+    def place_many(self, counts: list[int], step: int) -> tuple[Pack, list[int], list[int]]:
         """Take side-by-side chunks in one pack for allocations of ``counts`` chunks, each
-        aligned to ``step`` chunks: (pack, [(first chunk, chunk count), ...]).  The
-        caller keeps the run within half a pack (``fits_in_a_pack``)."""
+        aligned to ``step`` chunks: (pack, first chunks, chunk counts).  The caller
+        keeps the run within half a pack (``fits_in_a_pack``)."""
         hit = self._find(counts, step, self.packs)
         if hit is None:
             adopted = self._adopt_retired()
@@ -176,11 +181,11 @@ class PackPool:
             self.events["packs_reserved"] += 1
             hit = self._find(counts, step, [pack])
             assert hit is not None
-        pack, spans = hit
-        if len(spans) == 1:
-            pack.chunks.take(*spans[0])
+        pack, starts, taken = hit
+        if len(starts) == 1:
+            pack.chunks.take(starts[0], taken[0])
         else:
-            pack.chunks.take_many(spans)
+            pack.chunks.take_many(starts, taken)
         return hit
 
     def free(self, pack: Pack, first: int) -> None:

@@ -94,7 +94,13 @@ class JitText:
 
     @classmethod
     def _run(
-        cls, allocator: Allocator, pack: _Pack, spans: list[tuple[int, int]], sizes: list[int], traps: dict[int, bytes]
+        cls,
+        allocator: Allocator,
+        pack: _Pack,
+        chunks: list[int],
+        counts: list[int],
+        sizes: list[int],
+        traps: dict[int, bytes],
     ) -> list[JitText]:
         """``JitText(...)`` for each text of a run (``jit_text_alloc_many``), the same
         fields as ``__init__`` set without a call per text (the hot path)."""
@@ -102,7 +108,7 @@ class JitText:
         base = pack.address
         new = object.__new__
         out = []
-        for size, (chunk, nchunks) in zip(sizes, spans, strict=True):
+        for size, chunk, nchunks in zip(sizes, chunks, counts, strict=True):
             t = new(cls)
             t._allocator = allocator
             t._pack = pack
