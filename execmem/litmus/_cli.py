@@ -7,6 +7,7 @@ import concurrent.futures
 import json
 import multiprocessing
 import os
+import stat
 import sys
 from pathlib import Path
 
@@ -27,9 +28,12 @@ def collect(paths: list[str]) -> list[str]:
     for p in paths:
         path = Path(p)
         if path.is_dir():
-            files.extend(str(f) for f in sorted(path.glob("*.litmus")))
+            # Regular files only: opening a fifo named *.litmus would block forever.
+            files.extend(str(f) for f in sorted(path.glob("*.litmus")) if f.is_file())
         elif path.is_file():
             files.append(str(path))
+        elif path.exists():
+            raise ExecmemError(f"{p}: not a regular file or directory")
         else:
             raise ExecmemError(f"{p}: no such file or directory")
     if not files:
@@ -39,10 +43,23 @@ def collect(paths: list[str]) -> list[str]:
 
 def read_kinds(path: str) -> dict[str, str]:
     kinds: dict[str, str] = {}
+    limit = 1 << 20
     try:
-        text = Path(path).read_text()
-    except OSError as exc:
-        raise ExecmemError(f"{path}: {exc.strerror}") from None
+        # O_NONBLOCK: a fifo must not block the open; only regular files are read.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                raise ExecmemError(f"{path}: not a regular file")
+            data = f.read(limit + 1)
+    except (OSError, ValueError) as exc:
+        raise ExecmemError(f"{path}: {getattr(exc, 'strerror', None) or exc}") from None
+    if len(data) > limit:
+        raise ExecmemError(f"{path}: kinds file larger than {limit} bytes")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        lineno = data.count(b"\n", 0, exc.start) + 1
+        raise ExecmemError(f"{path}:{lineno}: not UTF-8 text") from None
     for n, line in enumerate(text.splitlines(), 1):
         fields = line.split()
         if not fields or line.lstrip().startswith("#"):
@@ -79,6 +96,8 @@ def _progress(enabled: bool, n: int, total: int, result: LitmusResult) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.jobs < 0:
+        raise ExecmemError(f"-j/--jobs must be 0 (one per CPU) or more, not {args.jobs}")
     files = collect(args.paths)
     kinds = read_kinds(args.kinds) if args.kinds else None
     results = run_all(files, jobs=args.jobs, max_states=args.max_states, progress=not args.json and sys.stderr.isatty())

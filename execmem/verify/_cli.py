@@ -103,6 +103,8 @@ def _table(results: Iterable[Result], markdown: bool) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.jobs < 0:
+        raise ExecmemError(f"-j/--jobs must be 0 (one per CPU) or more, not {args.jobs}")
     if args.list:
         for sc in scenarios():
             print(f"{sc.name}  (seeds/{sc.seed}): {sc.summary}")
