@@ -60,6 +60,7 @@ from execmem._errors import (
     UnsupportedError,
     UseAfterFreeError,
 )
+from execmem._guard import GuardedLock
 from execmem._packs import PackPool
 from execmem._text import JitFunction, JitText, TextState, check_bytes, check_int, make_cfunc
 from execmem.arch import ArchSpec, Recipe
@@ -172,9 +173,11 @@ class Allocator:
         self._quarantine = bool(_quarantine)
         #: Chunks per write unit when the backend writes whole pages (mprotect), else 1.
         self._unit_chunks = unit // granularity if unit > granularity else 1
-        self._lock = threading.RLock()
-        #: Guards the texts' counts of calls in flight (JitFunction) against free().
-        self._calls_lock = threading.Lock()
+        self._lock = GuardedLock("the allocator")
+        #: Guards the texts' counts of calls in flight (JitFunction) against free() and
+        #: close().  Re-entrant: its sections are a few statements that a signal
+        #: handler's own call (which completes before they resume) cannot upset.
+        self._calls_lock = threading.RLock()
         self._local = threading.local()
         self._pid = os.getpid()
         self._closed = False
@@ -394,28 +397,10 @@ class Allocator:
         ``codes``, if given, holds one bytes-like per text, written at its offset 0
         first (as ``text.write(0, code)``); checked in full before anything is written.
         """
-        items = list(texts)
-        payloads = None if codes is None else [c if type(c) is bytes else check_bytes(c) for c in codes]
-        if payloads is not None and len(payloads) != len(items):
-            raise AlignmentError(f"publish: {len(items)} texts but {len(payloads)} codes")
+        items, payloads = self._publishable(texts, codes)
         with self._lock:
             self._check()
-            publishable = (TextState.RESERVED, TextState.WRITING)
-            for text, code in zip(items, payloads or itertools.repeat(b""), strict=False):
-                if (
-                    type(text) is not JitText
-                    or text._allocator is not self
-                    or text._state not in publishable
-                    or text._pending is not None
-                    or len(code) > text._size
-                ):
-                    self._own(text)
-                    self._expect(text, *publishable, verb="publish")
-                    self._not_pending(text, "publish")
-                    raise OutOfBoundsError(f"publish: {len(code)} bytes of code for {text!r}")
-            if len(set(items)) != len(items):
-                twice = next(t for t, n in Counter(items).items() if n > 1)
-                raise BadStateError(f"{twice!r} is listed twice")
+            self._check_publish(items, payloads)
             if payloads is not None:
                 for text, code in zip(items, payloads, strict=True):
                     if text._state is TextState.RESERVED and code:  # the common case, inline
@@ -432,6 +417,33 @@ class Allocator:
                     batch.texts.append(text)
                 return
             self._sync(items, [])
+
+    @staticmethod
+    def _publishable(texts: Iterable[JitText], codes: Iterable[bytes] | None) -> tuple[list[JitText], list[bytes] | None]:
+        items = list(texts)
+        payloads = None if codes is None else [c if type(c) is bytes else check_bytes(c) for c in codes]
+        if payloads is not None and len(payloads) != len(items):
+            raise AlignmentError(f"publish: {len(items)} texts but {len(payloads)} codes")
+        return items, payloads
+
+    def _check_publish(self, items: list[JitText], payloads: list[bytes] | None) -> None:
+        """Raise unless every text may be published (with its code): under the lock."""
+        publishable = (TextState.RESERVED, TextState.WRITING)
+        for text, code in zip(items, payloads or itertools.repeat(b""), strict=False):
+            if (
+                type(text) is not JitText
+                or text._allocator is not self
+                or text._state not in publishable
+                or text._pending is not None
+                or len(code) > text._size
+            ):
+                self._own(text)
+                self._expect(text, *publishable, verb="publish")
+                self._not_pending(text, "publish")
+                raise OutOfBoundsError(f"publish: {len(code)} bytes of code for {text!r}")
+        if len(set(items)) != len(items):
+            twice = next(t for t, n in Counter(items).items() if n > 1)
+            raise BadStateError(f"{twice!r} is listed twice")
 
     def _sync(self, texts: list[JitText], patches: list[tuple[JitText, int, bytes]]) -> None:
         """Run the recipes for ``texts`` (to LIVE) and ``patches`` (composed words)."""
@@ -737,16 +749,24 @@ class Allocator:
     # -- lifetime -----------------------------------------------------------------------------
 
     def close(self) -> None:
-        """Release every reservation (idempotent).  Texts become unusable."""
+        """Release every reservation (idempotent).  Texts become unusable.  Refused
+        (``BadStateError``, nothing changes) while a call through ``function()`` is
+        running: releasing the memory would pull the code from under it."""
         with self._lock:
             if self._closed:
                 return
             if self._pid != os.getpid():
                 self._closed = True  # the parent owns the memory; touch nothing
                 return
-            self._closed = True
-            for text in self._texts:
-                text._state = TextState.FREED
+            with self._calls_lock:
+                running = sum(t._inflight for t in self._texts)
+                if running:
+                    raise BadStateError(
+                        f"close: {running} call(s) through function() are still running; close after they return"
+                    )
+                self._closed = True
+                for text in self._texts:
+                    text._state = TextState.FREED
             self._texts.clear()
             first = self._pool.close()
             if self._owns_backend:
@@ -772,7 +792,7 @@ class Allocator:
 # -- the module-level default allocator -----------------------------------------------------
 
 _default: Allocator | None = None
-_default_lock = threading.Lock()
+_default_lock = GuardedLock("execmem.default_allocator")
 
 
 def default_allocator() -> Allocator:
@@ -805,10 +825,7 @@ def jit_text_alloc_many(sizes: Iterable[int], align: int = 16) -> list[JitText]:
 def publish(texts: Iterable[JitText], codes: Iterable[bytes] | None = None) -> None:
     """Publish texts (of one or more allocators) with one synchronization per allocator;
     ``codes`` as in ``Allocator.publish``."""
-    items = list(texts)
-    payloads = None if codes is None else list(codes)
-    if payloads is not None and len(payloads) != len(items):
-        raise AlignmentError(f"publish: {len(items)} texts but {len(payloads)} codes")
+    items, payloads = Allocator._publishable(texts, codes)
     groups: dict[Allocator, tuple[list[JitText], list[bytes]]] = {}
     for i, text in enumerate(items):
         if not isinstance(text, JitText):
@@ -817,6 +834,11 @@ def publish(texts: Iterable[JitText], codes: Iterable[bytes] | None = None) -> N
         group[0].append(text)
         if payloads is not None:
             group[1].append(payloads[i])
+    # Every group is checked before any is published: refused input changes nothing.
+    for allocator, (group_texts, group_codes) in groups.items():
+        with allocator._lock:
+            allocator._check()
+            allocator._check_publish(group_texts, None if payloads is None else group_codes)
     for allocator, (group_texts, group_codes) in groups.items():
         allocator.publish(group_texts, None if payloads is None else group_codes)
 

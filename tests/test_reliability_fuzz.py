@@ -269,14 +269,6 @@ def test_texts_of_another_allocator_are_refused(world: World) -> None:
         x.free()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG (_allocator.py publish): the module-level publish() publishes allocator by "
-    "allocator, so a refusal in a later group (duplicate, wrong state) comes after earlier "
-    "groups were already published. Fix: validate every group first (type, owner, state, "
-    "pending, duplicates across the whole list, closed/forked) under each allocator's lock, "
-    "then sync.",
-)
 def test_module_publish_with_mixed_allocators_changes_nothing_when_refused(world: World) -> None:
     u = world.a.jit_text_alloc(16)
     v = world.b.jit_text_alloc(16)
