@@ -10,7 +10,8 @@ failing, for every k below the count.  It does not sample: the number of injecti
 points is the sum of the counts times the errnos tried.  Each point must end in an
 ``ExecmemError`` naming the call, or in a documented fallback whose result is checked
 (membarrier -> the next mechanism, a refused hint ignored, memfd -> /dev/shm -> the
-temp dir, hugetlb -> ordinary pages).
+temp dir, hugetlb -> ordinary pages, no seal on old kernels, the view mapped from the
+read+write descriptor when ``/proc/self/fd`` cannot be reopened).
 
 Around every point:
 
@@ -85,6 +86,7 @@ ERRNOS: dict[str, tuple[int, ...]] = {
     "open": (errno.EACCES, errno.EMFILE),
     "unlink": (errno.EACCES,),
     "close": (errno.EIO,),
+    "fcntl": (errno.EINVAL, errno.EPERM),  # EINVAL: F_SEAL_FUTURE_WRITE unknown (< 5.1)
     "membarrier": (errno.EPERM, errno.EINVAL, errno.ENOSYS),
 }
 

@@ -76,11 +76,6 @@ class World:
             backend = dict(stats.pop("backend"))  # type: ignore[call-overload]
             for volatile in ("syscalls", "syscalls_total"):  # attempts are counted by design
                 backend.pop(volatile, None)
-            # Known bug (test_an_impossible_size_changes_nothing): an impossible size
-            # marks hugetlb unavailable; left out here so the fuzzing goes on.
-            for key in ("backing_detail", "huge_pages"):
-                if isinstance(backend.get(key), dict):
-                    backend[key] = {k: v for k, v in backend[key].items() if k != "hugetlb"}
             out.append((repr(stats), repr(backend), repr(alloc.occupancy())))
         return out
 
@@ -443,14 +438,6 @@ def test_machine_with_a_non_string_arch_is_a_clear_error() -> None:
         Machine(5)  # type: ignore[arg-type]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG (native/_mapping.py Backing): a request whose size cannot exist (2**64) makes "
-    "fallocate fail with EINVAL and marks hugetlb 'unavailable' for the backend's whole life. "
-    "Fix: refuse sizes beyond the address space (> 2**47 on x86-64) in "
-    "Allocator.jit_text_alloc with OutOfMemoryError before any system call; treat EINVAL "
-    "from the hugetlb fallocate as 'this size', not 'this system'.",
-)
 def test_an_impossible_size_changes_nothing() -> None:
     with NativeBackend() as backend:
         a = execmem.Allocator(backend=backend, pack_size=SMALL)

@@ -485,15 +485,6 @@ def test_a_child_cannot_change_the_parents_code_mprotect_mode() -> None:
         assert fn() == 7  # private memory: the child wrote its own copy
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG (native/_mapping.py DualMapper.map): the read+execute view is a MAP_SHARED mapping "
-    "of the O_RDWR memfd, so it keeps VM_MAYWRITE: a forked child (or any code) can "
-    "mprotect(view, RW) and write the parent's code through it. Fix: map the view from a "
-    "read-only descriptor (open('/proc/self/fd/N', O_RDONLY) once per backing) so "
-    "mprotect(PROT_WRITE) fails with EACCES, or seal the memfd with F_SEAL_FUTURE_WRITE after "
-    "creating the alias.",
-)
 def test_a_child_cannot_change_the_parents_code_dual_mode() -> None:
     with allocator("dual") as a:
         t = live(a, 7)

@@ -10,10 +10,16 @@ Modes (``NativeBackend(mode=...)``; details in ``_mapping``):
   read+write at a private alias and read+execute at the text's address.  Writes go
   through the alias; no mapping is ever writable and executable.  ``map`` installs
   the read+execute view over the reserved (inaccessible) address, ``unmap`` puts an
-  inaccessible anonymous mapping back.  The alias is ``MADV_DONTFORK``: a forked
-  child keeps (and may call) the parent's texts through its read+execute views but
-  has no writable view of them, and this backend refuses every operation in the
-  child except ``close``/``release``/``stats`` (``ForkedProcessError``).
+  inaccessible anonymous mapping back.  The alias is ``MADV_DONTFORK``, and the
+  views are mapped from a *read-only* descriptor of the file (``/proc/self/fd/N``
+  reopened; a memfd is also sealed ``F_SEAL_FUTURE_WRITE`` on Linux 5.1+), so
+  ``mprotect(view, PROT_WRITE)`` fails with EACCES: a forked child keeps (and may
+  call) the parent's texts but cannot make them writable, nor can other code of this
+  process except through the alias.  Without ``/proc`` the views fall back to the
+  read+write descriptor (``stats()["backing_detail"]["views"]``; the memfd seal
+  still protects them).  Nothing here stops a same-user process that can ``ptrace``
+  this one.  This backend refuses every operation in the child except
+  ``close``/``release``/``stats`` (``ForkedProcessError``).
 * ``"mprotect"`` - one anonymous mapping per reservation whose pages toggle between
   inaccessible, read+write and read+execute; ``write_unit`` is the page size.
   ``atomic_store`` makes the page briefly non-executable, so it is not safe while
@@ -35,6 +41,15 @@ nothing half-created.
 Large pages: reservations of 2 MiB or more are 2 MiB aligned; ``MFD_HUGETLB`` is used
 when the system has huge pages reserved, else ``MADV_HUGEPAGE`` is a hint;
 ``stats()["huge_pages"]["obtained_bytes"]`` is read from ``/proc/self/smaps``.
+
+Sizes: one reservation may not exceed ``NativeBackend(max_reservation=...)``,
+by default the machine's RAM, and never the user address space; a larger request
+is an ``OutOfMemoryError`` before any system call (not an OOM kill later).
+
+Locks (``_locks``): a Python signal handler that re-enters a backend whose lock the
+interrupted code holds gets ``BadStateError`` instead of a deadlock; accounting and
+one-time setup locks are re-entrant.  Every lock is reinitialized in a forked child,
+so a fork while another thread holds one never deadlocks the child.
 
 Small helper routines (atomic stores, CPUID/ISB, cache maintenance) are assembled
 from ``ArchSpec.host_routines`` once per process into a private page made read+execute

@@ -13,6 +13,7 @@ Why one door:
   :class:`~execmem.OutOfMemoryError` when the system refused memory or a limit was
   reached) carrying ``errno`` and a message naming the call and its arguments.
 
+``fcntl`` is bound in its integer-argument form only (``F_ADD_SEALS``/``F_GET_SEALS``).
 The calls go through glibc with ``ctypes`` (``use_errno=True``); the two that glibc
 does not wrap everywhere (``membarrier``, ``riscv_flush_icache``) go through
 ``syscall(2)`` with numbers from a per-host table.  The constants below are the
@@ -26,12 +27,12 @@ import ctypes
 import errno as _errno
 import os
 import platform
-import threading
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from execmem._errors import ExecmemError, OutOfMemoryError, SystemCallError, UnsupportedError
+from execmem.native._locks import SetupLock
 
 # --- <sys/mman.h> -----------------------------------------------------------------
 PROT_NONE = 0x0
@@ -50,14 +51,23 @@ MADV_HUGEPAGE = 14
 MADV_POPULATE_WRITE = 23  # Linux 5.14: prefault writable, report SIGBUS-worthy failures
 # --- <linux/memfd.h> --------------------------------------------------------------
 MFD_CLOEXEC = 0x0001
+MFD_ALLOW_SEALING = 0x0002
 MFD_HUGETLB = 0x0004
 MFD_EXEC = 0x0010  # Linux 6.3; older kernels reject unknown flags with EINVAL
 # --- <fcntl.h> --------------------------------------------------------------------
+O_RDONLY = os.O_RDONLY
 O_RDWR = os.O_RDWR
 O_CREAT = os.O_CREAT
 O_EXCL = os.O_EXCL
 O_CLOEXEC = os.O_CLOEXEC
 O_NOFOLLOW = os.O_NOFOLLOW
+F_ADD_SEALS = 1033
+F_GET_SEALS = 1034
+F_SEAL_SEAL = 0x0001
+F_SEAL_SHRINK = 0x0002
+F_SEAL_GROW = 0x0004
+F_SEAL_WRITE = 0x0008
+F_SEAL_FUTURE_WRITE = 0x0010  # Linux 5.1; older kernels reject it with EINVAL
 # --- <linux/membarrier.h> ---------------------------------------------------------
 MEMBARRIER_CMD_QUERY = 0
 MEMBARRIER_CMD_GLOBAL = 1 << 0
@@ -98,6 +108,7 @@ _open = _bind("open", _c_int, ctypes.c_char_p, _c_int, _c_int)
 _unlink = _bind("unlink", _c_int, ctypes.c_char_p)
 _close = _bind("close", _c_int, _c_int)
 _ftruncate = _bind("ftruncate", _c_int, _c_int, _c_long)
+_fcntl = _bind("fcntl", _c_int, _c_int, _c_int, _c_int)  # the int-argument form only
 _fallocate = _bind("fallocate", _c_int, _c_int, _c_int, _c_long, _c_long)
 _syscall = _libc.syscall
 _syscall.restype = _c_long
@@ -147,7 +158,11 @@ class Fault:
 _EFFECTIVE_EVEN_ON_ERROR = frozenset({"close"})
 
 _faults: list[Fault] = []
-_lock = threading.Lock()
+#: Guards the tallies and the fault list.  Re-entrant (``SetupLock``), not refusing:
+#: a signal handler that makes a system call while the interrupted thread is in
+#: ``_call`` can safely complete its own call inside it (nothing here spans a system
+#: call); at worst a count taken at that very moment is lost.  Reset in a forked child.
+_lock = SetupLock("execmem.native._libc accounting")
 _totals: Counter[str] = Counter()
 
 
@@ -255,6 +270,9 @@ class Syscalls:
 
     def ftruncate(self, fd: int, length: int) -> None:
         self._call("ftruncate", _ftruncate, fd, length)
+
+    def fcntl(self, fd: int, cmd: int, arg: int = 0) -> int:
+        return self._call("fcntl", _fcntl, fd, cmd, arg)
 
     def fallocate(self, fd: int, mode: int, offset: int, length: int) -> None:
         self._call("fallocate", _fallocate, fd, mode, offset, length)

@@ -7,8 +7,11 @@
     reservation's fixed address, installed by ``map`` and replaced by an inaccessible
     anonymous mapping by ``unmap`` (the kernel shoots the TLBs down; the VA stays
     reserved).  No mapping is ever writable and executable.  The alias is
-    ``MADV_DONTFORK``: a forked child keeps the read+execute view of every text but
-    has no way to write the parent's code.
+    ``MADV_DONTFORK``, and the view is mapped from a *read-only* descriptor of the
+    file (a memfd is also sealed ``F_SEAL_FUTURE_WRITE``): ``mprotect`` cannot make
+    the view writable, so a forked child keeps the read+execute view of every text
+    but has no way to write the parent's code.  Fallbacks and limits (no ``/proc``,
+    kernels before 5.1, ptrace) are in ``_backing``.
 
 ``mprotect`` (:class:`MprotectMapper`)
     One private anonymous mapping per reservation whose pages change protection:
@@ -35,18 +38,16 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
-import os
-import secrets
-import tempfile
-import threading
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from execmem._backend import Range
-from execmem._errors import ExecmemError, OutOfMemoryError, SystemCallError
+from execmem._errors import ExecmemError, OutOfMemoryError
 from execmem.arch import ArchSpec
 from execmem.native import _libc
+from execmem.native._backing import PMD_SIZE, RX, Backing
+from execmem.native._backing import close_quietly as _close_quietly
 from execmem.native._libc import (
     MADV_DONTFORK,
     MADV_HUGEPAGE,
@@ -62,16 +63,9 @@ from execmem.native._libc import (
     PROT_READ,
     PROT_WRITE,
 )
+from execmem.native._locks import OwnedLock
 
-#: The x86-64/arm64(4K)/riscv64 PMD size: the large page the kernel can map in one entry.
-PMD_SIZE = 2 << 20
-RX = PROT_READ | PROT_EXEC
 RW = PROT_READ | PROT_WRITE
-
-#: errnos after which another backing is tried (anything else is a real failure).
-_BACKING_FALLBACK = frozenset(
-    {errno.EINVAL, errno.ENOSYS, errno.EPERM, errno.EACCES, errno.ENOENT, errno.EROFS, errno.ENODEV, errno.EOPNOTSUPP}
-)
 
 
 def round_up(value: int, align: int) -> int:
@@ -86,6 +80,8 @@ class Region:
     size: int
     #: Where writes land: the alias (dual) or the address itself.
     write_base: int
+    #: dual mode: the descriptor views are mapped from - read-only (and the alias
+    #: keeps the file) unless the reopen fell back (``_backing``).
     fd: int = -1
     hugetlb: bool = False
     mapped: bool = False
@@ -96,7 +92,10 @@ class Region:
     #: Parts already returned to the system ("view", "alias", "fd"): a release that
     #: failed half way is retried for the rest only (``NativeBackend.close``).
     released_parts: set[str] = field(default_factory=set)
-    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    #: mprotect mode: guards the page protections.  An OwnedLock: a signal handler
+    #: writing to this region while the interrupted code toggles its pages gets
+    #: BadStateError instead of a deadlock.
+    lock: OwnedLock = field(default_factory=lambda: OwnedLock("a region's page protections"), repr=False)
 
 
 def _runs(pages: Iterator[int] | list[int]) -> list[tuple[int, int]]:
@@ -115,149 +114,6 @@ def _undo_all(undo: list[Callable[[], None]]) -> None:
         # Best effort: the original error is the one to report.
         with contextlib.suppress(ExecmemError):
             action()
-
-
-def _close_quietly(sys_: _libc.Syscalls, fd: int) -> None:
-    """Close during cleanup: Linux releases the fd even when close reports an error."""
-    with contextlib.suppress(ExecmemError):
-        sys_.close(fd)
-
-
-class Backing:
-    """Chooses and creates the shared-memory files of dual mapping.
-
-    Order: ``memfd_create("execmem", MFD_CLOEXEC | MFD_EXEC)`` (without ``MFD_EXEC``
-    on kernels older than 6.3, which reject it with EINVAL), then a file in
-    ``/dev/shm``, then one in the temp dir (``$TMPDIR``), each unlinked right after
-    ``open``.  The first file of each kind is probed with a read+execute mapping,
-    which fails on a ``noexec`` mount (or under ``vm.memfd_noexec``).  The kind is
-    chosen once per backend; ``notes`` says why earlier kinds were passed over.
-
-    With ``hugetlb`` requested (size a multiple of 2 MiB), ``MFD_HUGETLB`` is tried
-    first; ``fallocate`` reserves the huge pages so that a system without any (the
-    usual case) fails cleanly here instead of with SIGBUS later.
-    """
-
-    def __init__(self, sys_: _libc.Syscalls, page_size: int, *, directories: tuple[str, ...] | None = None) -> None:
-        self._sys = sys_
-        self._page = page_size
-        self._lock = threading.Lock()
-        self._memfd_flags = _libc.MFD_CLOEXEC | _libc.MFD_EXEC
-        self.kind: str | None = None
-        self.directory: str | None = None
-        self.notes: list[str] = []
-        self.hugetlb = "not tried"
-        self.hugetlb_files = 0
-        self._candidates: tuple[tuple[str, str | None], ...] = (
-            ("memfd", None),
-            ("shm", "/dev/shm"),
-            ("tmpfile", tempfile.gettempdir()),
-        )
-        if directories is not None:  # tests and embedders may pin the file fallbacks
-            self._candidates = (("memfd", None), *((f"dir:{d}", d) for d in directories))
-
-    def create(self, size: int, *, hugetlb: bool, scratch: int) -> tuple[int, bool]:
-        """A new file of ``size`` bytes: ``(fd, uses_hugetlb)``.
-
-        ``scratch`` is inaccessible address space of at least ``size`` bytes that the
-        caller owns: executable probes are mapped there (and put back inaccessible),
-        so a failure can never leave a probe mapping behind.
-        """
-        if hugetlb and not self.hugetlb.startswith("unavailable") and self.kind in (None, "memfd"):
-            fd = self._try_hugetlb(size, scratch)
-            if fd >= 0:
-                return fd, True
-        with self._lock:
-            if self.kind is None:
-                return self._select(size, scratch), False
-            kind, directory = self.kind, self.directory
-        return self._create(kind, directory, size), False
-
-    def _memfd(self, extra: int) -> int:
-        try:
-            return self._sys.memfd_create(b"execmem", self._memfd_flags | extra)
-        except ExecmemError as exc:
-            if _libc.errno_of(exc) != errno.EINVAL or not self._memfd_flags & _libc.MFD_EXEC:
-                raise
-            self._memfd_flags &= ~_libc.MFD_EXEC
-            self.notes.append("memfd_create: MFD_EXEC unknown to this kernel (< 6.3), retried without")
-            return self._sys.memfd_create(b"execmem", self._memfd_flags | extra)
-
-    def _file(self, directory: str) -> int:
-        path = os.path.join(directory, f"execmem-{os.getpid()}-{secrets.token_hex(8)}").encode()
-        flags = _libc.O_RDWR | _libc.O_CREAT | _libc.O_EXCL | _libc.O_CLOEXEC | _libc.O_NOFOLLOW
-        fd = self._sys.open(path, flags, 0o600)
-        try:
-            self._sys.unlink(path)  # nothing outlives the process, nobody else opens it
-        except BaseException:
-            _close_quietly(self._sys, fd)
-            raise
-        return fd
-
-    def _create(self, kind: str, directory: str | None, size: int) -> int:
-        fd = self._memfd(0) if directory is None else self._file(directory)
-        try:
-            self._sys.ftruncate(fd, size)
-        except BaseException:
-            _close_quietly(self._sys, fd)
-            raise
-        return fd
-
-    def _probe_exec(self, fd: int, length: int, scratch: int) -> None:
-        self._sys.mmap(scratch, length, RX, MAP_SHARED | MAP_FIXED, fd, 0)
-        self._sys.mmap(scratch, length, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED | MAP_NORESERVE)
-
-    def _select(self, size: int, scratch: int) -> int:
-        for kind, directory in self._candidates:
-            if directory is not None and not os.path.isdir(directory):
-                self.notes.append(f"{kind}: {directory} does not exist")
-                continue
-            try:
-                fd = self._create(kind, directory, size)
-            except ExecmemError as exc:
-                if _libc.errno_of(exc) not in _BACKING_FALLBACK:
-                    raise
-                self.notes.append(f"{kind}: {exc}")
-                continue
-            try:
-                self._probe_exec(fd, self._page, scratch)
-            except ExecmemError as exc:
-                _close_quietly(self._sys, fd)
-                if _libc.errno_of(exc) not in _BACKING_FALLBACK:
-                    raise
-                self.notes.append(f"{kind}: cannot be mapped executable (noexec?): {exc}")
-                continue
-            self.kind, self.directory = kind, directory
-            return fd
-        raise SystemCallError(errno.EACCES, "no executable shared memory: " + "; ".join(self.notes))
-
-    def _try_hugetlb(self, size: int, scratch: int) -> int:
-        try:
-            fd = self._memfd(_libc.MFD_HUGETLB)
-        except ExecmemError as exc:
-            self.hugetlb = f"unavailable: {exc}"
-            return -1
-        try:
-            self._sys.ftruncate(fd, size)
-            self._sys.fallocate(fd, 0, 0, size)
-            if self.hugetlb_files == 0:
-                self._probe_exec(fd, size, scratch)
-        except ExecmemError as exc:
-            _close_quietly(self._sys, fd)
-            self.hugetlb = f"unavailable: {exc}"
-            return -1
-        self.hugetlb = "in use"
-        self.hugetlb_files += 1
-        return fd
-
-    def describe(self) -> dict[str, object]:
-        return {
-            "kind": self.kind,
-            "directory": self.directory,
-            "memfd_exec_flag": bool(self._memfd_flags & _libc.MFD_EXEC) if self.kind == "memfd" else None,
-            "hugetlb": self.hugetlb,
-            "notes": list(self.notes),
-        }
 
 
 class Mapper:
@@ -391,10 +247,15 @@ class DualMapper(Mapper):
                 self.advise_huge(alias, size)
             self._populate(alias, fd, size)
             self.fill(alias, size)
+            # Last step: seal (memfd) and swap the read+write descriptor for a read-only
+            # one, so the views cannot be made writable (see _backing).  On error the
+            # read+write fd is still open (closed by the undo list); on success it is
+            # closed unless it is the documented fallback.
+            view_fd = self.backing.view_fd(fd, hugetlb=hugetlb)
         except BaseException:
             _undo_all(undo)
             raise
-        return Region(address, size, write_base=alias, fd=fd, hugetlb=hugetlb)
+        return Region(address, size, write_base=alias, fd=view_fd, hugetlb=hugetlb)
 
     def _populate(self, alias: int, fd: int, size: int) -> None:
         """Allocate the file's pages now, so a full tmpfs fails here, not with SIGBUS."""

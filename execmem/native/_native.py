@@ -6,10 +6,10 @@ the modes in ``_mapping``, the host synchronization in ``_sync``.
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 import sys
-import threading
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 
@@ -20,10 +20,12 @@ from execmem._errors import (
     ExecmemError,
     ForkedProcessError,
     OutOfBoundsError,
+    OutOfMemoryError,
     UnsupportedError,
 )
 from execmem.arch import ArchSpec, get, host
 from execmem.native import _libc, _procmaps
+from execmem.native._locks import OwnedLock
 from execmem.native._mapping import MAPPERS, DualMapper, Mapper, Region
 from execmem.native._routines import host_routines
 from execmem.native._sync import ProbeResult, Synchronizer, probe_membarrier
@@ -38,6 +40,19 @@ def _after_fork_in_child() -> None:
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
+#: Bits of user address space the kernel hands out without an address hint (x86-64
+#: 4-level paging, arm64 48-bit VA, riscv64 Sv39 - the smallest of its modes).
+ADDRESS_SPACE_BITS = {"x86_64": 47, "arm64": 48, "riscv64": 38}
+
+
+def physical_memory() -> int | None:
+    """Total RAM of this machine in bytes (``os.sysconf``), or None if unknown."""
+    try:
+        pages, page = os.sysconf("SC_PHYS_PAGES"), os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return None
+    return pages * page if pages > 0 and page > 0 else None
+
 
 class NativeBackend:
     """Executable memory in this process; see ``execmem.native``.
@@ -50,10 +65,21 @@ class NativeBackend:
     actually gave.  ``directories`` pins the file fallbacks of dual mapping (tests);
     ``probe`` replaces the once-per-process membarrier probe (tests).
 
+    ``max_reservation`` bounds one reservation, checked before any system call:
+    a larger request is an ``OutOfMemoryError`` rather than an out-of-memory kill
+    later (every reserved page is populated: dual mode prefaults the file, the
+    other modes write trap filler).  Default: the machine's total RAM
+    (``os.sysconf``), which makes ``jit_text_alloc(1 << 40)`` a clear error; an
+    explicit value may be larger but never beyond the user address space
+    (``ADDRESS_SPACE_BITS``).  It is a per-request sanity bound, not a budget: many
+    smaller reservations can still exhaust memory (then the kernel refuses with
+    ENOMEM, or the OOM killer acts).
+
     ``reserve`` rounds the size up to whole pages (``Reservation.size`` is the rounded
     size) and aligns to at least a page.  Costs on Linux x86-64, in system calls:
-    a dual-mapping reservation 6-8 (VA, memfd, ftruncate, alias, DONTFORK, hints,
-    populate; once per backend also the backing probe and a hugetlb attempt), ``map``
+    a dual-mapping reservation 9-11 (VA, memfd, ftruncate, alias, DONTFORK, hints,
+    populate, seal, read-only reopen, close; once per backend also the backing probe
+    and a hugetlb attempt), ``map``
     1, ``unmap`` 1, ``release`` 3; a write through the alias 0; ``remote_cse`` 1
     (3 the first time: query and register).  In mprotect mode a write to mapped
     memory costs 2 (``mprotect`` there and back).
@@ -67,6 +93,7 @@ class NativeBackend:
         huge_pages: bool = True,
         directories: Sequence[str] | None = None,
         probe: Callable[[], ProbeResult] | None = None,
+        max_reservation: int | None = None,
     ) -> None:
         key = mode.strip().lower() if isinstance(mode, str) else mode
         if key not in MAPPERS:
@@ -79,6 +106,19 @@ class NativeBackend:
             )
         self.arch: ArchSpec = spec
         self.page_size = mmap.PAGESIZE
+        address_space = 1 << ADDRESS_SPACE_BITS.get(spec.name, 47)
+        if max_reservation is None:
+            ram = physical_memory()
+            self.max_reservation = min(ram, address_space) if ram is not None else address_space
+            self._limit_source = "the machine's RAM" if ram is not None else "the address space"
+        else:
+            if isinstance(max_reservation, bool) or not isinstance(max_reservation, int):
+                raise TypeError(f"max_reservation must be an int or None, not {type(max_reservation).__name__}")
+            if max_reservation <= 0:
+                raise ValueError(f"max_reservation must be positive, not {max_reservation}")
+            self.max_reservation = min(max_reservation, address_space)
+            self._limit_source = "max_reservation" if max_reservation <= address_space else "the address space"
+        self._address_space = address_space
         self._sys = _libc.Syscalls()
         mapper: Mapper
         if MAPPERS[key] is DualMapper:
@@ -91,7 +131,10 @@ class NativeBackend:
         self.write_unit: int = mapper.write_unit
         self._probe = probe if probe is not None else probe_membarrier
         self._sync: Synchronizer | None = None
-        self._lock = threading.Lock()
+        # An OwnedLock (_locks): a signal handler calling into this backend while the
+        # interrupted code holds it gets BadStateError instead of a deadlock; reset in
+        # a forked child, where this backend only closes.
+        self._lock = OwnedLock("a native backend's region table")
         self._regions: dict[int, Region] = {}  # by address
         #: Regions whose release failed part way (a system call refused): still
         #: mapped, owned for audits, and released again by ``close``.
@@ -155,17 +198,37 @@ class NativeBackend:
 
     # -- the Backend contract --------------------------------------------------------------
 
+    def _not_reentered(self) -> None:
+        """Refuse before any system call what would re-enter ``self._lock``."""
+        if self._lock.held_here():
+            with self._lock:  # raises BadStateError (the message is the lock's)
+                pass
+
     def reserve(self, size: int, align: int) -> Reservation:
         self._usable()
+        self._not_reentered()
         if size <= 0:
             raise AlignmentError(f"reservation size must be positive, not {size}")
         if align <= 0 or align & (align - 1):
             raise AlignmentError(f"alignment must be a power of two, not {align}")
         size = -(-size // self.page_size) * self.page_size
-        region = self._mapper.reserve(size, self._mapper.alignment(size, align))
-        with self._lock:
-            self._regions[region.address] = region
-            self._peak_reserved = max(self._peak_reserved, sum(r.size for r in self._regions.values()))
+        if size > self.max_reservation:
+            raise OutOfMemoryError(
+                f"a reservation of {size:#x} bytes is larger than this backend allows "
+                f"({self.max_reservation:#x} bytes: {self._limit_source}); nothing was reserved"
+            )
+        align = self._mapper.alignment(size, align)
+        if size + align > self._address_space:
+            raise OutOfMemoryError(f"{size:#x} bytes aligned to {align:#x} cannot fit in the address space")
+        region = self._mapper.reserve(size, align)
+        try:
+            with self._lock:
+                self._regions[region.address] = region
+                self._peak_reserved = max(self._peak_reserved, sum(r.size for r in self._regions.values()))
+        except BaseException:
+            with contextlib.suppress(ExecmemError):  # the original error is the one to report
+                self._mapper.release(region, forked=False)
+            raise
         return Reservation(region.address, size, mapped=False, token=region)
 
     def map(self, reservation: Reservation) -> None:
@@ -272,6 +335,7 @@ class NativeBackend:
             "arch": self.arch.name,
             "page_size": self.page_size,
             "write_unit": self.write_unit,
+            "max_reservation": self.max_reservation,
             "backing": backing["kind"],
             "backing_detail": backing,
             "huge_pages": huge,
@@ -295,6 +359,7 @@ class NativeBackend:
         ``release``) is tried again by the next ``close``."""
         if self._closed and not self._unreleased and self._sync_closed:
             return
+        self._not_reentered()
         self._closed = True
         with self._lock:
             regions = [*self._regions.values(), *self._unreleased]

@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import ctypes
 import re
-import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from execmem._errors import AssemblyError, UnsupportedError
 from execmem.arch import ArchSpec, host
 from execmem.native import _libc
+from execmem.native._locks import SetupLock
 
 #: C signatures by routine name: (restype, argtypes).  The names are the contract
 #: with ``ArchSpec.host_routines`` (documented there).
@@ -112,7 +112,11 @@ class HostRoutines:
 
 
 _routines: HostRoutines | None = None
-_routines_lock = threading.Lock()
+#: Module-level one-time setup: a SetupLock (re-entrant, reset in a forked child).  A
+#: signal handler that needs the routines while the main thread is building them
+#: builds its own page; the first page finished wins and the other is unmapped before
+#: anyone could call into it.
+_routines_lock = SetupLock("the host routines page")
 _sys = _libc.Syscalls()  # process-wide tally for the helper page
 
 
@@ -121,7 +125,11 @@ def host_routines() -> HostRoutines:
     global _routines
     with _routines_lock:
         if _routines is None:
-            _routines = _build(host())
+            built = _build(host())
+            if _routines is None:  # not built meanwhile by a re-entrant call
+                _routines = built
+            else:
+                _sys.munmap(built.address, built.size)
         return _routines
 
 

@@ -30,7 +30,6 @@ import errno
 import os
 import subprocess
 import sys
-import threading
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -39,6 +38,7 @@ from execmem._backend import Range
 from execmem._errors import ExecmemError, SystemCallError, UnsupportedError
 from execmem.arch import ArchSpec
 from execmem.native import _libc
+from execmem.native._locks import OwnedLock, SetupLock
 from execmem.native._routines import HostRoutines
 
 # --- CTR_EL0 (pure) ---------------------------------------------------------------------
@@ -132,7 +132,12 @@ def run_probe(command: Sequence[str], timeout: float = 20.0) -> ProbeResult:
 
 
 _probe_result: ProbeResult | None = None
-_probe_lock = threading.Lock()
+#: Module-level, shared by every backend; guards idempotent one-time setup only.  A
+#: SetupLock (re-entrant): a signal handler that needs the probe while the main thread
+#: is running it simply runs its own (the result is the same), then the interrupted
+#: one finishes.  Reset in a forked child (a probe in flight in another thread of the
+#: parent does not block the child).
+_probe_lock = SetupLock("the membarrier probe")
 
 
 def probe_membarrier() -> ProbeResult:
@@ -272,7 +277,11 @@ class RemoteCse:
         self._candidates = tuple(candidates)
         self._page_size = page_size
         self._probe = probe
-        self._lock = threading.Lock()
+        # Per backend.  An OwnedLock: the selection makes system calls (membarrier
+        # registration, the mprotect-IPI page) and moves self._index/_current in
+        # several steps, so a signal handler synchronizing through the same backend
+        # meanwhile gets BadStateError rather than a deadlock or a half-made choice.
+        self._lock = OwnedLock("the remote_cse mechanism of a native backend")
         self._current: _Mechanism | None = None
         self._index = 0
         self.notes: list[str] = []
@@ -352,8 +361,10 @@ class RemoteCse:
             # machine's backend applies to a machine with one CPU).
             self.runs["skipped: single thread"] += 1
             return
-        with self._lock:
-            mechanism = self._current if self._current is not None else self._select()
+        mechanism = self._current  # one atomic read: no lock once a mechanism is chosen
+        if mechanism is None:
+            with self._lock:
+                mechanism = self._current if self._current is not None else self._select()
         while True:
             try:
                 mechanism.run(ranges)

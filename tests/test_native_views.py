@@ -1,0 +1,262 @@
+"""Dual mapping: the read+execute view cannot be made writable (``_backing``), and
+impossible or oversized requests are refused before any system call.
+
+The view is mapped from a read-only descriptor (``/proc/self/fd/N`` reopened), and a
+memfd is sealed ``F_SEAL_FUTURE_WRITE``; each alone stops ``mprotect(view, RW)``, in
+this process and in a forked child.  The fallbacks (no ``/proc``, kernel < 5.1) are
+reported in ``stats()``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import fcntl
+import mmap
+import os
+import platform
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+import execmem
+from execmem._backend import Reservation
+from execmem._errors import OutOfMemoryError
+from execmem.native import NativeBackend, _libc, _sync
+from execmem.native._mapping import PMD_SIZE, Region
+
+pytestmark = pytest.mark.skipif(
+    platform.machine().lower() not in ("x86_64", "amd64"), reason="test programs are x86-64 code"
+)
+
+SAFE = lambda: _sync.ProbeResult(True, "test")  # noqa: E731
+RET7 = b"\xb8\x07\x00\x00\x00\xc3"  # mov eax, 7; ret
+PAGE = mmap.PAGESIZE
+
+_c = ctypes.CDLL(None, use_errno=True)
+_c.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+_c.mmap.restype = ctypes.c_void_p
+_c.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+_c.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+
+
+def S(b: NativeBackend) -> dict[str, Any]:
+    return dict(b.stats())
+
+
+def mprotect_rw(address: int) -> int:
+    """0 if ``mprotect(page, RW)`` succeeded, else the errno."""
+    if _c.mprotect(address & ~(PAGE - 1), PAGE, _libc.PROT_READ | _libc.PROT_WRITE) == 0:
+        return 0
+    return ctypes.get_errno()
+
+
+@contextlib.contextmanager
+def published(
+    *faults: tuple[str, int], directories: tuple[str, ...] | None = None
+) -> Iterator[tuple[NativeBackend, Region]]:
+    with contextlib.ExitStack() as stack:
+        for name, err in faults:
+            stack.enter_context(_libc.inject(name, err))
+        b = NativeBackend("dual", probe=SAFE, directories=directories)
+        r = b.reserve(PAGE, 16)
+        b.write(r, 0, RET7)
+        b.map(r)
+    try:
+        region = r.token
+        assert isinstance(region, Region)
+        yield b, region
+    finally:
+        b.close()
+
+
+def call(address: int) -> int:
+    return int(ctypes.CFUNCTYPE(ctypes.c_int)(address)())
+
+
+def child_mprotects(address: int) -> int:
+    """Fork; the child tries mprotect(view, RW) and writes 99 if allowed.  Returns the
+    child's verdict: 0 refused, 1 it wrote."""
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        code = 2
+        try:
+            if mprotect_rw(address) == 0:
+                ctypes.memmove(address + 1, b"\x63", 1)  # mov eax, 99
+                code = 1
+            else:
+                code = 0
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status), f"child status {status:#x}"
+    return os.WEXITSTATUS(status)
+
+
+def test_view_is_mapped_from_a_read_only_sealed_memfd() -> None:
+    with published() as (b, region):
+        detail = S(b)["backing_detail"]
+        assert detail["kind"] == "memfd"
+        assert detail["views"] == {"read_only_fd": 1, "read_write_fd": 0, "fallback": None}
+        assert detail["sealing"].startswith("F_SEAL_FUTURE_WRITE")
+        assert fcntl.fcntl(region.fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDONLY
+        seals = _libc.F_SEAL_FUTURE_WRITE | _libc.F_SEAL_SHRINK | _libc.F_SEAL_GROW | _libc.F_SEAL_SEAL
+        assert fcntl_get_seals(region.fd) & seals == seals
+        # This process cannot make the view writable; the alias is the only writable view.
+        assert mprotect_rw(region.address) == errno.EACCES
+        assert child_mprotects(region.address) == 0
+        assert call(region.address) == 7
+        # Nor can a read+write descriptor reopened through /proc make a writable mapping.
+        fd = os.open(f"/proc/self/fd/{region.fd}", os.O_RDWR)
+        try:
+            addr = _c.mmap(None, PAGE, _libc.PROT_READ | _libc.PROT_WRITE, _libc.MAP_SHARED, fd, 0)
+            assert addr in (None, _libc.MAP_FAILED) and ctypes.get_errno() == errno.EPERM
+            with pytest.raises(PermissionError):
+                os.pwrite(fd, b"\x63", 1)
+        finally:
+            os.close(fd)
+        # Writes through the alias (made before the seal) keep working.
+        b.write(Reservation(region.address, region.size, mapped=True, token=region), 1, b"\x05")
+        assert call(region.address) == 5
+
+
+def fcntl_get_seals(fd: int) -> int:
+    fn = _c.fcntl
+    fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int]
+    return int(fn(fd, _libc.F_GET_SEALS, 0))
+
+
+@pytest.mark.parametrize(
+    ("faults", "protected"),
+    [
+        ((("fcntl", errno.EINVAL),), True),  # kernel < 5.1: the read-only fd alone
+        ((("open", errno.ENOENT),), True),  # no /proc: the seal alone
+        ((("fcntl", errno.EINVAL), ("open", errno.ENOENT)), False),  # neither: documented
+    ],
+    ids=["unsealed", "no-proc", "neither"],
+)
+def test_each_protection_alone_keeps_a_child_out(faults: tuple[tuple[str, int], ...], protected: bool) -> None:
+    with published(*faults) as (b, region):
+        detail = S(b)["backing_detail"]
+        if any(name == "open" for name, _ in faults):
+            assert detail["views"]["read_write_fd"] == 1 and "read+write" in detail["views"]["fallback"]
+        if any(name == "fcntl" for name, _ in faults):
+            assert detail["sealing"].startswith("unsupported")
+        assert child_mprotects(region.address) == (0 if protected else 1)
+        assert call(region.address) == (7 if protected else 99)
+
+
+def test_dev_shm_backing_has_a_read_only_view_without_seal() -> None:
+    with published(("memfd_create", errno.ENOSYS), directories=("/dev/shm",)) as (b, region):
+        detail = S(b)["backing_detail"]
+        assert detail["kind"] == "dir:/dev/shm" and detail["sealing"] == "not tried"
+        assert detail["views"]["read_only_fd"] == 1
+        assert mprotect_rw(region.address) == errno.EACCES
+        assert child_mprotects(region.address) == 0
+
+
+def test_reservation_costs_one_seal_one_reopen_one_close() -> None:
+    with NativeBackend("dual", probe=SAFE) as b:
+        b.reserve(PAGE, 16)  # the backing is chosen
+        before = dict(S(b)["syscalls"])
+        b.reserve(PAGE, 16)
+        after = S(b)["syscalls"]
+        diff = {k: v - before.get(k, 0) for k, v in after.items() if v != before.get(k, 0)}
+        assert diff["fcntl"] == 1 and diff["open"] == 1 and diff["close"] == 1, diff
+        fds = set(os.listdir("/proc/self/fd"))
+        b.close()
+        assert len(fds - set(os.listdir("/proc/self/fd"))) == 2  # one descriptor per reservation
+
+
+@pytest.mark.parametrize(("name", "err"), [("fcntl", errno.EPERM), ("open", errno.EMFILE)])
+def test_a_refused_seal_or_reopen_is_a_clear_error_and_rolls_back(name: str, err: int) -> None:
+    with NativeBackend("dual", probe=SAFE) as b:
+        b.reserve(PAGE, 16)
+        fds, ranges = set(os.listdir("/proc/self/fd")), b.owned_ranges()
+        with _libc.inject(name, err), pytest.raises(execmem.ExecmemError, match=name):
+            b.reserve(PAGE, 16)
+        assert set(os.listdir("/proc/self/fd")) == fds and b.owned_ranges() == ranges
+
+
+# --- sizes that cannot (or should not) exist ------------------------------------------------
+
+
+@pytest.mark.parametrize("size", [2**64, 2**200, 1 << 47])
+def test_impossible_sizes_are_refused_before_any_system_call(size: int) -> None:
+    with NativeBackend("dual", probe=SAFE) as b:
+        before = dict(S(b)["syscalls"])
+        with pytest.raises(OutOfMemoryError, match="larger than this backend allows"):
+            b.reserve(size, 16)
+        assert dict(S(b)["syscalls"]) == before
+        assert S(b)["huge_pages"]["hugetlb"] == "not tried"
+
+
+def test_more_than_the_machine_has_is_a_clear_error_not_an_oom_kill() -> None:
+    ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    with NativeBackend("mprotect", probe=SAFE) as b, execmem.Allocator(backend=b, pack_size=1 << 16) as a:
+        assert S(b)["max_reservation"] == ram
+        before = repr(a.stats())
+        with pytest.raises(OutOfMemoryError):
+            a.jit_text_alloc(ram + PAGE)
+        assert repr(a.stats()) == before
+
+
+def test_alignment_beyond_the_address_space_is_refused() -> None:
+    with NativeBackend("dual", probe=SAFE) as b, pytest.raises(OutOfMemoryError, match="address space"):
+        b.reserve(PAGE, 1 << 60)
+
+
+def test_max_reservation_argument() -> None:
+    with NativeBackend("dual", probe=SAFE, max_reservation=1 << 20) as b:
+        b.reserve(1 << 20, 16)
+        with pytest.raises(OutOfMemoryError, match="max_reservation"):
+            b.reserve((1 << 20) + 1, 16)
+    assert NativeBackend(max_reservation=1 << 80).max_reservation == 1 << 47  # the address space
+    with pytest.raises(TypeError):
+        NativeBackend(max_reservation=1.5)  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        NativeBackend(max_reservation=0)
+
+
+# --- hugetlb: the host lacks it, or only this size -------------------------------------------
+
+
+def _huge_free() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("HugePages_Free:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def test_a_size_specific_hugetlb_refusal_does_not_disable_it() -> None:
+    def hugetlb_fallocate(args: tuple[object, ...]) -> bool:
+        return True
+
+    with NativeBackend("dual", probe=SAFE) as b:
+        with _libc.inject("fallocate", errno.EINVAL, when=hugetlb_fallocate):
+            b.reserve(PMD_SIZE, 16)
+        huge = S(b)["backing_detail"]
+        assert not str(huge["hugetlb"]).startswith("unavailable"), huge
+        assert "not used for" in str(huge["hugetlb_note"])
+        with _libc.inject("memfd_create", errno.EMFILE, when=lambda a: bool(int(a[1]) & _libc.MFD_HUGETLB)):
+            b.reserve(PMD_SIZE, 16)
+        assert not str(S(b)["backing_detail"]["hugetlb"]).startswith("unavailable")
+
+
+@pytest.mark.skipif(_huge_free() > 0, reason="this host has free huge pages")
+def test_too_few_huge_pages_skips_that_size_and_larger_then_smallest_means_unavailable() -> None:
+    with NativeBackend("dual", probe=SAFE) as b:
+        b.reserve(2 * PMD_SIZE, 16)
+        d = S(b)["backing_detail"]
+        assert d["hugetlb_short_from_bytes"] == 2 * PMD_SIZE and d["hugetlb"] == "not tried"
+        calls = dict(S(b)["syscalls"])
+        b.reserve(4 * PMD_SIZE, 16)  # larger: not tried again
+        assert S(b)["syscalls"].get("fallocate", 0) == calls.get("fallocate", 0)
+        b.reserve(PMD_SIZE, 16)  # the smallest size: no huge page at all
+        assert str(S(b)["backing_detail"]["hugetlb"]).startswith("unavailable")
