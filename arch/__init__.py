@@ -197,9 +197,14 @@ def names() -> tuple[str, ...]:
 
 
 def get(name: str | None = None) -> ArchSpec:
-    """The spec for ``name`` (canonical or alias), or for the host when ``None``."""
+    """The spec for ``name`` (canonical or alias), or for the host when ``None``.
+
+    Raises ``UnsupportedError`` for an unknown name, ``TypeError`` for a non-string.
+    """
     if name is None:
         return host()
+    if not isinstance(name, str):  # a wrong type is a TypeError, as in asm(arch=...)
+        raise TypeError(f"architecture name must be str or None, not {type(name).__name__}")
     key = name.strip().lower().replace("-", "_")
     for module_name in _MODULES:
         spec = _load(module_name)

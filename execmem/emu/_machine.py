@@ -95,8 +95,12 @@ class Machine(EmulatedBackend):
         line_size: int | None = None,
         host_cpu: int = 0,
     ) -> None:
-        if not isinstance(cpus, int) or not 1 <= cpus <= 16:
+        if isinstance(cpus, bool) or not isinstance(cpus, int) or not 1 <= cpus <= 16:
             raise ModelError("cpus must be an integer from 1 to 16")
+        if line_size is not None and (isinstance(line_size, bool) or not isinstance(line_size, int)):
+            raise ModelError(f"line_size must be an integer or None, not {type(line_size).__name__}")
+        if isinstance(host_cpu, bool) or not isinstance(host_cpu, int):
+            raise ModelError(f"host_cpu must be an integer, not {type(host_cpu).__name__}")
         self.spec = _arch.get(arch)
         self.isa: ModuleType = _arch.isa(self.spec)
         self.ncpus = cpus
