@@ -60,7 +60,7 @@ from execmem._errors import (
     UnsupportedError,
     UseAfterFreeError,
 )
-from execmem._guard import GuardedLock
+from execmem._locks import OwnedLock
 from execmem._packs import PackPool
 from execmem._text import JitFunction, JitText, TextState, check_bytes, check_int, make_cfunc
 from execmem.arch import ArchSpec, Recipe
@@ -173,7 +173,7 @@ class Allocator:
         self._quarantine = bool(_quarantine)
         #: Chunks per write unit when the backend writes whole pages (mprotect), else 1.
         self._unit_chunks = unit // granularity if unit > granularity else 1
-        self._lock = GuardedLock("the allocator")
+        self._lock = OwnedLock("the allocator")
         #: Guards the texts' counts of calls in flight (JitFunction) against free() and
         #: close().  Re-entrant: its sections are a few statements that a signal
         #: handler's own call (which completes before they resume) cannot upset.
@@ -792,7 +792,7 @@ class Allocator:
 # -- the module-level default allocator -----------------------------------------------------
 
 _default: Allocator | None = None
-_default_lock = GuardedLock("execmem.default_allocator")
+_default_lock = OwnedLock("execmem.default_allocator")
 
 
 def default_allocator() -> Allocator:

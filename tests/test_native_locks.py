@@ -20,7 +20,7 @@ import threading
 import pytest
 
 from execmem._errors import BadStateError
-from execmem.native._locks import REENTERED, OwnedLock, SetupLock
+from execmem._locks import REENTERED, OwnedLock, SetupLock
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -48,6 +48,7 @@ import secrets
 import tempfile
 
 from execmem._errors import ExecmemError, SystemCallError
+from execmem._locks import OwnedLock, SetupLock
 from execmem.native import _libc
 from execmem.native._libc import (
     MAP_ANONYMOUS,
@@ -59,7 +60,6 @@ from execmem.native._libc import (
     PROT_NONE,
     PROT_READ,
 )
-from execmem.native._locks import OwnedLock, SetupLock
 
 RX = PROT_READ | PROT_EXEC
 #: The x86-64/arm64(4K)/riscv64 PMD size: the smallest hugetlb page used here.

@@ -32,7 +32,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from execmem._errors import ExecmemError, OutOfMemoryError, SystemCallError, UnsupportedError
-from execmem.native._locks import SetupLock
+from execmem._locks import SetupLock
 
 # --- <sys/mman.h> -----------------------------------------------------------------
 PROT_NONE = 0x0

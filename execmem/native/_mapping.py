@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 
 from execmem._backend import Range
 from execmem._errors import ExecmemError, OutOfMemoryError
+from execmem._locks import OwnedLock
 from execmem.arch import ArchSpec
 from execmem.native import _libc
 from execmem.native._backing import PMD_SIZE, RX, Backing
@@ -63,7 +64,6 @@ from execmem.native._libc import (
     PROT_READ,
     PROT_WRITE,
 )
-from execmem.native._locks import OwnedLock
 
 RW = PROT_READ | PROT_WRITE
 

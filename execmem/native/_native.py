@@ -23,9 +23,9 @@ from execmem._errors import (
     OutOfMemoryError,
     UnsupportedError,
 )
+from execmem._locks import OwnedLock
 from execmem.arch import ArchSpec, get, host
 from execmem.native import _libc, _procmaps
-from execmem.native._locks import OwnedLock
 from execmem.native._mapping import MAPPERS, DualMapper, Mapper, Region
 from execmem.native._routines import host_routines
 from execmem.native._sync import ProbeResult, Synchronizer, probe_membarrier

@@ -19,9 +19,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from execmem._errors import AssemblyError, UnsupportedError
+from execmem._locks import SetupLock
 from execmem.arch import ArchSpec, host
 from execmem.native import _libc
-from execmem.native._locks import SetupLock
 
 #: C signatures by routine name: (restype, argtypes).  The names are the contract
 #: with ``ArchSpec.host_routines`` (documented there).

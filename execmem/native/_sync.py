@@ -36,9 +36,9 @@ from dataclasses import dataclass, field
 
 from execmem._backend import Range
 from execmem._errors import ExecmemError, SystemCallError, UnsupportedError
+from execmem._locks import OwnedLock, SetupLock
 from execmem.arch import ArchSpec
 from execmem.native import _libc
-from execmem.native._locks import OwnedLock, SetupLock
 from execmem.native._routines import HostRoutines
 
 # --- CTR_EL0 (pure) ---------------------------------------------------------------------

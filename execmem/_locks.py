@@ -1,10 +1,10 @@
-"""The native backend's locks: safe against signal handlers and against fork.
+"""execmem's locks (allocator and native backend): safe against signal handlers and fork.
 
-Two hazards a plain :class:`threading.Lock` has in this package:
+Two hazards a plain :class:`threading.Lock` has here:
 
 * **re-entry from the owning thread.**  A Python signal handler runs in the main
   thread between two bytecodes of whatever the main thread was doing.  If the main
-  thread is inside the backend (holding one of its locks) and the handler calls
+  thread is inside execmem (holding one of its locks) and the handler calls
   execmem again, a plain lock deadlocks the process for good.
 * **fork.**  A fork made while *another* thread holds a lock copies the lock held,
   and the thread that would release it does not exist in the child: the child's
