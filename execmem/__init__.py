@@ -6,15 +6,15 @@ The public surface is re-exported here explicitly; everything else is private.
 from __future__ import annotations
 
 from execmem import arch
-from execmem._allocator import (
-    Allocator,
+from execmem._allocator import Allocator
+from execmem._asm import asm
+from execmem._default import (
     default_allocator,
     jit_text_alloc,
     jit_text_alloc_many,
     jit_text_free,
     publish,
 )
-from execmem._asm import asm
 from execmem._errors import (
     AlignmentError,
     AssemblyError,

@@ -3,7 +3,9 @@
 Everything that touches memory goes through a :class:`~execmem._backend.Backend`;
 everything that depends on the architecture is asked of its ``ArchSpec``.  Packs,
 placement, quarantine epochs and retirement are in ``_packs``; recipe execution and
-the live-patch rule in ``_recipes``; the handles in ``_text``.
+the live-patch rule in ``_recipes``; running a batch's recipes over texts and
+patch words in ``_publishing``; the handles in ``_text``; the module-level API in
+``_default``.
 
 Publishing
     Texts in a reservation not yet mapped run the architecture's ``publish_fresh``
@@ -41,15 +43,14 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import operator
 import os
 import threading
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, cast
 
-from execmem import _recipes
+from execmem import _publishing, _recipes
 from execmem._backend import Backend, Reservation
 from execmem._errors import (
     AlignmentError,
@@ -81,31 +82,10 @@ def _pow2(value: int) -> bool:
     return value > 0 and value & (value - 1) == 0
 
 
-_address = operator.attrgetter("_address")
-
-
 def _positive(size: object) -> int:
     if check_int("size", size) <= 0:
         raise AlignmentError(f"size must be positive, not {size}")
     return cast(int, size)
-
-
-def _adjacent(texts: list[JitText]) -> Iterator[list[JitText]]:
-    """``texts`` (in address order) cut into runs whose chunks touch in one pack."""
-    run: list[JitText] = []
-    for t in texts:
-        if run and (t._pack is not run[-1]._pack or t._chunk != run[-1]._chunk + run[-1]._nchunks):
-            yield run
-            run = []
-        run.append(t)
-    if run:
-        yield run
-
-
-def _ranges(runs: list[list[JitText]]) -> list[tuple[int, int]]:
-    """One address range per run of adjacent texts, for the recipe's cache-maintenance
-    steps (the bytes between the texts are trap filler)."""
-    return [(run[0]._address, run[-1]._address + run[-1]._size - run[0]._address) for run in runs]
 
 
 class Allocator:
@@ -446,107 +426,8 @@ class Allocator:
             raise BadStateError(f"{twice!r} is listed twice")
 
     def _sync(self, texts: list[JitText], patches: list[tuple[JitText, int, bytes]]) -> None:
-        """Run the recipes for ``texts`` (to LIVE) and ``patches`` (composed words)."""
-        backend = self.backend
-        # Address order: texts allocated together form runs written with one store.
-        texts = sorted(texts, key=_address)
-        inplace = [t for t in texts if t._state is TextState.WRITING]
-        fresh: list[JitText] = []
-        mapped: list[JitText] = []
-        for t in texts:
-            (mapped if t._pack.reservation.mapped else fresh).append(t)
-        staged_set = {t for t in texts if t._state is TextState.RESERVED}
-        written: list[JitText] = []
-        stored: list[tuple[Reservation, int, bytes]] = []
-        ended: list[JitText] = []
-        # Compose the patch words in order (several patches may hit one word).
-        shadows: dict[JitText, bytearray] = {}
-        words: list[tuple[Reservation, int, bytes, bytes]] = []
-        for text, offset, data in patches:
-            shadow = shadows.setdefault(text, bytearray(text._shadow))
-            before = self._word(text, shadow, offset)
-            shadow[offset : offset + len(data)] = data
-            res_offset, word = self._word(text, shadow, offset)
-            words.append((text._pack.reservation, res_offset, word, before[1]))
-
-        def write(runs: list[list[JitText]]) -> Callable[[], None]:
-            def run() -> None:
-                for whole in runs:
-                    todo = [t for t in whole if t in staged_set and t._staged]
-                    staged_set.difference_update(todo)
-                    for part in [whole] if len(todo) == len(whole) else _adjacent(todo):
-                        # Listed before the write: a write that fails after storing the
-                        # bytes (mprotect mode: execute permission not restored) is
-                        # rolled back to traps too, which also restores the permission.
-                        written.extend(part)
-                        res, offset, blob = self._blob(part)
-                        backend.write(res, offset, blob)
-
-            return run
-
-        def map_(group: list[JitText]) -> Callable[[], None]:
-            def run() -> None:
-                for res in dict.fromkeys(t._pack.reservation for t in group):
-                    if not res.mapped:
-                        backend.map(res)
-                        self._events["maps"] += 1
-
-            return run
-
-        def store() -> None:
-            for res, res_offset, word, _old in words:
-                backend.atomic_store(res, res_offset, word)
-                stored.append((res, res_offset, _old))
-
-        groups: list[_recipes.Group] = []
-        for recipe, group in (("publish_fresh", fresh), ("publish", mapped)):
-            if group:
-                runs = list(_adjacent(group))
-                groups.append(_recipes.Group(self._recipe(recipe), _ranges(runs), write=write(runs), map=map_(group)))
-        if words:
-            ranges = [(res.address + off, len(word)) for res, off, word, _ in words]
-            groups.append(_recipes.Group(self._recipe("patch"), ranges, store=store))
-        try:
-            for text in inplace:
-                backend.end_inplace(text._pack.reservation, self._offset(text), text.size)
-                ended.append(text)
-            _recipes.run(
-                backend, groups, remote_cse=self._pool.remote_cse, steps=self._steps, recipes=self._recipe_runs
-            )
-        except BaseException:
-            # Leave every text as it was: unpublished texts read as traps again,
-            # in-place texts writable again, patched words restored (best effort).
-            with contextlib.suppress(ExecmemError):
-                for t in written:
-                    backend.write(t._pack.reservation, self._offset(t), self._trap(t._pack.reservation, self._offset(t), t.size))
-                for t in ended:
-                    backend.begin_inplace(t._pack.reservation, self._offset(t), t.size)
-                for res, res_offset, old in reversed(stored):
-                    backend.atomic_store(res, res_offset, old)
-            for t in texts:
-                t._pending = None
-            raise
-        for text in texts:
-            text._state = TextState.LIVE
-            text._pending = None
-        for text, shadow in shadows.items():
-            text._shadow[:] = shadow
-        self._events["published"] += len(texts)
-        self._events["patched"] += len(patches)
-
-    def _blob(self, run: list[JitText]) -> tuple[Reservation, int, bytes]:
-        """One write for texts adjacent in one reservation: their staged bytes, with
-        the trap filler that is already between them."""
-        res = run[0]._pack.reservation
-        first = run[0]
-        if len(run) == 1:
-            return res, self._offset(first), bytes(first._shadow)
-        start, end = first._address, run[-1]._address + run[-1]._size
-        blob = bytearray(self._trap(res, start - res.address, end - start))
-        for t in run:
-            at = t._address - start
-            blob[at : at + t._size] = t._shadow
-        return res, start - res.address, bytes(blob)
+        """Run the recipes for ``texts`` (to LIVE) and ``patches`` (see ``_publishing``)."""
+        _publishing.sync(self, texts, patches)
 
     # -- batches ------------------------------------------------------------------------------
 
@@ -585,20 +466,6 @@ class Allocator:
                 self._sync(texts, patches)
 
     # -- live patching ------------------------------------------------------------------------
-
-    def _word(self, text: JitText, shadow: bytearray, offset: int) -> tuple[int, bytes]:
-        """The aligned patch word around ``text.address + offset`` composed from
-        ``shadow`` (bytes past the text are trap filler): (reservation offset, bytes)."""
-        word = self.arch.patch_rule.word
-        start = (text.address + offset) & ~(word - 1)
-        out = bytearray()
-        for address in range(start, start + word):
-            index = address - text.address
-            if 0 <= index < text.size:
-                out.append(shadow[index])
-            else:
-                out += self._trap(text._pack.reservation, address - text._pack.address, 1)
-        return start - text._pack.address, bytes(out)
 
     def _check_patch(self, text: JitText, shadow: bytearray, offset: int, data: bytes) -> None:
         old = bytes(shadow[offset : offset + len(data)])
@@ -789,67 +656,4 @@ class Allocator:
         return f"<execmem.Allocator {self.arch.name} {self.backend.mode}: {state}>"
 
 
-# -- the module-level default allocator -----------------------------------------------------
-
-_default: Allocator | None = None
-_default_lock = OwnedLock("execmem.default_allocator")
-
-
-def default_allocator() -> Allocator:
-    """The allocator behind ``execmem.jit_text_alloc`` (native, created on first use;
-    a forked child gets its own)."""
-    global _default
-    with _default_lock:
-        if _default is None or _default._closed or _default._pid != os.getpid():
-            _default = Allocator()
-        return _default
-
-
-def jit_text_alloc(size: int, align: int = 16) -> JitText:
-    """Reserve executable address space from the default (native) allocator."""
-    return default_allocator().jit_text_alloc(size, align)
-
-
-def jit_text_free(text: JitText) -> None:
-    """Same as ``text.free()``."""
-    if not isinstance(text, JitText):
-        raise TypeError(f"expected a JitText, not {type(text).__name__}")
-    text.free()
-
-
-def jit_text_alloc_many(sizes: Iterable[int], align: int = 16) -> list[JitText]:
-    """``Allocator.jit_text_alloc_many`` on the default (native) allocator."""
-    return default_allocator().jit_text_alloc_many(sizes, align)
-
-
-def publish(texts: Iterable[JitText], codes: Iterable[bytes] | None = None) -> None:
-    """Publish texts (of one or more allocators) with one synchronization per allocator;
-    ``codes`` as in ``Allocator.publish``."""
-    items, payloads = Allocator._publishable(texts, codes)
-    groups: dict[Allocator, tuple[list[JitText], list[bytes]]] = {}
-    for i, text in enumerate(items):
-        if not isinstance(text, JitText):
-            raise TypeError(f"expected a JitText, not {type(text).__name__}")
-        group = groups.setdefault(text.allocator, ([], []))
-        group[0].append(text)
-        if payloads is not None:
-            group[1].append(payloads[i])
-    # Every group is checked before any is published: refused input changes nothing.
-    for allocator, (group_texts, group_codes) in groups.items():
-        with allocator._lock:
-            allocator._check()
-            allocator._check_publish(group_texts, None if payloads is None else group_codes)
-    for allocator, (group_texts, group_codes) in groups.items():
-        allocator.publish(group_texts, None if payloads is None else group_codes)
-
-
-__all__ = [
-    "DEFAULT_GRANULARITY",
-    "DEFAULT_PACK_SIZE",
-    "Allocator",
-    "default_allocator",
-    "jit_text_alloc",
-    "jit_text_alloc_many",
-    "jit_text_free",
-    "publish",
-]
+__all__ = ["DEFAULT_GRANULARITY", "DEFAULT_PACK_SIZE", "Allocator"]
