@@ -7,11 +7,11 @@ import concurrent.futures
 import json
 import multiprocessing
 import os
-import stat
 import sys
 from pathlib import Path
 
 from execmem._errors import ExecmemError
+from execmem.litmus._parse import read_text
 from execmem.litmus._run import LitmusResult, run_file
 
 
@@ -43,23 +43,7 @@ def collect(paths: list[str]) -> list[str]:
 
 def read_kinds(path: str) -> dict[str, str]:
     kinds: dict[str, str] = {}
-    limit = 1 << 20
-    try:
-        # O_NONBLOCK: a fifo must not block the open; only regular files are read.
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-        with os.fdopen(fd, "rb") as f:
-            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-                raise ExecmemError(f"{path}: not a regular file")
-            data = f.read(limit + 1)
-    except (OSError, ValueError) as exc:
-        raise ExecmemError(f"{path}: {getattr(exc, 'strerror', None) or exc}") from None
-    if len(data) > limit:
-        raise ExecmemError(f"{path}: kinds file larger than {limit} bytes")
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        lineno = data.count(b"\n", 0, exc.start) + 1
-        raise ExecmemError(f"{path}:{lineno}: not UTF-8 text") from None
+    text = read_text(path, 1 << 20, ExecmemError)
     for n, line in enumerate(text.splitlines(), 1):
         fields = line.split()
         if not fields or line.lstrip().startswith("#"):

@@ -20,6 +20,7 @@ from __future__ import annotations
 import bisect
 import os
 import re
+import stat
 from collections.abc import Iterator
 
 from execmem._errors import LitmusError
@@ -87,19 +88,29 @@ class _Text:
 def parse_file(path: str | os.PathLike[str]) -> LitmusTest:
     """Read and parse a ``.litmus`` file (UTF-8, at most :data:`MAX_TEXT` bytes)."""
     p = os.fspath(path)
+    return parse_litmus(read_text(p, MAX_TEXT, LitmusError), p)
+
+
+def read_text(path: str, limit: int, error: type[Exception]) -> str:
+    """A regular file's UTF-8 text, at most ``limit`` bytes; anything else (missing,
+    a fifo or device, which must not block or stream for ever, too large, not UTF-8)
+    raises ``error("path:line: why")``."""
     try:
-        with open(p, "rb") as f:
-            data = f.read(MAX_TEXT + 1)
-    except OSError as e:
-        raise LitmusError(f"{p}:1: cannot read: {e.strerror or e}") from None
-    if len(data) > MAX_TEXT:
-        raise LitmusError(f"{p}:1: file larger than {MAX_TEXT} bytes")
+        # O_NONBLOCK: opening a fifo must not wait for a writer; only regular files are read.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                raise error(f"{path}:1: not a regular file")
+            data = f.read(limit + 1)
+    except (OSError, ValueError) as e:
+        raise error(f"{path}:1: cannot read: {getattr(e, 'strerror', None) or e}") from None
+    if len(data) > limit:
+        raise error(f"{path}:1: file larger than {limit} bytes")
     try:
-        text = data.decode("utf-8")
+        return data.decode("utf-8")
     except UnicodeDecodeError as e:
         line = data.count(b"\n", 0, e.start) + 1
-        raise LitmusError(f"{p}:{line}: not UTF-8 text") from None
-    return parse_litmus(text, p)
+        raise error(f"{path}:{line}: not UTF-8 text") from None
 
 
 def parse_litmus(text: str, path: str | None = None) -> LitmusTest:
