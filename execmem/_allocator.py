@@ -261,15 +261,13 @@ class Allocator:
         with self._lock:
             self._check()
             try:
-                if not shared:
-                    return [self._alloc(size, align) for size in wanted]
                 steps = [-(-size // unit) for size in wanted]
-                if sum(steps) <= budget:  # the common case: one run
+                if shared and sum(steps) <= budget:  # the common case: one run
                     return self._alloc_run(wanted, align)
                 group: list[int] = []
                 used = 0
                 for size, n in zip(wanted, steps, strict=True):
-                    if n > budget:
+                    if not shared or n > budget:
                         out.append(self._alloc(size, align))  # a dedicated reservation
                         continue
                     if used + n > budget:

@@ -177,3 +177,22 @@ def test_native_many_functions_return_their_values(mode: str) -> None:
         got = [t.function(ctypes.c_int)() for t in first + texts]
         assert got == [0, 1, 2] + [i % 256 for i in range(len(texts))]
         assert a.stats()["epochs"]["started"] == 1
+
+
+def test_a_failure_among_dedicated_reservations_gives_back_the_earlier_ones(make_allocator: Any) -> None:
+    backend, a = make_allocator("x86_64", pack_size=1 << 16)
+    before = len(backend.reservations)
+    real = backend.reserve
+    calls = [0]
+
+    def reserve(size: int, align: int) -> Any:
+        calls[0] += 1
+        if calls[0] == 3:
+            raise OutOfMemoryError("injected")
+        return real(size, align)
+
+    backend.reserve = reserve  # type: ignore[method-assign]
+    with pytest.raises(OutOfMemoryError):
+        a.jit_text_alloc_many([16] * 4, align=1 << 17)  # alignment beyond a pack: one reservation each
+    assert len(backend.reservations) == before
+    assert a.stats()["texts"]["RESERVED"] == 0
