@@ -16,6 +16,7 @@ from hypothesis import HealthCheck, settings
 
 import execmem
 from execmem._memory_backend import MemoryBackend
+from execmem.bench._measure import idle_thread
 
 # Not loaded globally (other test files keep hypothesis' defaults): execmem's own
 # property tests use ``settings(parent=settings.get_profile("execmem"))``.
@@ -45,3 +46,11 @@ def make_allocator() -> Iterator[MakeAllocator]:
     for backend, allocator in made:
         allocator.close()
         backend.close()
+
+
+@pytest.fixture
+def other_thread() -> Iterator[None]:
+    """A second, idle thread: remote_cse is skipped in a single-threaded process, and
+    tests that use this exercise the real one."""
+    with idle_thread():
+        yield

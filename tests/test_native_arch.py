@@ -3,7 +3,7 @@ routine texts of every architecture (decoded back with Capstone), /proc parsing.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import capstone
 import pytest
@@ -12,14 +12,8 @@ import execmem.arch
 from execmem._errors import SystemCallError, UnsupportedError
 from execmem.native import _libc, _procmaps, _routines, _sync
 from execmem.native._mapping import _runs, round_up
-from tests._threads import second_thread
 
-
-@pytest.fixture(autouse=True)
-def _other_thread() -> Iterator[None]:
-    """remote_cse is skipped in a single-threaded process; these tests exercise the real one."""
-    with second_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("other_thread")
 
 
 # (CTR_EL0, icache line, dcache line, L1Ip, IDC, DIC, where the value comes from)

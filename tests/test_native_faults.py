@@ -23,7 +23,6 @@ from execmem.native._libc import (
     MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED_SYNC_CORE as REG_SYNC_CORE,
 )
 from execmem.native._libc import PROT_EXEC
-from tests._threads import second_thread
 
 
 def S(backend: NativeBackend) -> dict[str, Any]:
@@ -31,16 +30,10 @@ def S(backend: NativeBackend) -> dict[str, Any]:
     return dict(backend.stats())
 
 
-pytestmark = pytest.mark.skipif(
-    platform.machine().lower() not in ("x86_64", "amd64"), reason="test programs are x86-64 code"
-)
-
-
-@pytest.fixture(autouse=True)
-def _other_thread() -> Iterator[None]:
-    """remote_cse is skipped in a single-threaded process; these tests exercise the real one."""
-    with second_thread():
-        yield
+pytestmark = [
+    pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"), reason="test programs are x86-64 code"),
+    pytest.mark.usefixtures("other_thread"),
+]
 
 
 ADD = bytes.fromhex("488d0437c3")  # lea rax, [rdi + rsi]; ret

@@ -53,10 +53,10 @@ import pytest
 import execmem
 from execmem import JitFunction, JitText, TextState
 from execmem._errors import ExecmemError
+from execmem.bench._measure import idle_thread
 from execmem.native import NativeBackend, _libc, _procmaps, _sync
 from execmem.native._mapping import Region
 from execmem.native._routines import host_routines
-from tests._threads import second_thread
 
 pytestmark = pytest.mark.skipif(
     platform.machine().lower() not in ("x86_64", "amd64"), reason="test programs are x86-64 code"
@@ -324,7 +324,7 @@ def _warm_and_threaded() -> Iterator[None]:
     page and lazy imports in place before anything is counted."""
     host_routines()
     execmem.asm("ret")
-    with second_thread():
+    with idle_thread():
         yield
 
 
