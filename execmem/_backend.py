@@ -14,6 +14,8 @@ Lifecycle of a :class:`Reservation` (a pack, or one large text's own region)::
     reserve()  -> RESERVED: VA fixed, backing allocated and trap-filled through the
                   writable side, executable view NOT installed (nothing can be
                   fetched from it, so nothing stale can be in flight)
+    grow()     -> the same reservation, longer: more trap-filled bytes right after
+                  it, in the same state (never-executed addresses: nothing stale)
     map()      -> MAPPED: executable view installed (the ``map`` recipe step)
     unmap()    -> UNMAPPED: executable view removed, VA still reserved so the system
                   cannot hand it to anyone else while it is quarantined
@@ -42,11 +44,17 @@ class Reservation:
 
     #: Executable virtual address; fixed for the life of the reservation.
     address: int
+    #: Bytes usable now (mapped while ``mapped``); :meth:`Backend.grow` may raise it.
     size: int
     #: Whether the executable view is currently installed.
     mapped: bool = False
     #: Backend-private state (file descriptors, alias addresses, model frames...).
     token: object = field(default=None, repr=False)
+    #: The most ``size`` may grow to in place (``size`` itself when it cannot grow).
+    capacity: int = 0
+
+    def __post_init__(self) -> None:
+        self.capacity = max(self.capacity, self.size)
 
 
 #: An address range ``(start, size)`` in executable address space.
@@ -84,11 +92,23 @@ class Backend(Protocol):
         """Cache-type features of the (host or modeled) CPU, e.g. ``{"idc"}`` on arm64."""
         ...
 
-    def reserve(self, size: int, align: int) -> Reservation:
+    def reserve(self, size: int, align: int, capacity: int | None = None) -> Reservation:
         """Reserve ``size`` bytes of VA aligned to ``align`` with trap-filled backing.
 
-        Raises ``OutOfMemoryError`` / ``SystemCallError`` and leaves nothing behind
-        on failure.
+        ``capacity`` (at least ``size``) asks for room to :meth:`grow` in place up to
+        that many bytes; the backend may instead give all of it at once (the returned
+        ``size`` says what it gave).  Raises ``OutOfMemoryError`` /
+        ``SystemCallError`` and leaves nothing behind on failure.
+        """
+        ...
+
+    def grow(self, reservation: Reservation, size: int) -> bool:
+        """Extend ``reservation`` in place to ``size`` bytes (up to its capacity) with
+        trap-filled backing in the reservation's current state.
+
+        False when the addresses right after it are no longer free (or the backend
+        cannot grow): nothing changed.  Raises like :meth:`reserve` on a real failure,
+        and leaves the reservation as it was.
         """
         ...
 

@@ -107,6 +107,11 @@ class ChunkMap:
         raise ValueError(f"unknown chunk state {state!r}")
 
     @property
+    def trailing_free(self) -> int:
+        """Free chunks after the last used or quarantined one."""
+        return self.n - (self.used | self.quarantined).bit_length()
+
+    @property
     def empty(self) -> bool:
         """No chunk belongs to a text (quarantined chunks may remain)."""
         return self.used == 0
@@ -255,6 +260,13 @@ class ChunkMap:
     def quarantine_stamps(self) -> list[tuple[int, int, int]]:
         """``(start, count, stamp)`` of every quarantined span."""
         return [(s.start, s.count, s.stamp) for s in self._spans]
+
+    def grow(self, n: int) -> None:
+        """Add free chunks at the end, up to ``n`` in all (the pack grew in place)."""
+        if n < self.n:
+            raise ValueError(f"a chunk map cannot shrink from {self.n} to {n} chunks")
+        self.n = n
+        self._all = (1 << n) - 1
 
     def reset(self) -> None:
         """Everything free, no quarantine (a pack reused after an epoch)."""

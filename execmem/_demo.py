@@ -240,7 +240,8 @@ def _print(
         ("architecture", s["arch"]),
         ("mode", b["mode"]),
         ("backing", backing_text),
-        ("pack", f"{pack['address']:#x}, {pack['size'] >> 10} KiB, {'mapped' if pack['mapped'] else 'not mapped'}: "
+        ("pack", f"{pack['address']:#x}, {pack['size'] >> 10} of {cast(int, pack['capacity']) >> 10} KiB, "
+         f"{'mapped' if pack['mapped'] else 'not mapped'}: "
          f"live {pack['live_bytes']} B, quarantined {pack['quarantined_bytes']} B"),
         ("texts", ", ".join(f"{k} {v}" for k, v in texts.items() if v)),
         ("trap fill", f"{trap.hex(' ')}: {trap_bytes} of the pack's {len(image)} bytes are traps"),

@@ -122,24 +122,46 @@ class MemoryBackend:
 
     # -- the Backend contract ------------------------------------------------------------------
 
-    def reserve(self, size: int, align: int) -> Reservation:
+    def reserve(self, size: int, align: int, capacity: int | None = None) -> Reservation:
         self._usable()
         if size <= 0 or align <= 0 or align & (align - 1):
             raise AlignmentError("reserve needs a positive size and a power-of-two alignment")
         self._maybe_fail("reserve")
         size += -size % self.page_size
+        capacity = max(size, capacity or 0)
+        capacity += -capacity % self.page_size
         align = max(align, self.page_size)
-        if self.limit is not None and sum(r.size for r in self._live.values()) + size > self.limit:
-            raise OutOfMemoryError(f"the memory backend's limit of {self.limit:#x} bytes is reached")
+        self._within_limit(size)
         address = self._next + (-self._next % align)
-        if address + size > LIMIT:
+        if address + capacity > LIMIT:
             raise OutOfMemoryError("the fake address space is exhausted")
-        self._next = address + size + self.page_size  # a guard gap
-        res = Reservation(address, size, mapped=False, token=_Backing(bytearray(self.arch.trap_bytes(size))))
+        self._next = address + capacity + self.page_size  # room to grow, then a guard gap
+        token = _Backing(bytearray(self.arch.trap_bytes(size)))
+        res = Reservation(address, size, mapped=False, token=token, capacity=capacity)
         self._live[address] = res
         self.calls.append(("reserve", address, size, align))
         self.counts["reserve"] += 1
         return res
+
+    def _within_limit(self, more: int) -> None:
+        if self.limit is not None and sum(r.size for r in self._live.values()) + more > self.limit:
+            raise OutOfMemoryError(f"the memory backend's limit of {self.limit:#x} bytes is reached")
+
+    def grow(self, reservation: Reservation, size: int) -> bool:
+        self._usable()
+        backing = self._backing(reservation)
+        size += -size % self.page_size
+        if size <= reservation.size:
+            return True
+        if size > reservation.capacity:
+            return False
+        self._maybe_fail("grow")
+        self._within_limit(size - reservation.size)
+        backing.data += self.arch.trap_bytes(size - reservation.size)
+        self.calls.append(("grow", reservation.address, size))
+        self.counts["grow"] += 1
+        reservation.size = size
+        return True
 
     def map(self, reservation: Reservation) -> None:
         self._usable()

@@ -11,6 +11,14 @@ Placement
     would mostly hold one text anyway, and a big text would keep a whole pack from
     ever returning to the system.  With a coarse write unit (``unit_chunks > 1``,
     mprotect mode) a request placed in a *mapped* pack takes whole write units.
+Growth
+    A pack is a ``pack_size`` slot (2 MiB: PMD-aligned, so a full pack can be a
+    large page) of which only a prefix is mapped at first: what the first request
+    needs, rounded up to ``COMMIT_STEP``.  When nothing fits, a pack that can still
+    grow is extended in place just enough (``Backend.grow``: fresh trap-filled
+    addresses joined to the same VMA) before any other remedy, so N small texts cost
+    about N chunks of address space and memory, not a whole pack from the first
+    one.  If the addresses after a pack are taken, it keeps its size.
 Epochs
     ``started``/``completed`` count the ``remote_cse`` steps run through
     :meth:`PackPool.remote_cse`.  Chunks freed from a mapped reservation are stamped
@@ -35,6 +43,11 @@ from dataclasses import dataclass
 from execmem._backend import Backend, Range, Reservation
 from execmem._chunks import LIVE, QUARANTINED, ChunkMap
 from execmem._errors import ExecmemError
+
+#: How much a pack is mapped at a time (rounded up to the backend's page size): as
+#: asmjit's default block size; small enough that a few texts cost little, large
+#: enough that growing costs a system call per thousand small texts.
+COMMIT_STEP = 64 << 10
 
 
 @dataclass(eq=False)
@@ -73,6 +86,7 @@ class PackPool:
         self.quarantine = quarantine
         self.unit_chunks = unit_chunks
         self.events = events
+        self.commit_step = max(COMMIT_STEP, backend.page_size)
         self.packs: list[Pack] = []
         self.retired: list[Pack] = []
         self.started = 0
@@ -81,13 +95,13 @@ class PackPool:
 
     # -- placement ------------------------------------------------------------------------
 
-    def layout(self, pack: Pack, counts: list[int], step: int) -> tuple[list[int], list[int], int, int]:
-        """Allocations of ``counts`` chunks side by side in ``pack``: their offsets from
-        the run's start and chunk counts, the run's length and its alignment step.
-        (Lists of ints, not of tuples: a run may hold thousands, and ints are not
-        tracked by the garbage collector.)"""
+    def layout(self, mapped: bool, counts: list[int], step: int) -> tuple[list[int], list[int], int, int]:
+        """Allocations of ``counts`` chunks side by side in a pack (``mapped`` or not):
+        their offsets from the run's start and chunk counts, the run's length and its
+        alignment step.  (Lists of ints, not of tuples: a run may hold thousands, and
+        ints are not tracked by the garbage collector.)"""
         u = self.unit_chunks
-        coarse = u > 1 and pack.reservation.mapped
+        coarse = u > 1 and mapped
         s = max(step, u) if coarse else step
         if s == 1 and not coarse:  # side by side, no padding
             starts = list(itertools.accumulate(counts, initial=0))
@@ -111,7 +125,7 @@ class PackPool:
                 continue
             key = pack.reservation.mapped
             if key not in shapes:
-                shapes[key] = self.layout(pack, counts, step)
+                shapes[key] = self.layout(key, counts, step)
             offsets, shaped, total, s = shapes[key]
             index = pack.chunks.find(total, s)
             if index is not None:
@@ -124,10 +138,33 @@ class PackPool:
         for pack in self.packs:
             if pack.dedicated or not pack.chunks.quarantined:
                 continue
-            _, _, total, s = self.layout(pack, counts, step)
+            _, _, total, s = self.layout(pack.reservation.mapped, counts, step)
             if pack.chunks.find(total, s, among=pack.chunks.free | pack.chunks.quarantined) is not None:
                 return True
         return False
+
+    def _grow_into(self, counts: list[int], step: int) -> tuple[Pack, list[int], list[int]] | None:
+        """Extend a pack that has room to grow just enough (in steps of ``COMMIT_STEP``) for
+        the run after its last allocation, and place the run there."""
+        gran = self.granularity
+        for pack in self.packs:
+            res = pack.reservation
+            if pack.dedicated or res.size >= res.capacity:
+                continue
+            _, _, total, s = self.layout(res.mapped, counts, step)
+            chunks = pack.chunks
+            first = -(-(chunks.n - chunks.trailing_free) // s) * s
+            want = (first + total) * gran
+            if want > res.capacity:
+                continue
+            if not self.backend.grow(res, min(res.capacity, -(-want // self.commit_step) * self.commit_step)):
+                continue  # the addresses after the pack are taken: it keeps its size
+            chunks.grow(res.size // gran)
+            self.events["packs_grown"] += 1
+            hit = self._find(counts, step, [pack])
+            if hit is not None:
+                return hit
+        return None
 
     def _adopt_retired(self) -> Pack | None:
         """A matured retired pack, made a fresh (unmapped, empty) pack again."""
@@ -163,7 +200,7 @@ class PackPool:
         """Take side-by-side chunks in one pack for allocations of ``counts`` chunks, each
         aligned to ``step`` chunks: (pack, first chunks, chunk counts).  The caller
         keeps the run within half a pack (``fits_in_a_pack``)."""
-        hit = self._find(counts, step, self.packs)
+        hit = self._find(counts, step, self.packs) or self._grow_into(counts, step)
         if hit is None:
             adopted = self._adopt_retired()
             if adopted is None and self.quarantine and self._quarantine_would_do(counts, step):
@@ -175,7 +212,9 @@ class PackPool:
             if hit is None and adopted is not None:
                 hit = self._find(counts, step, [adopted])
         if hit is None:
-            res = self.backend.reserve(self.pack_size, self.pack_size)
+            total = self.layout(False, counts, step)[2] * self.granularity
+            first = min(self.pack_size, -(-total // self.commit_step) * self.commit_step)
+            res = self.backend.reserve(first, self.pack_size, self.pack_size)
             pack = Pack(res, ChunkMap(res.size // self.granularity), dedicated=False)
             self.packs.append(pack)
             self.events["packs_reserved"] += 1
@@ -307,6 +346,7 @@ class PackPool:
                 {
                     "address": pack.address,
                     "size": size,
+                    "capacity": pack.reservation.capacity,
                     "mapped": pack.reservation.mapped,
                     "dedicated": pack.dedicated,
                     "retired": retired,
@@ -334,4 +374,4 @@ class PackPool:
         return out
 
 
-__all__ = ["Pack", "PackPool"]
+__all__ = ["COMMIT_STEP", "Pack", "PackPool"]

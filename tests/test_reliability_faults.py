@@ -88,6 +88,7 @@ ERRNOS: dict[str, tuple[int, ...]] = {
     "close": (errno.EIO,),
     "fcntl": (errno.EINVAL, errno.EPERM),  # EINVAL: F_SEAL_FUTURE_WRITE unknown (< 5.1)
     "membarrier": (errno.EPERM, errno.EINVAL, errno.ENOSYS),
+    "pwrite": (errno.ENOSPC, errno.EIO),
 }
 
 
@@ -210,12 +211,14 @@ def execmem_vmas(touched: list[tuple[int, int]], ignore: list[tuple[int, int]]) 
 # --- the allocator audit ------------------------------------------------------------------
 
 
-def readable(backend: NativeBackend, region: Region) -> int | None:
-    """An address where the whole region can be read now, or None."""
+def contents(backend: NativeBackend, region: Region) -> bytes | None:
+    """The region's bytes as they are now (None where nothing can read them)."""
     if backend.mode == "dual-mapping":
-        return region.write_base
+        if region.rw_fd >= 0:  # written with pwrite: read the file the same way
+            return os.pread(region.rw_fd, region.size, 0)
+        return ctypes.string_at(region.write_base, region.size)
     if region.mapped or len(region.rw_pages) * PAGE >= region.size:
-        return region.address
+        return ctypes.string_at(region.address, region.size)
     return None
 
 
@@ -246,8 +249,7 @@ def audit_allocator(a: execmem.Allocator) -> list[str]:
     for pack, retired in a._pool.rows():
         region = pack.reservation.token
         assert isinstance(region, Region)
-        base = readable(backend, region)
-        mem = ctypes.string_at(base, region.size) if base is not None else None
+        mem = contents(backend, region)
         traps = a._trap(pack.reservation, 0, region.size)
         if retired:
             if mem is not None and mem != traps:
@@ -601,6 +603,22 @@ def flow_many(env: Env) -> Callable[[], None]:
     return check
 
 
+def flow_grow(env: Env) -> Callable[[], None]:
+    """A text past the mapped part of the pack: the pack grows in place (trap-filled
+    file or pages, then the view extended), then the text is published there."""
+    res = env.keepers[0].text._pack.reservation
+    assert res.size < res.capacity
+    t, v = env.text(res.size)
+    t.map()
+    assert t._pack.reservation is res and res.size > t.address - res.address
+
+    def check() -> None:
+        _calls(t, v)()
+        assert len([v for v in _procmaps.read_maps() if v.overlaps(res.address, res.size)]) == 1
+
+    return check
+
+
 def flow_close(env: Env) -> Callable[[], None]:
     """Allocator then backend.  After an error the harness closes again (``Env.close``),
     as a user would: the second close releases what a refused call kept."""
@@ -672,6 +690,7 @@ class FlowSpec:
 FLOWS = [
     FlowSpec("new-pack", flow_new_pack),
     FlowSpec("new-pack-large", flow_new_pack, pack=LARGE),
+    FlowSpec("grow", flow_grow, pack=LARGE),
     FlowSpec("dedicated", flow_dedicated, pack=LARGE),
     FlowSpec("publish-mapped-cold", flow_publish_mapped, warm_sync=False),
     FlowSpec("publish-mapped-warm", flow_publish_mapped),

@@ -44,7 +44,7 @@ def targets(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
             "value": va,
             "threshold": 50,
             "n": n,
-            "detail": f"all mappings (RX view + RW alias): {batched['address_space_per_function']:.0f} vs "
+            "detail": f"all of the mode's mappings: {batched['address_space_per_function']:.0f} vs "
             f"{base['address_space_per_function']:.0f} B/fn; executable VA alone {exec_va:.1f}x; "
             f"chunks allocated {batched['footprint_per_function']:.0f} B/fn "
             f"({base['address_space_per_function'] / batched['footprint_per_function']:.1f}x)",
@@ -116,9 +116,9 @@ def table(report: dict[str, Any]) -> str:
         cells = [c.ljust(w) if i in left else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))]
         lines.append("  " + "  ".join(cells))
     lines.append("  us/fn: alloc + write + publish, per function (warm allocator: first pack mapped, membarrier registered).")
-    lines.append("  VA: bytes of all the mode's mappings (execmem: RX view + RW alias); exec VA: executable part only;")
+    lines.append("  VA: bytes of all the mode's mappings (execmem: its packs, as mapped so far); exec VA: executable part;")
     lines.append("  chunks: bytes of pack chunks the functions took (the baseline: its pages), what more N would cost.")
-    lines.append("  RSS counts a page mapped twice (dual mapping) twice, PSS once; VMAs own: VMAs of those mappings;")
+    lines.append("  RSS, PSS: resident bytes of those mappings (PSS splits shared pages); VMAs own: VMAs of them;")
     lines.append("  VMAs proc: whole process after publishing (delta from before). syncs: remote_cse (membarrier) runs.")
     lines.extend(textwrap.wrap(BASELINE_NOTE, 104, initial_indent="  ", subsequent_indent="  "))
     free = ", ".join(
@@ -197,12 +197,11 @@ def markdown(report: dict[str, Any], command: str, text: str, plot: str | None) 
         "",
         "How to read it:",
         "",
-        "- *VA B/fn* divides everything mapped by N: execmem maps a whole 2 MiB pack (and, in dual",
-        "  mode, a 2 MiB read+write alias of it) as soon as the first function is published, so this",
-        "  falls as 1/N until the pack is full. Even full (32,768 functions of 64 bytes), a pack and",
-        "  its alias cost 128 B/fn, 32x less than the baseline's 4 KiB (the executable view alone,",
-        "  64 B/fn: 64x). *chunks* is what each further function costs (64-byte chunks); the",
-        "  baseline pays a 4 KiB page per function whatever N is.",
+        "- *VA B/fn* divides everything mapped by N. A pack is a 2 MiB slot of which execmem maps",
+        "  only what its texts need, in 64 KiB steps, growing the same mapping in place, and dual",
+        "  mode writes with pwrite, so there is no writable alias to count: past the first step,",
+        "  each function costs about its 64-byte chunk (64x less than a page). *chunks* is that",
+        "  cost without the rounding; the baseline pays a 4 KiB page per function whatever N is.",
         "- *us/fn* is wall time of allocate + write + publish. *execmem-batched* is one",
         "  `jit_text_alloc_many` and one `publish(texts, codes)`: one placement, one store per run of",
         "  adjacent texts, one synchronization. What it still spends per function is CPython's: the",

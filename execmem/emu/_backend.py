@@ -86,10 +86,13 @@ class EmulatedBackend:
             host.fence(name, note=f"{what}: {name}")
 
     # Reservations -------------------------------------------------------------
-    def reserve(self, size: int, align: int) -> Reservation:
+    def reserve(self, size: int, align: int, capacity: int | None = None) -> Reservation:
+        """The whole ``capacity`` at once: the model's frames cost nothing, and a
+        reservation that never grows keeps the modeled page tables simple."""
         m = self._m
         if size <= 0 or align <= 0 or align & (align - 1):
             raise AlignmentError("reserve needs a positive size and a power-of-two alignment")
+        size = max(size, capacity or 0)
         size += -size % PAGE
         align = max(align, PAGE)
         va = self._next_va + (-self._next_va % align)
@@ -111,6 +114,11 @@ class EmulatedBackend:
         self._reservations.append(res)
         self._counts["reserve"] += 1
         return res
+
+    def grow(self, reservation: Reservation, size: int) -> bool:
+        """Reservations get their capacity at once: growing is never needed."""
+        self._frames(reservation)
+        return size <= reservation.size
 
     def _frames(self, res: Reservation) -> _Frames:
         token = res.token

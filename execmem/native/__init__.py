@@ -7,19 +7,22 @@ manuals; their routine texts and CTR_EL0 decoding are tested on any host).
 Modes (``NativeBackend(mode=...)``; details in ``_mapping``):
 
 * ``"dual"`` (default) - a memfd (else ``/dev/shm``, else the temp dir) mapped
-  read+write at a private alias and read+execute at the text's address.  Writes go
-  through the alias; no mapping is ever writable and executable.  ``map`` installs
-  the read+execute view over the reserved (inaccessible) address, ``unmap`` puts an
-  inaccessible anonymous mapping back.  The alias is ``MADV_DONTFORK``, and the
-  views are mapped from a *read-only* descriptor of the file (``/proc/self/fd/N``
-  reopened; a memfd is also sealed ``F_SEAL_FUTURE_WRITE`` on Linux 5.1+), so
-  ``mprotect(view, PROT_WRITE)`` fails with EACCES: a forked child keeps (and may
-  call) the parent's texts but cannot make them writable, nor can other code of this
-  process except through the alias.  Without ``/proc`` the views fall back to the
-  read+write descriptor (``stats()["backing_detail"]["views"]``; the memfd seal
-  still protects them).  Nothing here stops a same-user process that can ``ptrace``
-  this one.  This backend refuses every operation in the child except
-  ``close``/``release``/``stats`` (``ForkedProcessError``).
+  read+execute at the text's address; writes go into the file with ``pwrite``, so
+  the code is mapped nowhere writable and no stray store of this process can change
+  it (a live patch's atomic store goes through a one-page read+write window of the
+  file, unmapped right after).  ``map`` installs the read+execute view over the
+  reserved (inaccessible) address, ``unmap`` puts an inaccessible anonymous mapping
+  back.  The views are mapped from a *read-only* descriptor of the file
+  (``/proc/self/fd/N`` reopened), so ``mprotect(view, PROT_WRITE)`` fails with
+  EACCES: a forked child keeps (and may call) the parent's texts but cannot make
+  them writable.  The child inherits the read+write descriptor, as any forked code
+  inherits descriptors; this backend refuses every operation in the child except
+  ``close``/``release``/``stats`` (``ForkedProcessError``).  Without ``/proc`` the
+  views fall back to the read+write descriptor
+  (``stats()["backing_detail"]["views"]``).  On hugetlbfs, which has no ``write``,
+  a whole-pack file is written through a read+write alias (``MADV_DONTFORK``,
+  sealed ``F_SEAL_FUTURE_WRITE``).  Nothing here stops a same-user process that can
+  ``ptrace`` this one.
 * ``"mprotect"`` - one anonymous mapping per reservation whose pages toggle between
   inaccessible, read+write and read+execute; ``write_unit`` is the page size.
   ``atomic_store`` makes the page briefly non-executable, so it is not safe while

@@ -1,35 +1,37 @@
 """The shared-memory files behind dual mapping (:class:`Backing`).
 
-Each reservation of ``dual`` mode is one file, mapped twice: read+write at a private
-alias (where every write goes) and read+execute at the text's address (the *view*).
-This module creates the file and, once the alias exists, makes sure the view cannot
-be turned writable:
+Each reservation of ``dual`` mode is one file, mapped read+execute at the text's
+address (the *view*) and written with ``pwrite`` (a hugetlbfs file, which has no
+``write``, through a read+write alias).  This module creates the file and makes sure
+the view cannot be turned writable:
 
 * **read-only descriptor** - the view is mapped from a descriptor opened
-  ``O_RDONLY`` (``/proc/self/fd/N`` reopened), and the read+write one is closed.  A
-  ``MAP_SHARED`` mapping of a read-only descriptor lacks ``VM_MAYWRITE``, so
-  ``mprotect(view, PROT_WRITE)`` fails with ``EACCES`` in this process and in any
-  forked child (which has no alias either: ``MADV_DONTFORK``).  Fallback, counted
+  ``O_RDONLY`` (``/proc/self/fd/N`` reopened).  A ``MAP_SHARED`` mapping of a
+  read-only descriptor lacks ``VM_MAYWRITE``, so ``mprotect(view, PROT_WRITE)``
+  fails with ``EACCES`` in this process and in any forked child.  Fallback, counted
   in ``stats()["backing_detail"]["views"]``: when ``/proc`` is not mounted or the
   reopen is refused (ENOENT, EACCES, EPERM, ENXIO, ENOTDIR), the view is mapped
-  from the read+write descriptor as before, and *can* be made writable by code of
-  this process or of a forked child.
-* **seal** (memfd only) - the file is created with ``MFD_ALLOW_SEALING`` and, after
-  the alias is populated, sealed ``F_SEAL_FUTURE_WRITE | F_SEAL_SHRINK |
-  F_SEAL_GROW | F_SEAL_SEAL``: the existing alias keeps working, but no new writable
-  mapping and no ``write(2)`` can be made, not even through a descriptor reopened
-  read+write from ``/proc/<pid>/fd``, and the file cannot be truncated under the
-  view.  Kernels older than 5.1 reject ``F_SEAL_FUTURE_WRITE`` with EINVAL: the
-  backend then stops sealing (``backing_detail["sealing"]`` says so) and relies on
-  the read-only descriptor.  hugetlbfs memfds enforce the seal only from Linux 5.17
-  on (earlier kernels accept and ignore it).  Files in ``/dev/shm`` or the temp dir
+  from the read+write descriptor, and *can* be made writable by code of this
+  process or of a forked child.
+* **seals** (memfd only) - ``F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL``: the file
+  cannot be truncated under the view (which would turn execution into SIGBUS).  A
+  hugetlb file, written through its alias, is also sealed ``F_SEAL_FUTURE_WRITE``
+  once the alias exists: no new writable mapping and no ``write(2)``.  Kernels older
+  than 5.1 reject that seal with EINVAL: the backend then stops using it
+  (``backing_detail["sealing"]`` says so).  Files in ``/dev/shm`` or the temp dir
   cannot be sealed.
+
+The read+write descriptor stays open for ``pwrite``; a forked child inherits it (as
+it inherits every descriptor; ``O_CLOEXEC`` closes it at ``exec``), and code of the
+child that deliberately writes through it changes the parent's text: the backend
+itself refuses to work in a child.
 
 Not guaranteed: a process of the same user can always ``ptrace`` this one (or write
 ``/proc/<pid>/mem``) and change anything, and this process can always write its own
-code through the alias - W^X is about mappings, not about trust.
+code with ``pwrite`` - W^X is about mappings, not about trust.
 
-Large pages: with ``hugetlb`` requested, ``MFD_HUGETLB`` is tried first and
+Large pages: with ``hugetlb`` requested, ``MFD_HUGETLB`` is tried first (whole
+packs only: see ``DualMapper.reserve``) and
 ``fallocate`` reserves the huge pages, so that a system without enough of them fails
 cleanly here instead of with SIGBUS later.  Only failures that mean *the host* lacks
 huge pages make hugetlb ``unavailable`` for the backend's life (``memfd_create``
@@ -71,9 +73,12 @@ BACKING_FALLBACK = frozenset(
 )
 #: errnos of the read-only reopen after which the read+write descriptor is kept.
 REOPEN_FALLBACK = frozenset({errno.ENOENT, errno.EACCES, errno.EPERM, errno.ENXIO, errno.ENOTDIR})
-#: The seals of a memfd once its alias exists (see the module docstring).
+#: The seals of a hugetlb memfd once its alias exists (see the module docstring).
 SEALS = _libc.F_SEAL_FUTURE_WRITE | _libc.F_SEAL_SHRINK | _libc.F_SEAL_GROW | _libc.F_SEAL_SEAL
 SEALED = "F_SEAL_FUTURE_WRITE | F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL"
+#: The seals of a memfd written with ``pwrite``: its size is fixed, its contents not.
+SEALS_WRITABLE = _libc.F_SEAL_SHRINK | _libc.F_SEAL_GROW | _libc.F_SEAL_SEAL
+SEALED_WRITABLE = "F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL"
 
 
 def close_quietly(sys_: _libc.Syscalls, fd: int) -> None:
@@ -125,42 +130,36 @@ class Backing:
         if directories is not None:  # tests and embedders may pin the file fallbacks
             self._candidates = (("memfd", None), *((f"dir:{d}", d) for d in directories))
 
-    def _hugetlb_may(self, size: int) -> bool:
+    def hugetlb_may(self, size: int) -> bool:
         if self.hugetlb.startswith("unavailable") or self.kind not in (None, "memfd"):
             return False
         return self.hugetlb_short_from is None or size < self.hugetlb_short_from
 
-    def create(self, size: int, *, hugetlb: bool, scratch: int) -> tuple[int, bool]:
-        """A new file of ``size`` bytes: ``(fd, uses_hugetlb)``; ``fd`` is read+write.
+    def create(self, size: int, *, scratch: int) -> int:
+        """A new file of ``size`` bytes (ordinary pages), read+write.
 
-        ``scratch`` is inaccessible address space of at least ``size`` bytes that the
-        caller owns: executable probes are mapped there (and put back inaccessible),
-        so a failure can never leave a probe mapping behind.
+        ``scratch`` is inaccessible address space of at least a page that the caller
+        owns: the executable probe of the first file is mapped there (and put back
+        inaccessible), so a failure can never leave a probe mapping behind.
         """
-        if hugetlb and self._hugetlb_may(size):
-            fd = self._try_hugetlb(size, scratch)
-            if fd >= 0:
-                return fd, True
         with self._lock:
             if self.kind is None:
-                return self._select(size, scratch), False
+                return self._select(size, scratch)
             kind, directory = self.kind, self.directory
-        return self._create(kind, directory, size), False
+        return self._create(kind, directory, size)
 
-    def view_fd(self, fd: int, *, hugetlb: bool) -> int:
-        """The descriptor to map views from, once the alias of ``fd`` is populated.
+    def view_fd(self, fd: int, *, keep_writable: bool) -> int:
+        """The descriptor to map views from, once the file has its first contents.
 
-        Seals a memfd, then reopens ``fd`` read-only and closes ``fd``.  Returns the
-        read-only descriptor, or ``fd`` itself after a documented fallback.  On error
-        ``fd`` is still open and nothing else is (the caller rolls back)."""
-        if (hugetlb or self.kind == "memfd") and self.sealing in ("not tried", SEALED):
-            try:
-                self._sys.fcntl(fd, _libc.F_ADD_SEALS, SEALS)
-                self.sealing = SEALED
-            except ExecmemError as exc:
-                if _libc.errno_of(exc) != errno.EINVAL:
-                    raise
-                self.sealing = f"unsupported (F_SEAL_FUTURE_WRITE needs Linux 5.1): {exc}"
+        Seals a memfd, then reopens ``fd`` read-only.  ``keep_writable``: the caller
+        goes on writing with ``pwrite`` through ``fd`` (sealed ``SEALS_WRITABLE``);
+        otherwise its alias is the only writer left (sealed ``SEALS``) and ``fd`` is
+        closed.  Returns the read-only descriptor, or ``fd`` itself after a
+        documented fallback.  On error ``fd`` is still open and nothing else is (the
+        caller rolls back)."""
+        seals, name = (SEALS_WRITABLE, SEALED_WRITABLE) if keep_writable else (SEALS, SEALED)
+        if self.kind == "memfd" or not keep_writable:  # hugetlb files are memfds too
+            self._seal(fd, seals, name)
         try:
             read_only = self._sys.open(f"/proc/self/fd/{fd}".encode(), _libc.O_RDONLY | _libc.O_CLOEXEC, 0)
         except ExecmemError as exc:
@@ -172,8 +171,21 @@ class Backing:
             return fd
         with self._counts_lock:  # never raises: fd must not be closed twice on error
             self.read_only_views += 1
-        close_quietly(self._sys, fd)  # the alias keeps the file; the fd is released anyway
+        if not keep_writable:
+            close_quietly(self._sys, fd)  # the alias keeps the file; the fd is released anyway
         return read_only
+
+    def _seal(self, fd: int, seals: int, name: str) -> None:
+        if self.sealing.startswith("unsupported") and seals & _libc.F_SEAL_FUTURE_WRITE:
+            return
+        try:
+            self._sys.fcntl(fd, _libc.F_ADD_SEALS, seals)
+        except ExecmemError as exc:
+            if _libc.errno_of(exc) != errno.EINVAL or not seals & _libc.F_SEAL_FUTURE_WRITE:
+                raise
+            self.sealing = f"unsupported (F_SEAL_FUTURE_WRITE needs Linux 5.1): {exc}"
+            return
+        self.sealing = name if self.sealing in ("not tried", name) else f"{self.sealing}; {name}"
 
     def _memfd(self, extra: int) -> int:
         try:
@@ -233,7 +245,7 @@ class Backing:
             return fd
         raise SystemCallError(errno.EACCES, "no executable shared memory: " + "; ".join(self.notes))
 
-    def _try_hugetlb(self, size: int, scratch: int) -> int:
+    def try_hugetlb(self, size: int, scratch: int) -> int:
         """A hugetlb memfd of ``size`` bytes, or -1 (never raises: ordinary pages follow)."""
         try:
             fd = self._memfd(_libc.MFD_HUGETLB)
@@ -292,4 +304,15 @@ class Backing:
         }
 
 
-__all__ = ["BACKING_FALLBACK", "PMD_SIZE", "REOPEN_FALLBACK", "RX", "SEALED", "SEALS", "Backing", "close_quietly"]
+__all__ = [
+    "BACKING_FALLBACK",
+    "PMD_SIZE",
+    "REOPEN_FALLBACK",
+    "RX",
+    "SEALED",
+    "SEALED_WRITABLE",
+    "SEALS",
+    "SEALS_WRITABLE",
+    "Backing",
+    "close_quietly",
+]

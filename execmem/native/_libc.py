@@ -45,6 +45,7 @@ MAP_FIXED = 0x10
 MAP_ANONYMOUS = 0x20
 MAP_NORESERVE = 0x4000
 MAP_POPULATE = 0x8000
+MAP_FIXED_NOREPLACE = 0x100000  # Linux 4.17; older kernels take the address as a hint
 MAP_FAILED = ctypes.c_void_p(-1).value
 MADV_DONTFORK = 10
 MADV_HUGEPAGE = 14
@@ -110,6 +111,7 @@ _close = _bind("close", _c_int, _c_int)
 _ftruncate = _bind("ftruncate", _c_int, _c_int, _c_long)
 _fcntl = _bind("fcntl", _c_int, _c_int, _c_int, _c_int)  # the int-argument form only
 _fallocate = _bind("fallocate", _c_int, _c_int, _c_int, _c_long, _c_long)
+_pwrite = _bind("pwrite", ctypes.c_ssize_t, _c_int, ctypes.c_char_p, _c_size_t, _c_long)
 _syscall = _libc.syscall
 _syscall.restype = _c_long
 _memfd_create: Callable[..., int] | None
@@ -216,6 +218,8 @@ def error(name: str, err: int, detail: str) -> ExecmemError:
 
 
 def _fmt(arg: object) -> str:
+    if isinstance(arg, bytes) and len(arg) > 32:
+        return f"<{len(arg)} bytes>"
     return hex(arg) if isinstance(arg, int) and arg > 4096 else repr(arg)
 
 
@@ -276,6 +280,10 @@ class Syscalls:
 
     def fallocate(self, fd: int, mode: int, offset: int, length: int) -> None:
         self._call("fallocate", _fallocate, fd, mode, offset, length)
+
+    def pwrite(self, fd: int, data: bytes, offset: int) -> int:
+        """Bytes written (possibly fewer than ``len(data)``)."""
+        return self._call("pwrite", _pwrite, fd, data, len(data), offset)
 
     def membarrier(self, cmd: int, flags: int = 0) -> int:
         number = syscall_number("membarrier")

@@ -2,16 +2,17 @@
 
 ``dual`` (:class:`DualMapper`, the default)
     A shared-memory file (memfd, else a file in ``/dev/shm``, else in the temp dir,
-    unlinked at once; see :class:`Backing`) is mapped twice: a read+write *alias* at a
-    kernel-chosen address, where every write goes, and a read+execute *view* at the
-    reservation's fixed address, installed by ``map`` and replaced by an inaccessible
-    anonymous mapping by ``unmap`` (the kernel shoots the TLBs down; the VA stays
-    reserved).  No mapping is ever writable and executable.  The alias is
-    ``MADV_DONTFORK``, and the view is mapped from a *read-only* descriptor of the
-    file (a memfd is also sealed ``F_SEAL_FUTURE_WRITE``): ``mprotect`` cannot make
-    the view writable, so a forked child keeps the read+execute view of every text
-    but has no way to write the parent's code.  Fallbacks and limits (no ``/proc``,
-    kernels before 5.1, ptrace) are in ``_backing``.
+    unlinked at once; see :class:`Backing`) is mapped read+execute at the
+    reservation's fixed address (the *view*), installed by ``map`` and replaced by
+    an inaccessible anonymous mapping by ``unmap`` (the kernel shoots the TLBs down;
+    the VA stays reserved).  Writes go into the file with ``pwrite``: no mapping of
+    the code is ever writable, let alone writable and executable, and a reservation
+    costs its view only.  An atomic store (a live patch) needs a real store
+    instruction: it goes through a one-page read+write window, unmapped at once.
+    The view is mapped from a *read-only* descriptor of the file, so ``mprotect``
+    cannot make it writable.  A hugetlbfs file (no ``write(2)``) is instead written
+    through a read+write alias, ``MADV_DONTFORK`` and sealed.  Fallbacks and limits
+    (no ``/proc``, ptrace) are in ``_backing``.
 
 ``mprotect`` (:class:`MprotectMapper`)
     One private anonymous mapping per reservation whose pages change protection:
@@ -30,7 +31,11 @@
 
 Every reservation starts as an over-sized inaccessible mapping trimmed to the
 requested alignment (2 MiB - the PMD size - when the size allows and large pages
-are wanted), and every failure rolls back what was created before it.
+are wanted), and every failure rolls back what was created before it.  A
+reservation with room to grow (a pack) maps only its first part at the bottom of its
+slot, below ``GROWTH_ROOM`` of free addresses; ``grow`` extends it with
+``MAP_FIXED_NOREPLACE`` in the region's current state, which the kernel merges into
+the same VMA, and reports False when something else took the addresses.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import functools
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -55,6 +61,7 @@ from execmem.native._libc import (
     MADV_POPULATE_WRITE,
     MAP_ANONYMOUS,
     MAP_FIXED,
+    MAP_FIXED_NOREPLACE,
     MAP_NORESERVE,
     MAP_POPULATE,
     MAP_PRIVATE,
@@ -66,6 +73,11 @@ from execmem.native._libc import (
 )
 
 RW = PROT_READ | PROT_WRITE
+#: An inaccessible placeholder keeping VA reserved (no memory is committed for it).
+PLACEHOLDER = MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE
+#: Free address space left above a growable reservation's slot (``_growable_va``):
+#: other mappings of the process fill it before they can reach the slot.
+GROWTH_ROOM = 256 << 20
 
 
 def round_up(value: int, align: int) -> int:
@@ -77,12 +89,18 @@ class Region:
     """Backend-private state of one reservation (``Reservation.token``)."""
 
     address: int
+    #: Bytes mapped now (the view, or the inaccessible placeholder); grows in place.
     size: int
-    #: Where writes land: the alias (dual) or the address itself.
+    #: Where writes land: the address itself (mprotect, rwx), the alias (dual mode on
+    #: hugetlbfs), or 0 when they go through ``rw_fd`` (dual mode otherwise).
     write_base: int
-    #: dual mode: the descriptor views are mapped from - read-only (and the alias
-    #: keeps the file) unless the reopen fell back (``_backing``).
+    #: dual mode: the descriptor views are mapped from - read-only unless the reopen
+    #: fell back (``_backing``).
     fd: int = -1
+    #: dual mode without an alias: the read+write descriptor ``pwrite`` goes through.
+    rw_fd: int = -1
+    #: The most ``size`` may grow to (the pack's slot); ``size`` when it cannot grow.
+    capacity: int = 0
     hugetlb: bool = False
     mapped: bool = False
     released: bool = False
@@ -92,10 +110,15 @@ class Region:
     #: Parts already returned to the system ("view", "alias", "fd"): a release that
     #: failed half way is retried for the rest only (``NativeBackend.close``).
     released_parts: set[str] = field(default_factory=set)
+    #: dual mode: one-page write windows of ``store`` whose unmapping was refused.
+    windows: list[int] = field(default_factory=list)
     #: mprotect mode: guards the page protections.  An OwnedLock: a signal handler
     #: writing to this region while the interrupted code toggles its pages gets
     #: BadStateError instead of a deadlock.
     lock: OwnedLock = field(default_factory=lambda: OwnedLock("a region's page protections"), repr=False)
+
+    def __post_init__(self) -> None:
+        self.capacity = max(self.capacity, self.size)
 
 
 def _runs(pages: Iterator[int] | list[int]) -> list[tuple[int, int]]:
@@ -128,6 +151,8 @@ class Mapper:
         self.huge_pages = huge_pages
         self.write_unit = 1
         self._pattern = b""
+        #: Where the next growable reservation is tried first (``_growable_va``).
+        self._next_slot: int | None = None
 
     # -- helpers -------------------------------------------------------------------------
 
@@ -138,8 +163,13 @@ class Mapper:
             align = max(align, PMD_SIZE)
         return align
 
-    def reserve_va(self, size: int, align: int, prot: int, flags: int) -> int:
-        """``size`` bytes at an ``align``-aligned address: over-allocate, trim both ends."""
+    def reserve_va(self, size: int, align: int, prot: int, flags: int, capacity: int = 0) -> int:
+        """``size`` bytes at an ``align``-aligned address: over-allocate, trim both ends.
+
+        A non-zero ``capacity`` places it where it can grow in place to that many bytes
+        (see :meth:`_growable_va`)."""
+        if capacity:
+            return self._growable_va(size, align, prot, flags, capacity)
         span = size + align - self.page
         base = self._sys.mmap(0, span, prot, flags)
         start = round_up(base, align)
@@ -154,15 +184,73 @@ class Mapper:
             raise
         return start
 
+    def _growable_va(self, size: int, align: int, prot: int, flags: int, capacity: int) -> int:
+        """``size`` bytes at the bottom of a free ``capacity`` slot, below ``GROWTH_ROOM``
+        more free bytes.
+
+        Linux hands out addresses top-down (the highest free gap that fits), so the
+        mappings made after this one fill the room above from its top and reach the
+        slot last.  Later slots go right below the previous one (a code region, which
+        also keeps texts within direct-branch range of each other) when that is free.
+        """
+        if self._next_slot is not None:
+            hint, self._next_slot = self._next_slot, None
+            if self.claim(hint, size, prot, flags):
+                self._next_slot = (hint - capacity) // align * align
+                return hint
+        span = capacity + align - self.page + GROWTH_ROOM
+        base = self._sys.mmap(0, span, PROT_NONE, PLACEHOLDER)
+        start = round_up(base, align)
+        try:
+            if (prot, flags) != (PROT_NONE, PLACEHOLDER):
+                self._sys.mmap(start, size, prot, flags | MAP_FIXED)
+            if start > base:
+                self._sys.munmap(base, start - base)
+            self._sys.munmap(start + size, base + span - (start + size))
+        except BaseException:
+            _undo_all([lambda: self._sys.munmap(base, span)])
+            raise
+        self._next_slot = (start - capacity) // align * align
+        return start
+
+    def claim(self, address: int, size: int, prot: int, flags: int, fd: int = -1, offset: int = 0) -> bool:
+        """Map ``size`` bytes exactly at ``address`` if nothing is there; False if taken."""
+        try:
+            got = self._sys.mmap(address, size, prot, flags | MAP_FIXED_NOREPLACE, fd, offset)
+        except ExecmemError as exc:
+            if _libc.errno_of(exc) == errno.EEXIST:
+                return False
+            raise
+        if got != address:  # a kernel before 4.17 took the address as a hint
+            self._sys.munmap(got, size)
+            return False
+        return True
+
+    def grow(self, region: Region, size: int) -> bool:
+        """Extend ``region`` in place to ``size`` bytes (see ``Backend.grow``)."""
+        if size <= region.size:
+            return True
+        if size > region.capacity:
+            return False
+        if not self._extend(region, region.address + region.size, size - region.size):
+            return False
+        region.size = size
+        if size == region.capacity:
+            self.advise_huge(region.address, size)
+        return True
+
+    def _extend(self, region: Region, end: int, extra: int) -> bool:
+        """Map ``extra`` trap-filled bytes at ``end`` in the region's state, or False."""
+        raise NotImplementedError
+
     def fill(self, address: int, size: int) -> None:
         """Trap-fill ``size`` bytes at a writable ``address``."""
         chunk = min(size, PMD_SIZE)
-        if len(self._pattern) < chunk:
-            self._pattern = self.spec.trap_bytes(chunk)
+        pattern = self.traps(chunk)
         done = 0
         while done < size:
             n = min(chunk, size - done)
-            ctypes.memmove(address + done, self._pattern, n)
+            ctypes.memmove(address + done, pattern, n)
             done += n
 
     def advise_huge(self, address: int, size: int) -> None:
@@ -176,8 +264,14 @@ class Mapper:
 
     # -- the verbs ------------------------------------------------------------------------
 
-    def reserve(self, size: int, align: int) -> Region:
+    def reserve(self, size: int, align: int, capacity: int) -> Region:
         raise NotImplementedError
+
+    def traps(self, size: int) -> bytes:
+        """Trap filler of ``size`` bytes (cached)."""
+        if len(self._pattern) < size:
+            self._pattern = self.spec.trap_bytes(max(size, PMD_SIZE))
+        return self._pattern[:size]
 
     def map(self, region: Region) -> None:
         raise NotImplementedError
@@ -194,7 +288,7 @@ class Mapper:
         ctypes.memmove(region.write_base + offset, data, len(data))
 
     def store(self, region: Region, offset: int, size: int, action: Callable[[int], object]) -> None:
-        """Run ``action(address)`` with ``address`` the writable alias of ``offset``."""
+        """Run ``action(address)`` with ``address`` a writable address of ``offset``."""
         action(region.write_base + offset)
 
     def begin_inplace(self, region: Region, offset: int, size: int) -> None:
@@ -230,32 +324,46 @@ class DualMapper(Mapper):
         super().__init__(spec, sys_, page_size, huge_pages=huge_pages)
         self.backing = Backing(sys_, page_size, directories=directories)
 
-    def reserve(self, size: int, align: int) -> Region:
+    def reserve(self, size: int, align: int, capacity: int) -> Region:
         s = self._sys
-        undo: list[Callable[[], None]] = []
+        # hugetlbfs takes no write(2) and no partial mapping: a whole-capacity file
+        # with an alias, tried first when large pages are wanted and may be there.
+        try_hugetlb = self.huge_pages and capacity % PMD_SIZE == 0 and self.backing.hugetlb_may(capacity)
+        first = capacity if try_hugetlb else size
+        address = self.reserve_va(first, align, PROT_NONE, PLACEHOLDER, capacity if capacity > size else 0)
+        undo: list[Callable[[], None]] = [lambda: s.munmap(address, first)]
         try:
-            address = self.reserve_va(size, align, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE)
-            undo.append(lambda: s.munmap(address, size))
-            wants_hugetlb = self.huge_pages and size % PMD_SIZE == 0
-            fd, hugetlb = self.backing.create(size, hugetlb=wants_hugetlb, scratch=address)
+            if try_hugetlb:
+                fd = self.backing.try_hugetlb(capacity, scratch=address)
+                if fd >= 0:
+                    undo.append(lambda: _close_quietly(s, fd))
+                    return self._with_alias(address, capacity, fd, undo)
+                if first > size:
+                    s.munmap(address + size, first - size)
+                undo[0] = lambda: s.munmap(address, size)
+            fd = self.backing.create(capacity, scratch=address)
             undo.append(lambda: _close_quietly(s, fd))
-            alias = s.mmap(0, size, RW, MAP_SHARED, fd, 0)
-            undo.append(lambda: s.munmap(alias, size))
-            # A forked child must never be able to write the parent's code.
-            s.madvise(alias, size, MADV_DONTFORK)
-            if not hugetlb:
-                self.advise_huge(alias, size)
-            self._populate(alias, fd, size)
-            self.fill(alias, size)
-            # Last step: seal (memfd) and swap the read+write descriptor for a read-only
-            # one, so the views cannot be made writable (see _backing).  On error the
-            # read+write fd is still open (closed by the undo list); on success it is
-            # closed unless it is the documented fallback.
-            view_fd = self.backing.view_fd(fd, hugetlb=hugetlb)
+            self._pwrite_fill(fd, 0, size)
+            # Last step: seal (memfd) and reopen read-only for the views (see _backing).
+            view_fd = self.backing.view_fd(fd, keep_writable=True)
         except BaseException:
             _undo_all(undo)
             raise
-        return Region(address, size, write_base=alias, fd=view_fd, hugetlb=hugetlb)
+        return Region(address, size, write_base=0, fd=view_fd, rw_fd=fd, capacity=capacity)
+
+    def _with_alias(self, address: int, size: int, fd: int, undo: list[Callable[[], None]]) -> Region:
+        """A hugetlb file: written through a read+write alias (``MADV_DONTFORK``)."""
+        s = self._sys
+        alias = s.mmap(0, size, RW, MAP_SHARED, fd, 0)
+        undo.append(lambda: s.munmap(alias, size))
+        # A forked child must never be able to write the parent's code.
+        s.madvise(alias, size, MADV_DONTFORK)
+        self._populate(alias, fd, size)
+        self.fill(alias, size)
+        # Seal, and swap the read+write descriptor for a read-only one (closing it
+        # unless that is the documented fallback).
+        view_fd = self.backing.view_fd(fd, keep_writable=False)
+        return Region(address, size, write_base=alias, fd=view_fd, hugetlb=True)
 
     def _populate(self, alias: int, fd: int, size: int) -> None:
         """Allocate the file's pages now, so a full tmpfs fails here, not with SIGBUS."""
@@ -274,21 +382,72 @@ class DualMapper(Mapper):
             if _libc.errno_of(exc) not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
                 raise
 
+    def _pwrite(self, fd: int, data: bytes, offset: int) -> None:
+        """All of ``data`` at ``offset`` (the file's pages are allocated as it goes, so
+        a full tmpfs fails here with ENOSPC, never later with SIGBUS)."""
+        done = 0
+        while done < len(data):
+            n = self._sys.pwrite(fd, data[done:] if done else data, offset + done)
+            if n <= 0:
+                raise OutOfMemoryError(f"pwrite at {offset + done:#x} of the executable text's file wrote nothing")
+            done += n
+
+    def _pwrite_fill(self, fd: int, offset: int, size: int) -> None:
+        chunk = min(size, PMD_SIZE)
+        for at in range(offset, offset + size, chunk):
+            self._pwrite(fd, self.traps(min(chunk, offset + size - at)), at)
+
+    def _extend(self, region: Region, end: int, extra: int) -> bool:
+        if region.rw_fd < 0:
+            return False  # an alias-backed (hugetlb) file has its whole size already
+        # The file first: nothing maps that part yet, so traps are all it ever shows.
+        self._pwrite_fill(region.rw_fd, region.size, extra)
+        if region.mapped:
+            return self.claim(end, extra, RX, MAP_SHARED | MAP_POPULATE, region.fd, region.size)
+        return self.claim(end, extra, PROT_NONE, PLACEHOLDER)
+
+    def write(self, region: Region, offset: int, data: bytes) -> None:
+        if region.rw_fd < 0:
+            super().write(region, offset, data)
+        else:
+            self._pwrite(region.rw_fd, data, offset)
+
+    def store(self, region: Region, offset: int, size: int, action: Callable[[int], object]) -> None:
+        """A single-copy-atomic store needs a real store instruction, not ``pwrite``:
+        through a one-page read+write window of the file, unmapped right after."""
+        if region.rw_fd < 0:
+            super().store(region, offset, size, action)
+            return
+        base = offset - offset % self.page
+        window = self._sys.mmap(0, self.page, RW, MAP_SHARED, region.rw_fd, base)
+        try:
+            action(window + offset - base)
+        finally:
+            try:
+                self._sys.munmap(window, self.page)
+            except ExecmemError:
+                # The store is done; the window stays owned and goes with the region.
+                region.windows.append(window)
+
     def map(self, region: Region) -> None:
         # MAP_POPULATE: the page tables are filled now (the pages exist already), so
         # first execution takes no page fault and smaps shows the page sizes obtained.
         self._sys.mmap(region.address, region.size, RX, MAP_SHARED | MAP_FIXED | MAP_POPULATE, region.fd, 0)
 
     def unmap(self, region: Region) -> None:
-        self._sys.mmap(region.address, region.size, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED | MAP_NORESERVE)
+        self._sys.mmap(region.address, region.size, PROT_NONE, PLACEHOLDER | MAP_FIXED)
 
     def release(self, region: Region, *, forked: bool) -> None:
         s = self._sys
         errors: list[ExecmemError] = []
         actions: list[tuple[str, Callable[[], None]]] = [("view", lambda: s.munmap(region.address, region.size))]
-        if not forked:  # a child has no alias (MADV_DONTFORK): that VA may be someone else's
+        if region.write_base and not forked:  # a child has no alias (MADV_DONTFORK): that VA may be someone else's
             actions.append(("alias", lambda: s.munmap(region.write_base, region.size)))
         actions.append(("fd", lambda: s.close(region.fd)))
+        for window in region.windows:
+            actions.append((f"window {window:#x}", functools.partial(s.munmap, window, self.page)))
+        if region.rw_fd >= 0 and region.rw_fd != region.fd:
+            actions.append(("rw_fd", lambda: s.close(region.rw_fd)))
         for part, action in actions:
             if part in region.released_parts:
                 continue
@@ -296,7 +455,7 @@ class DualMapper(Mapper):
                 action()
             except ExecmemError as exc:
                 errors.append(exc)
-                if part != "fd":  # Linux releases the fd whatever close returns
+                if not part.endswith("fd"):  # Linux releases the fd whatever close returns
                     continue
             region.released_parts.add(part)
         if errors:
@@ -304,7 +463,8 @@ class DualMapper(Mapper):
 
     def owned_ranges(self, region: Region) -> list[Range]:
         parts = (("view", region.address), ("alias", region.write_base))
-        return [(start, region.size) for part, start in parts if part not in region.released_parts]
+        owned = [(start, region.size) for part, start in parts if start and part not in region.released_parts]
+        return owned + [(w, self.page) for w in region.windows if f"window {w:#x}" not in region.released_parts]
 
     def describe(self) -> dict[str, object]:
         described = self.backing.describe()
@@ -320,8 +480,8 @@ class MprotectMapper(Mapper):
         super().__init__(spec, sys_, page_size, huge_pages=huge_pages)
         self.write_unit = page_size
 
-    def reserve(self, size: int, align: int) -> Region:
-        address = self.reserve_va(size, align, RW, MAP_PRIVATE | MAP_ANONYMOUS)
+    def reserve(self, size: int, align: int, capacity: int) -> Region:
+        address = self.reserve_va(size, align, RW, MAP_PRIVATE | MAP_ANONYMOUS, capacity if capacity > size else 0)
         try:
             self.advise_huge(address, size)
             self.fill(address, size)
@@ -329,7 +489,29 @@ class MprotectMapper(Mapper):
         except BaseException:
             _undo_all([lambda: self._sys.munmap(address, size)])
             raise
-        return Region(address, size, write_base=address)
+        return Region(address, size, write_base=address, capacity=capacity)
+
+    def _extend(self, region: Region, end: int, extra: int) -> bool:
+        with region.lock:
+            all_rw = not region.mapped and len(region.rw_pages) * self.page >= region.size
+            prot = RW if all_rw else self._base_prot(region)
+            # Mapped with the neighbour's protection, so the kernel merges it into the
+            # region's VMA (it has no pages yet); made writable only to be filled.
+            if not self.claim(end, extra, prot, MAP_PRIVATE | MAP_ANONYMOUS):
+                return False
+            try:
+                if prot != RW:
+                    self._sys.mprotect(end, extra, RW)
+                self.fill(end, extra)
+                if prot != RW:
+                    self._sys.mprotect(end, extra, prot)
+            except BaseException:
+                _undo_all([lambda: self._sys.munmap(end, extra)])
+                raise
+            if all_rw:
+                first = (end - region.address) // self.page
+                region.rw_pages.update(range(first, first + extra // self.page))
+            return True
 
     def _base_prot(self, region: Region) -> int:
         return RX if region.mapped else PROT_NONE
@@ -407,15 +589,26 @@ class MprotectMapper(Mapper):
 class RwxMapper(Mapper):
     mode = "rwx"
 
-    def reserve(self, size: int, align: int) -> Region:
-        address = self.reserve_va(size, align, RW, MAP_PRIVATE | MAP_ANONYMOUS)
+    def reserve(self, size: int, align: int, capacity: int) -> Region:
+        address = self.reserve_va(size, align, RW, MAP_PRIVATE | MAP_ANONYMOUS, capacity if capacity > size else 0)
         try:
             self.advise_huge(address, size)
             self.fill(address, size)
         except BaseException:
             _undo_all([lambda: self._sys.munmap(address, size)])
             raise
-        return Region(address, size, write_base=address)
+        return Region(address, size, write_base=address, capacity=capacity)
+
+    def _extend(self, region: Region, end: int, extra: int) -> bool:
+        prot = RW | PROT_EXEC if region.mapped else RW
+        if not self.claim(end, extra, prot, MAP_PRIVATE | MAP_ANONYMOUS):
+            return False
+        try:
+            self.fill(end, extra)
+        except BaseException:
+            _undo_all([lambda: self._sys.munmap(end, extra)])
+            raise
+        return True
 
     def map(self, region: Region) -> None:
         self._sys.mprotect(region.address, region.size, RW | PROT_EXEC)

@@ -57,7 +57,8 @@ def physical_memory() -> int | None:
 class NativeBackend:
     """Executable memory in this process; see ``execmem.native``.
 
-    ``mode``: ``"dual"`` (default, W^X by two views of shared memory), ``"mprotect"``
+    ``mode``: ``"dual"`` (default, W^X by a read+execute view of a file written with
+    ``pwrite``), ``"mprotect"``
     (W^X by toggling page protections) or ``"rwx"`` (writable and executable at once;
     only when asked for by name).  ``arch`` must be the host's (``None``).
     ``huge_pages`` aligns reservations of 2 MiB or more to 2 MiB and asks for large
@@ -67,8 +68,7 @@ class NativeBackend:
 
     ``max_reservation`` bounds one reservation, checked before any system call:
     a larger request is an ``OutOfMemoryError`` rather than an out-of-memory kill
-    later (every reserved page is populated: dual mode prefaults the file, the
-    other modes write trap filler).  Default: the machine's total RAM
+    later (every reserved page is populated with trap filler).  Default: the machine's total RAM
     (``os.sysconf``), which makes ``jit_text_alloc(1 << 40)`` a clear error; an
     explicit value may be larger but never beyond the user address space
     (``ADDRESS_SPACE_BITS``).  It is a per-request sanity bound, not a budget: many
@@ -76,13 +76,15 @@ class NativeBackend:
     ENOMEM, or the OOM killer acts).
 
     ``reserve`` rounds the size up to whole pages (``Reservation.size`` is the rounded
-    size) and aligns to at least a page.  Costs on Linux x86-64, in system calls:
-    a dual-mapping reservation 9-11 (VA, memfd, ftruncate, alias, DONTFORK, hints,
-    populate, seal, read-only reopen, close; once per backend also the backing probe
-    and a hugetlb attempt), ``map``
-    1, ``unmap`` 1, ``release`` 3; a write through the alias 0; ``remote_cse`` 1
-    (3 the first time: query and register).  In mprotect mode a write to mapped
-    memory costs 2 (``mprotect`` there and back).
+    size) and aligns to at least a page; with a ``capacity`` it maps that much at most
+    later, through :meth:`grow`.  Costs on Linux x86-64, in system calls: a
+    dual-mapping reservation 8 (VA and its trimming, memfd, ftruncate, trap fill,
+    seal, read-only reopen; once per backend also the backing probe and a hugetlb
+    attempt), ``grow`` 2 (trap fill, mapping), ``map`` 1, ``unmap`` 1, ``release``
+    3; a write 1 (``pwrite``, however many texts a run holds), an atomic store 2 (its
+    window); ``remote_cse`` 1 (3 the first time: query and register).  In mprotect
+    mode a write to mapped memory costs 2 (``mprotect`` there and back) and none to
+    an unmapped one.
     """
 
     def __init__(
@@ -204,32 +206,50 @@ class NativeBackend:
             with self._lock:  # raises BadStateError (the message is the lock's)
                 pass
 
-    def reserve(self, size: int, align: int) -> Reservation:
+    def _pages(self, size: int) -> int:
+        return -(-size // self.page_size) * self.page_size
+
+    def reserve(self, size: int, align: int, capacity: int | None = None) -> Reservation:
         self._usable()
         self._not_reentered()
         if size <= 0:
             raise AlignmentError(f"reservation size must be positive, not {size}")
         if align <= 0 or align & (align - 1):
             raise AlignmentError(f"alignment must be a power of two, not {align}")
-        size = -(-size // self.page_size) * self.page_size
-        if size > self.max_reservation:
+        size = self._pages(size)
+        capacity = max(size, self._pages(capacity or 0))
+        if capacity > self.max_reservation:
             raise OutOfMemoryError(
-                f"a reservation of {size:#x} bytes is larger than this backend allows "
+                f"a reservation of {capacity:#x} bytes is larger than this backend allows "
                 f"({self.max_reservation:#x} bytes: {self._limit_source}); nothing was reserved"
             )
-        align = self._mapper.alignment(size, align)
-        if size + align > self._address_space:
-            raise OutOfMemoryError(f"{size:#x} bytes aligned to {align:#x} cannot fit in the address space")
-        region = self._mapper.reserve(size, align)
+        align = self._mapper.alignment(capacity, align)
+        if capacity + align > self._address_space:
+            raise OutOfMemoryError(f"{capacity:#x} bytes aligned to {align:#x} cannot fit in the address space")
+        region = self._mapper.reserve(size, align, capacity)
         try:
             with self._lock:
                 self._regions[region.address] = region
-                self._peak_reserved = max(self._peak_reserved, sum(r.size for r in self._regions.values()))
+                self._note_peak()
         except BaseException:
             with contextlib.suppress(ExecmemError):  # the original error is the one to report
                 self._mapper.release(region, forked=False)
             raise
-        return Reservation(region.address, size, mapped=False, token=region)
+        return Reservation(region.address, region.size, mapped=False, token=region, capacity=region.capacity)
+
+    def _note_peak(self) -> None:
+        self._peak_reserved = max(self._peak_reserved, sum(r.size for r in self._regions.values()))
+
+    def grow(self, reservation: Reservation, size: int) -> bool:
+        region = self._region(reservation)
+        self._not_reentered()
+        size = self._pages(size)
+        if not self._mapper.grow(region, size):
+            return False
+        reservation.size = region.size
+        with self._lock:
+            self._note_peak()
+        return True
 
     def map(self, reservation: Reservation) -> None:
         region = self._region(reservation)
