@@ -310,7 +310,10 @@ class Allocator:
     def _store(self, text: JitText, offset: int, data: bytes) -> None:
         if text._state is TextState.WRITING and data:
             self.backend.write(text._pack.reservation, self._offset(text) + offset, data)
-        text._shadow[offset : offset + len(data)] = data
+        shadow = text._shadow
+        if type(shadow) is not bytearray:  # shared immutable bytes: copy before writing
+            shadow = text._shadow = bytearray(shadow)
+        shadow[offset : offset + len(data)] = data
         text._staged = text._staged or bool(data)
 
     def _map_rw_inplace(self, text: JitText) -> None:
@@ -380,12 +383,7 @@ class Allocator:
             self._check()
             self._check_publish(items, payloads)
             if payloads is not None:
-                for text, code in zip(items, payloads, strict=True):
-                    if text._state is TextState.RESERVED and code:  # the common case, inline
-                        text._shadow[: len(code)] = code
-                        text._staged = True
-                    else:
-                        self._store(text, 0, code)
+                self._stage_codes(items, payloads)
             if not items:
                 return
             batch = self._batch()
@@ -395,6 +393,21 @@ class Allocator:
                     batch.texts.append(text)
                 return
             self._sync(items, [])
+
+    def _stage_codes(self, items: list[JitText], payloads: list[bytes]) -> None:
+        """``text.write(0, code)`` for each text, checked already.  A RESERVED text's
+        staging buffer becomes the (immutable) code itself, or the code and the rest of
+        the buffer: no copy into a bytearray (the hot path of a batch)."""
+        reserved = TextState.RESERVED
+        for text, code in zip(items, payloads, strict=True):
+            if text._state is not reserved:
+                self._store(text, 0, code)
+            elif len(code) == text._size:
+                text._shadow = code
+                text._staged = True
+            elif code:
+                text._shadow = code + text._shadow[len(code) :]
+                text._staged = True
 
     @staticmethod
     def _publishable(texts: Iterable[JitText], codes: Iterable[bytes] | None) -> tuple[list[JitText], list[bytes] | None]:
@@ -465,7 +478,7 @@ class Allocator:
 
     # -- live patching ------------------------------------------------------------------------
 
-    def _check_patch(self, text: JitText, shadow: bytearray, offset: int, data: bytes) -> None:
+    def _check_patch(self, text: JitText, shadow: bytes | bytearray, offset: int, data: bytes) -> None:
         old = bytes(shadow[offset : offset + len(data)])
         _recipes.check_patch(self.arch, self.backend, text.address + offset, old, data)
 
@@ -568,7 +581,7 @@ class Allocator:
         # Another CPU may hold instructions fetched from here: reuse after an epoch.
         self._pool.free(pack, text._chunk)
         self._texts.discard(text)
-        text._shadow = bytearray()
+        text._shadow = b""
 
     # -- reporting ----------------------------------------------------------------------------
 

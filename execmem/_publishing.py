@@ -129,7 +129,7 @@ def sync(a: Allocator, texts: list[JitText], patches: list[tuple[JitText, int, b
         text._state = TextState.LIVE
         text._pending = None
     for text, shadow in shadows.items():
-        text._shadow[:] = shadow
+        text._shadow = shadow  # a private copy already (the old one may be shared bytes)
     a._events["published"] += len(texts)
     a._events["patched"] += len(patches)
 
