@@ -180,17 +180,23 @@ def run_bytes(a: Allocator, run: list[JitText]) -> tuple[Reservation, int, bytes
     first = run[0]
     if len(run) == 1:
         return res, a._offset(first), bytes(first._shadow)
-    start, end = first._address, run[-1]._address + run[-1]._size
-    filler = a._trap(res, start - res.address, end - start)
+    # Every text starts on a whole trap instruction (chunks do), so the filler before
+    # it depends on its length only: made once per length (a slice per gap costs more).
+    fillers: dict[int, bytes] = {}
+    trap = a.arch.trap_bytes
     pieces: list[bytes | bytearray] = []
-    at = start  # where the previous text ended
+    at = first._address  # where the previous text ended
     for t in run:
         address = t._address
         if address != at:
-            pieces.append(filler[at - start : address - start])
+            gap = address - at
+            filler = fillers.get(gap)
+            if filler is None:
+                filler = fillers[gap] = trap(gap + -gap % len(a.arch.trap_fill))[-gap:]
+            pieces.append(filler)
         pieces.append(t._shadow)
         at = address + t._size
-    return res, start - res.address, b"".join(pieces)
+    return res, a._offset(first), b"".join(pieces)
 
 
 def patch_word(a: Allocator, text: JitText, shadow: bytearray, offset: int) -> tuple[int, bytes]:

@@ -81,6 +81,26 @@ def test_publish_with_codes_coalesces_writes_and_syncs_once(make_allocator: Any)
     assert ranges == [((texts[0].address, texts[-1].address + 12 - texts[0].address),)]
 
 
+@pytest.mark.parametrize("arch", ["x86_64", "arm64", "riscv64"])
+def test_a_run_is_written_with_trap_filler_in_phase_between_the_texts(make_allocator: Any, arch: str) -> None:
+    backend, a = make_allocator(arch)
+    warm = a.jit_text_alloc(16)
+    warm.map()
+    sizes = [5, 64, 1, 130, 33, 2, 7, 64, 100]
+    texts = a.jit_text_alloc_many(sizes)
+    codes = [bytes([0x10 + i]) * (size - i % 2) for i, size in enumerate(sizes)]  # some shorter than the text
+    mark = len(backend.calls)
+    a.publish(texts, codes)
+    assert len([c for c in backend.calls[mark:] if c[0] == "write"]) == 1
+    start, end = texts[0].address, texts[-1].address + texts[-1].size
+    res_start = start - a._offset(texts[0])
+    expected = bytearray(a.arch.trap_bytes(end - res_start))[start - res_start :]  # the pack's own traps
+    for t, code in zip(texts, codes, strict=True):
+        expected[t.address - start : t.address - start + len(code)] = code
+        assert t.read() == code + expected[t.address - start + len(code) : t.address - start + t.size]
+    assert backend.read(start, end - start) == bytes(expected)
+
+
 def test_publish_codes_mixes_staged_inplace_and_unwritten(make_allocator: Any) -> None:
     backend, a = make_allocator("x86_64")
     t1, t2, t3 = a.jit_text_alloc_many([16, 16, 16])
