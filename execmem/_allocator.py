@@ -88,6 +88,15 @@ def _positive(size: object) -> int:
     return cast(int, size)
 
 
+def _positive_sizes(sizes: Iterable[int]) -> list[int]:
+    """``sizes`` as a list, each checked as ``_positive`` does: as a whole first (two
+    passes in C), one by one only when that fails, to raise for the first bad one."""
+    wanted = list(sizes)
+    if set(map(type, wanted)) <= {int} and (not wanted or min(wanted) > 0):
+        return wanted
+    return [_positive(size) for size in wanted]
+
+
 class Allocator:
     """Owns packs of executable memory and hands out :class:`JitText` handles.
 
@@ -250,33 +259,37 @@ class Allocator:
         one placement and one bookkeeping update per pack instead of one per text (a
         JIT compiling a module of functions), and ``publish`` then writes adjacent
         texts with one store.  On any error nothing is allocated."""
-        wanted = [size if type(size) is int and size > 0 else _positive(size) for size in sizes]
+        wanted = _positive_sizes(sizes)
         check_int("align", align)
         if not _pow2(align):
             raise AlignmentError(f"align must be a power of two, not {align}")
-        unit = max(align, self.granularity)  # a text takes whole alignment steps in a run
+        gran = self.granularity
+        unit = max(align, gran)  # a text takes whole alignment steps in a run
         budget = self.pack_size // 2 // unit  # a run never exceeds what one text may take
         shared = self._pool.fits_in_a_pack(1, align)
+        counts = [-(-size // gran) for size in wanted]  # chunks per text
+        steps = counts if unit == gran else [-(-size // unit) for size in wanted]
         out: list[JitText] = []
         with self._lock:
             self._check()
             try:
-                steps = [-(-size // unit) for size in wanted]
                 if shared and sum(steps) <= budget:  # the common case: one run
-                    return self._alloc_run(wanted, align)
+                    return self._alloc_run(wanted, counts, align)
                 group: list[int] = []
+                group_counts: list[int] = []
                 used = 0
-                for size, n in zip(wanted, steps, strict=True):
+                for size, count, n in zip(wanted, counts, steps, strict=True):
                     if not shared or n > budget:
                         out.append(self._alloc(size, align))  # a dedicated reservation
                         continue
                     if used + n > budget:
-                        out += self._alloc_run(group, align)
-                        group, used = [], 0
+                        out += self._alloc_run(group, group_counts, align)
+                        group, group_counts, used = [], [], 0
                     group.append(size)
+                    group_counts.append(count)
                     used += n
                 if group:
-                    out += self._alloc_run(group, align)
+                    out += self._alloc_run(group, group_counts, align)
             except BaseException:
                 for text in out:
                     # Never published, so never fetched: free again without quarantine.
@@ -287,13 +300,14 @@ class Allocator:
                 raise
         return out
 
-    def _alloc_run(self, sizes: list[int], align: int) -> list[JitText]:
-        gran = self.granularity
-        pack, chunks, counts = self._pool.place_many([-(-size // gran) for size in sizes], max(1, align // gran))
+    def _alloc_run(self, sizes: list[int], counts: list[int], align: int) -> list[JitText]:
+        """Texts of ``sizes`` (``counts`` chunks each) side by side in one pack."""
+        # What each text takes may be more than asked (whole write units, mprotect mode).
+        pack, chunks, taken = self._pool.place_many(counts, max(1, align // self.granularity))
         # Chunks start on a whole trap instruction (the granularity is a multiple of its
         # length), so a text's initial (trap) contents depend on its size only.
         traps = {size: self._trap(pack.reservation, 0, size) for size in set(sizes)}
-        texts = JitText._run(self, pack, chunks, counts, sizes, traps)
+        texts = JitText._run(self, pack, chunks, taken, sizes, traps)
         self._texts.update(texts)
         return texts
 
