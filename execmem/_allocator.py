@@ -88,6 +88,15 @@ def _positive(size: object) -> int:
     return cast(int, size)
 
 
+def _positive_sizes(sizes: Iterable[int]) -> list[int]:
+    """``sizes`` as a list, each checked as ``_positive`` does: as a whole first (two
+    passes in C), one by one only when that fails, to raise for the first bad one."""
+    wanted = list(sizes)
+    if set(map(type, wanted)) <= {int} and (not wanted or min(wanted) > 0):
+        return wanted
+    return [_positive(size) for size in wanted]
+
+
 class Allocator:
     """Owns packs of executable memory and hands out :class:`JitText` handles.
 
@@ -250,33 +259,37 @@ class Allocator:
         one placement and one bookkeeping update per pack instead of one per text (a
         JIT compiling a module of functions), and ``publish`` then writes adjacent
         texts with one store.  On any error nothing is allocated."""
-        wanted = [size if type(size) is int and size > 0 else _positive(size) for size in sizes]
+        wanted = _positive_sizes(sizes)
         check_int("align", align)
         if not _pow2(align):
             raise AlignmentError(f"align must be a power of two, not {align}")
-        unit = max(align, self.granularity)  # a text takes whole alignment steps in a run
+        gran = self.granularity
+        unit = max(align, gran)  # a text takes whole alignment steps in a run
         budget = self.pack_size // 2 // unit  # a run never exceeds what one text may take
         shared = self._pool.fits_in_a_pack(1, align)
+        counts = [-(-size // gran) for size in wanted]  # chunks per text
+        steps = counts if unit == gran else [-(-size // unit) for size in wanted]
         out: list[JitText] = []
         with self._lock:
             self._check()
             try:
-                steps = [-(-size // unit) for size in wanted]
                 if shared and sum(steps) <= budget:  # the common case: one run
-                    return self._alloc_run(wanted, align)
+                    return self._alloc_run(wanted, counts, align)
                 group: list[int] = []
+                group_counts: list[int] = []
                 used = 0
-                for size, n in zip(wanted, steps, strict=True):
+                for size, count, n in zip(wanted, counts, steps, strict=True):
                     if not shared or n > budget:
                         out.append(self._alloc(size, align))  # a dedicated reservation
                         continue
                     if used + n > budget:
-                        out += self._alloc_run(group, align)
-                        group, used = [], 0
+                        out += self._alloc_run(group, group_counts, align)
+                        group, group_counts, used = [], [], 0
                     group.append(size)
+                    group_counts.append(count)
                     used += n
                 if group:
-                    out += self._alloc_run(group, align)
+                    out += self._alloc_run(group, group_counts, align)
             except BaseException:
                 for text in out:
                     # Never published, so never fetched: free again without quarantine.
@@ -287,13 +300,14 @@ class Allocator:
                 raise
         return out
 
-    def _alloc_run(self, sizes: list[int], align: int) -> list[JitText]:
-        gran = self.granularity
-        pack, chunks, counts = self._pool.place_many([-(-size // gran) for size in sizes], max(1, align // gran))
+    def _alloc_run(self, sizes: list[int], counts: list[int], align: int) -> list[JitText]:
+        """Texts of ``sizes`` (``counts`` chunks each) side by side in one pack."""
+        # What each text takes may be more than asked (whole write units, mprotect mode).
+        pack, chunks, taken = self._pool.place_many(counts, max(1, align // self.granularity))
         # Chunks start on a whole trap instruction (the granularity is a multiple of its
         # length), so a text's initial (trap) contents depend on its size only.
         traps = {size: self._trap(pack.reservation, 0, size) for size in set(sizes)}
-        texts = JitText._run(self, pack, chunks, counts, sizes, traps)
+        texts = JitText._run(self, pack, chunks, taken, sizes, traps)
         self._texts.update(texts)
         return texts
 
@@ -310,7 +324,10 @@ class Allocator:
     def _store(self, text: JitText, offset: int, data: bytes) -> None:
         if text._state is TextState.WRITING and data:
             self.backend.write(text._pack.reservation, self._offset(text) + offset, data)
-        text._shadow[offset : offset + len(data)] = data
+        shadow = text._shadow
+        if type(shadow) is not bytearray:  # shared immutable bytes: copy before writing
+            shadow = text._shadow = bytearray(shadow)
+        shadow[offset : offset + len(data)] = data
         text._staged = text._staged or bool(data)
 
     def _map_rw_inplace(self, text: JitText) -> None:
@@ -380,12 +397,7 @@ class Allocator:
             self._check()
             self._check_publish(items, payloads)
             if payloads is not None:
-                for text, code in zip(items, payloads, strict=True):
-                    if text._state is TextState.RESERVED and code:  # the common case, inline
-                        text._shadow[: len(code)] = code
-                        text._staged = True
-                    else:
-                        self._store(text, 0, code)
+                self._stage_codes(items, payloads)
             if not items:
                 return
             batch = self._batch()
@@ -395,6 +407,21 @@ class Allocator:
                     batch.texts.append(text)
                 return
             self._sync(items, [])
+
+    def _stage_codes(self, items: list[JitText], payloads: list[bytes]) -> None:
+        """``text.write(0, code)`` for each text, checked already.  A RESERVED text's
+        staging buffer becomes the (immutable) code itself, or the code and the rest of
+        the buffer: no copy into a bytearray (the hot path of a batch)."""
+        reserved = TextState.RESERVED
+        for text, code in zip(items, payloads, strict=True):
+            if text._state is not reserved:
+                self._store(text, 0, code)
+            elif len(code) == text._size:
+                text._shadow = code
+                text._staged = True
+            elif code:
+                text._shadow = code + text._shadow[len(code) :]
+                text._staged = True
 
     @staticmethod
     def _publishable(texts: Iterable[JitText], codes: Iterable[bytes] | None) -> tuple[list[JitText], list[bytes] | None]:
@@ -465,7 +492,7 @@ class Allocator:
 
     # -- live patching ------------------------------------------------------------------------
 
-    def _check_patch(self, text: JitText, shadow: bytearray, offset: int, data: bytes) -> None:
+    def _check_patch(self, text: JitText, shadow: bytes | bytearray, offset: int, data: bytes) -> None:
         old = bytes(shadow[offset : offset + len(data)])
         _recipes.check_patch(self.arch, self.backend, text.address + offset, old, data)
 
@@ -568,7 +595,7 @@ class Allocator:
         # Another CPU may hold instructions fetched from here: reuse after an epoch.
         self._pool.free(pack, text._chunk)
         self._texts.discard(text)
-        text._shadow = bytearray()
+        text._shadow = b""
 
     # -- reporting ----------------------------------------------------------------------------
 

@@ -2,17 +2,20 @@
 
 ``sync`` is what ``map``, ``finalize``, ``publish``, ``update`` and the end of a
 ``batch()`` run, under the allocator's lock: texts in address order are cut into
-runs of adjacent texts (``jit_text_alloc_many`` places them so), each run written
-with one store and maintained as one address range; patch words are composed in
-order; a failure leaves every text as it was (unpublished texts read as traps again,
-in-place texts writable again, patched words restored).
+runs of adjacent texts that need the same work (``jit_text_alloc_many`` places them
+so), each run written with one store, and touching runs maintained as one address
+range; everything after the cut is decided per run, not per text (a batch may hold
+thousands).  Patch words are composed in order; a failure leaves every text as it
+was (unpublished texts read as traps again, in-place texts writable again, patched
+words restored).
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import operator
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from execmem import _recipes
@@ -24,37 +27,73 @@ if TYPE_CHECKING:
     from execmem._allocator import Allocator
 
 _address = operator.attrgetter("_address")
+_RESERVED, _LIVE = TextState.RESERVED, TextState.LIVE
 
 
-def adjacent(texts: list[JitText]) -> Iterator[list[JitText]]:
-    """``texts`` (in address order) cut into runs whose chunks touch in one pack."""
+def _work(text: JitText) -> bool | None:
+    """What publishing does to ``text``'s bytes: write them (True: staged), nothing
+    (False: never written, memory holds the traps) or end in-place writing (None)."""
+    return text._staged if text._state is _RESERVED else None
+
+
+def runs_of(texts: list[JitText]) -> list[list[JitText]]:
+    """``texts`` cut into runs of texts side by side in one pack (their chunks touch)
+    that need the same work (``_work``), in address order.  Texts given in address
+    order (as ``jit_text_alloc_many`` returns them) are not sorted again."""
+    runs = cut(texts)
+    if any(a[-1]._address > b[0]._address for a, b in itertools.pairwise(runs)):
+        runs = cut(sorted(texts, key=_address))
+    return runs
+
+
+def cut(texts: list[JitText]) -> list[list[JitText]]:
+    """``texts`` cut, in the given order, wherever the pack, the adjacency or the work changes."""
+    runs: list[list[JitText]] = []
     run: list[JitText] = []
+    pack = work = None
+    end = -1
+    reserved = _RESERVED
     for t in texts:
-        if run and (t._pack is not run[-1]._pack or t._chunk != run[-1]._chunk + run[-1]._nchunks):
-            yield run
-            run = []
-        run.append(t)
-    if run:
-        yield run
+        this = t._staged if t._state is reserved else None  # _work(t), inline: the hot loop
+        if t._chunk != end or t._pack is not pack or this is not work:
+            run = [t]
+            runs.append(run)
+            pack, work = t._pack, this
+        else:
+            run.append(t)
+        end = t._chunk + t._nchunks
+    return runs
 
 
 def ranges_of(runs: list[list[JitText]]) -> list[tuple[int, int]]:
-    """One address range per run of adjacent texts, for the recipe's cache-maintenance
+    """One address range per stretch of touching runs, for the recipe's cache-maintenance
     steps (the bytes between the texts are trap filler)."""
-    return [(run[0]._address, run[-1]._address + run[-1]._size - run[0]._address) for run in runs]
+    ranges: list[tuple[int, int]] = []
+    previous: list[JitText] | None = None
+    for run in runs:
+        first, last = run[0], run[-1]
+        end = last._address + last._size
+        if previous is not None and previous[-1]._pack is first._pack and first._chunk == (
+            previous[-1]._chunk + previous[-1]._nchunks
+        ):
+            ranges[-1] = (ranges[-1][0], end - ranges[-1][0])
+        else:
+            ranges.append((first._address, end - first._address))
+        previous = run
+    return ranges
 
 
 def sync(a: Allocator, texts: list[JitText], patches: list[tuple[JitText, int, bytes]]) -> None:
     """Run the recipes for ``texts`` (to LIVE) and ``patches`` (composed words)."""
     backend = a.backend
-    # Address order: texts allocated together form runs written with one store.
-    texts = sorted(texts, key=_address)
-    inplace = [t for t in texts if t._state is TextState.WRITING]
-    fresh: list[JitText] = []
-    mapped: list[JitText] = []
-    for t in texts:
-        (mapped if t._pack.reservation.mapped else fresh).append(t)
-    staged_set = {t for t in texts if t._state is TextState.RESERVED}
+    # Texts allocated together form runs, each written with one store; the work is
+    # decided per run, not per text.
+    runs = runs_of(texts)
+    inplace = [t for run in runs if _work(run[0]) is None for t in run]
+    fresh: list[list[JitText]] = []
+    mapped: list[list[JitText]] = []
+    for run in runs:
+        (mapped if run[0]._pack.reservation.mapped else fresh).append(run)
     written: list[JitText] = []
     stored: list[tuple[Reservation, int, bytes]] = []
     ended: list[JitText] = []
@@ -69,23 +108,23 @@ def sync(a: Allocator, texts: list[JitText], patches: list[tuple[JitText, int, b
         words.append((text._pack.reservation, res_offset, word, before[1]))
 
     def write(runs: list[list[JitText]]) -> Callable[[], None]:
+        todo = [run for run in runs if _work(run[0])]
+
         def run() -> None:
-            for whole in runs:
-                todo = [t for t in whole if t in staged_set and t._staged]
-                staged_set.difference_update(todo)
-                for part in [whole] if len(todo) == len(whole) else adjacent(todo):
-                    # Listed before the write: a write that fails after storing the
-                    # bytes (mprotect mode: execute permission not restored) is
-                    # rolled back to traps too, which also restores the permission.
-                    written.extend(part)
-                    res, offset, data = run_bytes(a, part)
-                    backend.write(res, offset, data)
+            for part in todo:
+                # Listed before the write: a write that fails after storing the
+                # bytes (mprotect mode: execute permission not restored) is
+                # rolled back to traps too, which also restores the permission.
+                written.extend(part)
+                res, offset, data = run_bytes(a, part)
+                backend.write(res, offset, data)
+            todo.clear()  # a recipe that names write twice stores once
 
         return run
 
-    def map_(group: list[JitText]) -> Callable[[], None]:
+    def map_(runs: list[list[JitText]]) -> Callable[[], None]:
         def run() -> None:
-            for res in dict.fromkeys(t._pack.reservation for t in group):
+            for res in dict.fromkeys(run[0]._pack.reservation for run in runs):
                 if not res.mapped:
                     backend.map(res)
                     a._events["maps"] += 1
@@ -100,8 +139,7 @@ def sync(a: Allocator, texts: list[JitText], patches: list[tuple[JitText, int, b
     groups: list[_recipes.Group] = []
     for recipe, group in (("publish_fresh", fresh), ("publish", mapped)):
         if group:
-            runs = list(adjacent(group))
-            groups.append(_recipes.Group(a._recipe(recipe), ranges_of(runs), write=write(runs), map=map_(group)))
+            groups.append(_recipes.Group(a._recipe(recipe), ranges_of(group), write=write(group), map=map_(group)))
     if words:
         ranges = [(res.address + off, len(word)) for res, off, word, _ in words]
         groups.append(_recipes.Group(a._recipe("patch"), ranges, store=store))
@@ -125,11 +163,12 @@ def sync(a: Allocator, texts: list[JitText], patches: list[tuple[JitText, int, b
         for t in texts:
             t._pending = None
         raise
+    live = _LIVE
     for text in texts:
-        text._state = TextState.LIVE
+        text._state = live
         text._pending = None
     for text, shadow in shadows.items():
-        text._shadow[:] = shadow
+        text._shadow = shadow  # a private copy already (the old one may be shared bytes)
     a._events["published"] += len(texts)
     a._events["patched"] += len(patches)
 
@@ -141,12 +180,23 @@ def run_bytes(a: Allocator, run: list[JitText]) -> tuple[Reservation, int, bytes
     first = run[0]
     if len(run) == 1:
         return res, a._offset(first), bytes(first._shadow)
-    start, end = first._address, run[-1]._address + run[-1]._size
-    blob = bytearray(a._trap(res, start - res.address, end - start))
+    # Every text starts on a whole trap instruction (chunks do), so the filler before
+    # it depends on its length only: made once per length (a slice per gap costs more).
+    fillers: dict[int, bytes] = {}
+    trap = a.arch.trap_bytes
+    pieces: list[bytes | bytearray] = []
+    at = first._address  # where the previous text ended
     for t in run:
-        at = t._address - start
-        blob[at : at + t._size] = t._shadow
-    return res, start - res.address, bytes(blob)
+        address = t._address
+        if address != at:
+            gap = address - at
+            filler = fillers.get(gap)
+            if filler is None:
+                filler = fillers[gap] = trap(gap + -gap % len(a.arch.trap_fill))[-gap:]
+            pieces.append(filler)
+        pieces.append(t._shadow)
+        at = address + t._size
+    return res, a._offset(first), b"".join(pieces)
 
 
 def patch_word(a: Allocator, text: JitText, shadow: bytearray, offset: int) -> tuple[int, bytes]:
@@ -164,4 +214,4 @@ def patch_word(a: Allocator, text: JitText, shadow: bytearray, offset: int) -> t
     return start - text._pack.address, bytes(out)
 
 
-__all__ = ["adjacent", "patch_word", "ranges_of", "run_bytes", "sync"]
+__all__ = ["cut", "patch_word", "ranges_of", "run_bytes", "runs_of", "sync"]

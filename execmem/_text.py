@@ -77,6 +77,10 @@ class JitText:
     # Set by free(), and read only after it (not in __init__: bulk allocation is hot).
     _freed_from: TextState
     _reclaim_pending: bool
+    #: Staging buffer while RESERVED; afterwards the shadow of what is in memory.  Immutable
+    #: ``bytes`` may be shared (the initial traps of every text of one size, the code given
+    #: to ``publish``); the first partial ``write`` replaces it with a private bytearray.
+    _shadow: bytes | bytearray
 
     def __init__(self, allocator: Allocator, pack: _Pack, chunk: int, nchunks: int, address: int, size: int, trap: bytes) -> None:
         self._allocator = allocator
@@ -86,8 +90,7 @@ class JitText:
         self._address = address
         self._size = size
         self._state = _RESERVED
-        #: Staging buffer while RESERVED; afterwards the shadow of what is in memory.
-        self._shadow = bytearray(trap)
+        self._shadow = trap
         self._staged = False  # whether write() touched the staging buffer
         self._pending: str | None = None  # "publish" while queued in a batch
         self._inflight = 0
@@ -103,13 +106,13 @@ class JitText:
         traps: dict[int, bytes],
     ) -> list[JitText]:
         """``JitText(...)`` for each text of a run (``jit_text_alloc_many``), the same
-        fields as ``__init__`` set without a call per text (the hot path)."""
+        fields as ``__init__`` set without a call per text (the hot path: the objects
+        are made in one comprehension, then filled)."""
         gran = allocator.granularity
         base = pack.address
         new = object.__new__
-        out = []
-        for size, chunk, nchunks in zip(sizes, chunks, counts, strict=True):
-            t = new(cls)
+        out = [new(cls) for _ in sizes]
+        for t, size, chunk, nchunks in zip(out, sizes, chunks, counts, strict=True):
             t._allocator = allocator
             t._pack = pack
             t._chunk = chunk
@@ -117,11 +120,10 @@ class JitText:
             t._address = base + chunk * gran
             t._size = size
             t._state = _RESERVED
-            t._shadow = bytearray(traps[size])
+            t._shadow = traps[size]
             t._staged = False
             t._pending = None
             t._inflight = 0
-            out.append(t)
         return out
 
     @property

@@ -81,6 +81,60 @@ def test_publish_with_codes_coalesces_writes_and_syncs_once(make_allocator: Any)
     assert ranges == [((texts[0].address, texts[-1].address + 12 - texts[0].address),)]
 
 
+@pytest.mark.parametrize("order", ["forward", "reversed", "shuffled"])
+def test_texts_in_any_order_are_written_as_one_run(make_allocator: Any, order: str) -> None:
+    backend, a = make_allocator("arm64")
+    warm = a.jit_text_alloc(16)
+    warm.map()
+    texts = a.jit_text_alloc_many([12] * 20)
+    codes = {t: bytes([i]) * 12 for i, t in enumerate(texts)}
+    items = {"forward": texts, "reversed": texts[::-1], "shuffled": texts[1::2] + texts[::2]}[order]
+    mark = len(backend.calls)
+    a.publish(items, [codes[t] for t in items])
+    assert len([c for c in backend.calls[mark:] if c[0] == "write"]) == 1
+    ranges = [r for name, r in backend.steps[-6:] if name == "clean_dcache"]
+    assert ranges == [((texts[0].address, texts[-1].address + 12 - texts[0].address),)]
+    assert all(backend.read(t.address, 12) == codes[t] == t.read() for t in texts)
+
+
+def test_texts_of_one_size_share_nothing_that_a_write_can_reach(make_allocator: Any) -> None:
+    # The initial traps (and a published code) are immutable bytes a text may share with
+    # others; a write or a live patch must change that text only.
+    backend, a = make_allocator("x86_64")
+    t1, t2, t3 = a.jit_text_alloc_many([16, 16, 16])
+    t1.write(2, b"\x90")
+    assert t1.read() == b"\xcc\xcc\x90" + b"\xcc" * 13
+    assert t2.read() == t3.read() == b"\xcc" * 16
+    code = RET[7] + b"\xcc" * 10
+    a.publish([t2, t3], [code, code])  # one bytes object for both texts
+    t2.update(0, RET[8][:5])  # mov eax, 8 (one whole instruction in one word)
+    assert t2.read() == RET[8] + b"\xcc" * 10 and backend.read(t2.address, 6) == RET[8]
+    assert t3.read() == code and backend.read(t3.address, 16) == code
+    assert code == RET[7] + b"\xcc" * 10
+    t1.map()
+    assert backend.read(t1.address, 16) == t1.read()
+
+
+@pytest.mark.parametrize("arch", ["x86_64", "arm64", "riscv64"])
+def test_a_run_is_written_with_trap_filler_in_phase_between_the_texts(make_allocator: Any, arch: str) -> None:
+    backend, a = make_allocator(arch)
+    warm = a.jit_text_alloc(16)
+    warm.map()
+    sizes = [5, 64, 1, 130, 33, 2, 7, 64, 100]
+    texts = a.jit_text_alloc_many(sizes)
+    codes = [bytes([0x10 + i]) * (size - i % 2) for i, size in enumerate(sizes)]  # some shorter than the text
+    mark = len(backend.calls)
+    a.publish(texts, codes)
+    assert len([c for c in backend.calls[mark:] if c[0] == "write"]) == 1
+    start, end = texts[0].address, texts[-1].address + texts[-1].size
+    res_start = start - a._offset(texts[0])
+    expected = bytearray(a.arch.trap_bytes(end - res_start))[start - res_start :]  # the pack's own traps
+    for t, code in zip(texts, codes, strict=True):
+        expected[t.address - start : t.address - start + len(code)] = code
+        assert t.read() == code + expected[t.address - start + len(code) : t.address - start + t.size]
+    assert backend.read(start, end - start) == bytes(expected)
+
+
 def test_publish_codes_mixes_staged_inplace_and_unwritten(make_allocator: Any) -> None:
     backend, a = make_allocator("x86_64")
     t1, t2, t3 = a.jit_text_alloc_many([16, 16, 16])
