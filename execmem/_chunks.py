@@ -206,7 +206,7 @@ class ChunkMap:
         hi = starts[-1] + counts[-1]
         if not self.is_free(lo, hi - lo):
             raise ValueError(f"chunks [{lo}, {hi}) are not all free")
-        if len(starts) == hi - lo and all(count == 1 for count in counts):
+        if len(starts) == hi - lo and counts.count(1) == len(counts):
             mask = ((1 << (hi - lo)) - 1) << lo  # one chunk each, no gaps: every bit set
             self.used |= mask
             self.stop |= mask

@@ -129,7 +129,7 @@ class PackPool:
             offsets, shaped, total, s = shapes[key]
             index = pack.chunks.find(total, s)
             if index is not None:
-                return pack, [index + offset for offset in offsets], shaped
+                return pack, list(map(index.__add__, offsets)), shaped
         return None
 
     def _quarantine_would_do(self, counts: list[int], step: int) -> bool:
