@@ -116,7 +116,7 @@ def vmas_over(address: int, size: int) -> list[_procmaps.Vma]:
 @native
 @pytest.mark.parametrize("mode", ["dual", "mprotect", "rwx"])
 def test_native_growth_keeps_one_mapping_of_traps(mode: str, other_thread: None) -> None:
-    with NativeBackend(mode, probe=SAFE) as b, execmem.Allocator(backend=b) as a:
+    with NativeBackend(mode, probe=SAFE, huge_pages=False) as b, execmem.Allocator(backend=b) as a:
         texts = a.jit_text_alloc_many([64] * 2500)  # 160,000 bytes: three steps
         a.publish(texts, [ret(i) for i in range(len(texts))])
         res = texts[0]._pack.reservation
@@ -139,7 +139,7 @@ def test_native_growth_keeps_one_mapping_of_traps(mode: str, other_thread: None)
 @native
 @pytest.mark.parametrize("mode", ["dual", "mprotect"])
 def test_native_pack_blocked_from_growing_is_followed_by_a_new_pack(mode: str) -> None:
-    with NativeBackend(mode, probe=SAFE) as b, execmem.Allocator(backend=b) as a:
+    with NativeBackend(mode, probe=SAFE, huge_pages=False) as b, execmem.Allocator(backend=b) as a:
         first = a.jit_text_alloc(16)
         first.write(0, ret(1))
         first.map()
@@ -163,7 +163,7 @@ def test_native_pack_blocked_from_growing_is_followed_by_a_new_pack(mode: str) -
 @native
 def test_native_packs_are_placed_next_to_each_other(other_thread: None) -> None:
     """Later packs go right below the previous one: a code region, within branch range."""
-    with NativeBackend("dual", probe=SAFE) as b, execmem.Allocator(backend=b, pack_size=4 * COMMIT_STEP) as a:
+    with NativeBackend("dual", probe=SAFE, huge_pages=False) as b, execmem.Allocator(backend=b, pack_size=4 * COMMIT_STEP) as a:
         texts = [a.jit_text_alloc(COMMIT_STEP) for _ in range(12)]  # four texts a pack
         packs = sorted({t._pack.reservation.address for t in texts})
         assert len(packs) == 3
@@ -173,7 +173,7 @@ def test_native_packs_are_placed_next_to_each_other(other_thread: None) -> None:
 def test_growth_beyond_capacity_is_refused_without_a_system_call() -> None:
     if platform.machine().lower() not in ("x86_64", "amd64"):
         pytest.skip("x86-64 host")
-    with NativeBackend("dual", probe=SAFE) as b:
+    with NativeBackend("dual", probe=SAFE, huge_pages=False) as b:
         r = b.reserve(COMMIT_STEP, 2 * MIB, 2 * MIB)
         before = dict(b.stats()["syscalls"])  # type: ignore[arg-type]
         assert b.grow(r, 4 * MIB) is False

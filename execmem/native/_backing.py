@@ -246,7 +246,9 @@ class Backing:
         raise SystemCallError(errno.EACCES, "no executable shared memory: " + "; ".join(self.notes))
 
     def try_hugetlb(self, size: int, scratch: int) -> int:
-        """A hugetlb memfd of ``size`` bytes, or -1 (never raises: ordinary pages follow)."""
+        """A hugetlb memfd of ``size`` bytes, or -1 (ordinary pages follow).  Raises
+        only when the probe could not put ``scratch`` back inaccessible: the caller
+        then releases the scratch address space, which also removes the probe."""
         try:
             fd = self._memfd(_libc.MFD_HUGETLB)
         except ExecmemError as exc:
@@ -260,11 +262,15 @@ class Backing:
             self._sys.ftruncate(fd, size)
             step = "fallocate"
             self._sys.fallocate(fd, 0, 0, size)
-            step = "probe"
             if self.hugetlb_files == 0:
-                self._probe_exec(fd, size, scratch)
+                step = "probe"
+                self._sys.mmap(scratch, size, RX, MAP_SHARED | MAP_FIXED, fd, 0)
+                step = "restore"
+                self._sys.mmap(scratch, size, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED | MAP_NORESERVE)
         except ExecmemError as exc:
             close_quietly(self._sys, fd)
+            if step == "restore":
+                raise
             self._hugetlb_refused(step, size, exc)
             return -1
         self.hugetlb = "in use"
