@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import ctypes
 import platform
+import subprocess
+import sys
 from typing import Any
 
 import pytest
@@ -181,3 +183,20 @@ def test_growth_beyond_capacity_is_refused_without_a_system_call() -> None:
         assert dict(b.stats()["syscalls"]) == before  # type: ignore[arg-type]
         with pytest.raises(OutOfMemoryError):
             b.reserve(COMMIT_STEP, 16, 1 << 60)
+
+
+@native
+def test_a_tight_address_space_limit_gives_up_the_room_to_grow_not_the_pack() -> None:
+    """Under ``RLIMIT_AS`` the 256 MiB of room above a new pack may not fit: the pack
+    is still made (where it lands), in a child so the limit stays there."""
+    script = (
+        "import ctypes, resource, execmem\n"
+        "vsz = int(open('/proc/self/statm').read().split()[0]) * resource.getpagesize()\n"
+        "resource.setrlimit(resource.RLIMIT_AS, (vsz + (64 << 20),) * 2)\n"
+        "a = execmem.Allocator()\n"
+        "texts = a.jit_text_alloc_many([64] * 100)\n"
+        "a.publish(texts, [bytes.fromhex('b803000000c3')] * 100)\n"
+        "print(texts[5].function(ctypes.c_int)())\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert (done.returncode, done.stdout) == (0, "3\n"), done.stderr

@@ -196,22 +196,32 @@ class Mapper:
         if self._next_slot is not None:
             hint, self._next_slot = self._next_slot, None
             if self.claim(hint, size, prot, flags):
-                self._next_slot = (hint - capacity) // align * align
+                self._next_below(hint, capacity, align)
                 return hint
         span = capacity + align - self.page + GROWTH_ROOM
-        base = self._sys.mmap(0, span, PROT_NONE, PLACEHOLDER)
+        try:
+            base = self._sys.mmap(0, span, PROT_NONE, PLACEHOLDER)
+        except OutOfMemoryError:  # RLIMIT_AS, or a crowded address space: no room then
+            span -= GROWTH_ROOM
+            base = self._sys.mmap(0, span, PROT_NONE, PLACEHOLDER)
         start = round_up(base, align)
         try:
             if (prot, flags) != (PROT_NONE, PLACEHOLDER):
                 self._sys.mmap(start, size, prot, flags | MAP_FIXED)
             if start > base:
                 self._sys.munmap(base, start - base)
-            self._sys.munmap(start + size, base + span - (start + size))
+            tail = base + span - (start + size)
+            if tail:
+                self._sys.munmap(start + size, tail)
         except BaseException:
             _undo_all([lambda: self._sys.munmap(base, span)])
             raise
-        self._next_slot = (start - capacity) // align * align
+        self._next_below(start, capacity, align)
         return start
+
+    def _next_below(self, start: int, capacity: int, align: int) -> None:
+        below = (start - capacity) // align * align
+        self._next_slot = below if below > capacity else None
 
     def claim(self, address: int, size: int, prot: int, flags: int, fd: int = -1, offset: int = 0) -> bool:
         """Map ``size`` bytes exactly at ``address`` if nothing is there; False if taken."""
