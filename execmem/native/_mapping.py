@@ -166,9 +166,9 @@ class Mapper:
     def reserve_va(self, size: int, align: int, prot: int, flags: int, capacity: int = 0) -> int:
         """``size`` bytes at an ``align``-aligned address: over-allocate, trim both ends.
 
-        A non-zero ``capacity`` places it where it can grow in place to that many bytes
-        (see :meth:`_growable_va`)."""
-        if capacity:
+        A ``capacity`` above ``size`` places it where it can grow in place to that many
+        bytes (see :meth:`_growable_va`)."""
+        if capacity > size:
             return self._growable_va(size, align, prot, flags, capacity)
         span = size + align - self.page
         base = self._sys.mmap(0, span, prot, flags)
@@ -340,7 +340,10 @@ class DualMapper(Mapper):
         # with an alias, tried first when large pages are wanted and may be there.
         try_hugetlb = self.huge_pages and capacity % PMD_SIZE == 0 and self.backing.hugetlb_may(capacity)
         first = capacity if try_hugetlb else size
-        address = self.reserve_va(first, align, PROT_NONE, PLACEHOLDER, capacity if capacity > size else 0)
+        if capacity > size:  # room to grow, even while the whole capacity is tried first
+            address = self._growable_va(first, align, PROT_NONE, PLACEHOLDER, capacity)
+        else:
+            address = self.reserve_va(size, align, PROT_NONE, PLACEHOLDER)
         undo: list[Callable[[], None]] = [lambda: s.munmap(address, first)]
         try:
             if try_hugetlb:
@@ -491,7 +494,7 @@ class MprotectMapper(Mapper):
         self.write_unit = page_size
 
     def reserve(self, size: int, align: int, capacity: int) -> Region:
-        address = self.reserve_va(size, align, RW, MAP_PRIVATE | MAP_ANONYMOUS, capacity if capacity > size else 0)
+        address = self.reserve_va(size, align, RW, MAP_PRIVATE | MAP_ANONYMOUS, capacity)
         try:
             self.advise_huge(address, size)
             self.fill(address, size)
@@ -600,7 +603,7 @@ class RwxMapper(Mapper):
     mode = "rwx"
 
     def reserve(self, size: int, align: int, capacity: int) -> Region:
-        address = self.reserve_va(size, align, RW, MAP_PRIVATE | MAP_ANONYMOUS, capacity if capacity > size else 0)
+        address = self.reserve_va(size, align, RW, MAP_PRIVATE | MAP_ANONYMOUS, capacity)
         try:
             self.advise_huge(address, size)
             self.fill(address, size)
