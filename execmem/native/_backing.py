@@ -119,6 +119,8 @@ class Backing:
         self.hugetlb_short_from: int | None = None
         self.hugetlb_note: str | None = None
         self.sealing = "not tried"
+        self._seals_used: dict[str, None] = {}  # the seal sets applied so far, in order
+        self._future_write_refused = ""
         self.read_only_views = 0
         self.writable_fd_views = 0
         self.view_fallback: str | None = None
@@ -176,16 +178,19 @@ class Backing:
         return read_only
 
     def _seal(self, fd: int, seals: int, name: str) -> None:
-        if self.sealing.startswith("unsupported") and seals & _libc.F_SEAL_FUTURE_WRITE:
+        future_write = bool(seals & _libc.F_SEAL_FUTURE_WRITE)
+        if future_write and self._future_write_refused:
             return
         try:
             self._sys.fcntl(fd, _libc.F_ADD_SEALS, seals)
         except ExecmemError as exc:
-            if _libc.errno_of(exc) != errno.EINVAL or not seals & _libc.F_SEAL_FUTURE_WRITE:
+            if _libc.errno_of(exc) != errno.EINVAL or not future_write:
                 raise
-            self.sealing = f"unsupported (F_SEAL_FUTURE_WRITE needs Linux 5.1): {exc}"
-            return
-        self.sealing = name if self.sealing in ("not tried", name) else f"{self.sealing}; {name}"
+            self._future_write_refused = f"unsupported (F_SEAL_FUTURE_WRITE needs Linux 5.1): {exc}"
+        else:
+            self._seals_used.setdefault(name)
+        described = [*self._seals_used, *([self._future_write_refused] if self._future_write_refused else [])]
+        self.sealing = "; ".join(described)
 
     def _memfd(self, extra: int) -> int:
         try:
