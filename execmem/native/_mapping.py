@@ -172,7 +172,10 @@ class Mapper:
             return self._growable_va(size, align, prot, flags, capacity)
         span = size + align - self.page
         base = self._sys.mmap(0, span, prot, flags)
-        start = round_up(base, align)
+        return self._trim(base, span, round_up(base, align), size)
+
+    def _trim(self, base: int, span: int, start: int, size: int) -> int:
+        """Unmap ``[base, base + span)`` but ``[start, start + size)``; all of it on error."""
         try:
             if start > base:
                 self._sys.munmap(base, start - base)
@@ -205,17 +208,13 @@ class Mapper:
             span -= GROWTH_ROOM
             base = self._sys.mmap(0, span, PROT_NONE, PLACEHOLDER)
         start = round_up(base, align)
-        try:
-            if (prot, flags) != (PROT_NONE, PLACEHOLDER):
+        if (prot, flags) != (PROT_NONE, PLACEHOLDER):
+            try:
                 self._sys.mmap(start, size, prot, flags | MAP_FIXED)
-            if start > base:
-                self._sys.munmap(base, start - base)
-            tail = base + span - (start + size)
-            if tail:
-                self._sys.munmap(start + size, tail)
-        except BaseException:
-            _undo_all([lambda: self._sys.munmap(base, span)])
-            raise
+            except BaseException:
+                _undo_all([lambda: self._sys.munmap(base, span)])
+                raise
+        self._trim(base, span, start, size)
         self._next_below(start, capacity, align)
         return start
 
