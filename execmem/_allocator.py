@@ -102,7 +102,8 @@ class Allocator:
 
     ``backend``: where memory comes from (default ``execmem.native.NativeBackend()``,
     owned and closed by this allocator).  ``pack_size``: bytes per pack, a power of
-    two and a multiple of the page size (default 2 MiB, the PMD size).
+    two and a multiple of the page size (default 2 MiB, the PMD size); the native
+    backend maps a pack only as far as its texts need and grows it in place.
     ``granularity``: the chunk size texts are rounded to (default 64, as
     bpf_prog_pack).  ``keep_empty``: how many empty packs stay mapped for reuse.
     See the module docstring for the policies.
