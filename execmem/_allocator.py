@@ -607,10 +607,11 @@ class Allocator:
                 raise ForkedProcessError("this allocator belongs to the parent process")
             pool = self._pool
             packs = pool.describe()
-            keys = ("size", "live_bytes", "free_bytes", "quarantined_bytes")
+            keys = ("size", "capacity", "live_bytes", "free_bytes", "quarantined_bytes")
+            names = {"size": "reserved_bytes", "capacity": "capacity_bytes"}
             totals: dict[str, object] = {"packs": len(packs)}
             for key in keys:
-                totals["reserved_bytes" if key == "size" else key] = sum(cast(int, p[key]) for p in packs)
+                totals[names.get(key, key)] = sum(cast(int, p[key]) for p in packs)
             by_state = Counter(t.state.name for t in self._texts)
             texts = {s.name: by_state[s.name] for s in TextState if s is not TextState.FREED}
             texts["FREED"] = self._events["freed"]

@@ -364,6 +364,7 @@ class PackPool:
                 {
                     "address": pack.address,
                     "size": pack.chunks.n * self.granularity,
+                    "capacity": pack.reservation.capacity,
                     "granularity": self.granularity,
                     "mapped": pack.reservation.mapped,
                     "dedicated": pack.dedicated,

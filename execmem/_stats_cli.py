@@ -96,6 +96,11 @@ def _kib(n: int) -> str:
     return f"{n / 1024:,.1f} KiB" if n % 1024 else f"{n // 1024:,} KiB"
 
 
+def _extent(size: int, capacity: int) -> str:
+    """``size``, and what it may grow to in place when that is more."""
+    return _kib(size) + (f" (grows in place up to {_kib(capacity)})" if capacity > size else "")
+
+
 def _flags(pack: dict[str, Any]) -> str:
     flags = ["mapped" if pack["mapped"] else "not mapped"]
     if pack["dedicated"]:
@@ -113,7 +118,7 @@ def text_map(allocator: execmem.Allocator, packs: list[tuple[dict[str, Any], lis
     gran = allocator.granularity
     totals = cast(dict[str, int], stats["totals"])
     lines = [
-        f"{stats['arch']} {stats['mode']}: {totals['packs']} pack(s), {_kib(totals['reserved_bytes'])} reserved, "
+        f"{stats['arch']} {stats['mode']}: {totals['packs']} pack(s), {_extent(totals['reserved_bytes'], totals['capacity_bytes'])}, "
         f"chunks of {gran} B",
         "each character shows the state of most of its chunks:",
         *(f"  {c}  {what}" for c, what in LEGEND),
@@ -126,7 +131,7 @@ def text_map(allocator: execmem.Allocator, packs: list[tuple[dict[str, Any], lis
         while extent > per_cell * CELLS_PER_LINE * LINES:
             per_cell *= 2
         lines.append(
-            f"pack {address:#x}  {_kib(len(states) * gran)}  ({_flags(pack)}); "
+            f"pack {address:#x}  {_extent(len(states) * gran, cast(int, pack['capacity']))}  ({_flags(pack)}); "
             f"one character = {per_cell} chunk(s), {_kib(per_cell * gran)}"
         )
         cells = [_cell(states[i : i + per_cell]) for i in range(0, -(-extent // per_cell) * per_cell, per_cell)]
