@@ -200,3 +200,13 @@ def test_a_tight_address_space_limit_gives_up_the_room_to_grow_not_the_pack() ->
     )
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert (done.returncode, done.stdout) == (0, "3\n"), done.stderr
+
+
+def test_stats_and_the_text_map_show_what_a_pack_grows_to(make_allocator: Any) -> None:
+    from execmem._stats_cli import text_map
+
+    _, a = make_allocator()
+    a.jit_text_alloc(16)
+    totals = a.stats()["totals"]
+    assert (totals["reserved_bytes"], totals["capacity_bytes"]) == (COMMIT_STEP, 2 * MIB)
+    assert "64 KiB (grows in place up to 2,048 KiB)" in text_map(a)
