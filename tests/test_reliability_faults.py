@@ -381,6 +381,7 @@ class Env:
     warm_sync: bool = True
     keep_empty: int = 1
     pack: int = SMALL
+    huge_pages: bool = True
     backend: NativeBackend = field(init=False)
     a: execmem.Allocator = field(init=False)
     keepers: list[Keeper] = field(init=False)
@@ -391,7 +392,7 @@ class Env:
     next_value: int = 100
 
     def __post_init__(self) -> None:
-        self.backend = NativeBackend(self.mode, probe=self.base.probe)
+        self.backend = NativeBackend(self.mode, probe=self.base.probe, huge_pages=self.huge_pages)
         self.a = execmem.Allocator(backend=self.backend, pack_size=self.pack, keep_empty=self.keep_empty)
         # Two neighbours published together into a fresh pack; the third lands in the
         # mapped pack (one remote_cse: the membarrier mechanism is selected) unless
@@ -685,12 +686,14 @@ class FlowSpec:
     keep_empty: int = 1
     pack: int = SMALL
     modes: tuple[str, ...] = ("dual", "mprotect")
+    #: False where the flow needs ordinary pages (a hugetlb pack never grows).
+    huge_pages: bool = True
 
 
 FLOWS = [
     FlowSpec("new-pack", flow_new_pack),
     FlowSpec("new-pack-large", flow_new_pack, pack=LARGE),
-    FlowSpec("grow", flow_grow, pack=LARGE),
+    FlowSpec("grow", flow_grow, pack=LARGE, huge_pages=False),
     FlowSpec("dedicated", flow_dedicated, pack=LARGE),
     FlowSpec("publish-mapped-cold", flow_publish_mapped, warm_sync=False),
     FlowSpec("publish-mapped-warm", flow_publish_mapped),
@@ -749,7 +752,8 @@ def run_point(
     no_smaps = pytest.MonkeyPatch.context()
     with no_smaps as mp, tracer, base.active():
         mp.setattr(_procmaps, "smaps_totals", lambda ranges, pid="self": {"vmas": 0})
-        env = Env(mode, base, warm_sync=spec.warm_sync, keep_empty=spec.keep_empty, pack=spec.pack)
+        env = Env(mode, base, warm_sync=spec.warm_sync, keep_empty=spec.keep_empty, pack=spec.pack,
+                  huge_pages=spec.huge_pages)
         try:
             outcome = Outcome(Counter())
             check: Callable[[], None] | None = None
