@@ -58,6 +58,7 @@ from execmem._errors import (
     ExecmemError,
     ForkedProcessError,
     OutOfBoundsError,
+    OutOfMemoryError,
     UnsupportedError,
     UseAfterFreeError,
 )
@@ -149,10 +150,16 @@ class Allocator:
         for key, recipe in recipes.items():
             if key not in ("publish", "publish_fresh", "patch") or not isinstance(recipe, Recipe):
                 problems.append(f"_recipes: {key!r} is not a publish/publish_fresh/patch Recipe")
-        if problems:
+        # A backend may bound one reservation (the native one: the machine's RAM): a
+        # pack it would refuse is a clear error now, not at the first allocation.
+        limit = getattr(backend, "max_reservation", None)
+        too_big = isinstance(limit, int) and pack_size > limit
+        if problems or too_big:
             if owns:
                 backend.close()
-            raise AlignmentError("; ".join(problems))
+            if problems:
+                raise AlignmentError("; ".join(problems))
+            raise OutOfMemoryError(f"pack_size {pack_size:#x} is larger than the backend allows for one reservation ({limit:#x})")
         self.backend: Backend = backend
         self.arch: ArchSpec = spec
         self.pack_size = pack_size

@@ -245,3 +245,12 @@ def test_too_few_huge_pages_skips_that_size_and_larger_then_smallest_means_unava
         assert S(b)["syscalls"].get("fallocate", 0) == calls.get("fallocate", 0)
         b.reserve(PMD_SIZE, 16)  # the smallest size: no huge page at all
         assert str(S(b)["backing_detail"]["hugetlb"]).startswith("unavailable")
+
+
+def test_a_pack_larger_than_one_reservation_may_be_is_refused_by_the_constructor() -> None:
+    with NativeBackend("dual", probe=SAFE, max_reservation=1 << 20) as b:
+        with pytest.raises(OutOfMemoryError, match="pack_size 0x200000 is larger than the backend allows"):
+            execmem.Allocator(backend=b, pack_size=2 << 20)
+        assert S(b)["syscalls"] == {}
+        with execmem.Allocator(backend=b, pack_size=1 << 20) as a:
+            assert a.jit_text_alloc(16).address
