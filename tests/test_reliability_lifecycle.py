@@ -558,6 +558,7 @@ def test_python_signal_handler_runs_after_a_long_jit_call_returns() -> None:
         assert fn(ctypes.addressof(flag)) == 7
         returned = time.monotonic()
         time.sleep(0.05)
+        signal.signal(signal.SIGALRM, signal.SIG_IGN)  # a handler pending now must not re-arm the timer
         signal.setitimer(signal.ITIMER_REAL, 0)
         # The timer fired every 20 ms during the 0.3 s call; the handler ran only after
         # the machine code returned (after the flag was set).
@@ -603,6 +604,7 @@ def test_signal_handler_reentering_the_allocator() -> None:
             live.append((t, i))
             if len(live) > 20:
                 u, v = live.pop(0); assert u.function(ctypes.c_int)() == v; u.free()
+        signal.signal(signal.SIGALRM, signal.SIG_IGN)  # a handler pending now must not re-arm the timer
         signal.setitimer(signal.ITIMER_REAL, 0)
         assert all(u.function(ctypes.c_int)() == v for u, v in live)
         assert all(t.function(ctypes.c_int)() == 5 for t in keep)
@@ -634,6 +636,7 @@ def test_signal_handler_calling_asm_during_asm() -> None:
                 execmem.asm("nop\\nbogus")
             except execmem.AssemblyError as e:
                 assert "line 2" in str(e) and "mnemonic" in str(e).lower(), e
+        signal.signal(signal.SIGALRM, signal.SIG_IGN)  # a handler pending now must not re-arm the timer
         signal.setitimer(signal.ITIMER_REAL, 0)
         assert runs[0] > 0
         print("ok", runs[0])
