@@ -26,7 +26,7 @@ from execmem._errors import UnsupportedError
 #: Step names a recipe may use, with what each one does.  Backends implement every
 #: name; a recipe is any ordering of them.
 STEP_DOCS: dict[str, str] = {
-    "write": "copy the staged code bytes to their final location through the writable view",
+    "write": "copy the staged code bytes to their final location through the writable side (never an executable mapping)",
     "clean_dcache": "clean data cache lines to the point of unification (arm64 DC CVAU)",
     "barrier": "data synchronization barrier that completes the maintenance so far (arm64 DSB ISH)",
     "invalidate_icache": "invalidate instruction cache lines to the point of unification (arm64 IC IVAU)",

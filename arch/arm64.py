@@ -13,7 +13,7 @@ import unicorn
 
 from execmem.arch import ArchSpec, EngineModes, PatchRule, Recipe, RecipeStep
 
-_WRITE = RecipeStep("write", "code goes through the writable view; the executable view never is writable (W^X)")
+_WRITE = RecipeStep("write", "code is stored through the writable side (a file write, a write window or a writable page), never through an executable mapping (W^X)")
 _CLEAN = RecipeStep(
     "clean_dcache",
     "DC CVAU by VA over every data line of the code: instruction fetch reads the point of "

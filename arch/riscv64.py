@@ -9,7 +9,7 @@ import unicorn
 
 from execmem.arch import ArchSpec, EngineModes, PatchRule, Recipe, RecipeStep
 
-_WRITE = RecipeStep("write", "code goes through the writable view (W^X)")
+_WRITE = RecipeStep("write", "code is stored through the writable side, never through an executable mapping (W^X)")
 _FENCE = RecipeStep("barrier", "fence rw,rw orders the code stores before the fetch fences (Zifencei)")
 _LOCAL = RecipeStep("local_cse", "fence.i makes this hart's fetches see its own stores (Zifencei)")
 _REMOTE = RecipeStep(

@@ -10,7 +10,7 @@ import unicorn
 
 from execmem.arch import ArchSpec, EngineModes, PatchRule, Recipe, RecipeStep
 
-_WRITE = RecipeStep("write", "code goes through the writable view; the executable view never is writable (W^X)")
+_WRITE = RecipeStep("write", "code is stored through the writable side (a file write, a write window or a writable page), never through an executable mapping (W^X)")
 _LOCAL = RecipeStep(
     "local_cse",
     "the writing thread serializes too before it runs the code (SDM 9.1.3: a jump or serializing instruction after SMC)",
