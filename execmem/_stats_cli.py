@@ -209,11 +209,18 @@ def picture(allocator: execmem.Allocator, path: str, packs: list[tuple[dict[str,
     stats = allocator.stats()
     fig.suptitle(f"execmem packs: {stats['arch']} {stats['mode']}, chunk {gran} B", fontsize=10, x=0.02, ha="left")
     try:
-        fig.savefig(path, dpi=100)
+        fig.savefig(path, dpi=100, format="png")
     except OSError as exc:
         raise ExecmemError(f"cannot write {path}: {exc.strerror or exc}") from None
     finally:
         plt.close(fig)
+
+
+def check_png(path: str) -> None:
+    """Refuse a picture name that is not ``*.png``: matplotlib picks the format from the
+    suffix, so ``x.svg`` would quietly be SVG (and ``x`` an error after the work)."""
+    if not path.lower().endswith(".png"):
+        raise ExecmemError(f"--png {path!r}: the picture is a PNG file; give a name ending in .png")
 
 
 def render_occupancy(allocator: execmem.Allocator, path: str | None = None) -> str:
@@ -221,6 +228,8 @@ def render_occupancy(allocator: execmem.Allocator, path: str | None = None) -> s
     also as a PNG picture written there (needs matplotlib)."""
     if not isinstance(allocator, execmem.Allocator):
         raise TypeError(f"expected an execmem.Allocator, not {type(allocator).__name__}")
+    if path is not None:
+        check_png(path)
     packs = chunk_states(allocator)
     if path is not None:
         picture(allocator, path, packs)
@@ -282,6 +291,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from execmem.native import NativeBackend
 
+    if args.png:
+        check_png(args.png)  # before the workload: a refused name changes nothing
     with NativeBackend(args.mode) as backend, execmem.Allocator(backend=backend) as allocator:
         workload(allocator, args.workload, args.seed)
         print(f"execmem stats: workload {args.workload}, seed {args.seed}")
