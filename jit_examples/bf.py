@@ -1,7 +1,7 @@
 """bf: a Brainfuck JIT for x86-64, with loops and I/O through callbacks.
 
-    python -m jit_examples.bf            # run the bundled programs, JIT vs interpreter
-    python -m jit_examples.bf prog.b     # run a file (input from stdin)
+    python -m execmem.examples.bf            # run the bundled programs, JIT vs interpreter
+    python -m execmem.examples.bf prog.b     # run a file (input from stdin)
 
 The compiled program is one function ``run(ctx)``.  Input and output go through
 two callbacks, ``getc(ctx)`` and ``putc(ctx, byte)``, reached by indirect calls.
@@ -235,7 +235,7 @@ def _time(fn: object, repeats: int = 3) -> float:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jit_examples.bf", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m execmem.examples.bf", description=__doc__.splitlines()[0])
     parser.add_argument("file", nargs="?", help="a Brainfuck program (default: the bundled ones)")
     parser.add_argument("--input", default="hello, world", help="input for the bundled programs")
     args = parser.parse_args(argv)

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from jit_examples import bf, bpf, calc, hotswap
+from execmem.examples import bf, bpf, calc, hotswap
 
 X86 = platform.machine().lower() in ("x86_64", "amd64")
 native = pytest.mark.skipif(not X86, reason="the examples generate x86-64 code for the host")

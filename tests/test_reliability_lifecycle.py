@@ -327,7 +327,7 @@ def test_the_spy_sees_closures(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def _workload(mode: str, scan: Callable[[str], None], capsys: pytest.CaptureFixture[str]) -> None:
-    from jit_examples import bf, bpf, calc
+    from execmem.examples import bf, bpf, calc
 
     with allocator(mode) as a:
         texts = [live(a, k) for k in range(8)]
@@ -395,7 +395,7 @@ def test_no_writable_and_executable_memory_and_no_closures(
                 wx_elsewhere.add(v.path or "[anon]")
 
     import execmem.emu  # noqa: F401  (imports Unicorn, whose hook prototypes are module globals)
-    from jit_examples import bf, bpf, calc  # noqa: F401
+    from execmem.examples import bf, bpf, calc  # noqa: F401
 
     spy = Closures()
     with spy.watch(monkeypatch):
