@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 
-from execmem._errors import SystemCallError
+from execmem.native import _libc
 
 
 def open_owned(path: str, flags: int, mode: int = 0o644) -> int:
@@ -15,22 +16,22 @@ def open_owned(path: str, flags: int, mode: int = 0o644) -> int:
     try:
         fd = os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
     except OSError as exc:
-        raise SystemCallError(exc.errno, f"cannot open {path}: {exc.strerror}") from None
+        raise _libc.error("open", exc.errno or 0, path) from None
     info = os.fstat(fd)
     if not stat.S_ISREG(info.st_mode) or info.st_uid != os.geteuid():
         os.close(fd)
-        raise SystemCallError(1, f"{path} is not a regular file of this user; not writing to it")  # EPERM
+        raise _libc.error("open", errno.EPERM, f"{path}: not a regular file of this user")
     return fd
 
 
-def write_all(fd: int, data: bytes, what: str) -> None:
+def write_all(fd: int, data: bytes, path: str) -> None:
     """Write all of ``data`` (a regular file writes less only when it fails next)."""
     view = memoryview(data)
     try:
         while view:
             view = view[os.write(fd, view) :]
     except OSError as exc:
-        raise SystemCallError(exc.errno, f"cannot write {what}: {exc.strerror}") from None
+        raise _libc.error("write", exc.errno or 0, path) from None
 
 
 __all__ = ["open_owned", "write_all"]

@@ -28,6 +28,7 @@ forked child writes its own ``jit-<child pid>.dump`` and never touches the paren
 
 from __future__ import annotations
 
+import contextlib
 import os
 import struct
 import threading
@@ -66,8 +67,12 @@ class DumpFile:
         # Several allocators append: one record batch (one write) at a time.
         self._lock = OwnedLock("a jitdump file")
         reopening = first_index > 0  # this process wrote the file before: append to it
-        flags = os.O_RDWR | os.O_CREAT | (os.O_APPEND if reopening else os.O_TRUNC)
-        self._fd = open_owned(self.path, flags)
+        if not reopening:
+            # A new file, never one found there (an older process's of the same pid, or
+            # a link someone planted): remove the name, then create it exclusively.
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)
+        self._fd = open_owned(self.path, os.O_RDWR | (os.O_APPEND if reopening else os.O_CREAT | os.O_EXCL))
         self._sys = _libc.Syscalls()
         self._page = max(os.sysconf("SC_PAGE_SIZE"), 4096)
         try:
@@ -77,6 +82,8 @@ class DumpFile:
             self._marker = self._map_marker()
         except BaseException:
             os.close(self._fd)
+            if not reopening:
+                os.unlink(self.path)
             raise
 
     def _map_marker(self) -> int:
