@@ -63,9 +63,14 @@ def register(allocator: Allocator) -> None:
         _allocators.add(allocator)
 
 
-def texts_of(allocator: Allocator) -> list[JitText]:
-    """``allocator``'s texts in any state but FREED, in address order (under its lock)."""
+def _sorted(allocator: Allocator) -> list[JitText]:
     return sorted((t for t in allocator._texts if t._state is not _FREED), key=lambda t: t._address)
+
+
+def texts_of(allocator: Allocator) -> list[JitText]:
+    """``allocator``'s texts in any state but FREED, in address order."""
+    with allocator._lock:
+        return _sorted(allocator)
 
 
 def _covers(text: JitText | None, allocator: Allocator, address: int) -> TypeGuard[JitText]:
@@ -102,7 +107,7 @@ def find(allocator: Allocator, address: int) -> JitText | None:
     chunk = (address - pack.address) // allocator.granularity
     if not pack.chunks.used >> chunk & 1:
         return None
-    index = _indexes[allocator] = _Index(texts_of(allocator))
+    index = _indexes[allocator] = _Index(_sorted(allocator))
     text = index.candidate(address)
     # A used chunk no unfreed text covers belongs to a text whose free waits for its
     # last call to return (JitFunction): it holds nothing any more.
