@@ -461,3 +461,16 @@ def test_nothing_is_attached_when_everything_is_off() -> None:
     with execmem.Allocator(pack_size=PACK) as a:
         assert a._debug is None and a.stats()["debuginfo"] == {}
 
+
+
+def test_the_benchmark_row_times_every_configuration(tmp_path: Path) -> None:
+    """``execmem bench`` prints this row; here only its shape (timings are never asserted)."""
+    from execmem.bench import _debuginfo
+
+    result = _debuginfo.debuginfo_benchmark(20, 1)
+    rows = {(r["config"], r["batched"]): r for r in result["rows"]}
+    assert set(rows) == {(c, b) for c in _debuginfo.CONFIGS for b in (False, True)}
+    assert all(r["us_per_function"] > 0 for r in rows.values())
+    assert rows["off", True]["extra_us_per_function"] == 0
+    text = "\n".join(_debuginfo.table_lines(result))
+    assert "one by one: off " in text and "all " in text and "gdb " in text

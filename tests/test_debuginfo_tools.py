@@ -68,6 +68,21 @@ def test_gdb_names_the_jit_frame_of_a_crash(tmp_path: Path) -> None:
     assert re.search(rf"No symbol matches {found[1]}", after), after
 
 
+@needs_gdb
+def test_the_readme_gdb_session_on_the_bf_example() -> None:
+    """A hardware breakpoint on a JIT function by name (dual mode maps the code nowhere
+    writable, not even for ptrace, so ``break`` cannot patch in an int3), and a
+    backtrace naming two JIT frames: the I/O callback and the program calling it."""
+    out = gdb("-ex", "set breakpoint pending on", "-ex", "hbreak bf_putc", "-ex", "run", "-ex", "bt 2",
+              "-ex", "x/i $pc", "--args", sys.executable, "-m", "jit_examples.bf")
+    if "Couldn't write debug register" in out or "Hardware breakpoints used exceeds" in out:
+        pytest.skip("no hardware breakpoints here")
+    frames = [line for line in out.splitlines() if line.startswith("#")]
+    assert re.fullmatch(r"#0\s+0x[0-9a-f]+ in bf_putc \(\)", frames[0]), out
+    assert re.fullmatch(r"#1\s+0x[0-9a-f]+ in bf_hello \(\)", frames[1]), out
+    assert re.search(r"=> 0x[0-9a-f]+ <bf_putc>:", out), out
+
+
 ATTACH = """
 import execmem, os, time
 texts = execmem.jit_text_alloc_many([16, 32], names=["attached_one", "attached_two"])
@@ -156,3 +171,22 @@ def recorded_pid(data: Path) -> int:
     (dump,) = data.parent.glob("jit-*.dump")
     return int(dump.stem.split("-")[1])
 
+
+
+@needs_perf
+def test_the_readme_perf_session_on_the_bf_example(tmp_path: Path) -> None:
+    program = tmp_path / "spin.b"
+    program.write_text("++++++++++++++++[>-[>-[>-[->+<]<-]<-]<-]\n")  # 16 * 255**3 moves
+    data, injected = tmp_path / "perf.data", tmp_path / "perf.jit.data"
+    with open(os.devnull) as nothing:
+        recorded = subprocess.run(
+            [PERF, "record", "-k", "1", "-o", str(data), sys.executable, "-m", "jit_examples.bf", str(program)],  # type: ignore[list-item]
+            stdin=nothing, capture_output=True, text=True, timeout=300, cwd=ROOT,
+            env={**os.environ, "EXECMEM_JITDUMP": str(tmp_path)},
+        )
+    if recorded.returncode != 0 and not data.exists():
+        pytest.skip(f"perf record cannot sample here: {recorded.stderr.strip()[-300:]}")
+    assert recorded.returncode == 0, recorded.stderr
+    assert perf("inject", "--jit", "-i", str(data), "-o", str(injected)).returncode == 0
+    share, name = top_symbols(injected)[0]
+    assert name == "bf_spin.b" and share > 20, top_symbols(injected)[:5]
