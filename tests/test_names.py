@@ -12,6 +12,8 @@ import weakref
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import execmem
 from execmem import BadNameError, JitText, TextState
@@ -240,3 +242,42 @@ def test_text_at_in_a_forked_child() -> None:
         _, status = os.waitpid(pid, 0)
         assert os.waitstatus_to_exitcode(status) == 0
         assert execmem.text_at(t.address) is t
+
+
+PROPERTY = settings(parent=settings.get_profile("execmem"))
+
+
+def _memory_allocator() -> execmem.Allocator:
+    from execmem._memory_backend import MemoryBackend
+
+    return execmem.Allocator(backend=MemoryBackend("x86_64"))
+
+
+@PROPERTY
+@given(name=st.text(max_size=MAX_NAME + 2))
+def test_any_string_is_a_name_or_a_clear_error(name: str) -> None:
+    a = _memory_allocator()
+    before = _snapshot(a)
+    try:
+        text = a.jit_text_alloc(16, name=name)
+    except BadNameError:
+        assert not (name and len(name) <= MAX_NAME and name.isprintable())
+        assert _snapshot(a) == before
+    else:
+        assert text.name == name and name.isprintable()
+    finally:
+        a.close()
+        a.backend.close()
+
+
+@PROPERTY
+@given(address=st.integers(min_value=-(2**70), max_value=2**70), offset=st.integers(0, 200))
+def test_any_integer_is_answered(address: int, offset: int) -> None:
+    a = _memory_allocator()
+    try:
+        t = a.jit_text_alloc(100)
+        for probe in (address, t.address + offset - 50):
+            assert a.text_at(probe) is (t if t.address <= probe < t.address + 100 else None)
+    finally:
+        a.close()
+        a.backend.close()

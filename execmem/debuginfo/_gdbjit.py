@@ -149,9 +149,6 @@ class Interface:
         self._notify()  # GDB, when attached, stops here and reads the descriptor
         self._descriptor.action_flag = JIT_NOACTION
 
-    def __len__(self) -> int:
-        return len(self._entries)
-
 
 _interface: Interface | None = None
 _interface_lock = SetupLock("the GDB JIT interface")
