@@ -120,7 +120,7 @@ def attach(spec: ArchSpec, mode: str, *, perf_map: object, jitdump: object, gdb:
     """The sinks asked for (``None`` when none is), opened; ``mode`` is the backend's.
     On error nothing stays open."""
     on_perf_map, on_gdb = _flag("perf_map", perf_map), _flag("gdb", gdb)
-    directory = None if jitdump is None else os.fspath(jitdump) if isinstance(jitdump, (str, os.PathLike)) else jitdump
+    directory = os.fspath(jitdump) if isinstance(jitdump, (str, os.PathLike)) else jitdump
     if directory is not None and not isinstance(directory, str):
         raise TypeError(f"jitdump must be a directory path (str) or None, not {type(jitdump).__name__}")
     if not (on_perf_map or on_gdb or directory is not None):

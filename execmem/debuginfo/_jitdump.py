@@ -96,8 +96,9 @@ class DumpFile:
 
     def load(self, texts: Sequence[JitText]) -> None:
         """A ``JIT_CODE_LOAD`` record per text, with its current bytes, in one write."""
-        pid, tid, now = self.pid, threading.get_native_id(), time.monotonic_ns()
+        pid, tid = self.pid, threading.get_native_id()
         with self._lock:
+            now = time.monotonic_ns()  # under the lock: the file's order is the records' time order
             parts: list[bytes | bytearray] = []
             index = self.next_index
             for text in texts:
