@@ -482,3 +482,18 @@ def test_the_benchmark_row_times_every_configuration(tmp_path: Path) -> None:
     assert rows["off", True]["extra_us_per_function"] == 0
     text = "\n".join(_debuginfo.table_lines(result))
     assert "one by one: off " in text and "all " in text and "gdb " in text
+
+
+def test_an_allocator_dropped_without_close_closes_its_files(tmp_path: Path) -> None:
+    import gc
+
+    a = execmem.Allocator(pack_size=PACK, perf_map=True, jitdump=tmp_path)
+    t = a.jit_text_alloc(16)
+    t.write(0, b"\xcc")
+    t.map()
+    dump = tmp_path / f"jit-{os.getpid()}.dump"
+    assert descriptors_of(dump) == 1
+    del a, t
+    gc.collect()
+    assert descriptors_of(dump) == 0 and descriptors_of(f"/tmp/perf-{os.getpid()}.map") == 0
+    assert [r["id"] for r in read_jitdump(dump)[1]] == [0, 3]
