@@ -121,6 +121,21 @@ class EngineModes:
 
 
 @dataclass(frozen=True)
+class ElfIdentity:
+    """What an ELF file for this architecture carries, for the files execmem writes
+    for debuggers and profilers (``execmem.debuginfo``: jitdump, GDB's JIT interface).
+
+    ``machine`` is ``e_machine`` (System V gABI, ``<elf.h>``); ``flags`` the
+    ``e_flags`` the host's dynamic loader accepts (its psABI); ``ret`` one return
+    instruction, the whole body of the hook function GDB sets its breakpoint on.
+    """
+
+    machine: int
+    ret: bytes
+    flags: int = 0
+
+
+@dataclass(frozen=True)
 class ArchSpec:
     """The frozen description of one architecture (see the module docstring)."""
 
@@ -157,6 +172,8 @@ class ArchSpec:
     host_routines: tuple[tuple[str, str], ...] = ()
     #: One line per row for the README's synchronization table.
     summary: str = ""
+    #: How ELF files describe code of this architecture (``None``: no ELF support).
+    elf: ElfIdentity | None = None
     #: Extra per-architecture hooks used by the modeled machine (decoders etc.).
     extras: dict[str, object] = field(default_factory=dict, compare=False, hash=False)
 
@@ -273,6 +290,7 @@ def isa(spec: ArchSpec) -> ModuleType:
 __all__ = [
     "STEP_DOCS",
     "ArchSpec",
+    "ElfIdentity",
     "EngineModes",
     "PatchRule",
     "Recipe",

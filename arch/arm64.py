@@ -11,7 +11,7 @@ import capstone
 import keystone
 import unicorn
 
-from execmem.arch import ArchSpec, EngineModes, PatchRule, Recipe, RecipeStep
+from execmem.arch import ArchSpec, ElfIdentity, EngineModes, PatchRule, Recipe, RecipeStep
 
 _WRITE = RecipeStep("write", "code is stored through the writable side (a file write, a write window or a writable page), never through an executable mapping (W^X)")
 _CLEAN = RecipeStep(
@@ -110,4 +110,6 @@ SPEC = ArchSpec(
     ),
     summary="write via RW alias; DC CVAU lines (unless IDC); DSB ISH; IC IVAU lines (unless DIC); "
     "DSB ISH; ISB; membarrier(SYNC_CORE) once per batch; fresh packs: maintenance then map",
+    # EM_AARCH64 (183); RET (X30) is 0xd65f03c0 (Arm ARM C6.2 "RET").
+    elf=ElfIdentity(machine=183, ret=(0xD65F03C0).to_bytes(4, "little")),
 )

@@ -8,7 +8,7 @@ import capstone
 import keystone
 import unicorn
 
-from execmem.arch import ArchSpec, EngineModes, PatchRule, Recipe, RecipeStep
+from execmem.arch import ArchSpec, ElfIdentity, EngineModes, PatchRule, Recipe, RecipeStep
 
 _WRITE = RecipeStep("write", "code is stored through the writable side (a file write, a write window or a writable page), never through an executable mapping (W^X)")
 _LOCAL = RecipeStep(
@@ -73,4 +73,6 @@ SPEC = ArchSpec(
     ),
     summary="write via RW alias; membarrier(PRIVATE_EXPEDITED_SYNC_CORE) once per batch "
     "(fallback: mprotect-induced TLB-shootdown IPI); fresh packs: map after write, no membarrier",
+    # EM_X86_64 (62); RET is C3 (SDM Vol. 2B, "RET").
+    elf=ElfIdentity(machine=62, ret=b"\xc3"),
 )

@@ -29,6 +29,7 @@ def test_public_names_are_pinned() -> None:
             "AlignmentError",
             "Allocator",
             "AssemblyError",
+            "BadNameError",
             "BadStateError",
             "ExecmemError",
             "ForkedProcessError",
@@ -51,6 +52,7 @@ def test_public_names_are_pinned() -> None:
             "jit_text_alloc_many",
             "jit_text_free",
             "publish",
+            "text_at",
         ]
     )
     for name in execmem.__all__:

@@ -19,7 +19,7 @@ from typing import Any
 
 from execmem import __version__
 from execmem._errors import ExecmemError
-from execmem.bench import _model, _publish, _report
+from execmem.bench import _debuginfo, _model, _publish, _report
 from execmem.bench._measure import Progress, machine, revision
 
 FULL = {"sizes": (100, 1000, 10_000), "repeats": 5, "churn_ops": 20_000, "calls": 200_000}
@@ -47,12 +47,13 @@ def collect(args: argparse.Namespace) -> dict[str, Any]:
     catalog = _model.find_catalog(args.litmus)
     if args.litmus and (catalog is None or not catalog.is_dir()):
         raise ExecmemError(f"{args.litmus}: no such litmus folder")
-    steps = repeats * len(sizes) * 3 + repeats * 2 + repeats + 2 + 2
+    steps = repeats * len(sizes) * 3 + repeats * 2 + repeats + 2 + 2 + repeats
     progress = Progress(steps, enabled=None)
     try:
         publish = _publish.publish_benchmark(sizes, repeats, mode=args.mode, step=progress.step)
         churn = _publish.churn_benchmark(int(plan["churn_ops"]), repeats, mode=args.mode, step=progress.step)  # type: ignore[call-overload]
         call = _publish.call_benchmark(int(plan["calls"]), repeats, mode=args.mode, step=progress.step)  # type: ignore[call-overload]
+        debuginfo = _debuginfo.debuginfo_benchmark(min(sizes[-1], 1000), repeats, mode=args.mode, step=progress.step)
         emu = _model.emulator(quick=args.quick, step=progress.step)
         litmus = _model.litmus(catalog, quick=args.quick, step=progress.step)
     finally:
@@ -77,6 +78,7 @@ def collect(args: argparse.Namespace) -> dict[str, Any]:
         "baseline_note": _report.BASELINE_NOTE,
         "churn": churn,
         "call": call,
+        "debuginfo": debuginfo,
         "emu_ratio_vs_raw": emu["emu_ratio_vs_raw"],
         "emu": emu,
         "litmus": litmus,

@@ -6,6 +6,7 @@ import textwrap
 from typing import Any
 
 from execmem._errors import ExecmemError
+from execmem.bench import _debuginfo
 from execmem.bench._measure import describe_machine
 
 BASELINE_NOTE = (
@@ -143,6 +144,8 @@ def table(report: dict[str, Any]) -> str:
         f"{k['function_ns_per_call']:.0f} ns/call, plain ctypes pointer {k['ctypes_ns_per_call']:.0f} ns/call: "
         f"{k['ratio']:.2f}x (+{k['function_ns_per_call'] - k['ctypes_ns_per_call']:.0f} ns for counting calls in flight)"
     )
+    if "debuginfo" in report:
+        lines += ["", *_debuginfo.table_lines(report["debuginfo"])]
     emu, lit = report["emu"], report["litmus"]
     lines.append("")
     by = ", ".join(
