@@ -16,7 +16,7 @@ from __future__ import annotations
 import ctypes
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from execmem._errors import AssemblyError, UnsupportedError
 from execmem._locks import SetupLock
@@ -35,6 +35,9 @@ SIGNATURES: dict[str, tuple[object, tuple[object, ...]]] = {
     "clean_dcache": (None, (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t)),
     "invalidate_icache": (None, (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t)),
     "read_cache_type": (ctypes.c_uint64, ()),
+    "serialize": (None, ()),
+    "has_serialize": (ctypes.c_uint32, ()),
+    "probe_membarrier": (ctypes.c_long, ()),
 }
 
 #: Each routine starts on this boundary (keeps them on separate fetch blocks).
@@ -100,6 +103,9 @@ class HostRoutines:
     address: int
     size: int
     functions: dict[str, Callable[..., object]]
+    #: Answers the routines gave once for the whole process (e.g. whether the CPU has
+    #: SERIALIZE), kept here so that nothing asks twice.
+    probed: dict[str, object] = field(default_factory=dict)
 
     def get(self, name: str) -> Callable[..., object] | None:
         return self.functions.get(name)
