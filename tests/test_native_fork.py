@@ -25,6 +25,7 @@ import execmem
 from execmem._errors import ForkedProcessError
 from execmem.bench._measure import idle_thread
 from execmem.native import NativeBackend, _libc, _procmaps
+from execmem.native import _fork as native_fork
 
 pytestmark = pytest.mark.skipif(
     platform.machine().lower() not in ("x86_64", "amd64"), reason="test programs are x86-64 code"
@@ -254,8 +255,8 @@ def test_parent_snapshot_refused_the_child_copies() -> None:
         r = b.reserve(1 << 16, 16)
         b.write(r, 0, ADD)
         b.map(r)
-        anonymous_rw = lambda args: args[3] == _libc.MAP_PRIVATE | _libc.MAP_ANONYMOUS  # noqa: E731
-        with _libc.inject("mmap", errno.ENOMEM, when=anonymous_rw, times=1) as fault:
+        snapshot = lambda args: args[3] == native_fork.SNAPSHOT_FLAGS  # noqa: E731
+        with _libc.inject("mmap", errno.ENOMEM, when=snapshot, times=1) as fault:
             report, status = _fork(lambda: {"fork": S(b)["fork"], "call": ADD_T(r.address)(2, 3)})
         assert fault.fired == 1  # in the parent, before the fork
         assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0

@@ -284,27 +284,25 @@ class RemoteCse:
             return mechanism
         for note in passed:
             self._note(note)
-        message = "no way to make other threads take a context synchronization event: " + "; ".join(passed)
+        message = "no way to make other threads take a context synchronization event: " + "; ".join(self.notes)
         # Start over next time: a mechanism abandoned for a transient failure gets
         # another chance instead of leaving the process unable to publish for good.
         self._index = 0
         raise SystemCallError(errno.ENOSYS, message)
 
     def _query(self) -> tuple[int, str]:
-        """membarrier(QUERY) once the probe says the call will not kill us (-1: unusable),
-        and the verdict's detail."""
+        """membarrier(QUERY) once the probe says the call will not kill us, and why
+        (mask -1: unusable, and the reason)."""
         verdict = self._probe()
         if not verdict.safe:
             if verdict.transient:
                 self._recheck_at = self._clock() + RECHECK_AFTER
                 return -1, f"membarrier not used for now: {verdict.detail}"
-            self._note(f"membarrier not used: {verdict.detail}")
-            return -1, verdict.detail
+            return -1, f"membarrier not used: {verdict.detail}"
         try:
             mask = self._sys.membarrier(_libc.MEMBARRIER_CMD_QUERY)
         except ExecmemError as exc:
-            self._note(f"membarrier(QUERY): {exc}")
-            return -1, verdict.detail
+            return -1, f"membarrier(QUERY): {exc}"
         return mask, f"{verdict.detail}; QUERY here: {mask:#x}"
 
     def _recheck(self) -> None:
