@@ -220,6 +220,43 @@ def test_fork_workers_keep_their_at_fork_code(allocator: execmem.Allocator) -> N
     assert round_ > 3
 
 
+WITHOUT_SNAPSHOTS = """
+import ctypes, os, signal, sys
+import execmem
+from execmem.native import NativeBackend, _fork
+_fork.register = lambda backend: None  # what the fork hooks would see: no backend
+b = NativeBackend("dual")
+a = execmem.Allocator(backend=b, pack_size=1 << 16)
+t = a.jit_text_alloc(16)
+t.write(0, bytes([0xB8, 1, 0, 0, 0, 0xC3]))
+t.map()
+address = t.address
+go_r, go_w = os.pipe()
+pid = os.fork()
+if pid == 0:
+    os.read(go_r, 1)
+    os._exit(ctypes.CFUNCTYPE(ctypes.c_int)(address)())
+if sys.argv[1] == "update":
+    t.update(0, bytes([0xB8, 2, 0, 0, 0]))
+else:
+    t.free()
+os.write(go_w, b"x")
+_, status = os.waitpid(pid, 0)
+print(os.WEXITSTATUS(status) if os.WIFEXITED(status) else -os.WTERMSIG(status))
+"""
+
+
+@pytest.mark.parametrize(("what", "child_gets"), [("update", "2"), ("free", str(-signal.SIGTRAP))])
+def test_without_the_snapshots_a_child_follows_the_parent(what: str, child_gets: str) -> None:
+    """The hazard the snapshots remove (so the tests above can fail): with the fork
+    hooks seeing no backend, the child runs the parent's update, or its trap refill."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", WITHOUT_SNAPSHOTS, what], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout.strip() == child_gets, (r.stdout, r.stderr[-2000:])
+
+
 def test_a_fork_during_concurrent_patching_sees_whole_values() -> None:
     """A thread patches one function back and forth while the main thread forks: each
     child sees one of the two values, the same on every call (a snapshot, whole)."""
@@ -294,6 +331,41 @@ def test_fork_with_nothing_mapped_and_in_mprotect_mode_copies_nothing() -> None:
         assert isinstance(report["dual"], dict) and report["dual"]["views"] == 0
         assert report["dual"]["descriptors_closed"] == 2  # the reservation's file, still
         assert isinstance(report["mprotect"], dict) and report["mprotect"]["views"] == 0
+
+
+def test_fork_snapshots_an_alias_written_pack(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The hugetlb layout (a whole-pack file written through a MADV_DONTFORK alias, its
+    view mapped from a read-only descriptor), here on an ordinary memfd standing in for
+    the hugetlbfs one: the child gets the snapshot and no descriptor, and its release
+    leaves the parent's alias alone (a child has none)."""
+    with NativeBackend("dual") as b, execmem.Allocator(backend=b) as a:
+        stand_in = lambda size, scratch: _file_of(size)  # noqa: E731
+        monkeypatch.setattr(b._mapper.backing, "try_hugetlb", stand_in)
+        t = a.jit_text_alloc(16)
+        t.write(0, const_fn(7))
+        t.map()
+        region = t._pack.reservation.token
+        assert region.write_base and region.rw_fd < 0  # written through the alias
+        fn = t.function(ctypes.c_int32)
+
+        def child() -> dict[str, object]:
+            report: dict[str, object] = {"fork": S(b)["fork"], "call": fn(), "fds": _file_fds()}
+            b.close()
+            return report
+
+        report, status = _fork(child)
+        t.update(0, const_fn(8)[:5])
+        assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+        assert report["call"] == 7 and fn() == 8 and report["fds"] == []
+        fork = report["fork"]
+        assert isinstance(fork, dict) and fork["moved"] == 1 and fork["bytes"] == 2 << 20, fork
+        assert fork["descriptors_closed"] == 1  # the view's (read-only) one: there is no other
+
+
+def _file_of(size: int) -> int:
+    fd = os.memfd_create("execmem", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    os.ftruncate(fd, size)
+    return fd
 
 
 def _nr_hugepages() -> int:

@@ -285,6 +285,28 @@ def test_probe_children_that_die_hang_or_exit(
         os.waitpid(pids[0], os.WNOHANG)
 
 
+@on_x86
+def test_waitpid_interrupted_is_retried_and_a_lost_status_is_transient() -> None:
+    """EINTR: waitpid again.  ECHILD (another part of the program reaped every child
+    with __WALL): the verdict is lost, transient; nothing else is tried on that pid,
+    which may already belong to another process.  Run in a child process: the
+    injected ECHILD leaves the probe child unreaped there."""
+    r = run("""
+        import errno
+        from execmem.native import _libc, _probe
+        probe = _probe.MembarrierProbe(_probe._host_routine)
+        with _libc.inject("waitpid", errno.EINTR, times=2):
+            verdict = probe.probe_once()
+        assert verdict.safe and not verdict.transient, verdict
+        with _libc.inject("waitpid", errno.ECHILD, times=1):
+            verdict = probe.probe_once()
+        assert not verdict.safe and verdict.transient and "ECHILD" in verdict.detail, verdict
+        assert "kill" not in probe.syscalls
+        print("ok")
+    """)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
+
+
 def test_a_host_without_the_routine_never_uses_membarrier() -> None:
     verdict = MembarrierProbe(lambda: None).probe_once()
     assert not verdict.safe and not verdict.transient

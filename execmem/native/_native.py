@@ -57,7 +57,8 @@ class NativeBackend:
     ``huge_pages`` aligns reservations of 2 MiB or more to 2 MiB and asks for large
     pages (``MFD_HUGETLB``, else ``MADV_HUGEPAGE``); :meth:`stats` says what the kernel
     actually gave.  ``directories`` pins the file fallbacks of dual mapping (tests);
-    ``probe`` replaces the once-per-process membarrier probe (tests).
+    ``probe`` replaces the process's membarrier probe (``_probe.PROBE``, started in
+    the background by the first backend that may use membarrier; tests).
 
     ``max_reservation`` bounds one reservation, checked before any system call:
     a larger request is an ``OutOfMemoryError`` rather than an out-of-memory kill
