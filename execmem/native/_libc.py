@@ -174,7 +174,8 @@ class Fault:
 _EFFECTIVE_EVEN_ON_ERROR = frozenset({"close"})
 
 _faults: list[Fault] = []
-#: Guards the tallies and the fault list.  Re-entrant (``SetupLock``), not refusing:
+#: Guards the fault list (and the tallies while faults are injected: without faults
+#: they are counted without it, see ``Syscalls._call``).  Re-entrant (``SetupLock``), not refusing:
 #: a signal handler that makes a system call while the interrupted thread is in
 #: ``_call`` can safely complete its own call inside it (nothing here spans a system
 #: call); at worst a count taken at that very moment is lost.  Reset in a forked child.
@@ -245,14 +246,18 @@ class Syscalls:
 
     def _call(self, name: str, fn: Callable[..., int], *args: object, fails: object = -1) -> int:
         injected = None
-        # The SetupLock's RLock itself (replaced in a forked child): entered as a C
-        # context manager, a third of the cost of the Python-level one per call.
-        with _lock._lock:
-            tally = self.tally  # dict.get/setitem: a Counter's += costs twice as much
+        tally = self.tally  # dict.get/setitem: a Counter's += costs twice as much
+        if _faults:
+            # Injected faults count exactly (under the lock): the k-th call fails.
+            with _lock._lock:  # the SetupLock's RLock (replaced in a forked child)
+                tally[name] = tally.get(name, 0) + 1
+                _totals[name] = _totals.get(name, 0) + 1
+                injected = next((f.errno for f in _faults if f._should_fire(name, args)), None)
+        else:
+            # No lock on the hot path (a third of its cost): two threads counting the
+            # same call at the same instant may lose one count of the statistics.
             tally[name] = tally.get(name, 0) + 1
             _totals[name] = _totals.get(name, 0) + 1
-            if _faults:
-                injected = next((f.errno for f in _faults if f._should_fire(name, args)), None)
         if injected is not None:
             if name in _EFFECTIVE_EVEN_ON_ERROR:
                 fn(*args)

@@ -194,7 +194,8 @@ class NativeBackend:
             )
 
     def _region(self, reservation: Reservation) -> Region:
-        self._usable()
+        if self._closed or self._generation != _forks.generation:
+            self._usable()  # raises
         region = reservation.token
         if not isinstance(region, Region) or self._regions.get(region.address) is not region:
             raise BadStateError(f"reservation at {reservation.address:#x} is not live in this backend")
@@ -331,7 +332,7 @@ class NativeBackend:
     def run_step(self, step: str, ranges: Sequence[Range]) -> None:
         if self._closed:
             raise BadStateError("the native backend is closed")
-        self._synchronizer().run(step, ranges)
+        (self._sync or self._synchronizer()).run(step, ranges)
         steps = self._steps  # dict.get/setitem: a Counter's += costs twice as much
         steps[step] = steps.get(step, 0) + 1
 

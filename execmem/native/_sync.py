@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import functools
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -99,6 +100,8 @@ class _Membarrier:
     def __init__(self, name: str, command: int, register: int | None, sys_: _libc.Syscalls, notes: list[str]) -> None:
         self.name, self.command, self.register = name, command, register
         self._sys, self._notes = sys_, notes
+        # The hot path (every publish into a mapped pack): one bound call.
+        self._command = functools.partial(sys_.membarrier, command)
 
     def prepare(self, mask: int) -> None:
         if not mask & self.command:
@@ -108,7 +111,7 @@ class _Membarrier:
 
     def run(self, ranges: Sequence[Range]) -> None:
         try:
-            self._sys.membarrier(self.command)
+            self._command()
         except ExecmemError as exc:
             if _libc.errno_of(exc) != errno.EPERM or self.register is None:
                 raise
