@@ -368,6 +368,40 @@ def _file_of(size: int) -> int:
     return fd
 
 
+class _Recorder:
+    def __init__(self, features: frozenset[str]) -> None:
+        self.features, self.calls = features, []  # type: list[tuple[str, list[tuple[int, int]]]]
+
+    def run(self, step: str, ranges: list[tuple[int, int]]) -> None:
+        self.calls.append((step, ranges))
+
+
+@pytest.mark.parametrize(("arch", "features", "steps"), [
+    ("arm64", frozenset(), ["clean_dcache", "barrier", "invalidate_icache", "barrier"]),
+    ("arm64", frozenset({"idc"}), ["barrier", "invalidate_icache", "barrier"]),
+    ("riscv64", frozenset(), ["barrier"]),
+    ("x86_64", frozenset(), []),  # coherent fetch: nothing, and no synchronizer is made
+])
+def test_snapshots_get_the_architectures_cache_maintenance(arch: str, features: frozenset[str], steps: list[str]) -> None:
+    """A snapshot is fresh memory with code written into it: before it runs it gets the
+    maintenance the architecture's publish_fresh recipe gives new code (arm64: DC CVAU
+    unless IDC, DSB, IC IVAU, DSB; the recipe's map and local_cse steps excepted)."""
+    from execmem.arch import get
+
+    recorder, spec = _Recorder(features), get(arch)
+
+    class Backend:
+        arch = spec
+
+        def _synchronizer(self) -> _Recorder:
+            if not steps:
+                raise AssertionError("no maintenance: no synchronizer needed")
+            return recorder
+
+    native_fork._maintain(Backend(), [(0x10000, 0x20000)])  # type: ignore[arg-type]
+    assert recorder.calls == [(step, [(0x10000, 0x20000)]) for step in steps]
+
+
 def _nr_hugepages() -> int:
     try:
         with open("/proc/sys/vm/nr_hugepages") as f:

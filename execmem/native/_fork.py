@@ -153,6 +153,11 @@ def _before() -> None:
             _maintain(backend, [(s.temp, s.region.size) for s in entry.snapshots if s.temp])
         except Exception as exc:  # a fork hook must not raise; the child copies instead
             entry.notes.append(f"snapshot failed in the parent: {exc}")
+            for snap in entry.snapshots:
+                if snap.temp:
+                    with contextlib.suppress(ExecmemError):
+                        backend._sys.munmap(snap.temp, snap.region.size)
+                    snap.temp, snap.error = 0, str(exc)
 
 
 def _maintain(backend: NativeBackend, ranges: list[tuple[int, int]]) -> None:
@@ -180,9 +185,10 @@ def _after_in_parent() -> None:
 
 
 def _after_in_child() -> None:
+    for backend in list(_backends):
+        backend._gate = threading.RLock()  # whoever held it in the parent is gone
     for entry in _entries:
         backend = entry.backend
-        backend._gate = threading.RLock()  # whoever held it in the parent is gone
         try:
             backend._fork_report = _adopt(entry)
         except Exception as exc:  # never raise from a fork hook
@@ -205,6 +211,13 @@ def _adopt(entry: _Entry) -> ForkReport:
                 temp = copy_view(sys_, region)  # may see the parent's later writes
             except ExecmemError as exc:
                 report.left_shared.append(f"{region.address:#x}: {snap.error or exc}")
+                continue
+            try:
+                _maintain(backend, [(temp, region.size)])
+            except Exception as exc:
+                report.left_shared.append(f"{region.address:#x}: {exc}")
+                with contextlib.suppress(ExecmemError):
+                    sys_.munmap(temp, region.size)
                 continue
             report.copied_in_child += 1
         try:
