@@ -88,7 +88,7 @@ def test_quick_report_other_sections(quick: tuple[dict[str, Any], Path, str]) ->
         assert call[key] > 0, key
     fork = report["fork"]
     assert [row["packs"] for row in fork["rows"]] == [0, 1]
-    assert all(row["fork_seconds"] > 0 and row["view_bytes"] == row["packs"] << 21 for row in fork["rows"])
+    assert all(row["fork_cpu_seconds"] > 0 and row["view_bytes"] == row["packs"] << 21 for row in fork["rows"])
     emu = report["emu"]["by_arch"]
     assert set(emu) == {"arm64", "x86_64"}
     assert report["emu_ratio_vs_raw"] == min(v["ratio"] for v in emu.values()) > 0

@@ -23,8 +23,8 @@ from execmem._errors import ExecmemError
 from execmem.bench import _fork, _model, _publish, _report
 from execmem.bench._measure import Progress, machine, revision
 
-FULL = {"sizes": (100, 1000, 10_000), "repeats": 5, "churn_ops": 20_000, "calls": 200_000, "fork_packs": (0, 1, 4, 16)}
-QUICK = {"sizes": (100, 1000), "repeats": 2, "churn_ops": 2_000, "calls": 20_000, "fork_packs": (0, 1)}
+FULL = {"sizes": (100, 1000, 10_000), "repeats": 5, "churn_ops": 20_000, "calls": 200_000, "fork_packs": (0, 1, 4, 16), "fork_repeats": 11}
+QUICK = {"sizes": (100, 1000), "repeats": 2, "churn_ops": 2_000, "calls": 20_000, "fork_packs": (0, 1), "fork_repeats": 3}
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -56,7 +56,7 @@ def collect(args: argparse.Namespace) -> dict[str, Any]:
         publish = _publish.publish_benchmark(sizes, repeats, mode=args.mode, step=progress.step)
         churn = _publish.churn_benchmark(int(plan["churn_ops"]), repeats, mode=args.mode, step=progress.step)  # type: ignore[call-overload]
         call = _publish.call_benchmark(int(plan["calls"]), repeats, mode=args.mode, step=progress.step)  # type: ignore[call-overload]
-        fork = _fork.fork_benchmark(packs, repeats, mode=args.mode, step=progress.step)
+        fork = _fork.fork_benchmark(packs, int(plan["fork_repeats"]), mode=args.mode, step=progress.step)  # type: ignore[call-overload]
         emu = _model.emulator(quick=args.quick, step=progress.step)
         litmus = _model.litmus(catalog, quick=args.quick, step=progress.step)
     finally:
