@@ -284,6 +284,30 @@ def test_a_fork_during_concurrent_patching_sees_whole_values() -> None:
             patcher.join()
 
 
+def test_two_threads_fork_at_once() -> None:
+    """Each fork's hooks keep their own state (per forking thread): every child of two
+    threads forking in a loop gets its snapshot and the right value."""
+    with NativeBackend("dual") as b, execmem.Allocator(backend=b, pack_size=1 << 16) as a:
+        t = a.jit_text_alloc(16)
+        t.write(0, const_fn(5))
+        t.map()
+        results: list[tuple[object, int]] = []
+
+        def forker() -> None:
+            for _ in range(5):
+                results.append(_fork(lambda: {"value": RET_T(t.address)(), "moved": S(b)["fork"]["moved"]}))
+
+        threads = [threading.Thread(target=forker) for _ in range(2)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join(60)
+        assert len(results) == 10
+        for report, status in results:
+            assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+            assert report == {"value": 5, "moved": 1}, report
+
+
 # --- degraded cases -----------------------------------------------------------------------------
 
 

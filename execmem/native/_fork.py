@@ -103,7 +103,16 @@ class _Entry:
 
 
 _backends: weakref.WeakSet[NativeBackend] = weakref.WeakSet()
-_entries: list[_Entry] = []
+#: What ``_before`` did, per forking thread (the three hooks of one fork run in the
+#: thread that called it; two threads may fork at once).
+_forking = threading.local()
+
+
+def _entries() -> list[_Entry]:
+    entries: list[_Entry] | None = getattr(_forking, "entries", None)
+    if entries is None:
+        entries = _forking.entries = []
+    return entries
 
 
 def register(backend: NativeBackend) -> None:
@@ -126,7 +135,8 @@ def copy_view(sys_: _libc.Syscalls, region: Region) -> int:
         ctypes.memmove(temp, region.address, size)
         sys_.mprotect(temp, size, RX)
     except BaseException:
-        sys_.munmap(temp, size)
+        with contextlib.suppress(ExecmemError):  # the first error is the one to report
+            sys_.munmap(temp, size)
         raise
     return temp
 
@@ -137,7 +147,7 @@ def _before() -> None:
             continue
         gated = backend._gate.acquire(timeout=GATE_WAIT)
         entry = _Entry(backend, gated)
-        _entries.append(entry)
+        _entries().append(entry)
         if not gated:
             entry.notes.append(f"the backend was busy for {GATE_WAIT:g} s at fork: views copied by the child")
             continue
@@ -172,7 +182,8 @@ def _maintain(backend: NativeBackend, ranges: list[tuple[int, int]]) -> None:
 
 
 def _after_in_parent() -> None:
-    for entry in _entries:
+    entries = _entries()
+    for entry in entries:
         for snap in entry.snapshots:
             if snap.temp:
                 try:
@@ -181,19 +192,20 @@ def _after_in_parent() -> None:
                     entry.backend._fork_leaks.append((snap.temp, snap.region.size))
         if entry.gated:
             entry.backend._gate.release()
-    _entries.clear()
+    entries.clear()
 
 
 def _after_in_child() -> None:
     for backend in list(_backends):
         backend._gate = threading.RLock()  # whoever held it in the parent is gone
-    for entry in _entries:
+    entries = _entries()
+    for entry in entries:
         backend = entry.backend
         try:
             backend._fork_report = _adopt(entry)
         except Exception as exc:  # never raise from a fork hook
             backend._fork_report = ForkReport(left_shared=[f"fork handling failed: {exc}"])
-    _entries.clear()
+    entries.clear()
 
 
 def _adopt(entry: _Entry) -> ForkReport:
