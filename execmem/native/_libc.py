@@ -14,10 +14,13 @@ Why one door:
   reached) carrying ``errno`` and a message naming the call and its arguments.
 
 ``fcntl`` is bound in its integer-argument form only (``F_ADD_SEALS``/``F_GET_SEALS``).
-The calls go through glibc with ``ctypes`` (``use_errno=True``); the two that glibc
-does not wrap everywhere (``membarrier``, ``riscv_flush_icache``) go through
-``syscall(2)`` with numbers from a per-host table.  The constants below are the
-Linux UAPI values, identical on x86-64, arm64 and riscv64 (asm-generic).
+The calls go through glibc with ``ctypes`` (``use_errno=True``), but for ``pwrite``,
+the call of every publish, which goes through ``os.pwrite`` (half the cost of a ctypes
+call); the two that glibc does not wrap everywhere (``membarrier``,
+``riscv_flush_icache``) go through ``syscall(2)`` with numbers from a per-host table,
+and ``clone`` is made by the architecture's ``probe_membarrier`` routine
+(``fork_probe``).  The constants below are the Linux UAPI values, identical on x86-64,
+arm64 and riscv64 (asm-generic).
 """
 
 from __future__ import annotations
@@ -174,9 +177,9 @@ class Fault:
 _EFFECTIVE_EVEN_ON_ERROR = frozenset({"close"})
 
 _faults: list[Fault] = []
-#: Guards the fault list (and the tallies while faults are injected: without faults
-#: they are counted without it, see ``Syscalls._call``).  Re-entrant (``SetupLock``), not refusing:
-#: a signal handler that makes a system call while the interrupted thread is in
+#: Guards the fault list, and the tallies while faults are injected (without faults
+#: they are counted without it: ``Syscalls._call``).  Re-entrant (``SetupLock``), not
+#: refusing: a signal handler that makes a system call while the interrupted thread is in
 #: ``_call`` can safely complete its own call inside it (nothing here spans a system
 #: call); at worst a count taken at that very moment is lost.  Reset in a forked child.
 _lock = SetupLock("execmem.native._libc accounting")

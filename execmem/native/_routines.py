@@ -1,9 +1,9 @@
 """Tiny machine-code helpers the native backend calls through ``ctypes``.
 
 Python cannot issue a single-copy-atomic 8-byte store, a SERIALIZE, a ``DC CVAU``, an
-``ISB`` or a fork whose child runs no Python; a few instructions can.  The architecture table supplies them as data
-(``ArchSpec.host_routines``: Keystone assembly, or ``.word`` directives where Keystone
-has no assembler).  They are assembled once per process into one private helper page
+``ISB`` or a fork whose child runs no Python; a few instructions can.  The
+architecture table supplies them as data (``ArchSpec.host_routines``: Keystone
+assembly, or ``.word`` directives where Keystone has no assembler).  They are assembled once per process into one private helper page
 that is created W^X: mapped read+write, filled, then made read+execute with
 ``mprotect`` before anything calls it.  The page stays valid in forked children.
 
