@@ -290,6 +290,10 @@ def markdown(report: dict[str, Any], command: str, text: str, plot: str | None) 
         "  safe with other threads running.",
         "- *rwx-bump* is the floor: a memmove into one read+write+execute mapping. *x floor* is how",
         "  many times its time a mode takes.",
+        "- *free one by one* is `free()` per text (trap refill, quarantine) against the baseline's",
+        "  `munmap`; the floor never frees (its churn keeps every byte it ever handed out).",
+        "- *os.fork()* is the forking thread's CPU time: in dual mode the parent copies every mapped",
+        "  view for the child, which keeps the code as it was at fork (docs/reliability.md).",
         "- Targets are checked at the largest N and printed; none is asserted by the test suite.",
     ]
     return "\n".join(out) + "\n"
