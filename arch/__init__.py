@@ -168,7 +168,9 @@ class ArchSpec:
     #: as ``(name, source)``: Keystone assembly, or only ``.word`` directives where
     #: Keystone has no assembler.  Names: ``store1/2/4/8`` (``(address, value)``: one
     #: single-copy-atomic store), ``local_cse``, ``barrier``, ``clean_dcache`` /
-    #: ``invalidate_icache`` (``(start, end, line)``), ``read_cache_type``.
+    #: ``invalidate_icache`` (``(start, end, line)``), ``read_cache_type``; optional
+    #: ``serialize`` and ``has_serialize`` (a cheaper ``local_cse`` and the test for it)
+    #: and ``probe_membarrier`` (fork a child that tries membarrier; pid or -errno).
     host_routines: tuple[tuple[str, str], ...] = ()
     #: One line per row for the README's synchronization table.
     summary: str = ""

@@ -50,7 +50,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, cast
 
-from execmem import _lookup, _publishing, _recipes, debuginfo
+from execmem import _forks, _lookup, _publishing, _recipes, debuginfo
 from execmem._backend import Backend, Reservation
 from execmem._errors import (
     AlignmentError,
@@ -183,7 +183,7 @@ class Allocator:
         #: handler's own call (which completes before they resume) cannot upset.
         self._calls_lock = threading.RLock()
         self._local = threading.local()
-        self._pid = os.getpid()
+        self._generation = _forks.generation  # fork detection without a getpid per verb
         self._closed = False
         self._texts: set[JitText] = set()
         self._steps: Counter[str] = Counter()
@@ -209,7 +209,7 @@ class Allocator:
     # -- plumbing ---------------------------------------------------------------------------
 
     def _check(self) -> None:
-        if self._pid != os.getpid():
+        if self._generation != _forks.generation:
             raise ForkedProcessError(
                 "this allocator belongs to the parent process; create a new one in the forked child"
             )
@@ -608,7 +608,7 @@ class Allocator:
     def _finish_deferred_free(self, text: JitText) -> None:
         """The last in-flight call of a freed text returned: refill and quarantine now."""
         with self._lock:
-            if self._closed or self._pid != os.getpid() or text not in self._texts:
+            if self._closed or self._generation != _forks.generation or text not in self._texts:
                 return
             try:
                 self._reclaim(text, text._freed_from)
@@ -647,20 +647,20 @@ class Allocator:
         """The text (in any state but FREED) whose bytes hold ``address``, or ``None``
         (also once closed); cheap, from any thread (``_lookup``)."""
         check_int("address", address)
-        if self._pid != os.getpid():
+        if self._generation != _forks.generation:
             raise ForkedProcessError("this allocator belongs to the parent process")
         return self._text_at(address)
 
     def _text_at(self, address: int) -> JitText | None:
         with self._lock:
-            if self._closed or self._pid != os.getpid():
+            if self._closed or self._generation != _forks.generation:
                 return None
             return _lookup.find(self, address)
 
     def stats(self) -> dict[str, object]:
         """What the allocator holds and did (and ``backend.stats()`` under ``"backend"``)."""
         with self._lock:
-            if self._pid != os.getpid():
+            if self._generation != _forks.generation:
                 raise ForkedProcessError("this allocator belongs to the parent process")
             pool = self._pool
             packs = pool.describe()
@@ -707,7 +707,7 @@ class Allocator:
         with self._lock:
             if self._closed:
                 return
-            if self._pid != os.getpid():
+            if self._generation != _forks.generation:
                 self._closed = True  # the parent owns the memory; touch nothing
                 return
             with self._calls_lock:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable
 
-from execmem import debuginfo
+from execmem import _forks, debuginfo
 from execmem._allocator import Allocator
 from execmem._locks import OwnedLock
 from execmem._text import JitText
@@ -22,7 +22,7 @@ def default_allocator() -> Allocator:
     a forked child gets its own)."""
     global _default
     with _default_lock:
-        if _default is None or _default._closed or _default._pid != os.getpid():
+        if _default is None or _default._closed or _default._generation != _forks.generation:
             _default = Allocator(**debuginfo.options_from_env(os.environ))
         return _default
 

@@ -415,20 +415,3 @@ def test_reservation_token_is_private() -> None:
         fake = Reservation(r.address, r.size)
         with pytest.raises(BadStateError):
             b.map(fake)
-
-
-def test_remote_cse_is_skipped_in_a_single_threaded_process() -> None:
-    """With no other thread, membarrier has nothing to synchronize (run in a child
-    process: the test runner itself may have threads)."""
-    import subprocess
-    import sys
-
-    code = (
-        "from execmem.native import NativeBackend\n"
-        "b = NativeBackend()\n"
-        "b.run_step('remote_cse', [])\n"
-        "print(dict(b.stats()['sync']['remote_cse_runs']))\n"
-        "b.close()\n"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert "skipped: single thread" in out

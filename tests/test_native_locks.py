@@ -166,7 +166,8 @@ def test_signal_handler_inside_setup_locks_proceeds() -> None:
         from execmem.native import _routines
         b = NativeBackend("dual", probe=SAFE)
         assert interrupt_inside(_libc._lock, lambda: use(b)) == 42
-        assert interrupt_inside(_sync._probe_lock, _sync.probe_membarrier).safe
+        from execmem.native import _probe
+        assert interrupt_inside(_probe.PROBE._lock, _probe.PROBE).safe
         # The routines page built inside a build in progress: the first one wins.
         _routines._routines = None
         def nested():
@@ -233,13 +234,14 @@ def test_fork_while_other_threads_hold_every_native_lock() -> None:
     r = run_script(
         _SIGNAL_PRELUDE
         + textwrap.dedent("""
-        from execmem.native import _routines
+        from execmem.native import _probe, _routines
         b = NativeBackend("dual", probe=SAFE)
         assert use(b) == 42
         keep = b.reserve(4096, 16); b.write(keep, 0, ADD); b.map(keep)
+        # b._gate too: fork gives up on it after _fork.GATE_WAIT (the child copies).
         locks = [
             b._lock, b._mapper.backing._lock, b._synchronizer().remote._lock,
-            _libc._lock, _sync._probe_lock, _routines._routines_lock,
+            _libc._lock, _probe.PROBE._lock, _routines._routines_lock, b._gate,
         ]
         holding, release = threading.Barrier(len(locks) + 1), threading.Event()
         def hold(lock):
