@@ -7,12 +7,12 @@ import ctypes
 import errno
 import glob
 import os
-import platform
 import sys
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+from programs import ADD, needs_programs
 
 from execmem._errors import ExecmemError, OutOfMemoryError, SystemCallError
 from execmem.native import NativeBackend, _libc, _procmaps, _sync
@@ -31,12 +31,11 @@ def S(backend: NativeBackend) -> dict[str, Any]:
 
 
 pytestmark = [
-    pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"), reason="test programs are x86-64 code"),
+    needs_programs,
     pytest.mark.usefixtures("other_thread"),
 ]
 
 
-ADD = bytes.fromhex("488d0437c3")  # lea rax, [rdi + rsi]; ret
 SAFE = lambda: _sync.ProbeResult(True, "test")  # noqa: E731
 
 

@@ -9,12 +9,11 @@ from __future__ import annotations
 import ctypes
 import json
 import os
-import platform
 import signal
 from collections.abc import Callable
 from typing import Any
 
-import pytest
+from programs import ADD, ADD_T, needs_programs, traps
 
 from execmem._errors import ForkedProcessError
 from execmem.native import NativeBackend, _procmaps
@@ -25,12 +24,8 @@ def S(backend: NativeBackend) -> dict[str, Any]:
     return dict(backend.stats())
 
 
-pytestmark = pytest.mark.skipif(
-    platform.machine().lower() not in ("x86_64", "amd64"), reason="test programs are x86-64 code"
-)
+pytestmark = needs_programs
 
-ADD = bytes.fromhex("488d0437c3")  # lea rax, [rdi + rsi]; ret
-ADD_T = ctypes.CFUNCTYPE(ctypes.c_int64, ctypes.c_int64, ctypes.c_int64)
 
 
 def _fork(child: Callable[[], dict[str, object]]) -> tuple[dict[str, object], int]:
@@ -71,8 +66,8 @@ def test_child_keeps_rx_view_and_nothing_writable() -> None:
                 "forked": b.forked,
             }
             for attempt in (
-                lambda: b.write(r, 0, b"\xcc"),
-                lambda: b.atomic_store(r, 0, b"\xcc"),
+                lambda: b.write(r, 0, traps(4)),
+                lambda: b.atomic_store(r, 0, traps(4)),
                 lambda: b.reserve(4096, 16),
                 lambda: b.unmap(r),
             ):

@@ -16,11 +16,11 @@ import errno
 import fcntl
 import mmap
 import os
-import platform
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from programs import const, needs_programs, synchronize
 
 import execmem
 from execmem._backend import Reservation
@@ -29,12 +29,9 @@ from execmem.native import NativeBackend, _libc, _sync
 from execmem.native._backing import SEALED_WRITABLE, SEALS_WRITABLE
 from execmem.native._mapping import PMD_SIZE, Region
 
-pytestmark = pytest.mark.skipif(
-    platform.machine().lower() not in ("x86_64", "amd64"), reason="test programs are x86-64 code"
-)
+pytestmark = needs_programs
 
 SAFE = lambda: _sync.ProbeResult(True, "test")  # noqa: E731
-RET7 = b"\xb8\x07\x00\x00\x00\xc3"  # mov eax, 7; ret
 PAGE = mmap.PAGESIZE
 
 _c = ctypes.CDLL(None, use_errno=True)
@@ -64,7 +61,7 @@ def published(
             stack.enter_context(_libc.inject(name, err))
         b = NativeBackend("dual", probe=SAFE, directories=directories)
         r = b.reserve(PAGE, 16)
-        b.write(r, 0, RET7)
+        b.write(r, 0, const(7))
         b.map(r)
     try:
         region = r.token
@@ -86,7 +83,7 @@ def child_mprotects(address: int) -> int:
         code = 2
         try:
             if mprotect_rw(address) == 0:
-                ctypes.memmove(address + 1, b"\x63", 1)  # mov eax, 99
+                ctypes.memmove(address, const(99), len(const(99)))
                 code = 1
             else:
                 code = 0
@@ -113,7 +110,8 @@ def test_view_is_mapped_from_a_read_only_descriptor_of_a_sealed_memfd() -> None:
         with pytest.raises(PermissionError):
             os.ftruncate(region.rw_fd, 0)
         # Writes go through pwrite on the read+write descriptor.
-        b.write(Reservation(region.address, region.size, mapped=True, token=region), 1, b"\x05")
+        b.write(Reservation(region.address, region.size, mapped=True, token=region), 0, const(5))
+        synchronize(b, region.address, 64)
         assert call(region.address) == 5
 
 
@@ -130,6 +128,7 @@ def test_without_proc_the_view_comes_from_the_writable_descriptor() -> None:
         assert detail["views"]["read_write_fd"] == 1 and "read+write" in detail["views"]["fallback"]
         assert region.fd == region.rw_fd
         assert child_mprotects(region.address) == 1
+        synchronize(b, region.address, 64)
         assert call(region.address) == 99  # the view is shared: the child changed our code
 
 
