@@ -5,7 +5,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck check bench soak litmus verify clean
+.PHONY: demo test test-arm64 lint typecheck check bench soak litmus verify clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +18,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# The suite as an aarch64 process under QEMU (root on x86-64 Debian; see .ci/arm64.sh).
+test-arm64:
+	.ci/arm64.sh
 
 lint: $(STAMP)
 	$(PY) -m ruff check execmem arch jit_examples tests
