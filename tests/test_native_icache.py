@@ -66,7 +66,7 @@ def republish_rounds(recipes: dict[str, Recipe]) -> list[tuple[int, int]]:
         for k in range(ROUNDS):
             old, new = 1000 + k, 2000 + k
             t = a.jit_text_alloc(64)
-            t.write(0, const(old, t.address))
+            t.write(0, const(old))
             t.map()
             assert t.function(ctypes.c_int)() == old
             address = t.address
@@ -74,7 +74,7 @@ def republish_rounds(recipes: dict[str, Recipe]) -> list[tuple[int, int]]:
             others = []
             for _ in range(100):  # each publish into the mapped pack advances the epochs
                 u = a.jit_text_alloc(64)
-                u.write(0, const(new, u.address))
+                u.write(0, const(new))
                 u.map()
                 if u.address == address:
                     break

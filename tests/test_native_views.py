@@ -28,6 +28,7 @@ from execmem._errors import OutOfMemoryError
 from execmem.native import NativeBackend, _libc, _sync
 from execmem.native._backing import SEALED_WRITABLE, SEALS_WRITABLE
 from execmem.native._mapping import PMD_SIZE, Region
+from execmem.native._native import ADDRESS_SPACE_BITS
 
 pytestmark = needs_programs
 
@@ -197,7 +198,8 @@ def test_max_reservation_argument() -> None:
         b.reserve(1 << 20, 16)
         with pytest.raises(OutOfMemoryError, match="max_reservation"):
             b.reserve((1 << 20) + 1, 16)
-    assert NativeBackend(max_reservation=1 << 80).max_reservation == 1 << 47  # the address space
+    with NativeBackend(max_reservation=1 << 80) as b:  # the user address space
+        assert b.max_reservation == 1 << ADDRESS_SPACE_BITS[b.arch.name]
     with pytest.raises(TypeError):
         NativeBackend(max_reservation=1.5)  # type: ignore[arg-type]
     with pytest.raises(ValueError):

@@ -47,7 +47,7 @@ def test_arithmetic(allocator: execmem.Allocator) -> None:
 
 @pytest.mark.parametrize("value", [0, 7, 0xFFFF, 0x10000, 0x7FFFFFFF, -1])
 def test_const_and_busy(allocator: execmem.Allocator, value: int) -> None:
-    t = published(allocator, build=lambda at: P.const(value, at))
+    t = published(allocator, P.const(value))
     assert len(P.const(value)) == P.CONST_SIZE
     assert P.CONST_T(t.address)() == ctypes.c_int(value).value
     assert P.CONST_T(published(allocator, P.busy(value, 1000)).address)() == ctypes.c_int(value).value
