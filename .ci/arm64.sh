@@ -192,11 +192,16 @@ rm -rf --one-file-system "$ROOTFS$GUEST_SRC" && mkdir -p "$ROOTFS$GUEST_SRC"
     done |
     tar --null -T - -cf -) | tar -C "$ROOTFS$GUEST_SRC" -xf -
 
+# The venv's editable install points at $GUEST_SRC, so a new copy needs no reinstall
+# unless pyproject.toml changed (its fresh mtime would make make reinstall: ~5 min).
+if cmp -s "$CHECKOUT/pyproject.toml" "$ROOTFS$GUEST_VENV/installed-pyproject.toml"; then
+    touch -r "$ROOTFS$GUEST_VENV/.installed" "$ROOTFS$GUEST_SRC/pyproject.toml"
+fi
+install="make $GUEST_VENV/.installed VENV=$GUEST_VENV && cp pyproject.toml $GUEST_VENV/installed-pyproject.toml"
 if [ $# -gt 0 ]; then
-    run=$(printf ' %q' "$@")
-    run="make $GUEST_VENV/.installed VENV=$GUEST_VENV && $GUEST_VENV/bin/python -m pytest$run"
+    run="$install && $GUEST_VENV/bin/python -m pytest$(printf ' %q' "$@")"
 else
-    run="make test VENV=$GUEST_VENV"
+    run="$install && make test VENV=$GUEST_VENV"
 fi
 # keystone has no aarch64 wheel on PyPI: never let pip build its sdist emulated.
 guest_env=(HOME=/root PATH=/usr/local/bin:/usr/bin:/bin LANG=C.UTF-8 TERM="${TERM:-dumb}"
