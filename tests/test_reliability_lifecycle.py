@@ -131,7 +131,7 @@ def test_callable_made_before_free_refuses_after_free_even_after_va_reuse() -> N
             with pytest.raises(UseAfterFreeError):
                 verb()
         assert (S(a)["texts"], a.occupancy()) == before
-        assert new_fn() == reused.read()[1] and anchor.function(ctypes.c_int)() == 1
+        assert new_fn() == 100 + k and anchor.function(ctypes.c_int)() == 1
         print(f"\n[uaf] the freed address came back after {len(others) + 1} publishes")
 
 
@@ -350,12 +350,13 @@ def _workload(mode: str, scan: Callable[[str], None], capsys: pytest.CaptureFixt
         scan(f"{mode}: free")
         assert all(m.function(ctypes.c_int)() == 200 + k for k, m in enumerate(more))
     scan(f"{mode}: close")
-    jit = bf.JIT()
-    assert jit.compile("++++++++[>++++++++<-]>+.")() == b"A"
-    scan("bf")
-    assert bpf.main([]) == 0
-    capsys.readouterr()
-    scan("bpf")
+    if P.HOST.name == "x86_64":  # the bf and bpf examples compile to x86-64 only
+        jit = bf.JIT()
+        assert jit.compile("++++++++[>++++++++<-]>+.")() == b"A"
+        scan("bf")
+        assert bpf.main([]) == 0
+        capsys.readouterr()
+        scan("bpf")
     with calc.Compiler() as c:
         assert c.compile("1 + 2 * x")(x=20) == 41
     scan("calc")
