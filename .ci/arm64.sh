@@ -33,7 +33,8 @@ ROOTFS=$CACHE/rootfs-$SUITE
 WHEELS=$CACHE/wheels
 GUEST_SRC=/src/execmem         # the checkout's copy inside the root file system
 GUEST_VENV=/opt/execmem-venv   # kept between runs (pip's cache is in the root fs too)
-TIMEOUT=${EXECMEM_ARM64_TIMEOUT:-3600}  # seconds for the emulated test run
+TIMEOUT=${EXECMEM_ARM64_TIMEOUT:-3600}  # seconds for the emulated test run, at most...
+DEADLINE=${EXECMEM_ARM64_DEADLINE:-}    # ...and it ends by this time (seconds since 1970), if set
 CHECKOUT=$(cd "$(dirname "$0")/.." && pwd)
 
 say() { printf '[arm64 %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
@@ -210,7 +211,12 @@ for v in http_proxy https_proxy no_proxy HTTP_PROXY HTTPS_PROXY NO_PROXY; do
     [ -z "${!v:-}" ] || guest_env+=("$v=${!v}")
 done
 
-say "running as aarch64 under QEMU: $run"
+if [ -n "$DEADLINE" ]; then
+    left=$((DEADLINE - $(date +%s)))
+    [ "$left" -gt 60 ] || die "no time left before EXECMEM_ARM64_DEADLINE for the emulated run"
+    [ "$left" -ge "$TIMEOUT" ] || TIMEOUT=$left
+fi
+say "running as aarch64 under QEMU (at most $((TIMEOUT / 60)) min): $run"
 start=$SECONDS
 status=0
 isolated bash -c '
@@ -225,4 +231,5 @@ isolated bash -c '
 ' arm64-suite "$ROOTFS" "${guest_env[@]}" \
     timeout --kill-after=60 "$TIMEOUT" bash -c "uname -m && cd $GUEST_SRC && $run" || status=$?
 say "emulated run took $(( (SECONDS - start) / 60 )) min $(( (SECONDS - start) % 60 )) s; exit status $status"
+[ "$status" -ne 124 ] || say "error: the emulated run was stopped after $TIMEOUT s (EXECMEM_ARM64_TIMEOUT / _DEADLINE)"
 exit "$status"
