@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import os
 from dataclasses import dataclass
 
 import pytest
@@ -24,6 +25,11 @@ from execmem._backend import Backend
 from execmem.bench._publish import encoder
 
 HOST = execmem.arch.host()
+
+#: How many times slower than native this interpreter may run: QEMU user mode is
+#: some ten times slower (.ci/arm64.sh sets ``EXECMEM_TEST_SLOWDOWN``).  Time bounds
+#: that catch hangs or blow-ups, not speed targets, are multiplied by it.
+SLOWDOWN = float(os.environ.get("EXECMEM_TEST_SLOWDOWN", "1"))
 
 _SOURCES: dict[str, dict[str, str]] = {
     "x86_64": {
@@ -189,6 +195,7 @@ __all__ = [
     "HOST",
     "MISSING",
     "RET",
+    "SLOWDOWN",
     "SPIN",
     "SUM",
     "UNARY_T",
