@@ -117,13 +117,23 @@ say "QEMU $(qemu_version)"
     mount -t binfmt_misc binfmt_misc /proc/sys/fs/binfmt_misc ||
     die "cannot mount binfmt_misc"
 # Debian's QEMU ships its registration for systemd-binfmt, which a container or a
-# machine without systemd never runs: register it here.  Again on every run, since the
-# F flag pins the interpreter file open at registration, maybe an older QEMU's.
+# machine without systemd never runs: register it here.  Again when the interpreter
+# changed since (the F flag pins the file that was open at registration, maybe an
+# older QEMU's), but not on every run: a run in progress could not start a process
+# between the removal and the new registration.
 BINFMT_CONF=/usr/lib/binfmt.d/qemu-aarch64.conf
+BINFMT=/proc/sys/fs/binfmt_misc/qemu-aarch64
+BINFMT_STAMP=/run/execmem-arm64-binfmt  # /run is emptied at boot, as binfmt_misc is
 [ -r "$BINFMT_CONF" ] || die "$BINFMT_CONF is missing (qemu-user-binfmt)"
-[ ! -e /proc/sys/fs/binfmt_misc/qemu-aarch64 ] || echo -1 > /proc/sys/fs/binfmt_misc/qemu-aarch64
-grep -v '^#' "$BINFMT_CONF" | head -n 1 > /proc/sys/fs/binfmt_misc/register
-grep -qx enabled /proc/sys/fs/binfmt_misc/qemu-aarch64 || die "qemu-aarch64 is not enabled in binfmt_misc"
+registration=$(grep -v '^#' "$BINFMT_CONF" | head -n 1)
+interpreter=$(printf '%s' "$registration" | cut -d: -f7)
+if [ ! -e "$BINFMT" ] || ! grep -qx enabled "$BINFMT" || ! grep -qx "interpreter $interpreter" "$BINFMT" ||
+   [ ! -e "$BINFMT_STAMP" ] || [ "$interpreter" -nt "$BINFMT_STAMP" ]; then
+    [ ! -e "$BINFMT" ] || echo -1 > "$BINFMT"
+    printf '%s\n' "$registration" > /proc/sys/fs/binfmt_misc/register
+    touch "$BINFMT_STAMP"
+fi
+grep -qx enabled "$BINFMT" || die "qemu-aarch64 is not enabled in binfmt_misc"
 
 # Run a command in a private mount namespace (its mounts vanish with it, even when the
 # run is interrupted) and a PID namespace (no emulated process outlives it).
@@ -137,7 +147,7 @@ if [ ! -d "$ROOTFS" ]; then
     say "debootstrap $SUITE arm64, first stage ($MIRROR)"
     debootstrap --arch=arm64 --foreign --variant=minbase \
         --include=python3-venv,ca-certificates,make "$SUITE" "$partial" "$MIRROR" >/dev/null
-    say "debootstrap second stage, emulated (a few minutes)"
+    say "debootstrap second stage, emulated (minutes)"
     isolated chroot "$partial" /debootstrap/debootstrap --second-stage >/dev/null
     chroot "$partial" apt-get clean
     mv "$partial" "$ROOTFS"
@@ -151,7 +161,7 @@ cp -L /etc/resolv.conf "$ROOTFS/etc/resolv.conf"
 if ! ls "$WHEELS"/keystone_engine-*aarch64.whl >/dev/null 2>&1; then
     build=$CACHE/keystone.partial
     rm -rf "$build" && mkdir -p "$build"
-    say "cross-building $KEYSTONE for aarch64 (a minute or two)"
+    say "cross-building $KEYSTONE for aarch64 (minutes)"
     echo "$KEYSTONE --hash=sha256:$KEYSTONE_SHA256" > "$build/requirements.txt"
     /usr/bin/python3 -m pip download --quiet --isolated --no-deps --no-binary :all: \
         --require-hashes -r "$build/requirements.txt" -d "$build"
