@@ -23,6 +23,7 @@ import execmem
 import execmem.arch
 from execmem._backend import Backend
 from execmem.bench._publish import encoder
+from execmem.native._procmaps import read_maps
 
 HOST = execmem.arch.host()
 
@@ -118,6 +119,24 @@ def synchronize(backend: Backend, address: int, size: int) -> None:
             backend.run_step(step.name, [(address, size)])
 
 
+def mappings_over(address: int, size: int) -> list[tuple[int, int, str]]:
+    """(start, end, perms) of the mappings over the range, adjacent VMAs with the same
+    protections and file joined: QEMU user mode write-protects host pages that hold
+    translated code to catch self-modifying code, which splits the kernel's VMA
+    where the program sees one mapping (rwx and mprotect modes)."""
+    out: list[tuple[int, int, str]] = []
+    last_path = None
+    for v in read_maps():
+        if not v.overlaps(address, size):
+            continue
+        if out and out[-1][1] == v.start and out[-1][2] == v.perms and last_path == v.path:
+            out[-1] = (out[-1][0], v.end, v.perms)
+        else:
+            out.append((v.start, v.end, v.perms))
+        last_path = v.path
+    return out
+
+
 def traps(size: int) -> bytes:
     """What unused executable memory holds: the host's trap filler."""
     return HOST.trap_bytes(size)
@@ -204,6 +223,7 @@ __all__ = [
     "busy",
     "call_plus_one",
     "const",
+    "mappings_over",
     "needs_programs",
     "synchronize",
     "traps",

@@ -15,7 +15,7 @@ import sys
 from typing import Any
 
 import pytest
-from programs import const, needs_programs, traps
+from programs import const, mappings_over, needs_programs, traps
 
 import execmem
 from execmem._errors import OutOfMemoryError
@@ -103,24 +103,6 @@ def test_the_modeled_machine_gives_whole_packs() -> None:
 # --- native -----------------------------------------------------------------------------------
 
 native = needs_programs
-
-
-def mappings_over(address: int, size: int) -> list[tuple[int, int, str]]:
-    """(start, end, perms) of the mappings over the range, adjacent VMAs with the same
-    protections and file joined: QEMU user mode write-protects host pages that hold
-    translated code to catch self-modifying code, which splits the kernel's VMA
-    where the program sees one mapping (rwx and mprotect modes)."""
-    out: list[tuple[int, int, str]] = []
-    last_path = None
-    for v in _procmaps.read_maps():
-        if not v.overlaps(address, size):
-            continue
-        if out and out[-1][1] == v.start and out[-1][2] == v.perms and last_path == v.path:
-            out[-1] = (out[-1][0], v.end, v.perms)
-        else:
-            out.append((v.start, v.end, v.perms))
-        last_path = v.path
-    return out
 
 
 @native

@@ -620,7 +620,7 @@ def flow_grow(env: Env) -> Callable[[], None]:
 
     def check() -> None:
         _calls(t, v)()
-        assert len([v for v in _procmaps.read_maps() if v.overlaps(res.address, res.size)]) == 1
+        assert len(P.mappings_over(res.address, res.size)) == 1
 
     return check
 
