@@ -8,7 +8,7 @@ LINKED := $(VENV)/.linked
 # The package's folders: a new or removed module changes its folder's time stamp.
 PACKAGE_DIRS := $(shell find -L execmem arch jit_examples -type d -not -name __pycache__ 2>/dev/null)
 
-.PHONY: demo test lint typecheck check bench soak litmus verify clean
+.PHONY: demo test test-arm64 lint typecheck check bench soak litmus verify clean
 
 # A "strict" editable install links each module into build/: unlike the default
 # import-hook install, type checkers (mypy in a user's project) find it, and only the
@@ -31,6 +31,10 @@ demo: $(LINKED)
 
 test: $(LINKED)
 	$(PY) -m pytest -q
+
+# The suite as an aarch64 process under QEMU (root on x86-64 Debian; see .ci/arm64.sh).
+test-arm64:
+	.ci/arm64.sh
 
 lint: $(LINKED)
 	$(PY) -m ruff check execmem arch jit_examples tests
