@@ -34,7 +34,7 @@ soak: $(STAMP)
 	$(PY) -m execmem.bench.soak
 
 litmus: $(STAMP)
-	$(PY) -m execmem litmus --kinds ../shared/litmus/aarch64-ifetch/kinds.txt ../shared/litmus/aarch64-ifetch
+	$(PY) -m execmem litmus --kinds tests/data/herd/aarch64-ifetch/kinds.txt tests/data/herd/aarch64-ifetch
 
 verify: $(STAMP)
 	$(PY) -m execmem verify
