@@ -271,6 +271,11 @@ MODEL = ModelRules(
 #: Bytes fetched per instruction.
 FETCH_SIZE = 4
 
+#: A register-only counted loop of ``{n}`` iterations (``{lo}``/``{hi}``: its 16-bit
+#: halves) ending at label ``end``: what ``execmem bench`` runs on the model and on
+#: raw Unicorn to compare their speed.
+BENCH_LOOP = "movz x1, #{lo}\nmovk x1, #{hi}, lsl #16\nloop: add x0, x0, x1\neor x3, x0, x1\nsubs x1, x1, #1\nb.ne loop\nend: nop"
+
 
 def decode_bytes(insn: bytes) -> Decoded:
     return decode(int.from_bytes(insn[:4], "little"))

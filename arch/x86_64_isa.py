@@ -38,6 +38,9 @@ GENERAL = tuple(range(16))
 RESET = {17: 0x2}
 #: Longest instruction; fetch continues word by word until the instruction is complete.
 FETCH_SIZE = 15
+#: A register-only counted loop of ``{n}`` iterations ending at label ``end``: what
+#: ``execmem bench`` runs on the model and on raw Unicorn to compare their speed.
+BENCH_LOOP = "mov rcx, {n}\nloop: add rax, rcx\nxor rdx, rax\ndec rcx\njnz loop\nend: nop"
 #: The return register of the calling convention (for ``Machine.call`` results).
 RETURN_REGISTER = 0
 ARGUMENT_REGISTERS = (5, 4, 3, 2, 8, 9)  # rdi, rsi, rdx, rcx, r8, r9

@@ -33,7 +33,7 @@ def find_catalog(explicit: str | None = None) -> Path | None:
 def emulator(*, quick: bool, step: Step | None = None) -> dict[str, Any]:
     iterations, repeats = (200_000, 3) if quick else (2_000_000, 5)
     out: dict[str, Any] = {}
-    for arch in ("arm64", "x86_64"):
+    for arch in _emu.modeled():
         if step is not None:
             step(f"modeled machine vs raw Unicorn, {arch}")
         t = _emu.guest_throughput(arch, iterations=iterations, repeats=repeats)

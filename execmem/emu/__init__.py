@@ -8,7 +8,6 @@ interrupts, host actions), ``_explore`` (exhaustive and random exploration, repl
 
 from execmem.emu._explore import Exploration, Witness
 from execmem.emu._machine import HostProgram, Machine, Program, assemble
-from execmem.emu._semantics import Step
-from execmem.emu._state import MachineState
+from execmem.emu._state import MachineState, Step
 
 __all__ = ["Exploration", "HostProgram", "Machine", "MachineState", "Program", "Step", "Witness", "assemble"]

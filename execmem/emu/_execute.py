@@ -23,20 +23,16 @@ from execmem.emu._state import (
     ROLD,
     CpuState,
     MachineState,
+    Step,
     Store,
+    Transition,
     get,
     join_into,
 )
 from execmem.emu._timeline import Timeline
 
 if TYPE_CHECKING:
-    from execmem.emu._semantics import Model, Transition
-
-
-def _step(*args: Any) -> Any:
-    from execmem.emu._semantics import Step
-
-    return Step(*args)
+    from execmem.emu._semantics import Model
 
 
 def read_choices(model: Model, st: MachineState, cpu: CpuState, pa: int, size: int, pre: int) -> list[tuple[bytes, int, list[int]]]:
@@ -162,7 +158,7 @@ def execute(model: Model, st: MachineState, c: int, cpu: CpuState, insn: bytes, 
         if memory_op:
             model.raise_view(new, CAPA, vaddr)
         model.settle(new)
-        yield _step(c, "exec", pc, d.text, "; ".join(detail)), model.replace(st, c, new, tl)
+        yield Step(c, "exec", pc, d.text, "; ".join(detail)), model.replace(st, c, new, tl)
 
 def views_after(model: Model, new: CpuState, d: Any, vaddr: int, reads: Sequence[tuple[bytes, int, list[int]]]) -> None:
     if not model.rules.track_dependencies:

@@ -19,8 +19,8 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 
 from execmem._errors import ModelError
-from execmem.emu._semantics import Model, Step
-from execmem.emu._state import MachineState
+from execmem.emu._semantics import Model
+from execmem.emu._state import MachineState, Step
 
 Observe = Callable[[MachineState], Hashable]
 

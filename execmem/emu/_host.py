@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 from execmem._errors import ModelError
 from execmem.emu._execute import read_choices, store_entry
-from execmem.emu._kernel import RETURN_MAGIC
+from execmem.emu._layout import RETURN_MAGIC, page_of
 from execmem.emu._state import (
     DCNEW,
     DCOLD,
@@ -20,18 +20,14 @@ from execmem.emu._state import (
     WOLD,
     CpuState,
     MachineState,
+    Step,
+    Transition,
     join_into,
 )
 from execmem.emu._timeline import IC, TLBI, Event
 
 if TYPE_CHECKING:
-    from execmem.emu._semantics import Model, Step, Transition
-
-
-def _step(c: int, kind: str, pc: int, text: str, detail: str = "") -> Step:
-    from execmem.emu._semantics import Step
-
-    return Step(c, kind, pc, text, detail)
+    from execmem.emu._semantics import Model
 
 
 def _sender_view(cpu: CpuState) -> int:
@@ -58,7 +54,7 @@ def is_local(model: Model, cpu: CpuState) -> bool:
     if kind == "store":
         va = args[0]
         assert isinstance(va, int)
-        return va - va % 0x1000 in model.config.static_map
+        return page_of(va) in model.config.static_map
     if kind in ("pte", "record"):
         return True
     if kind == "ic" or (kind == "tlbi" and (len(args) < 2 or args[1] != "local")):
@@ -68,7 +64,7 @@ def is_local(model: Model, cpu: CpuState) -> bool:
         return not (rule.drain and cpu.sb) and not (rule.complete and cpu.pending)
     if kind == "call":
         _, pushes = model.isa.prepare_call(cpu.regs, 0, args[1], 0)
-        return all(va - va % 0x1000 in model.config.static_map for va, _ in pushes)
+        return all(page_of(va) in model.config.static_map for va, _ in pushes)
     return False
 
 
@@ -94,7 +90,7 @@ def host_step(model: Model, st: MachineState, c: int) -> Iterator[Transition]:
             entry = store_entry(model, one, data, pa, va, _Plain(bool(release)), 0)
             one.sb = (*one.sb, entry)
             model.settle(one)
-            yield _step(c, "host", 0, text, "buffered"), model.replace(st, c, one)
+            yield Step(c, "host", 0, text, "buffered"), model.replace(st, c, one)
         return
     if kind == "pte":
         vpage, ppage, perms = args
@@ -108,7 +104,7 @@ def host_step(model: Model, st: MachineState, c: int) -> Iterator[Transition]:
         entry = store_entry(model, new, value.to_bytes(8, "little"), pte, pte, _Plain(False), 0)
         new.sb = (*new.sb, entry)
         model.settle(new)
-        yield _step(c, "host", 0, text, "page-table store buffered"), model.replace(st, c, new)
+        yield Step(c, "host", 0, text, "page-table store buffered"), model.replace(st, c, new)
         return
     if kind == "dc":
         (va,) = args
@@ -144,7 +140,7 @@ def host_step(model: Model, st: MachineState, c: int) -> Iterator[Transition]:
         new.acks = (*new.acks, *tags)
         cpus[c] = new
         model.settle(new)
-        yield _step(c, "host", 0, text, f"to CPUs {','.join(map(str, targets))}"), MachineState(st.timeline, tuple(cpus))  # type: ignore[call-overload]
+        yield Step(c, "host", 0, text, f"to CPUs {','.join(map(str, targets))}"), MachineState(st.timeline, tuple(cpus))  # type: ignore[call-overload]
         return
     if kind == "await":
         # A kernel thread polling a flag with acquire semantics (smp_cond_load_acquire).
@@ -163,13 +159,13 @@ def host_step(model: Model, st: MachineState, c: int) -> Iterator[Transition]:
                 for index in (RNEW, DCNEW, ICNEW):
                     model.raise_view(one, index, post)
                 model.settle(one)
-                yield _step(c, "host", 0, text, f"read {expected:#x} (acquire)"), model.replace(st, c, one)
+                yield Step(c, "host", 0, text, f"read {expected:#x} (acquire)"), model.replace(st, c, one)
         return
     if kind == "wait":
         if new.acks:
             return
         model.settle(new)
-        yield _step(c, "host", 0, text), model.replace(st, c, new)
+        yield Step(c, "host", 0, text), model.replace(st, c, new)
         return
     if kind == "call":
         target, call_args = args
@@ -184,25 +180,25 @@ def host_step(model: Model, st: MachineState, c: int) -> Iterator[Transition]:
                 break
         new.pc = target
         model.settle(new)
-        yield _step(c, "host", 0, text, f"enter {target:#x}"), model.replace(st, c, new)
+        yield Step(c, "host", 0, text, f"enter {target:#x}"), model.replace(st, c, new)
         return
     if kind == "record":
         (reg,) = args
         new.results = (*new.results, new.reg(int(reg)))  # type: ignore[call-overload]
         model.settle(new)
-        yield _step(c, "host", 0, text, f"= {new.results[-1]:#x}"), model.replace(st, c, new)
+        yield Step(c, "host", 0, text, f"= {new.results[-1]:#x}"), model.replace(st, c, new)
         return
     raise ModelError(f"unknown host action {kind!r}")
 
 
 def _local_tlbi(model: Model, st: MachineState, c: int, cpu: CpuState, vpage: int | None, text: str) -> Transition:
     """A TLB invalidation of this CPU's own TLB, complete at once (x86 INVLPG)."""
-    addr = -1 if vpage is None else vpage - vpage % 0x1000
+    addr = -1 if vpage is None else page_of(vpage)
     tl = st.timeline.append(Event(TLBI, c, addr, page=c, note="local"))
     for index in (ICOLD, RNEW, DCNEW, ICNEW, FNEW):
         model.raise_view(cpu, index, tl.end)
     model.settle(cpu)
-    return _step(c, "host", 0, text, f"@{tl.end}"), model.replace(st, c, cpu, tl)
+    return Step(c, "host", 0, text, f"@{tl.end}"), model.replace(st, c, cpu, tl)
 
 
 def deliveries(model: Model, st: MachineState, t: int) -> Iterator[Transition]:
@@ -254,7 +250,7 @@ def _finish_delivery(model: Model, st: MachineState, t: int, tag: int, kind: str
         s.acks = tuple(a for a in s.acks if a != tag)
         model.settle(s)
         cpus[sender] = s
-    yield _step(t, "irq", cpus[t].pc, f"IPI ({kind}) from CPU{sender}", detail), MachineState(st.timeline, tuple(cpus))
+    yield Step(t, "irq", cpus[t].pc, f"IPI ({kind}) from CPU{sender}", detail), MachineState(st.timeline, tuple(cpus))
 
 
 class _Plain:

@@ -27,10 +27,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from execmem._errors import ModelError
+from execmem.emu._layout import PAGE
 
-PAGE = 0x1000
-#: Returning to this address from guest code resumes the CPU's host program.
-RETURN_MAGIC = 0xFFFF_E000
 #: PTE bits (the model's own format).
 PTE_VALID, PTE_READ, PTE_WRITE, PTE_EXEC = 1, 2, 4, 8
 _PERM_BITS = {"r": PTE_READ, "w": PTE_WRITE, "x": PTE_EXEC}

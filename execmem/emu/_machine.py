@@ -5,24 +5,12 @@ with labels), data locations, registers, host programs (kernel-like actions) - a
 then run: sequentially (:meth:`Machine.call`, :meth:`Machine.run_sequential`), on a
 seeded random schedule, or exhaustively (:meth:`Machine.explore`).  It is also an
 execmem backend: ``execmem.Allocator(backend=Machine(...))`` records the allocator's
-recipe steps as host actions on the machine's host CPU (see ``_backend``).
-
-Address space (virtual; static regions are mapped VA == PA):
-
-=================  ==========================================================
-0x0010_0000        guest code, 64 KiB per CPU (``load``)
-0x0080_0000        data (``alloc``), every location on its own cache line
-0x00F0_0000        one stack page per CPU
-0x0F00_0000        page-table entries of dynamic pages (physical)
-0x1000_0000        physical frames of dynamic reservations; also their
-                   writable alias (the kernel's linear map, VA == PA)
-0x4000_0000        dynamic (page-table mapped) executable reservations
-=================  ==========================================================
+recipe steps as host actions on the machine's host CPU (see ``_backend``).  Where
+things live in the address space is ``_layout``.
 """
 
 from __future__ import annotations
 
-import random
 from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass, field
 from types import ModuleType
@@ -33,20 +21,22 @@ from execmem import arch as _arch
 from execmem._errors import AssemblyError, ModelError
 from execmem.emu._backend import EmulatedBackend
 from execmem.emu._explore import Exploration, exhaustive, random_runs, replay
-from execmem.emu._kernel import RETURN_MAGIC, HostAction
-from execmem.emu._semantics import HOST, Model, ModelConfig, Step
-from execmem.emu._state import MachineState
+from execmem.emu._kernel import HostAction, pte_value
+from execmem.emu._layout import (
+    CODE_BASE,
+    CODE_STRIDE,
+    DATA_BASE,
+    DYNAMIC_BASE,
+    DYNAMIC_LIMIT,
+    FRAME_BASE,
+    PAGE,
+    PT_BASE,
+    STACK_BASE,
+)
+from execmem.emu._semantics import HOST, Model, ModelConfig
+from execmem.emu._state import MachineState, Step
 from execmem.emu._timeline import Timeline
 from execmem.emu._unicorn import Executor, FastCode
-
-PAGE = 0x1000
-CODE_BASE = 0x0010_0000
-CODE_STRIDE = 0x1_0000
-DATA_BASE = 0x0080_0000
-STACK_BASE = 0x00F0_0000
-PT_BASE = 0x0F00_0000
-FRAME_BASE = 0x1000_0000
-DYNAMIC_BASE = 0x4000_0000
 
 
 @dataclass
@@ -107,10 +97,9 @@ class Machine(EmulatedBackend):
         if (idc or dic) and "idc" not in self.spec.cache_features:
             raise ModelError(f"{self.spec.name} has no IDC/DIC cache-type bits")
         self.idc, self.dic, self.eis = idc, dic, eis
-        styles = (*self.spec.tlb_styles, "invlpgb") if self.spec.name == "x86_64" else self.spec.tlb_styles
         self.tlb = tlb or self.spec.default_tlb
-        if self.tlb not in styles:
-            raise ModelError(f"tlb must be one of {', '.join(styles)} on {self.spec.name}")
+        if self.tlb not in self.spec.tlb_styles:
+            raise ModelError(f"tlb must be one of {', '.join(self.spec.tlb_styles)} on {self.spec.name}")
         granule = self.isa.MODEL.granule
         self.line_size = line_size or self.spec.cache_lines[0]
         if self.line_size % granule or self.line_size & (self.line_size - 1):
@@ -125,6 +114,9 @@ class Machine(EmulatedBackend):
         self._regions: list[tuple[int, int]] = []
         self._symbols: dict[str, int] = {}
         self._data_cursor = DATA_BASE
+        self._next_va = DYNAMIC_BASE
+        self._next_frame = FRAME_BASE
+        self._next_pte = PT_BASE
         self._executor: Executor | None = None
         self._executor_regions: list[tuple[int, int]] = []
         #: state reached by sequential runs (``call``); exploration starts there
@@ -137,12 +129,17 @@ class Machine(EmulatedBackend):
             stack = STACK_BASE + c * PAGE
             self.map_memory(stack, PAGE, "rw")
             self._cpus[c].regs[self.isa.SP] = stack + PAGE - 64
-        EmulatedBackend.__init__(self)
+        EmulatedBackend.__init__(self, self)
 
     # ---------------------------------------------------------------- building
     @property
     def cpus(self) -> int:
         return self.ncpus
+
+    @property
+    def host_actions(self) -> int:
+        """Host actions recorded so far on every CPU."""
+        return sum(len(s.host) for s in self._cpus)
 
     def map_memory(self, va: int, size: int, perms: str = "rw") -> int:
         """Map ``[va, va+size)`` for the whole run (VA == PA), zero-filled."""
@@ -155,6 +152,40 @@ class Machine(EmulatedBackend):
             self._static[page] = (page, perms)
         self._add_region(va, end - va)
         return va
+
+    def frames(self, size: int) -> int:
+        """Fresh zero-filled physical frames for ``size`` bytes (whole pages); the host
+        reaches them at VA == PA (the kernel's linear map).  Returns the first one."""
+        size += -size % PAGE
+        frame = self._next_frame
+        self._next_frame += size
+        return self.map_memory(frame, size, "rw")
+
+    def map_pages(self, size: int, *, align: int = PAGE) -> tuple[int, int]:
+        """A fresh virtual range of ``size`` bytes (whole pages) translated through
+        page-table entries in model memory, so host actions and guest stores can map,
+        remap and unmap it while the machine runs.
+
+        Returns (virtual address, physical address of the first entry); page i's
+        entry is the 8 bytes ``8 * i`` further.  Entries start invalid (zero); the
+        entries are reachable at VA == PA too (guest code may write them).
+        """
+        size += -size % PAGE
+        align = max(align, PAGE)
+        va = self._next_va + (-self._next_va % align)
+        if size <= 0 or va + size > DYNAMIC_LIMIT:
+            raise ModelError("the modeled machine's page-table mapped address space is exhausted")
+        self._next_va = va + size + PAGE  # a guard page between ranges
+        entries = self._next_pte
+        self._next_pte += 8 * (size // PAGE) + 64  # the next range's entries on another line
+        first = entries - entries % PAGE
+        for page in range(first, self._next_pte, PAGE):
+            if page not in self._static:
+                self.map_memory(page, PAGE, "rw")
+        for i, page in enumerate(range(va, va + size, PAGE)):
+            self._pte[page] = entries + 8 * i
+        self._add_region(va, size)
+        return va, entries
 
     def _add_region(self, va: int, size: int) -> None:
         self._regions.append((va, size))
@@ -179,16 +210,12 @@ class Machine(EmulatedBackend):
     def page(self, perms: str = "rw", *, mapped: bool = True, value: bytes = b"") -> tuple[int, int]:
         """A page mapped through a page-table entry (so it can be remapped while the
         machine runs): returns (virtual address, physical frame)."""
-        from execmem.emu._kernel import pte_value
-
-        res = self.reserve(PAGE, PAGE)
-        frame = res.token.alias  # type: ignore[attr-defined]
+        va, entry = self.map_pages(PAGE)
+        frame = self.frames(PAGE)
         self.poke(frame, value.ljust(PAGE, b"\0")[:PAGE])
         if mapped:
-            pte = self._pte[res.address]
-            self._poke_physical(pte, pte_value(frame, perms).to_bytes(8, "little"))
-            res.mapped = True
-        return res.address, frame
+            self.poke(entry, pte_value(frame, perms).to_bytes(8, "little"))
+        return va, frame
 
     def _poke_physical(self, pa: int, data: bytes) -> None:
         g = self.isa.MODEL.granule
@@ -284,9 +311,6 @@ class Machine(EmulatedBackend):
     def start(self, cpu: int, pc: int) -> None:
         self._check_cpu(cpu)
         self._cpus[cpu].pc = pc
-
-    def add_exit(self, cpu: int, pc: int) -> None:
-        self._cpus[cpu].exits.add(pc)
 
     def host(self, cpu: int | None = None) -> HostProgram:
         """The host program of ``cpu`` (default: the host CPU), to append actions to."""
@@ -469,22 +493,6 @@ class Machine(EmulatedBackend):
             value &= 0xFFFF_FFFF
         return value
 
-    def random_schedule(self, seed: int, max_steps: int = 100_000) -> list[int]:
-        model = self.model()
-        rng = random.Random(seed)
-        st = model.initial()
-        schedule = []
-        for _ in range(max_steps):
-            if model.done(st):
-                break
-            succ = model.successors(st)
-            if not succ:
-                break
-            i = rng.randrange(len(succ))
-            schedule.append(i)
-            st = succ[i][1]
-        return schedule
-
 
 class HostProgram:
     """Appends host actions to one CPU's program (every method returns ``self``)."""
@@ -582,4 +590,4 @@ def _merge(regions: list[tuple[int, int]]) -> list[tuple[int, int]]:
     return [(lo, hi - lo) for lo, hi in merged]
 
 
-__all__ = ["RETURN_MAGIC", "HostProgram", "Machine", "Program", "assemble"]
+__all__ = ["HostProgram", "Machine", "Program", "assemble"]

@@ -30,7 +30,8 @@ from typing import Any
 
 from execmem._errors import ModelError
 from execmem.emu import _execute, _host
-from execmem.emu._kernel import RETURN_MAGIC, HostAction, check_perms, pte_decode, tlb_floor
+from execmem.emu._kernel import HostAction, check_perms, pte_decode, tlb_floor
+from execmem.emu._layout import RETURN_MAGIC, page_of
 from execmem.emu._state import (
     CAPA,
     CAPC,
@@ -51,7 +52,9 @@ from execmem.emu._state import (
     CpuState,
     MachineState,
     Pending,
+    Step,
     Store,
+    Transition,
     get,
     join_into,
     put,
@@ -61,17 +64,6 @@ from execmem.emu._unicorn import Executor
 
 #: ``cpu.pc`` of a CPU that is running its host program rather than guest code.
 HOST = 0
-
-
-@dataclass(frozen=True, slots=True)
-class Step:
-    """What a transition did, for traces and counterexamples."""
-
-    cpu: int
-    kind: str  # "exec", "store", "fault", "irq", "host"
-    pc: int
-    text: str
-    detail: str = ""
 
 
 @dataclass
@@ -100,7 +92,6 @@ class ModelConfig:
     symbols: dict[int, str] = field(default_factory=dict)
 
 
-Transition = tuple[Step, MachineState]
 #: (instruction bytes, fetch view, fetch records, note, fault)
 Fetched = tuple[bytes, int, tuple[tuple[int, int, int], ...], str, str]
 
@@ -208,7 +199,7 @@ class Model:
         becomes visible after everything already on the timeline), by default just
         after the walk; reads placed later check again with :meth:`tlb_usable`.
         """
-        page = va - va % 0x1000
+        page = page_of(va)
         static = self.config.static_map.get(page)
         if static is not None:
             ppage, perms = static
@@ -234,7 +225,7 @@ class Model:
 
     def tlb_usable(self, st: MachineState, cpu: CpuState, va: int, walked: int, at: int) -> bool:
         """Can an entry filled from the PTE write at ``walked`` still serve an access at ``at``?"""
-        page = va - va % 0x1000
+        page = page_of(va)
         pte = self.config.pte_addr.get(page)
         if pte is None or page in self.config.static_map:
             return True
@@ -443,7 +434,7 @@ class Model:
         the current entry fine and returns (exception return: context-synchronizing),
         and the instruction is retried after the handler, at the present.
         """
-        page = va - va % 0x1000
+        page = page_of(va)
         pte = self.config.pte_addr.get(page)
         if pte is None:
             return False
@@ -541,7 +532,7 @@ class Model:
                 return self.fault(st, c, cpu, pc, "DataAbort", text)
             addr = lines[0][0]
         else:
-            addr = va - va % 0x1000
+            addr = page_of(va)
         target = -1 if scope == "broadcast" else c
         cpu.pending = (*cpu.pending, Pending(kind, addr, pre, text, target))
         self.settle(cpu)
@@ -572,7 +563,7 @@ class Model:
         cpus[c] = cpu
         every = addr == ALL_LINES
         relevant: set[int] = set()
-        if kind == TLBI and any(every or s.va - s.va % 0x1000 == addr for x in cpus for s in x.sb):
+        if kind == TLBI and any(every or page_of(s.va) == addr for x in cpus for s in x.sb):
             # A completed TLB invalidation guarantees that accesses translated through
             # the old entry are complete (Arm ARM D8.13; ESOP 2022 TLBI-ob): stores
             # still buffered with the old translation must become visible first.

@@ -43,6 +43,17 @@ RUN, DONE, FAULT, HALT = "run", "done", "fault", "halt"
 
 
 @dataclass(frozen=True, slots=True)
+class Step:
+    """What a transition did, for traces and counterexamples."""
+
+    cpu: int
+    kind: str  # "exec", "store", "fault", "irq", "host"
+    pc: int
+    text: str
+    detail: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class Store:
     """A store waiting in a CPU's store buffer."""
 
@@ -216,3 +227,7 @@ class MachineState:
         if self._key is None:
             self._key = (self.timeline.key(), tuple(c.key() for c in self.cpus))
         return self._key
+
+
+#: One successor of a state: what was done, and the state it leads to.
+Transition = tuple[Step, MachineState]

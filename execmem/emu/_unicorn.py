@@ -30,10 +30,7 @@ import unicorn
 import unicorn.unicorn_py3.unicorn as _ucmod
 
 from execmem._errors import ModelError
-
-PAGE = 0x1000
-#: A page no guest region may use; ``emu_start`` stops there (never reached).
-UNTIL = 0xFFFF_F000
+from execmem.emu._layout import PAGE, UNTIL
 
 
 @dataclass(frozen=True, slots=True)

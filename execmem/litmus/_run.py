@@ -23,6 +23,7 @@ from typing import Any
 
 from execmem._errors import ExecmemError, LitmusError
 from execmem.emu import Machine, MachineState
+from execmem.emu._layout import CODE_BASE, CODE_STRIDE
 from execmem.litmus._ast import (
     Array,
     Atom,
@@ -42,8 +43,6 @@ from execmem.litmus._ast import (
 from execmem.litmus._herdasm import assemble_thread, encode_instruction_value, process_labels
 from execmem.litmus._parse import parse_file
 
-CODE_BASE = 0x10_0000
-CODE_STRIDE = 0x1_0000
 HANDLER_OFFSET = 0x8000
 DATA_SLOT = 64
 #: herd's fault names for the machine's fault kinds.
