@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 from execmem._errors import ModelError
 from execmem.emu._execute import read_choices, store_entry
+from execmem.emu._kernel import pte_value
 from execmem.emu._layout import RETURN_MAGIC, page_of
 from execmem.emu._state import (
     DCNEW,
@@ -25,6 +26,7 @@ from execmem.emu._state import (
     join_into,
 )
 from execmem.emu._timeline import IC, TLBI, Event
+from execmem.emu._translate import tlb_usable, translate
 
 if TYPE_CHECKING:
     from execmem.emu._semantics import Model
@@ -82,12 +84,12 @@ def host_step(model: Model, st: MachineState, c: int) -> Iterator[Transition]:
     if kind == "store":
         va, data, release = args
         assert isinstance(va, int) and isinstance(data, bytes)
-        for pa, _walked, fault in model.translate(st, new, va, "w", new.views[RNEW], at=st.timeline.end):
+        for walk in translate(model, st, new, va, "w", new.views[RNEW], at=st.timeline.end):
             one = new.copy()
-            if fault:
-                yield model.fault(st, c, one, 0, "DataAbort", f"{text} ({fault})")
+            if walk.fault or walk.update is not None:
+                yield model.fault(st, c, one, 0, f"D-MMU:{walk.fault or 'AccessFlag'}", f"{text} ({walk.fault})", va)
                 continue
-            entry = store_entry(model, one, data, pa, va, _Plain(bool(release)), 0)
+            entry = store_entry(model, one, data, walk.pa, va, _Plain(bool(release)), 0)
             one.sb = (*one.sb, entry)
             model.settle(one)
             yield Step(c, "host", 0, text, "buffered"), model.replace(st, c, one)
@@ -95,12 +97,10 @@ def host_step(model: Model, st: MachineState, c: int) -> Iterator[Transition]:
     if kind == "pte":
         vpage, ppage, perms = args
         assert isinstance(vpage, int)
-        from execmem.emu._kernel import pte_value
-
         pte = model.config.pte_addr.get(vpage)
         if pte is None:
             raise ModelError(f"page {vpage:#x} has no page-table entry in this machine")
-        value = pte_value(ppage if isinstance(ppage, int) else None, str(perms))
+        value = pte_value(model.rules.descriptor, ppage if isinstance(ppage, int) else None, str(perms))
         entry = store_entry(model, new, value.to_bytes(8, "little"), pte, pte, _Plain(False), 0)
         new.sb = (*new.sb, entry)
         model.settle(new)
@@ -146,11 +146,11 @@ def host_step(model: Model, st: MachineState, c: int) -> Iterator[Transition]:
         # A kernel thread polling a flag with acquire semantics (smp_cond_load_acquire).
         va, expected = args
         assert isinstance(va, int) and isinstance(expected, int)
-        for pa, walked, fault in model.translate(st, new, va, "r", new.views[RNEW]):
-            if fault:
-                raise ModelError(f"await: {va:#x} is not readable ({fault})")
-            for data, post, gs in read_choices(model, st, new, pa, 8, max(new.views[RNEW], walked)):
-                if int.from_bytes(data, "little") != expected or not model.tlb_usable(st, new, va, walked, post):
+        for walk in translate(model, st, new, va, "r", new.views[RNEW]):
+            if walk.fault or walk.update is not None:
+                raise ModelError(f"await: {va:#x} is not readable ({walk.fault})")
+            for data, post, gs in read_choices(model, st, new, walk.pa, 8, max(new.views[RNEW], walk.walked)):
+                if int.from_bytes(data, "little") != expected or not tlb_usable(model, st, new, va, walk.walked, post):
                     continue  # keeps polling: not a transition
                 one = new.copy()
                 for g in gs:
@@ -173,10 +173,10 @@ def host_step(model: Model, st: MachineState, c: int) -> Iterator[Transition]:
         regs, pushes = model.isa.prepare_call(new.regs, target, call_args, RETURN_MAGIC)
         new.regs = regs
         for va, data in pushes:
-            for pa, _walked, fault in model.translate(st, new, va, "w", 0, at=st.timeline.end):
-                if fault:
+            for walk in translate(model, st, new, va, "w", 0, at=st.timeline.end):
+                if walk.fault:
                     raise ModelError(f"call: stack at {va:#x} is not mapped writable")
-                new.sb = (*new.sb, store_entry(model, new, data, pa, va, _Plain(False), 0))
+                new.sb = (*new.sb, store_entry(model, new, data, walk.pa, va, _Plain(False), 0))
                 break
         new.pc = target
         model.settle(new)

@@ -1,14 +1,11 @@
-"""Kernel-side parts of the modeled machine: translation, TLBs, interrupts, host actions.
+"""Kernel-side parts of the modeled machine: page-table entries, faults, interrupts,
+host actions (translation itself is ``_translate``).
 
-**Translation.**  A page is either *static* (mapped for the whole run, translated
-without choices) or *dynamic*: its page-table entry is an 8-byte location in model
-memory, written by host actions like any other store.  A translation reads a PTE
-write the way an instruction fetch reads code (ESOP 2022, "Relaxed virtual memory
-in Armv8-A"): the TLB may hold an old entry until a TLB invalidation that covers
-this CPU *completes*; after it, only the PTE value current at the invalidation or
-a newer one can be used.  Broadcast invalidations (arm64 TLBI ...IS, AMD INVLPGB)
-complete at the issuer's DSB / TLBSYNC; an IPI shootdown completes on each target
-when it handles the interrupt.
+**Page-table entries** are 8-byte locations in model memory in the architecture's
+format (``ModelRules.descriptor``), written by host actions, guest stores and the
+hardware like any other location.  Broadcast TLB invalidations (arm64 TLBI ...IS,
+AMD INVLPGB) complete at the issuer's DSB / TLBSYNC; an IPI shootdown completes on
+each target when it handles the interrupt.
 
 **Interrupts.**  An IPI carries the sender's view; the target takes it between two
 instructions (or while idle): exception entry and return are context-synchronizing,
@@ -26,29 +23,35 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from execmem._errors import ModelError
-from execmem.emu._layout import PAGE
+from execmem.arch._model import Descriptor, DescriptorFormat
 
-#: PTE bits (the model's own format).
-PTE_VALID, PTE_READ, PTE_WRITE, PTE_EXEC = 1, 2, 4, 8
-_PERM_BITS = {"r": PTE_READ, "w": PTE_WRITE, "x": PTE_EXEC}
+#: Translation fault kinds, as herd names them (``MMU:<kind>``).
+TRANSLATION, ACCESS_FLAG, PERMISSION = "Translation", "AccessFlag", "Permission"
 
 
-def pte_value(ppage: int | None, perms: str) -> int:
-    """Encode a PTE: ``None`` for an invalid (unmapped) entry."""
-    if ppage is None:
-        return 0
-    bits = PTE_VALID
-    for p in perms:
-        bits |= _PERM_BITS[p]
-    return (ppage & ~(PAGE - 1)) | bits
+def pte_value(form: DescriptorFormat, ppage: int | None, perms: str) -> int:
+    """A page-table entry mapping ``ppage`` with ``perms``; ``None``: invalid (zero)."""
+    return 0 if ppage is None else form.encode(Descriptor.from_perms(ppage, perms))
 
 
-def pte_decode(value: int) -> tuple[int, str] | None:
-    if not value & PTE_VALID:
-        return None
-    perms = "".join(p for p, bit in _PERM_BITS.items() if value & bit)
-    return value & ~(PAGE - 1) & ((1 << 48) - 1), perms
+def descriptor_fault(d: Descriptor, access: str, *, hardware_af: bool, hardware_db: bool) -> str:
+    """The fault an ``access`` ("r", "w", "x") through ``d`` takes, or "".
+
+    In the order the Arm ARM checks them (D8.4, and herd's VMSA model): an invalid
+    entry is a translation fault; a clear access flag is an access-flag fault unless
+    the hardware sets it (TCR_ELx.HA); a write to a clean entry is a permission fault
+    unless the hardware may make it dirty (TCR_ELx.HD and the entry's DBM), and so is
+    a fetch from a non-executable one.
+    """
+    if not d.valid:
+        return TRANSLATION
+    if not d.af and not hardware_af:
+        return ACCESS_FLAG
+    if access == "w" and not d.db and not (hardware_db and d.dbm):
+        return PERMISSION
+    if access == "x" and not d.x:
+        return PERMISSION
+    return ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,30 +76,6 @@ class HostAction:
     note: str = ""
 
 
-def tlb_floor(tl: object, pte_granule: int, vpage: int, anchor: int, cpu: int) -> int:
-    """Oldest PTE write a translation placed just after ``anchor`` may still use."""
-    tlbis: dict[int, tuple[int, ...]] = tl.tlbis  # type: ignore[attr-defined]
-    events = tl.events  # type: ignore[attr-defined]
-    latest = 0
-    for key in (vpage, -1):
-        for pos in tlbis.get(key, ()):
-            if pos > anchor:
-                break
-            scope = events[pos].page
-            if (scope == -1 or scope == cpu) and pos > latest:
-                latest = pos
-    if not latest:
-        return 0
-    return tl.latest_write_at(pte_granule, latest)  # type: ignore[attr-defined,no-any-return]
-
-
 def check_perms(perms: str, access: str) -> str:
-    """'' when ``access`` ("r"/"w"/"x") is allowed by ``perms``, else the fault name."""
-    if access in perms:
-        return ""
-    return "PermissionFault"
-
-
-def require(condition: bool, message: str) -> None:
-    if not condition:
-        raise ModelError(message)
+    """'' when ``access`` ("r"/"w"/"x") is allowed by a static mapping's ``perms``."""
+    return "" if access in perms else PERMISSION

@@ -61,6 +61,8 @@ class _CpuSetup:
     regs: dict[int, int] = field(default_factory=dict)
     host: list[HostAction] = field(default_factory=list)
     code_cursor: int = 0
+    #: the hardware sets (access flag, dirty state) in the entries this CPU walks
+    hardware: tuple[bool, bool] = (False, False)
 
 
 class Machine(EmulatedBackend):
@@ -71,7 +73,15 @@ class Machine(EmulatedBackend):
     the TLB maintenance style used by ``unmap`` (``"broadcast"``, ``"ipi"``,
     ``"invlpgb"``), ``line_size`` the cache line size for DC/IC (herd7's litmus
     model puts every location on its own line: pass the granule size).
+
+    ``on_fault`` is what a fault does on a CPU without a handler: ``"kernel"`` (a
+    spurious translation fault is fixed up and the instruction retried, as a kernel
+    does; any other fault stops the CPU), ``"fatal"`` (every fault stops it: herd's
+    ``fatal``/``precise``), ``"handled"`` (the instruction is executed again once, and
+    faulting again discards the execution: herd's ``handled``/``imprecise``).
     """
+
+    FAULT_POLICIES = ("kernel", "fatal", "handled")
 
     def __init__(
         self,
@@ -84,6 +94,7 @@ class Machine(EmulatedBackend):
         tlb: str | None = None,
         line_size: int | None = None,
         host_cpu: int = 0,
+        on_fault: str = "kernel",
     ) -> None:
         if isinstance(cpus, bool) or not isinstance(cpus, int) or not 1 <= cpus <= 16:
             raise ModelError("cpus must be an integer from 1 to 16")
@@ -106,8 +117,12 @@ class Machine(EmulatedBackend):
             raise ModelError(f"line_size must be a power-of-two multiple of {granule}")
         if not 0 <= host_cpu < cpus:
             raise ModelError("host_cpu out of range")
+        if on_fault not in self.FAULT_POLICIES:
+            raise ModelError(f"on_fault must be one of {', '.join(self.FAULT_POLICIES)}")
         self.host_cpu = host_cpu
-        self._cpus = [_CpuSetup(regs=dict(self.isa.RESET)) for _ in range(cpus)]
+        self.on_fault = on_fault
+        hardware = (self.isa.MODEL.hardware_access_flag, False)
+        self._cpus = [_CpuSetup(regs=dict(self.isa.RESET), hardware=hardware) for _ in range(cpus)]
         self._memory: dict[int, bytes] = {}
         self._static: dict[int, tuple[int, str]] = {}
         self._pte: dict[int, int] = {}
@@ -214,7 +229,7 @@ class Machine(EmulatedBackend):
         frame = self.frames(PAGE)
         self.poke(frame, value.ljust(PAGE, b"\0")[:PAGE])
         if mapped:
-            self.poke(entry, pte_value(frame, perms).to_bytes(8, "little"))
+            self.poke(entry, pte_value(self.isa.MODEL.descriptor, frame, perms).to_bytes(8, "little"))
         return va, frame
 
     def _poke_physical(self, pa: int, data: bytes) -> None:
@@ -308,6 +323,12 @@ class Machine(EmulatedBackend):
             raise ModelError(f"register {name!r} cannot be set")
         self._cpus[cpu].regs[index] = value & (1 << 64) - 1
 
+    def set_hardware_updates(self, cpu: int, *, access_flag: bool, dirty: bool) -> None:
+        """Whether the hardware sets the access flag and the dirty state of the entries
+        ``cpu`` walks (Arm TCR_ELx.HA/HD, FEAT_HAFDBS; herd's ``TTHM=HA HD``)."""
+        self._check_cpu(cpu)
+        self._cpus[cpu].hardware = (bool(access_flag), bool(dirty))
+
     def start(self, cpu: int, pc: int) -> None:
         self._check_cpu(cpu)
         self._cpus[cpu].pc = pc
@@ -348,6 +369,8 @@ class Machine(EmulatedBackend):
             pte_addr=dict(self._pte),
             hosts=[tuple(s.host) for s in self._cpus],
             symbols={v: k for k, v in self._symbols.items()},
+            hardware=[s.hardware for s in self._cpus],
+            on_fault=self.on_fault,
         )
 
     def _fast_code(self) -> FastCode:
@@ -376,7 +399,8 @@ class Machine(EmulatedBackend):
         fast = self._fast_code()
         if self._executor is None or self._executor_regions != self._regions or self._executor.fast != fast:
             self._executor = Executor(
-                self.spec.engines.unicorn or (0, 0), self._regions, self.isa.REGISTERS, self.isa.PC, self.ncpus, fast
+                self.spec.engines.unicorn or (0, 0), self._regions, self.isa.REGISTERS, self.isa.PC, self.ncpus, fast,
+                cpu_model=getattr(self.isa, "UNICORN_CPU", None),
             )
             self._executor_regions = list(self._regions)
         model = Model(self.config(), self._executor)
@@ -469,7 +493,7 @@ class Machine(EmulatedBackend):
         st = self.run_sequential(max_steps=max_steps)
         cpu_state = st.cpus[c]
         if cpu_state.faults:
-            pc, kind = cpu_state.faults[-1]
+            pc, kind, _ = cpu_state.faults[-1]
             raise ModelError(f"CPU{c} faulted at {pc:#x}: {kind}")
         return cpu_state.results[-1]
 

@@ -30,13 +30,14 @@ from typing import Any
 
 from execmem._errors import ModelError
 from execmem.emu import _execute, _host
-from execmem.emu._kernel import HostAction, check_perms, pte_decode, tlb_floor
+from execmem.emu._kernel import HostAction
 from execmem.emu._layout import RETURN_MAGIC, page_of
 from execmem.emu._state import (
     CAPA,
     CAPC,
     DCNEW,
     DCOLD,
+    DISCARD,
     DONE,
     FAULT,
     FETCH,
@@ -60,6 +61,7 @@ from execmem.emu._state import (
     put,
 )
 from execmem.emu._timeline import ALL_LINES, DC, IC, TLBI, Event, Timeline, W
+from execmem.emu._translate import spurious, tlb_usable, translate
 from execmem.emu._unicorn import Executor
 
 #: ``cpu.pc`` of a CPU that is running its host program rather than guest code.
@@ -88,8 +90,11 @@ class ModelConfig:
     #: virtual page -> physical address of its 8-byte page-table entry
     pte_addr: dict[int, int] = field(default_factory=dict)
     hosts: list[tuple[HostAction, ...]] = field(default_factory=list)
-    #: CPUs a membarrier / broadcast IPI reaches (default: all)
     symbols: dict[int, str] = field(default_factory=dict)
+    #: per CPU: does the hardware set (access flag, dirty state) in page-table entries
+    hardware: list[tuple[bool, bool]] = field(default_factory=list)
+    #: what a fault does (see ``Machine``): "kernel", "fatal" or "handled"
+    on_fault: str = "kernel"
 
 
 #: (instruction bytes, fetch view, fetch records, note, fault)
@@ -109,7 +114,8 @@ class Model:
         # herd7 (like the architecture) treats DIC as implying IDC.
         self.idc = config.idc or config.dic
         self.executor = executor or Executor(
-            config.engine, config.regions, config.isa.REGISTERS, self.pc_index, config.cpus
+            config.engine, config.regions, config.isa.REGISTERS, self.pc_index, config.cpus,
+            cpu_model=getattr(config.isa, "UNICORN_CPU", None),
         )
         self.nregs = len(config.isa.REGISTERS)
         self.hosts = config.hosts or [() for _ in range(config.cpus)]
@@ -189,48 +195,6 @@ class Model:
         if value > cpu.views[index]:
             cpu.views[index] = value
 
-    # ------------------------------------------------------------- translation
-    def translate(
-        self, st: MachineState, cpu: CpuState, va: int, access: str, pre: int, *, at: int | None = None
-    ) -> list[tuple[int, int, str]]:
-        """(physical address, position the walk read, fault) for each allowed translation.
-
-        The entry must still be in the TLB where the access is placed: ``at`` (a store
-        becomes visible after everything already on the timeline), by default just
-        after the walk; reads placed later check again with :meth:`tlb_usable`.
-        """
-        page = page_of(va)
-        static = self.config.static_map.get(page)
-        if static is not None:
-            ppage, perms = static
-            fault = check_perms(perms, access)
-            return [(ppage + va - page, 0, fault)]
-        pte = self.config.pte_addr.get(page)
-        if pte is None:
-            return [(0, 0, "TranslationFault")]
-        tl: Timeline = st.timeline
-        out: list[tuple[int, int, str]] = []
-        for w in (0, *tl.write_positions(pte)):
-            if w < tlb_floor(tl, pte, page, max(pre, w) if at is None else max(at, w), cpu.index):
-                continue  # a completed TLB invalidation removed this entry
-            raw = b"".join(tl.value_at(g, w) for g in self.granules(pte, 8))
-            entry = pte_decode(int.from_bytes(raw[:8], "little"))
-            if entry is None:
-                choice = (0, w, "TranslationFault")
-            else:
-                choice = (entry[0] + va - page, w, check_perms(entry[1], access))
-            if choice not in out:
-                out.append(choice)
-        return out
-
-    def tlb_usable(self, st: MachineState, cpu: CpuState, va: int, walked: int, at: int) -> bool:
-        """Can an entry filled from the PTE write at ``walked`` still serve an access at ``at``?"""
-        page = page_of(va)
-        pte = self.config.pte_addr.get(page)
-        if pte is None or page in self.config.static_map:
-            return True
-        return walked >= tlb_floor(st.timeline, pte, page, max(at, walked), cpu.index)
-
     # ------------------------------------------------------------- propagation
     def _eligible(self, cpu: CpuState, k: int) -> bool:
         entry = cpu.sb[k]
@@ -305,13 +269,15 @@ class Model:
         pre0 = max(cpu.views[FNEW], cpu.views[FETCH])
 
         def more(va: int, acc: bytes, pre: int, records: tuple[tuple[int, int, int], ...], notes: str) -> None:
-            for pa, walked, fault in self.translate(st, cpu, va, "x", pre):
+            for pa, walked, fault, update, _ in translate(self, st, cpu, va, "x", pre):
+                if update is not None:
+                    raise ModelError(f"{va:#x}: hardware flag updates by instruction fetch are not modelled")
                 if fault:
                     # (for a fault, the view slot carries the position the walk read)
-                    results.append((acc, walked, records, notes, "InstructionAbort"))
+                    results.append((acc, walked, records, notes, f"I-MMU:{fault}@{va:#x}"))
                     continue
                 for chunk, anchor, record, note in self._fetch_granule(st, cpu, pa, max(pre, walked)):
-                    if not self.tlb_usable(st, cpu, va, walked, anchor):
+                    if not tlb_usable(self, st, cpu, va, walked, anchor):
                         continue
                     data = acc + chunk
                     recs = (*records, record) if record else records
@@ -377,23 +343,29 @@ class Model:
                     base.fetches = (*base.fetches, record)
             if fault:
                 base.views[FETCH] = cpu.views[FETCH]
-                if self.spurious(st, cpu.pc, "x", anchor):
-                    out.append(self.retry(st, c, base, cpu.pc, "(fetch)"))
-                else:
-                    out.append(self.fault(st, c, base, cpu.pc, fault, "(fetch)"))
+                kind, _, where = fault.partition("@")
+                out.extend(self.fault_or_retry(st, c, base, cpu.pc, kind, "(fetch)", int(where or "0", 0), anchor, "x"))
                 continue
             d = self.isa.decode_bytes(insn)
             for step, new_st in self._perform(st, c, base, insn, d):
+                if base.retrying and step.kind != "fault":
+                    new_st = self._retried(new_st, c)
                 if note:
                     step = Step(step.cpu, step.kind, step.pc, step.text, f"fetch {note}" + (f"; {step.detail}" if step.detail else ""))
                 out.append((step, new_st))
         return out
 
+    def _retried(self, st: MachineState, c: int) -> MachineState:
+        """The instruction executed again after a handled fault completed."""
+        cpu = st.cpus[c].copy()
+        cpu.retrying = False
+        return self.replace(st, c, cpu)
+
     def _perform(self, st: MachineState, c: int, cpu: CpuState, insn: bytes, d: Any) -> Iterator[Transition]:
         pc = cpu.pc
         op = d.op
         if op in ("undefined", "trap"):
-            yield self.fault(st, c, cpu, pc, "UndefinedInstruction" if op == "undefined" else "Breakpoint", d.text)
+            yield self.fault(st, c, cpu, pc, "UndefinedInstruction" if op == "undefined" else "Breakpoint", d.text, pc)
             return
         if op in ("nop", "halt"):
             cpu.pc = pc + d.length
@@ -415,7 +387,9 @@ class Model:
             yield from self.clean(st, c, cpu, va, self.va_view(cpu, d.addr_regs), d.text, pc)
             return
         if op in ("ic", "tlbi"):
-            target = None if d.va_reg is None else cpu.reg(d.va_reg)
+            target = None if d.va_reg is None or d.all_pages else cpu.reg(d.va_reg)
+            if op == "tlbi" and target is not None:
+                target = self.isa.tlbi_page(target)
             cpu.pc = pc + d.length
             kind = IC if op == "ic" else TLBI
             scope = "broadcast" if op == "ic" or d.broadcast else "local"
@@ -426,24 +400,6 @@ class Model:
         yield from _execute.execute(self, st, c, cpu, insn, d)
 
     # ------------------------------------------------------------------ faults
-    def spurious(self, st: MachineState, va: int, access: str, walked: int) -> bool:
-        """Is a translation fault spurious (the kernel's handler will just return)?
-
-        A walk placed in the past may read an entry that forbade the access then
-        but allows it now (a fresh mapping, an mprotect).  The fault handler finds
-        the current entry fine and returns (exception return: context-synchronizing),
-        and the instruction is retried after the handler, at the present.
-        """
-        page = page_of(va)
-        pte = self.config.pte_addr.get(page)
-        if pte is None:
-            return False
-        tl: Timeline = st.timeline
-        latest = max(tl.latest_write_at(g, tl.end) for g in self.granules(pte, 8))
-        raw = b"".join(tl.value_at(g, tl.end) for g in self.granules(pte, 8))
-        entry = pte_decode(int.from_bytes(raw[:8], "little"))
-        return entry is not None and not check_perms(entry[1], access) and walked < latest
-
     def retry(self, st: MachineState, c: int, cpu: CpuState, pc: int, text: str) -> Transition:
         """The kernel fixed a spurious fault up: synchronize and run the instruction again."""
         for target, sources in self.rules.fences["exception"].joins:
@@ -454,10 +410,31 @@ class Model:
         cpu.pc = pc
         return Step(c, "fault", pc, text, "spurious translation fault: the kernel returns and it is retried"), self.replace(st, c, cpu)
 
-    def fault(self, st: MachineState, c: int, cpu: CpuState, pc: int, kind: str, text: str) -> Transition:
-        cpu.faults = (*cpu.faults, (pc, kind))
+    def fault_or_retry(
+        self, st: MachineState, c: int, cpu: CpuState, pc: int, kind: str, text: str, va: int, walked: int, access: str
+    ) -> list[Transition]:
+        """A translation fault: a kernel fixes a spurious one up (``on_fault="kernel"``)."""
+        if self.config.on_fault == "kernel" and spurious(self, st, cpu, va, access, walked):
+            return [self.retry(st, c, cpu, pc, text)]
+        return [self.fault(st, c, cpu, pc, kind, text, va)]
+
+    def fault(self, st: MachineState, c: int, cpu: CpuState, pc: int, kind: str, text: str, va: int) -> Transition:
+        """A synchronous exception at ``pc`` (``kind``: herd's fault type, accessing ``va``).
+
+        With a handler the CPU enters it.  Without one, ``on_fault`` decides: the CPU
+        stops ("kernel", "fatal"), or (herd's ``handled``) the instruction is executed
+        again once, and a second fault discards the execution.
+        """
+        cpu.faults = (*cpu.faults, (pc, kind, va))
         handler = self.config.handlers[c]
         if handler is None:
+            if self.config.on_fault == "handled":
+                if cpu.retrying:
+                    cpu.status = DISCARD
+                    return Step(c, "fault", pc, text, f"{kind}: faulted again, execution discarded"), self.replace(st, c, cpu)
+                cpu.retrying = True
+                cpu.pc = pc
+                return Step(c, "fault", pc, text, f"{kind}: executed again"), self.replace(st, c, cpu)
             cpu.status = FAULT
             return Step(c, "fault", pc, text, kind), self.replace(st, c, cpu)
         cpu.regs = self.isa.exception_entry(cpu, pc)
@@ -499,9 +476,9 @@ class Model:
     def _line_of_va(self, st: MachineState, cpu: CpuState, va: int, pre: int) -> list[tuple[int, int]]:
         """(line, walk position) for each translation of ``va`` (cache maintenance by VA)."""
         out = []
-        for pa, walked, fault in self.translate(st, cpu, va, "r", pre):
-            if not fault:
-                out.append((st.timeline.line_of(pa - pa % self.granule), walked))
+        for walk in translate(self, st, cpu, va, "r", pre):
+            if not walk.fault:
+                out.append((st.timeline.line_of(walk.pa - walk.pa % self.granule), walk.walked))
         return out
 
     def clean(self, st: MachineState, c: int, cpu: CpuState, va: int, vaddr: int, text: str, pc: int) -> Iterator[Transition]:
@@ -529,7 +506,7 @@ class Model:
         elif kind == IC:
             lines = self._line_of_va(st, cpu, va, pre)
             if not lines:
-                return self.fault(st, c, cpu, pc, "DataAbort", text)
+                return self.fault(st, c, cpu, pc, "D-MMU:Translation", text, va)
             addr = lines[0][0]
         else:
             addr = page_of(va)

@@ -40,6 +40,8 @@ VIEW = {name: i for i, name in enumerate(VIEW_NAMES)}
 RNEW, DCNEW, ICNEW, FNEW, ROLD, WOLD, DCOLD, ICOLD, CAPC, CAPA, DSB, FETCH, REL = range(len(VIEW_NAMES))
 
 RUN, DONE, FAULT, HALT = "run", "done", "fault", "halt"
+#: A CPU whose execution is not one the architecture allows (herd discards it).
+DISCARD = "discard"
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,10 +132,12 @@ class CpuState:
         "host",
         "index",
         "irq",
+        "monitor",
         "pc",
         "pending",
         "regs",
         "results",
+        "retrying",
         "rview",
         "sb",
         "scl",
@@ -164,7 +168,12 @@ class CpuState:
         #: (granule, anchor position, position of the write read)
         self.fetches: tuple[tuple[int, int, int], ...] = ()
         self.status = RUN
-        self.faults: tuple[tuple[int, str], ...] = ()
+        #: (pc, kind, address accessed) of every fault taken
+        self.faults: tuple[tuple[int, str, int], ...] = ()
+        #: executing again an instruction that faulted (``on_fault="handled"``)
+        self.retrying = False
+        #: the exclusive monitor: (granule, position of the write the load-exclusive read)
+        self.monitor: tuple[tuple[int, int], ...] = ()
         #: index of the next host action (CPUs that run a host program)
         self.host = 0
         #: pending interrupts: (kind, view carried by the sender, tag, argument)
@@ -192,6 +201,7 @@ class CpuState:
         new.sb = tuple(s.shifted(at) for s in self.sb)
         new.pending = tuple(p.shifted(at) for p in self.pending)
         new.fetches = tuple((g, a + (a >= at), m + (m >= at)) for g, a, m in self.fetches)
+        new.monitor = tuple((g, p + (p >= at)) for g, p in self.monitor)
         new.irq = tuple((k, v + (v >= at), t, a) for k, v, t, a in self.irq)
         return new
 
@@ -203,7 +213,7 @@ class CpuState:
                 for s in self.sb
             ),
             self.store_fence - self.seq, self.pending, self.fetches, self.status,
-            self.faults, self.host, self.irq, self.acks, self.results,
+            self.faults, self.retrying, self.monitor, self.host, self.irq, self.acks, self.results,
         )
 
     def reg(self, index: int) -> int:

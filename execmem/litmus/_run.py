@@ -123,7 +123,7 @@ class Setup:
 
     def _fault(self, st: MachineState, atom: FaultAtom) -> bool:
         faults = st.cpus[atom.proc].faults if atom.proc < len(st.cpus) else ()
-        for pc, kind in faults:
+        for pc, kind, _ in faults:
             if atom.label is not None and self.labels.get(atom.proc, {}).get(atom.label) != pc:
                 continue
             if atom.fault_type is not None and FAULT_NAMES.get(kind, kind) != atom.fault_type:
