@@ -53,6 +53,14 @@ class FenceRule:
     joins: tuple[tuple[str, tuple[str, ...]], ...] = ()
     #: This instruction is a context-synchronization event (discards fetched instructions).
     cse: bool = False
+    #: ``drain`` also waits for the hardware's page-table updates (Arm DSB: its ordering
+    #: covers every memory effect; DMB's only explicit accesses).
+    implicit: bool = False
+    #: ``complete`` completes maintenance for the issuing CPU only (a non-shareable DSB).
+    local: bool = False
+    #: Wait for the CPU's earlier stores to page-table entries only: they must reach its
+    #: own table walker, which is in every shareability domain of the CPU.
+    drain_tables: bool = False
 
 
 

@@ -75,10 +75,13 @@ _FLAG_READERS = {
 }
 _COMPARES = {"cmp", "cmn", "tst", "ccmp", "ccmn"}
 _READ_DEST = {"movk", "bfi", "bfxil", "bfm", "bfc"}
+#: Barrier options: (access types, shareability domain).  Every modeled CPU is in one
+#: inner shareable domain, so ISH, OSH and SY (full system) reach all of them alike;
+#: NSH reaches only the issuing CPU (the ``.nsh`` rules below).
 _FENCES = {
-    "sy": "full", "ish": "full", "osh": "full", "nsh": "full",
-    "ld": "ld", "ishld": "ld", "oshld": "ld", "nshld": "ld",
-    "st": "st", "ishst": "st", "oshst": "st", "nshst": "st",
+    "sy": "full", "ish": "full", "osh": "full", "nsh": "full.nsh",
+    "ld": "ld", "ishld": "ld", "oshld": "ld", "nshld": "ld.nsh",
+    "st": "st", "ishst": "st", "oshst": "st", "nshst": "st.nsh",
 }
 
 _LSE = re.compile(r"(ld|st)(add|clr|eor|set|smax|smin|umax|umin)(a|al|l)?([bh]?)")
@@ -283,6 +286,8 @@ def tlbi_page(operand: int) -> int:
 
 
 _ALL_OLD = ("rold", "wold", "dcold", "icold")
+#: a full DSB also orders the hardware's page-table updates (DSB-ob: [M]; po; [dsb])
+_DSB_OLD = (*_ALL_OLD, "hwold")
 _M_OLD = ("rold", "wold", "dcold")
 
 RULES: dict[str, FenceRule] = {
@@ -296,7 +301,8 @@ RULES: dict[str, FenceRule] = {
     "dsb.full": FenceRule(
         drain=True,
         complete=True,
-        joins=(("rnew", _ALL_OLD), ("dcnew", _ALL_OLD), ("icnew", _ALL_OLD), ("dsb", _ALL_OLD)),
+        implicit=True,
+        joins=(("rnew", _DSB_OLD), ("dcnew", _DSB_OLD), ("icnew", _DSB_OLD), ("dsb", _DSB_OLD)),
     ),
     "dsb.ld": FenceRule(joins=(("rnew", ("rold",)), ("dcnew", ("rold",)), ("icnew", ("rold",)), ("dsb", ("rold",)))),
     "dsb.st": FenceRule(
@@ -316,6 +322,29 @@ RULES: dict[str, FenceRule] = {
 }
 #: Exception entry and return are IFBs in Arm's model (unless FEAT_ExS says otherwise).
 RULES["exception"] = RULES["isb"]
+
+# Non-shareable barriers (Arm ARM B2.3.12, C6.2.81 DMB, C6.2.83 DSB): a barrier orders
+# accesses only as observed by the PEs in its shareability domain, and NSH's domain is
+# the issuing PE alone, so DMB NSH (any access type) orders nothing another CPU can
+# observe.  DSB NSH waits only for what completes for the issuing PE: its earlier
+# stores to page-table entries reach its own table walker (which is why Linux's
+# local_flush_tlb_all is DSB NSHST; TLBI; DSB NSH; ISB), and the maintenance it issued
+# completes for the issuer (a broadcast IC IVAU or TLBI ...IS reaches the other CPUs
+# only with a later DSB of a domain that contains them, D7.5.9.3 and D8.13.5).  So it
+# orders later maintenance and (with an ISB) later fetches and walks after those, and
+# orders no explicit access for other observers.  herd7 treats every domain as the
+# full system (aarch64fences.cat): it never forbids more than this does.
+_LOCAL = ("wold", "dcold", "icold")
+for _kind in ("full", "ld", "st"):
+    RULES[f"dmb.{_kind}.nsh"] = FenceRule()
+RULES["dsb.full.nsh"] = FenceRule(
+    complete=True,
+    local=True,
+    drain_tables=True,
+    joins=(("dcnew", _LOCAL), ("icnew", _LOCAL), ("dsb", _LOCAL)),
+)
+RULES["dsb.ld.nsh"] = FenceRule()
+RULES["dsb.st.nsh"] = FenceRule(drain_tables=True, joins=(("icnew", ("wold",)), ("dsb", ("wold",))))
 
 
 #: Stage 1 page descriptors (Arm ARM D8.3): valid is bit 0 (herd's model ignores the

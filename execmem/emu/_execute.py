@@ -21,6 +21,7 @@ from execmem.emu._state import (
     REL,
     RNEW,
     ROLD,
+    STOLD,
     CpuState,
     MachineState,
     Step,
@@ -30,7 +31,15 @@ from execmem.emu._state import (
     join_into,
 )
 from execmem.emu._timeline import Timeline
-from execmem.emu._translate import Walk, apply_update, tlb_usable, translate
+from execmem.emu._translate import (
+    Walk,
+    buffer_update,
+    note_order,
+    note_stale,
+    tlb_usable,
+    translate,
+    update_pending,
+)
 
 if TYPE_CHECKING:
     from execmem.emu._semantics import Model
@@ -43,7 +52,8 @@ def read_choices(model: Model, st: MachineState, cpu: CpuState, pa: int, size: i
     if len(gs) > 2:
         raise ModelError(f"access of {size} bytes at {pa:#x} is not single-copy atomic in the model")
     offset = pa - gs[0]
-    own = [s for s in cpu.sb if any(s.addr <= g < s.addr + s.span * model.granule for g in gs)]
+    # (the hardware's flag updates are not forwarded to explicit reads: not explicit)
+    own = [s for s in cpu.sb if not s.hardware and any(s.addr <= g < s.addr + s.span * model.granule for g in gs)]
     bound = {g: max(pre, get(cpu.coh, g)) for g in gs}
     base = max(tl.latest_write_at(g, bound[g]) for g in gs)
     sigmas = sorted({base, *(p for g in gs for p in tl.write_positions(g) if p > base)})
@@ -71,8 +81,8 @@ def read_choices(model: Model, st: MachineState, cpu: CpuState, pa: int, size: i
             break  # fully forwarded from the store buffer: memory is irrelevant
     return out
 
-def _lower_bounds(model: Model, cpu: CpuState, d: Any, vaddr: int) -> tuple[int, int]:
-    """(read lower bound, walk lower bound) of a memory instruction."""
+def _lower_bounds(model: Model, cpu: CpuState, d: Any, vaddr: int) -> tuple[int, int, int]:
+    """(read lower bound, walk lower bound, write-fault lower bound) of a memory instruction."""
     v = cpu.views
     read_pre = max(v[RNEW], v[FETCH], vaddr)
     if model.rules.ordered_reads:
@@ -83,18 +93,23 @@ def _lower_bounds(model: Model, cpu: CpuState, d: Any, vaddr: int) -> tuple[int,
     # translation reads out): only the fetch (so a context-synchronization event) and
     # address dependencies do.
     walk_pre = read_pre if model.rules.barriers_order_walks else max(v[FETCH], vaddr)
-    return read_pre, walk_pre
+    return read_pre, walk_pre, max(v[RNEW], v[FETCH], vaddr, v[STOLD])
 
 
 def _write_fault_blocked(cpu: CpuState) -> bool:
-    """A write's fault is ordered after stores a DMB ST (or a release) ordered before it
-    (herd's bob: [W]; po; [dmb.st]; po; [MMU & FAULT]): it waits until they are visible."""
-    return any(s.seq < cpu.store_fence for s in cpu.sb)
+    """A write's fault is ordered after stores a DMB ST ordered before it (herd's bob:
+    [W]; po; [dmb.st]; po; [MMU & FAULT]): it waits until they are visible, and is
+    placed after them (``STOLD``)."""
+    return any(s.seq < cpu.store_fence and not s.hardware for s in cpu.sb)
 
 
 def _fault(
-    model: Model, st: MachineState, c: int, cpu: CpuState, pc: int, d: Any, va: int, walk: Walk, access: str
+    model: Model, st: MachineState, c: int, cpu: CpuState, pc: int, d: Any, va: int, walk: Walk, access: str,
+    walk_pre: int, at: int,
 ) -> list[Transition]:
+    """The fault ``walk`` takes, placed at ``at``."""
+    note_order(model, st, cpu, va, walk)
+    note_stale(model, st, cpu, walk.entry, walk.walked, max(walk_pre, walk.walked), at)
     kind = f"D-MMU:{walk.fault}"
     return model.fault_or_retry(st, c, cpu, pc, kind, f"{d.text} ({walk.fault})", va, walk.walked, access)
 
@@ -118,7 +133,7 @@ def execute(model: Model, st: MachineState, c: int, cpu: CpuState, insn: bytes, 
         return  # LDAR waits for an earlier STLR to become visible
     probe = ex.run(c, regs, insn, None) if memory_op else None
     vaddr = model.va_view(cpu, d.addr_regs)
-    read_pre, walk_pre = _lower_bounds(model, cpu, d, vaddr)
+    read_pre, walk_pre, write_pre = _lower_bounds(model, cpu, d, vaddr)
     accesses = list(probe.accesses) if probe else []
     per_access: list[list[tuple[Walk, tuple[bytes, int, list[int]] | None]]] = []
     for a in accesses:
@@ -129,11 +144,11 @@ def execute(model: Model, st: MachineState, c: int, cpu: CpuState, insn: bytes, 
             if walk.fault:
                 if access == "w" and _write_fault_blocked(cpu):
                     continue
-                if tlb_usable(model, st, cpu, a.addr, walk.walked, read_pre):
+                if tlb_usable(model, st, cpu, a.addr, walk.walked, read_pre if access == "r" else write_pre):
                     options.append((walk, None))
             elif a.kind == "R":
                 line = st.timeline.line_of(walk.pa - walk.pa % model.granule)
-                pre = max(read_pre, walk.walked, get(cpu.scl, line))
+                pre = max(read_pre, walk.walked, get(cpu.dcl, line))
                 options.extend(
                     (walk, ch)
                     for ch in read_choices(model, st, cpu, walk.pa, a.size, pre)
@@ -147,7 +162,10 @@ def execute(model: Model, st: MachineState, c: int, cpu: CpuState, insn: bytes, 
         faulting = [(a, walk) for a, (walk, _) in zip(accesses, combo, strict=True) if walk.fault]
         if faulting:
             a, walk = faulting[0]
-            yield from _fault(model, st, c, new, pc, d, a.addr, walk, "r" if a.kind == "R" else "w")
+            access = "r" if a.kind == "R" else "w"
+            yield from _fault(
+                model, st, c, new, pc, d, a.addr, walk, access, walk_pre, read_pre if access == "r" else write_pre
+            )
             continue
         plan = tuple(ch[0] for _, ch in combo if ch is not None)
         out = ex.run(c, regs, insn, plan if memory_op else ())
@@ -158,24 +176,28 @@ def execute(model: Model, st: MachineState, c: int, cpu: CpuState, insn: bytes, 
             continue
         new.pc = int.from_bytes(out.regs[8 * pci : 8 * pci + 8], "little")
         new.regs = out.regs[: 8 * pci] + bytes(8) + out.regs[8 * pci + 8 :]
-        reads = [(a, ch) for a, (_, ch) in zip(accesses, combo, strict=True) if a.kind == "R"]
-        views_after(model, new, d, vaddr, [ch for _, ch in reads if ch is not None])
+        reads = [(a, walk, ch) for a, (walk, ch) in zip(accesses, combo, strict=True) if a.kind == "R"]
+        views_after(model, new, d, vaddr, [ch for _, _, ch in reads if ch is not None])
         detail = []
         tl = st.timeline
         for _, (walk, _) in zip(accesses, combo, strict=True):
-            tl = apply_update(model, tl, new, walk)
-        for a, ch in reads:
+            buffer_update(model, new, walk, pc)
+        for a, walk, ch in reads:
             assert ch is not None
             value, post, gs = ch
             _observe_read(model, st, new, d, post, gs)
+            note_order(model, st, new, a.addr, walk)
+            note_stale(model, st, new, walk.entry, walk.walked, max(walk_pre, walk.walked), post)
             if d.exclusive:
                 own = any(s.addr <= g < s.addr + s.span * model.granule for s in new.sb for g in gs)
                 new.monitor = () if own else tuple((g, tl.latest_write_at(g, post)) for g in gs)
             detail.append(f"read {a.addr:#x} = {int.from_bytes(value, 'little'):#x}")
-        writes = [(a, walk.pa) for a, (walk, _) in zip(accesses, combo, strict=True) if a.kind == "W"]
+        writes = [(a, walk) for a, (walk, _) in zip(accesses, combo, strict=True) if a.kind == "W"]
         out_writes = [a for a in out.accesses if a.kind == "W"]
-        for (a, pa), done in zip(writes, out_writes, strict=True):
-            new.sb = (*new.sb, store_entry(model, new, done.data, pa, a.addr, d, pc))
+        for (a, walk), done in zip(writes, out_writes, strict=True):
+            through = (walk.entry, walk.walked, max(walk_pre, walk.walked))
+            note_order(model, st, new, a.addr, walk)
+            new.sb = (*new.sb, store_entry(model, new, done.data, walk.pa, a.addr, d, pc, through))
             detail.append(f"{a.addr:#x} := {int.from_bytes(done.data, 'little'):#x} (buffered)")
         if memory_op:
             model.raise_view(new, CAPA, vaddr)
@@ -218,19 +240,19 @@ def _rmw(model: Model, st: MachineState, c: int, cpu: CpuState, insn: bytes, d: 
         raise ModelError(f"{d.text}: an atomic access the model does not know")
     (r,) = reads
     vaddr = model.va_view(cpu, d.addr_regs)
-    read_pre, walk_pre = _lower_bounds(model, cpu, d, vaddr)
+    read_pre, walk_pre, write_pre = _lower_bounds(model, cpu, d, vaddr)
     tl0 = st.timeline
     for walk in translate(model, st, cpu, r.addr, "w", walk_pre, at=tl0.end):
         new = cpu.copy()
         if walk.fault:
-            if tlb_usable(model, st, cpu, r.addr, walk.walked, read_pre) and not _write_fault_blocked(cpu):
-                yield from _fault(model, st, c, new, pc, d, r.addr, walk, "w")
+            if tlb_usable(model, st, cpu, r.addr, walk.walked, max(read_pre, write_pre)) and not _write_fault_blocked(cpu):
+                yield from _fault(model, st, c, new, pc, d, r.addr, walk, "w", walk_pre, max(read_pre, write_pre))
             continue
         gs = model.granules(walk.pa, r.size)
         if len(gs) > 2:
             raise ModelError(f"access of {r.size} bytes at {walk.pa:#x} is not single-copy atomic in the model")
-        if any(s.addr <= g < s.addr + s.span * model.granule for s in cpu.sb for g in gs):
-            continue  # the CPU's own earlier store to the location comes first
+        if any(s.addr <= g < s.addr + s.span * model.granule for s in cpu.sb for g in gs) or update_pending(st, c, gs):
+            continue  # the CPU's own earlier store to the location, or a hardware update, comes first
         whole = b"".join(tl0.value_at(g, tl0.end) for g in gs)
         offset = walk.pa - gs[0]
         value = whole[offset : offset + r.size]
@@ -243,7 +265,8 @@ def _rmw(model: Model, st: MachineState, c: int, cpu: CpuState, insn: bytes, d: 
         new.regs = out.regs[: 8 * pci] + bytes(8) + out.regs[8 * pci + 8 :]
         views_after(model, new, d, vaddr, [(value, post, gs)])
         _observe_read(model, st, new, d, post, gs)
-        tl = apply_update(model, tl0, new, walk)
+        tl = tl0
+        buffer_update(model, new, walk, pc)
         detail = [f"read {r.addr:#x} = {int.from_bytes(value, 'little'):#x}"]
         written = [a for a in out.accesses if a.kind == "W"]
         mask = (1 << 8 * r.size) - 1
@@ -252,6 +275,8 @@ def _rmw(model: Model, st: MachineState, c: int, cpu: CpuState, insn: bytes, d: 
             entry = store_entry(model, new, written[0].data, walk.pa, r.addr, d, pc)
             tl = model.commit(tl, new, entry)
             detail.append(f"{r.addr:#x} := {int.from_bytes(written[0].data, 'little'):#x} (atomic)")
+        note_order(model, st, new, r.addr, walk)
+        note_stale(model, MachineState(tl, st.cpus), new, walk.entry, walk.walked, max(walk_pre, walk.walked), tl.end)
         model.raise_view(new, CAPA, vaddr)
         model.settle(new)
         yield Step(c, "exec", pc, d.text, "; ".join(detail)), model.replace(st, c, new, tl)
@@ -267,7 +292,7 @@ def _store_exclusive(model: Model, st: MachineState, c: int, cpu: CpuState, d: A
     va = cpu.reg(d.addr_regs[0])
     data = (cpu.reg(d.data_regs[0]) & (1 << 8 * d.size) - 1).to_bytes(d.size, "little")
     vaddr = model.va_view(cpu, d.addr_regs)
-    read_pre, walk_pre = _lower_bounds(model, cpu, d, vaddr)
+    _, walk_pre, write_pre = _lower_bounds(model, cpu, d, vaddr)
     tl0 = st.timeline
 
     def finish(new: CpuState, status: int, tl: Timeline, detail: str) -> Transition:
@@ -287,17 +312,19 @@ def _store_exclusive(model: Model, st: MachineState, c: int, cpu: CpuState, d: A
     for walk in translate(model, st, cpu, va, "w", walk_pre, at=tl0.end):
         new = cpu.copy()
         if walk.fault:
-            if tlb_usable(model, st, cpu, va, walk.walked, read_pre) and not _write_fault_blocked(cpu):
-                yield from _fault(model, st, c, new, pc, d, va, walk, "w")
+            if tlb_usable(model, st, cpu, va, walk.walked, write_pre) and not _write_fault_blocked(cpu):
+                yield from _fault(model, st, c, new, pc, d, va, walk, "w", walk_pre, write_pre)
             continue
         gs = model.granules(walk.pa, d.size)
         monitored = dict(cpu.monitor)
         if any(monitored.get(g) != tl0.latest_write_at(g, tl0.end) for g in gs):
             continue  # another write came in between, or another location
-        if any(s.addr <= g < s.addr + s.span * model.granule for s in cpu.sb for g in gs):
+        if any(s.addr <= g < s.addr + s.span * model.granule for s in cpu.sb for g in gs) or update_pending(st, c, gs):
             continue
-        tl = apply_update(model, tl0, new, walk)
-        tl = model.commit(tl, new, store_entry(model, new, data, walk.pa, va, d, pc))
+        buffer_update(model, new, walk, pc)
+        tl = model.commit(tl0, new, store_entry(model, new, data, walk.pa, va, d, pc))
+        note_order(model, st, new, va, walk)
+        note_stale(model, MachineState(tl, st.cpus), new, walk.entry, walk.walked, max(walk_pre, walk.walked), tl.end)
         yield finish(new, 0, tl, f"{va:#x} := {int.from_bytes(data, 'little'):#x} (exclusive)")
 
 
@@ -326,7 +353,9 @@ def views_after(model: Model, new: CpuState, d: Any, vaddr: int, reads: Sequence
             rview[r] = out
     new.rview = tuple(rview)
 
-def store_entry(model: Model, cpu: CpuState, value: bytes, pa: int, va: int, d: Any, pc: int) -> Store:
+def store_entry(
+    model: Model, cpu: CpuState, value: bytes, pa: int, va: int, d: Any, pc: int, walk: tuple[int, int, int] = (0, 0, 0)
+) -> Store:
     gs = model.granules(pa, len(value))
     if len(gs) > 2:
         raise ModelError(f"store of {len(value)} bytes at {va:#x} is not modelled")
@@ -341,7 +370,7 @@ def store_entry(model: Model, cpu: CpuState, value: bytes, pa: int, va: int, d: 
     after = seq if release or model.rules.fifo_stores else cpu.store_fence
     vdata = model.va_view(cpu, getattr(d, "data_regs", ()))
     vaddr = model.va_view(cpu, getattr(d, "addr_regs", ()))
-    return Store(seq, gs[0], len(gs), bytes(data), mask, vaddr, vdata, release, after, va, pc)
+    return Store(seq, gs[0], len(gs), bytes(data), mask, vaddr, vdata, release, after, va, pc, walk=walk)
 
 def overlay(value: bytes, first: int, stores: Sequence[Store], granule: int) -> bytes:
     """``value`` (granules from ``first``) overwritten by buffered stores, oldest first."""

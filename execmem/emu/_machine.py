@@ -20,7 +20,7 @@ import keystone
 from execmem import arch as _arch
 from execmem._errors import AssemblyError, ModelError
 from execmem.emu._backend import EmulatedBackend
-from execmem.emu._explore import Exploration, exhaustive, random_runs, replay
+from execmem.emu._explore import MAX_MEMORY, Exploration, exhaustive, random_runs, replay
 from execmem.emu._kernel import HostAction, pte_value
 from execmem.emu._layout import (
     CODE_BASE,
@@ -437,19 +437,26 @@ class Machine(EmulatedBackend):
         *,
         exhaustive_search: bool = True,
         max_states: int = 2_000_000,
+        max_memory: int = MAX_MEMORY,
         runs: int = 1000,
         seed: int = 0,
         progress: Callable[[int], None] | None = None,
         stop: Callable[[Hashable], bool] | None = None,
+        classify: Callable[[Hashable], Hashable] | None = None,
     ) -> Exploration:
         """Every reachable final state (or ``runs`` random schedules when not exhaustive).
 
-        ``stop`` ends an exhaustive search at the first observation it accepts.
+        ``stop`` ends an exhaustive search at the first observation it accepts.  An
+        exhaustive search expands at most ``max_states`` states and lets the process
+        grow by at most ``max_memory`` bytes; past either it stops, incomplete, and
+        says so in ``Exploration.exceeded``.
         """
         model = self.model()
         obs = observe or (lambda st: st.key())
         if exhaustive_search:
-            return exhaustive(model, obs, max_states=max_states, progress=progress, stop=stop)
+            return exhaustive(
+                model, obs, max_states=max_states, max_memory=max_memory, progress=progress, stop=stop, classify=classify
+            )
         return random_runs(model, obs, runs=runs, seed=seed, progress=progress)
 
     def replay(self, schedule: list[int]) -> tuple[list[Step], MachineState]:

@@ -43,11 +43,13 @@ from execmem.emu._state import (
     FETCH,
     FNEW,
     HALT,
+    HWOLD,
     ICNEW,
     ICOLD,
     REL,
     RNEW,
     RUN,
+    STOLD,
     VIEW,
     WOLD,
     CpuState,
@@ -61,7 +63,15 @@ from execmem.emu._state import (
     put,
 )
 from execmem.emu._timeline import ALL_LINES, DC, IC, TLBI, Event, Timeline, W
-from execmem.emu._translate import spurious, tlb_usable, translate
+from execmem.emu._translate import (
+    invalidation_allowed,
+    note_stale,
+    spontaneous_updates,
+    spurious,
+    tlb_usable,
+    translate,
+    update_pending,
+)
 from execmem.emu._unicorn import Executor
 
 #: ``cpu.pc`` of a CPU that is running its host program rather than guest code.
@@ -119,6 +129,8 @@ class Model:
         )
         self.nregs = len(config.isa.REGISTERS)
         self.hosts = config.hosts or [() for _ in range(config.cpus)]
+        #: granules holding page-table entries
+        self.table_granules = frozenset(g for pte in config.pte_addr.values() for g in self.granules(pte, 8))
 
     # ------------------------------------------------------------------ setup
     def initial(self) -> MachineState:
@@ -159,7 +171,7 @@ class Model:
                     local = list(_host.host_step(self, st, c))
                     if len(local) == 1:
                         return local
-        out: list[Transition] = []
+        out: list[Transition] = spontaneous_updates(self, st)
         for c, cpu in enumerate(st.cpus):
             if cpu.sb:
                 out.extend(self._propagations(st, c))
@@ -201,6 +213,8 @@ class Model:
         for earlier in cpu.sb[:k]:
             if earlier.seq < entry.after:
                 return False
+            if entry.hardware and not earlier.hardware:
+                continue  # a hardware update is not ordered after the CPU's explicit stores
             if earlier.addr < entry.addr + entry.span * self.granule and entry.addr < earlier.addr + earlier.span * self.granule:
                 return False
         return True
@@ -218,18 +232,31 @@ class Model:
             cpu.scl = join_into(cpu.scl, tl.line_of(g), pos)
         cpu.fwd = tuple(sorted(fwd.items()))
         self.raise_view(cpu, WOLD, pos)
+        if entry.seq < cpu.store_fence:
+            self.raise_view(cpu, STOLD, pos)
         if entry.release:
             cpu.views[REL] = pos
         return tl
 
     def _propagations(self, st: MachineState, c: int) -> Iterator[Transition]:
         cpu = st.cpus[c]
+        tl0 = st.timeline
         for k, entry in enumerate(cpu.sb):
             if not self._eligible(cpu, k):
                 continue
+            gs = [entry.addr + i * self.granule for i in range(entry.span)]
+            if update_pending(st, c, gs):
+                continue  # another CPU's hardware update of this entry comes first
             new = cpu.copy()
             new.sb = cpu.sb[:k] + cpu.sb[k + 1 :]
-            tl = self.commit(st.timeline, new, entry)
+            if entry.hardware:
+                if entry.expect != max(tl0.latest_write_at(g, tl0.end) for g in gs):
+                    continue  # never: another write came after the one its walk read
+                tl = tl0.append(Event(W, c, entry.addr, entry.data, -1, entry.span, note="hardware flag update"))
+                self.raise_view(new, HWOLD, tl.end)
+            else:
+                tl = self.commit(tl0, new, entry)
+                note_stale(self, MachineState(tl, st.cpus), new, *entry.walk, tl.end)
             self.settle(new)
             step = Step(c, "store", entry.pc, f"{entry.va:#x} := {entry.data.hex()}", f"visible @{tl.end}")
             yield step, self.replace(st, c, new, tl)
@@ -257,7 +284,7 @@ class Model:
             return choices
         for w in (0, *writes):
             anchor = max(pre, w)
-            if w < tl.floor_before(g, anchor, idc=self.idc):
+            if w < tl.floor_before(g, anchor, cpu.index, idc=self.idc):
                 continue  # a completed IC removed this value from every instruction cache
             record = (g, anchor, w) if writes else None
             choices.append((tl.value_at(g, w)[offset:], anchor, record, f"@{w}"))
@@ -447,13 +474,16 @@ class Model:
     # ------------------------------------------------------------------ fences
     def fence(self, st: MachineState, c: int, cpu: CpuState, name: str, text: str, pc: int, next_pc: int) -> Iterator[Transition]:
         rule = self.rules.fences[name]
-        if rule.drain and cpu.sb:
+        if rule.drain and any(rule.implicit or not s.hardware for s in cpu.sb):
             return  # blocked until the store buffer drains
+        if rule.drain_tables and any(s.addr in self.table_granules for s in cpu.sb):
+            return  # blocked until the stores to page-table entries are visible
         cpu.pc = next_pc
         if rule.order_stores:
             cpu.store_fence = cpu.seq
+            self.raise_view(cpu, STOLD, cpu.views[WOLD])
         if rule.complete and cpu.pending:
-            for tl, cpus, placed in self._complete(st, c, cpu):
+            for tl, cpus, placed in self._complete(st, c, cpu, local=rule.local):
                 new = cpus[c]
                 for pos in placed:
                     self.raise_view(new, ICOLD, pos)
@@ -494,6 +524,7 @@ class Model:
                 new = cpus[c]
                 self.raise_view(new, DCOLD, pos)
                 new.scl = join_into(new.scl, line, pos)
+                new.dcl = join_into(new.dcl, line, pos)
                 self.settle(new)
                 yield Step(c, "exec", pc, text, f"clean @{pos}"), MachineState(tl, cpus)
 
@@ -515,12 +546,22 @@ class Model:
         self.settle(cpu)
         return Step(c, "exec", pc, text, "issued"), self.replace(st, c, cpu)
 
-    def _complete(self, st: MachineState, c: int, cpu: CpuState) -> Iterator[tuple[Timeline, tuple[CpuState, ...], list[int]]]:
-        """Place every pending IC/TLBI of ``cpu`` (its DSB completes them), in program order."""
+    def _complete(
+        self, st: MachineState, c: int, cpu: CpuState, *, local: bool = False
+    ) -> Iterator[tuple[Timeline, tuple[CpuState, ...], list[int]]]:
+        """Place every pending IC/TLBI of ``cpu`` (its DSB completes them), in program order.
+
+        A ``local`` (non-shareable) DSB completes them for this CPU only: a broadcast
+        one is placed for this CPU and stays pending for the others, until a DSB of a
+        domain that includes them (Arm ARM D7.5.9.3 and D8.13.5: the DSB's
+        shareability domain must contain the PEs the maintenance must reach).
+        """
         pending = cpu.pending
-        cpu.pending = ()
+        cpu.pending = tuple(p for p in pending if local and p.scope == -1)
         states: list[tuple[MachineState, list[int]]] = [(self.replace(st, c, cpu), [])]
         for p in pending:
+            if local:
+                p = Pending(p.kind, p.addr, p.pre, p.text, c)
             nxt: list[tuple[MachineState, list[int]]] = []
             for cur, placed in states:
                 pre = p.pre
@@ -540,7 +581,8 @@ class Model:
         cpus[c] = cpu
         every = addr == ALL_LINES
         relevant: set[int] = set()
-        if kind == TLBI and any(every or page_of(s.va) == addr for x in cpus for s in x.sb):
+        reached = cpus if scope == -1 else [cpus[scope]]
+        if kind == TLBI and any(every or page_of(s.va) == addr for x in reached for s in x.sb):
             # A completed TLB invalidation guarantees that accesses translated through
             # the old entry are complete (Arm ARM D8.13; ESOP 2022 TLBI-ob): stores
             # still buffered with the old translation must become visible first.
@@ -550,6 +592,8 @@ class Model:
             for g in ptes:
                 relevant.update(tl.write_positions(g))
             relevant.update(p for ps in tl.tlbis.values() for p in ps)
+            # Just after a stale translation: the earliest place that leaves it alone.
+            relevant.update(bound for x in cpus for _, _, a, p in x.stale for bound in (a, p))
         else:
             for g, ws in tl.writes.items():
                 if every or tl.line_of(g) == addr:
@@ -563,6 +607,8 @@ class Model:
                         relevant.add(anchor)
         for k in sorted({pre, *(p for p in relevant if p > pre)}):
             at = k + 1
+            if kind == TLBI and not invalidation_allowed(self, tl, cpus, c, scope, addr, k):
+                continue
             new_tl = tl.insert_after(k, Event(kind, c, addr, page=scope))
             new_cpus = tuple(x.shifted(at) for x in cpus)
             if kind == TLBI or self._consistent(new_tl, new_cpus, addr):
@@ -574,7 +620,7 @@ class Model:
         every = line == ALL_LINES
         for cpu in cpus:
             for g, anchor, msg in cpu.fetches:
-                if (every or tl.line_of(g) == line) and msg < tl.floor_before(g, anchor, idc=self.idc):
+                if (every or tl.line_of(g) == line) and msg < tl.floor_before(g, anchor, cpu.index, idc=self.idc):
                     return False
         return True
 
