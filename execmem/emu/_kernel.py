@@ -34,14 +34,15 @@ def pte_value(form: DescriptorFormat, ppage: int | None, perms: str) -> int:
     return 0 if ppage is None else form.encode(Descriptor.from_perms(ppage, perms))
 
 
-def descriptor_fault(d: Descriptor, access: str, *, hardware_af: bool, hardware_db: bool) -> str:
+def descriptor_fault(d: Descriptor, access: str, *, hardware_af: bool, hardware_db: bool, user: bool = False) -> str:
     """The fault an ``access`` ("r", "w", "x") through ``d`` takes, or "".
 
     In the order the Arm ARM checks them (D8.4, and herd's VMSA model): an invalid
     entry is a translation fault; a clear access flag is an access-flag fault unless
     the hardware sets it (TCR_ELx.HA); a write to a clean entry is a permission fault
     unless the hardware may make it dirty (TCR_ELx.HD and the entry's DBM), and so is
-    a fetch from a non-executable one.
+    a fetch from a non-executable one, and any access from EL0 (user mode) through an
+    entry that does not grant EL0 access (AP[1]; herd's el0).
     """
     if not d.valid:
         return TRANSLATION
@@ -50,6 +51,8 @@ def descriptor_fault(d: Descriptor, access: str, *, hardware_af: bool, hardware_
     if access == "w" and not d.db and not (hardware_db and d.dbm):
         return PERMISSION
     if access == "x" and not d.x:
+        return PERMISSION
+    if user and not d.el0:
         return PERMISSION
     return ""
 

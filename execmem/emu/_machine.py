@@ -63,6 +63,8 @@ class _CpuSetup:
     code_cursor: int = 0
     #: the hardware sets (access flag, dirty state) in the entries this CPU walks
     hardware: tuple[bool, bool] = (False, False)
+    #: runs at EL0 (user mode)
+    user: bool = False
 
 
 class Machine(EmulatedBackend):
@@ -132,6 +134,7 @@ class Machine(EmulatedBackend):
         self._next_va = DYNAMIC_BASE
         self._next_frame = FRAME_BASE
         self._next_pte = PT_BASE
+        self._kernel_pages: set[int] = set()
         self._executor: Executor | None = None
         self._executor_regions: list[tuple[int, int]] = []
         #: state reached by sequential runs (``call``); exploration starts there
@@ -174,6 +177,7 @@ class Machine(EmulatedBackend):
         size += -size % PAGE
         frame = self._next_frame
         self._next_frame += size
+        self._kernel_pages.update(range(frame, frame + size, PAGE))
         return self.map_memory(frame, size, "rw")
 
     def map_pages(self, size: int, *, align: int = PAGE) -> tuple[int, int]:
@@ -197,6 +201,7 @@ class Machine(EmulatedBackend):
         for page in range(first, self._next_pte, PAGE):
             if page not in self._static:
                 self.map_memory(page, PAGE, "rw")
+                self._kernel_pages.add(page)
         for i, page in enumerate(range(va, va + size, PAGE)):
             self._pte[page] = entries + 8 * i
         self._add_region(va, size)
@@ -329,6 +334,15 @@ class Machine(EmulatedBackend):
         self._check_cpu(cpu)
         self._cpus[cpu].hardware = (bool(access_flag), bool(dirty))
 
+    def set_user(self, cpu: int, user: bool = True) -> None:
+        """Run ``cpu`` at EL0 (user mode): entries must grant EL0 access (Arm AP[1], x86
+        U/S), and page tables and the kernel's linear map of frames are out of reach.
+        (A fault handler of such a CPU would run at EL1: not modelled.)"""
+        self._check_cpu(cpu)
+        if user and self._cpus[cpu].handler is not None:
+            raise ModelError("a CPU running at EL0 with a fault handler is not modelled")
+        self._cpus[cpu].user = bool(user)
+
     def start(self, cpu: int, pc: int) -> None:
         self._check_cpu(cpu)
         self._cpus[cpu].pc = pc
@@ -371,6 +385,8 @@ class Machine(EmulatedBackend):
             symbols={v: k for k, v in self._symbols.items()},
             hardware=[s.hardware for s in self._cpus],
             on_fault=self.on_fault,
+            user=[s.user for s in self._cpus],
+            kernel_pages=frozenset(self._kernel_pages),
         )
 
     def _fast_code(self) -> FastCode:

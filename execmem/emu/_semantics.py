@@ -105,6 +105,10 @@ class ModelConfig:
     hardware: list[tuple[bool, bool]] = field(default_factory=list)
     #: what a fault does (see ``Machine``): "kernel", "fatal" or "handled"
     on_fault: str = "kernel"
+    #: per CPU: runs at EL0 (user mode)
+    user: list[bool] = field(default_factory=list)
+    #: static pages out of reach from EL0: page tables, the linear map of frames
+    kernel_pages: frozenset[int] = frozenset()
 
 
 #: (instruction bytes, fetch view, fetch records, note, fault)

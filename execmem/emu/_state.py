@@ -200,8 +200,8 @@ class CpuState:
         #: used, walk position, access position) - where a later-placed TLB
         #: invalidation may not go (``_translate.note_stale``)
         self.stale: tuple[tuple[int, int, int, int], ...] = ()
-        #: per page-table entry: the oldest PTE write this CPU's translations may still
-        #: use, after one of its translations was ordered after an invalidation
+        #: per (page-table entry, offset in the page): the oldest PTE write this CPU's
+        #: translations may still use, after one was ordered after an invalidation
         self.walk_floor: tuple[tuple[int, int], ...] = ()
         #: index of the next host action (CPUs that run a host program)
         self.host = 0

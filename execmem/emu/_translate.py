@@ -40,8 +40,8 @@ from collections.abc import Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, NamedTuple
 
-from execmem.emu._kernel import TRANSLATION, check_perms, descriptor_fault
-from execmem.emu._layout import page_of
+from execmem.emu._kernel import PERMISSION, TRANSLATION, check_perms, descriptor_fault
+from execmem.emu._layout import PAGE, page_of
 from execmem.emu._state import CpuState, MachineState, Step, Store, Transition, get, put
 from execmem.emu._timeline import Event, Timeline, W
 
@@ -95,9 +95,11 @@ def translate(
     """
     page = page_of(va)
     static = model.config.static_map.get(page)
+    user = model.config.user[cpu.index]
     if static is not None:
         ppage, perms = static
-        return [Walk(ppage + va - page, 0, check_perms(perms, access))]
+        fault = check_perms(perms, access) or (PERMISSION if user and page in model.config.kernel_pages else "")
+        return [Walk(ppage + va - page, 0, fault)]
     pte = model.config.pte_addr.get(page)
     if pte is None:
         return [Walk(0, 0, TRANSLATION)]
@@ -116,13 +118,11 @@ def translate(
             # The TLB holds the entry this CPU's walk updated (the update is in flight).
             d = form.decode(int.from_bytes(s.data[:8], "little"))
             if not (access == "w" and not d.db and d.dbm and hardware_db):
-                fault = descriptor_fault(d, access, hardware_af=True, hardware_db=hardware_db)
+                fault = descriptor_fault(d, access, hardware_af=True, hardware_db=hardware_db, user=user)
                 out.append(Walk(0 if fault else d.oa + va - page, latest, fault, None, pte))
-    ordered = get(cpu.walk_floor, pte)
+    ordered = get(cpu.walk_floor, _ordering_key(pte, va))
     for w in writes:
         anchor = max(pre, w)
-        if w < ordered:
-            continue  # an earlier translation of the page came after an invalidation
         if w < tlb_floor(tl, pte, page, anchor, cpu.index, own=True):
             continue  # a completed TLB invalidation of this CPU's removed this entry
         raw = _entry_at(model, tl, pte, w)
@@ -142,7 +142,9 @@ def translate(
             d = new
         elif not (d.valid and d.af) and w < fresh:
             continue  # never cached: a walk reads memory, after its lower bound
-        fault = descriptor_fault(d, access, hardware_af=hardware_af, hardware_db=hardware_db)
+        fault = descriptor_fault(d, access, hardware_af=hardware_af, hardware_db=hardware_db, user=user)
+        if w < ordered and not fault:
+            continue  # an earlier translation of the page came after an invalidation
         # (a fault is placed by the caller, which checks it with tlb_usable)
         if w < tlb_floor(tl, pte, page, anchor if at is None or fault else max(at, w), cpu.index, own=False):
             continue  # another CPU's completed TLB invalidation removed this entry
@@ -152,18 +154,24 @@ def translate(
     return out
 
 
+def _ordering_key(entry: int, va: int) -> int:
+    return entry << 12 | va % PAGE
+
+
 def note_order(model: Model, st: MachineState, cpu: CpuState, va: int, walk: Walk) -> None:
     """A translation that used a PTE write made after a completed TLB invalidation was
-    walked after it, so the CPU's later translations of the page come after it too:
-    they may no longer use what it removed (herd's TLBI-ob: a po-earlier translation
-    of the same page is ordered before whatever a later one is ordered before)."""
+    walked after it, so the CPU's later accesses to the same address come after it
+    too: they may no longer use what it removed (herd's TLBI-ob: a po-earlier
+    translation for an access with the same low-order address bits is ordered before
+    whatever a later access's is; a later fault is not such an access)."""
     if not walk.entry:
         return
     tl = st.timeline
     page = page_of(va)
     floor = max(tlb_floor(tl, walk.entry, page, walk.walked, cpu.index, own=own) for own in (True, False))
-    if floor > get(cpu.walk_floor, walk.entry):
-        cpu.walk_floor = put(cpu.walk_floor, walk.entry, floor)
+    key = _ordering_key(walk.entry, va)
+    if floor > get(cpu.walk_floor, key):
+        cpu.walk_floor = put(cpu.walk_floor, key, floor)
 
 
 def note_stale(model: Model, st: MachineState, cpu: CpuState, entry: int, walked: int, anchor: int, access: int) -> None:

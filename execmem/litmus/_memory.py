@@ -56,11 +56,12 @@ class Memory:
     frame: dict[str, int] = field(default_factory=dict)
 
     @classmethod
-    def lay_out(cls, machine: Machine, names: list[str], *, vmsa: bool) -> Memory:
+    def lay_out(cls, machine: Machine, names: list[str], *, vmsa: bool, sizes: dict[str, int] | None = None) -> Memory:
+        """Place every location (``sizes``: bytes of those bigger than 8, arrays)."""
         mem = cls(machine, vmsa)
         if not vmsa:
             for name in names:
-                mem.va[name] = machine.alloc(8, value=0)
+                mem.va[name] = machine.alloc(max(8, (sizes or {}).get(name, 8)), value=0)
             return mem
         form = machine.isa.MODEL.descriptor
         for name in names:

@@ -271,6 +271,16 @@ def _hardware(test: LitmusTest, m: Machine) -> None:
             m.set_hardware_updates(p, access_flag="HA" in on or "HD" in on, dirty="HD" in on)
 
 
+def _el0(test: LitmusTest, m: Machine) -> None:
+    """``EL0=P0,P2``: those threads run at EL0 (herd's -procs-user)."""
+    for word in test.info.get("EL0", "").replace(",", " ").split():
+        if not (word[:1] == "P" and word[1:].isdigit() and int(word[1:]) < test.nprocs):
+            raise LitmusError(f"{test.path or test.name}:0: EL0={test.info['EL0']}: {word} is not a thread")
+        if test.handler_of(int(word[1:])) is not None:
+            raise Unsupported("a thread at EL0 with a fault handler (which runs at EL1) is not modelled")
+        m.set_user(int(word[1:]))
+
+
 def _names(test: LitmusTest) -> list[str]:
     """Every location the test names, including output addresses of descriptors."""
     names = list(test.locations())
@@ -290,15 +300,15 @@ def setup(test: LitmusTest, variants: frozenset[str] = frozenset()) -> Setup:
     vmsa, on_fault = _dialect(test, variants)
     if not vmsa and _uses_page_tables(test):
         raise Unsupported("the test uses translation tables: run it in the VMSA dialect (--variant vmsa)")
-    if "EL0" in test.info:
-        raise Unsupported("threads running at EL0 (EL0=...) are not modelled")
     m = Machine("arm64", cpus=test.nprocs, idc=test.idc, dic=test.dic, line_size=4, on_fault=on_fault)
     _hardware(test, m)
     bases = {}
     for th in test.threads:
         bases[th.name] = CODE_BASE + th.proc * CODE_STRIDE + (HANDLER_OFFSET if th.handler else 0)
     labels = process_labels(test, bases)
-    memory = Memory.lay_out(m, _names(test), vmsa=vmsa)
+    sizes = {name: _element_size(ty) * int(ty[ty.index("[") + 1 : -1]) for name, ty in test.init.types.items()
+             if isinstance(name, str) and ty.endswith("]")}
+    memory = Memory.lay_out(m, _names(test), vmsa=vmsa, sizes=sizes)
     st = Setup(test, m, memory, labels, ())
     for th in test.threads:
         words = assemble_thread(test, th, bases[th.name], labels.get(th.proc))
@@ -308,12 +318,18 @@ def setup(test: LitmusTest, variants: frozenset[str] = frozenset()) -> Setup:
             labels={k: v for k, v in labels.get(th.proc, {}).items()},
             start=not th.handler, exit_at_end=not th.handler, handler=th.handler, perms="rwx",
         )
+    _el0(test, m)
     for reg, value in test.init.registers.items():
         if reg.proc >= test.nprocs:
             raise LitmusError(f"{where}:0: register {reg} of a thread that does not exist")
         m.set_reg(reg.proc, reg.name, _value(st, value))
     for name, value in test.init.memory.items():
-        m.poke(memory.cell(name), _value(st, value).to_bytes(8, "little"))
+        if isinstance(value, Array):
+            size = _element_size(test.init.types.get(name, "int"))
+            for i, item in enumerate(value.items):
+                m.poke(memory.cell(name) + i * size, _value(st, item).to_bytes(size, "little"))
+        else:
+            m.poke(memory.cell(name), _value(st, value).to_bytes(8, "little"))
     for name, pte in test.init.ptes.items() if vmsa else ():
         kind, base = split(name)
         if kind != "pte":
@@ -379,6 +395,14 @@ def _owned(p: Prop) -> Prop:
     if isinstance(p, Or):
         return Or(tuple(_owned(q) for q in p.items))
     return p
+
+
+def _element_size(ty: str) -> int:
+    """Bytes of one element of a C-like type herd accepts (``int`` is 4, as in herd)."""
+    base = ty.split("[")[0].strip()
+    if base.endswith("*") or base in ("int64_t", "uint64_t", "long", "pteval_t", "intptr_t"):
+        return 8
+    return {"char": 1, "int8_t": 1, "uint8_t": 1, "short": 2, "int16_t": 2, "uint16_t": 2}.get(base, 4)
 
 
 def _value(st: Setup, value: Value) -> int:
