@@ -143,7 +143,7 @@ def run(args: argparse.Namespace) -> int:
         print("\n".join(herd_block(r) for r in results), end="")
     failed = [r for r in results if r.verdict in ("error", "unsupported", "unknown")]
     if kinds is None:
-        return 1 if any(r.verdict == "error" for r in results) else 0
+        return 1 if any(r.verdict in ("error", "unknown") for r in results) else 0
     compared = [r for r in results if r.name in kinds]
     disagree = [r for r in compared if not r.agrees(kinds[r.name])]
     out = sys.stderr if args.json else sys.stdout
