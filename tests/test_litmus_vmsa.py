@@ -165,3 +165,13 @@ def test_exclusive_pairs_are_atomic_and_may_fail() -> None:
     assert run_test(parse_litmus(both)).verdict == "Forbidden"  # both succeed: one saw the other
     fails = _single(code, "0:X2=x; 1:X2=x;", "exists (0:X3=1)", cpus=2)
     assert run_test(parse_litmus(fails)).verdict == "Allowed"
+
+
+def test_runs_on_a_dask_cluster() -> None:
+    distributed = pytest.importorskip("distributed")
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        files = [str(p) for p in sorted(SEEDS.glob("*.litmus"))]
+        results = run_all(files, scheduler=cluster.scheduler_address)
+    kinds = read_kinds(str(SEEDS / "kinds.txt"))
+    assert [r.name for r in results] == [parse_file(f).name for f in files]
+    assert all(r.agrees(kinds[r.name]) for r in results)

@@ -31,6 +31,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--kinds", metavar="FILE", help="compare with a herd kinds file (NAME Allowed|Forbidden)")
     parser.add_argument("-j", "--jobs", type=int, default=0, help="worker processes (default: one per CPU)")
+    parser.add_argument("--scheduler", metavar="ADDRESS", help="run the tests on a Dask cluster instead")
     parser.add_argument("--max-states", type=int, default=1_000_000, help="state budget per test")
     parser.add_argument(
         "--max-memory", type=int, default=MAX_MEMORY >> 20, metavar="MB",
@@ -95,11 +96,23 @@ def run_all(
     max_memory: int = MAX_MEMORY,
     progress: bool = False,
     variants: frozenset[str] = frozenset(),
+    scheduler: str | None = None,
 ) -> list[LitmusResult]:
+    """Run every file in worker processes (or on a Dask cluster); results in input order."""
     workers = jobs or os.cpu_count() or 1
     results: dict[str, LitmusResult] = {}
     job = functools.partial(run_file, max_states=max_states, max_memory=max_memory, variants=variants)
-    if workers == 1 or len(files) == 1:
+    if scheduler:
+        try:
+            from distributed import Client, as_completed
+        except ImportError:
+            raise ExecmemError("--scheduler needs Dask: pip install 'execmem[dask]'") from None
+        with Client(scheduler) as client:
+            futures = {client.submit(job, f, pure=False): f for f in files}
+            for n, future in enumerate(as_completed(futures), 1):
+                results[futures[future]] = future.result()
+                _progress(progress, n, len(files), results[futures[future]])
+    elif workers == 1 or len(files) == 1:
         for n, f in enumerate(files, 1):
             results[f] = job(f)
             _progress(progress, n, len(files), results[f])
@@ -131,7 +144,7 @@ def run(args: argparse.Namespace) -> int:
     variants = parse_variants(args.variant)
     results = run_all(
         files, jobs=args.jobs, max_states=args.max_states, max_memory=args.max_memory << 20,
-        progress=not args.json and sys.stderr.isatty(), variants=variants,
+        progress=not args.json and sys.stderr.isatty(), variants=variants, scheduler=args.scheduler,
     )
     if args.json:
         print(json.dumps([r.to_json() for r in results], indent=2))
