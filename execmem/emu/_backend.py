@@ -33,7 +33,7 @@ from execmem.emu._layout import PAGE
 
 if TYPE_CHECKING:
     from execmem.arch import ArchSpec
-    from execmem.emu._machine import HostProgram
+    from execmem.emu._kernel import HostProgram
 
 
 class ModeledMachine(Protocol):

@@ -34,8 +34,8 @@ from execmem.emu._timeline import Timeline
 from execmem.emu._translate import (
     Walk,
     buffer_update,
+    note,
     note_order,
-    note_stale,
     tlb_usable,
     translate,
     update_pending,
@@ -103,13 +103,17 @@ def _write_fault_blocked(cpu: CpuState) -> bool:
     return any(s.seq < cpu.store_fence and not s.hardware for s in cpu.sb)
 
 
+def _buffered(model: Model, cpu: CpuState, granules: Sequence[int]) -> bool:
+    """Has the CPU a store to one of ``granules`` still in its buffer?"""
+    return any(s.addr <= g < s.addr + s.span * model.granule for s in cpu.sb for g in granules)
+
+
 def _fault(
     model: Model, st: MachineState, c: int, cpu: CpuState, pc: int, d: Any, va: int, walk: Walk, access: str,
     walk_pre: int, at: int,
 ) -> list[Transition]:
     """The fault ``walk`` takes, placed at ``at``."""
-    note_order(model, st, cpu, va, walk)
-    note_stale(model, st, cpu, walk.entry, walk.walked, max(walk_pre, walk.walked), at)
+    note(model, st, cpu, va, walk, walk_pre, at)
     kind = f"D-MMU:{walk.fault}"
     return model.fault_or_retry(st, c, cpu, pc, kind, f"{d.text} ({walk.fault})", va, walk.walked, access)
 
@@ -186,11 +190,9 @@ def execute(model: Model, st: MachineState, c: int, cpu: CpuState, insn: bytes, 
             assert ch is not None
             value, post, gs = ch
             _observe_read(model, st, new, d, post, gs)
-            note_order(model, st, new, a.addr, walk)
-            note_stale(model, st, new, walk.entry, walk.walked, max(walk_pre, walk.walked), post)
+            note(model, st, new, a.addr, walk, walk_pre, post)
             if d.exclusive:
-                own = any(s.addr <= g < s.addr + s.span * model.granule for s in new.sb for g in gs)
-                new.monitor = () if own else tuple((g, tl.latest_write_at(g, post)) for g in gs)
+                new.monitor = () if _buffered(model, new, gs) else tuple((g, tl.latest_write_at(g, post)) for g in gs)
             detail.append(f"read {a.addr:#x} = {int.from_bytes(value, 'little'):#x}")
         writes = [(a, walk) for a, (walk, _) in zip(accesses, combo, strict=True) if a.kind == "W"]
         out_writes = [a for a in out.accesses if a.kind == "W"]
@@ -251,7 +253,7 @@ def _rmw(model: Model, st: MachineState, c: int, cpu: CpuState, insn: bytes, d: 
         gs = model.granules(walk.pa, r.size)
         if len(gs) > 2:
             raise ModelError(f"access of {r.size} bytes at {walk.pa:#x} is not single-copy atomic in the model")
-        if any(s.addr <= g < s.addr + s.span * model.granule for s in cpu.sb for g in gs) or update_pending(st, c, gs):
+        if _buffered(model, cpu, gs) or update_pending(st, c, gs):
             continue  # the CPU's own earlier store to the location, or a hardware update, comes first
         whole = b"".join(tl0.value_at(g, tl0.end) for g in gs)
         offset = walk.pa - gs[0]
@@ -275,8 +277,7 @@ def _rmw(model: Model, st: MachineState, c: int, cpu: CpuState, insn: bytes, d: 
             entry = store_entry(model, new, written[0].data, walk.pa, r.addr, d, pc)
             tl = model.commit(tl, new, entry)
             detail.append(f"{r.addr:#x} := {int.from_bytes(written[0].data, 'little'):#x} (atomic)")
-        note_order(model, st, new, r.addr, walk)
-        note_stale(model, MachineState(tl, st.cpus), new, walk.entry, walk.walked, max(walk_pre, walk.walked), tl.end)
+        note(model, MachineState(tl, st.cpus), new, r.addr, walk, walk_pre, tl.end)
         model.raise_view(new, CAPA, vaddr)
         model.settle(new)
         yield Step(c, "exec", pc, d.text, "; ".join(detail)), model.replace(st, c, new, tl)
@@ -319,12 +320,11 @@ def _store_exclusive(model: Model, st: MachineState, c: int, cpu: CpuState, d: A
         monitored = dict(cpu.monitor)
         if any(monitored.get(g) != tl0.latest_write_at(g, tl0.end) for g in gs):
             continue  # another write came in between, or another location
-        if any(s.addr <= g < s.addr + s.span * model.granule for s in cpu.sb for g in gs) or update_pending(st, c, gs):
+        if _buffered(model, cpu, gs) or update_pending(st, c, gs):
             continue
         buffer_update(model, new, walk, pc)
         tl = model.commit(tl0, new, store_entry(model, new, data, walk.pa, va, d, pc))
-        note_order(model, st, new, va, walk)
-        note_stale(model, MachineState(tl, st.cpus), new, walk.entry, walk.walked, max(walk_pre, walk.walked), tl.end)
+        note(model, MachineState(tl, st.cpus), new, va, walk, walk_pre, tl.end)
         yield finish(new, 0, tl, f"{va:#x} := {int.from_bytes(data, 'little'):#x} (exclusive)")
 
 

@@ -6,6 +6,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from execmem._errors import ModelError
+from execmem.emu import _maintenance
 from execmem.emu._execute import read_choices, store_entry
 from execmem.emu._kernel import pte_value
 from execmem.emu._layout import RETURN_MAGIC, page_of
@@ -109,7 +110,7 @@ def host_step(model: Model, st: MachineState, c: int) -> Iterator[Transition]:
     if kind == "dc":
         (va,) = args
         assert isinstance(va, int)
-        yield from model.clean(st, c, new, va, 0, text, 0)
+        yield from _maintenance.clean(model, st, c, new, va, 0, text, 0)
         return
     if kind in ("ic", "tlbi"):
         va = args[0]
@@ -117,7 +118,7 @@ def host_step(model: Model, st: MachineState, c: int) -> Iterator[Transition]:
         if kind == "tlbi" and scope == "local":
             yield _local_tlbi(model, st, c, new, va if isinstance(va, int) else None, text)
             return
-        yield model.issue(st, c, new, IC if kind == "ic" else TLBI, va if isinstance(va, int) else None, 0, scope, text, 0)
+        yield _maintenance.issue(model, st, c, new, IC if kind == "ic" else TLBI, va if isinstance(va, int) else None, 0, scope, text, 0)
         return
     if kind == "fence":
         (name,) = args

@@ -21,8 +21,11 @@ so the explorer interleaves them with guest code on the other CPUs.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
+from types import ModuleType
 
+from execmem._errors import ModelError
 from execmem.arch._model import Descriptor, DescriptorFormat
 
 #: Translation fault kinds, as herd names them (``MMU:<kind>``).
@@ -82,3 +85,58 @@ class HostAction:
 def check_perms(perms: str, access: str) -> str:
     """'' when ``access`` ("r"/"w"/"x") is allowed by a static mapping's ``perms``."""
     return "" if access in perms else PERMISSION
+
+
+class HostProgram:
+    """Appends host actions to one CPU's program (every method returns ``self``)."""
+
+    def __init__(self, actions: list[HostAction], cpu: int, cpus: int, isa: ModuleType) -> None:
+        self._actions = actions
+        self._cpu = cpu
+        self._cpus = cpus
+        self._isa = isa
+
+    def _add(self, kind: str, *args: object, note: str = "") -> HostProgram:
+        self._actions.append(HostAction(kind, args, note))
+        return self
+
+    def store(self, va: int, value: int | bytes, size: int = 8, *, release: bool = False, note: str = "") -> HostProgram:
+        data = value if isinstance(value, bytes) else (value & (1 << 8 * size) - 1).to_bytes(size, "little")
+        return self._add("store", va, data, release, note=note)
+
+    def dc(self, va: int, note: str = "") -> HostProgram:
+        return self._add("dc", va, note=note)
+
+    def ic(self, va: int | None, note: str = "") -> HostProgram:
+        return self._add("ic", va, note=note)
+
+    def tlbi(self, vpage: int | None, scope: str = "broadcast", note: str = "") -> HostProgram:
+        return self._add("tlbi", vpage, scope, note=note)
+
+    def fence(self, name: str, note: str = "") -> HostProgram:
+        if name not in self._isa.MODEL.fences:
+            raise ModelError(f"this architecture has no barrier {name!r}")
+        return self._add("fence", name, note=note)
+
+    def pte(self, vpage: int, ppage: int | None, perms: str = "rx", note: str = "") -> HostProgram:
+        return self._add("pte", vpage, ppage, perms, note=note)
+
+    def ipi(self, targets: Iterable[int], kind: str = "cse", arg: int = -1, *, note: str = "") -> HostProgram:
+        return self._add("ipi", tuple(targets), kind, arg, note=note)
+
+    def await_value(self, va: int, value: int, note: str = "") -> HostProgram:
+        """Block until the 8 bytes at ``va`` read ``value`` (acquire, like smp_cond_load_acquire)."""
+        return self._add("await", va, value, note=note)
+
+    def wait(self, note: str = "") -> HostProgram:
+        return self._add("wait", note=note)
+
+    def call(self, entry: int, *args: int, note: str = "") -> HostProgram:
+        return self._add("call", entry, tuple(args), note=note)
+
+    def record(self, register: int | str, note: str = "") -> HostProgram:
+        index = register if isinstance(register, int) else self._isa.register_index(register)
+        return self._add("record", index, note=note)
+
+    def others(self) -> tuple[int, ...]:
+        return tuple(c for c in range(self._cpus) if c != self._cpu)

@@ -11,7 +11,7 @@ things live in the address space is ``_layout``.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable, Iterable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from types import ModuleType
 
@@ -21,7 +21,7 @@ from execmem import arch as _arch
 from execmem._errors import AssemblyError, ModelError
 from execmem.emu._backend import EmulatedBackend
 from execmem.emu._explore import MAX_MEMORY, Exploration, exhaustive, random_runs, replay
-from execmem.emu._kernel import HostAction, pte_value
+from execmem.emu._kernel import HostAction, HostProgram, pte_value
 from execmem.emu._layout import (
     CODE_BASE,
     CODE_STRIDE,
@@ -351,7 +351,7 @@ class Machine(EmulatedBackend):
         """The host program of ``cpu`` (default: the host CPU), to append actions to."""
         c = self.host_cpu if cpu is None else cpu
         self._check_cpu(c)
-        return HostProgram(self, c)
+        return HostProgram(self._cpus[c].host, c, self.ncpus, self.isa)
 
     def _check_cpu(self, cpu: int) -> None:
         if not isinstance(cpu, int) or not 0 <= cpu < self.ncpus:
@@ -541,59 +541,6 @@ class Machine(EmulatedBackend):
         return value
 
 
-class HostProgram:
-    """Appends host actions to one CPU's program (every method returns ``self``)."""
-
-    def __init__(self, machine: Machine, cpu: int) -> None:
-        self._machine = machine
-        self._cpu = cpu
-
-    def _add(self, kind: str, *args: object, note: str = "") -> HostProgram:
-        self._machine._cpus[self._cpu].host.append(HostAction(kind, args, note))
-        return self
-
-    def store(self, va: int, value: int | bytes, size: int = 8, *, release: bool = False, note: str = "") -> HostProgram:
-        data = value if isinstance(value, bytes) else (value & (1 << 8 * size) - 1).to_bytes(size, "little")
-        return self._add("store", va, data, release, note=note)
-
-    def dc(self, va: int, note: str = "") -> HostProgram:
-        return self._add("dc", va, note=note)
-
-    def ic(self, va: int | None, note: str = "") -> HostProgram:
-        return self._add("ic", va, note=note)
-
-    def tlbi(self, vpage: int | None, scope: str = "broadcast", note: str = "") -> HostProgram:
-        return self._add("tlbi", vpage, scope, note=note)
-
-    def fence(self, name: str, note: str = "") -> HostProgram:
-        if name not in self._machine.isa.MODEL.fences:
-            raise ModelError(f"{self._machine.spec.name} has no barrier {name!r}")
-        return self._add("fence", name, note=note)
-
-    def pte(self, vpage: int, ppage: int | None, perms: str = "rx", note: str = "") -> HostProgram:
-        return self._add("pte", vpage, ppage, perms, note=note)
-
-    def ipi(self, targets: Iterable[int], kind: str = "cse", arg: int = -1, *, note: str = "") -> HostProgram:
-        return self._add("ipi", tuple(targets), kind, arg, note=note)
-
-    def await_value(self, va: int, value: int, note: str = "") -> HostProgram:
-        """Block until the 8 bytes at ``va`` read ``value`` (acquire, like smp_cond_load_acquire)."""
-        return self._add("await", va, value, note=note)
-
-    def wait(self, note: str = "") -> HostProgram:
-        return self._add("wait", note=note)
-
-    def call(self, entry: int, *args: int, note: str = "") -> HostProgram:
-        return self._add("call", entry, tuple(args), note=note)
-
-    def record(self, register: int | str, note: str = "") -> HostProgram:
-        index = register if isinstance(register, int) else self._machine.isa.register_index(register)
-        return self._add("record", index, note=note)
-
-    def others(self) -> tuple[int, ...]:
-        return tuple(c for c in range(self._machine.ncpus) if c != self._cpu)
-
-
 def assemble(spec: _arch.ArchSpec, source: str, address: int) -> tuple[bytes, dict[str, int]]:
     """Keystone-assemble ``source`` at ``address``; also return every label's address."""
     if spec.engines.keystone is None:
@@ -637,4 +584,4 @@ def _merge(regions: list[tuple[int, int]]) -> list[tuple[int, int]]:
     return [(lo, hi - lo) for lo, hi in merged]
 
 
-__all__ = ["HostProgram", "Machine", "Program", "assemble"]
+__all__ = ["Machine", "Program", "assemble"]

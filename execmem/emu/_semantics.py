@@ -1,6 +1,6 @@
 """Transition rules of the modeled machine.
 
-A machine state has successors of four kinds:
+A machine state has successors of five kinds:
 
 * **instruction steps** - a CPU fetches the instruction at its PC (choosing among the
   values its instruction cache may return), then either performs it itself (barriers,
@@ -9,7 +9,11 @@ A machine state has successors of four kinds:
 * **propagation steps** - a store leaves a CPU's store buffer and becomes a write on
   the timeline (any eligible store: program order is kept only where barriers,
   release semantics, same-location coherence or TSO require it);
-* **host steps** and **interrupt deliveries** (``_host``).
+* **host steps** and **interrupt deliveries** (``_host``);
+* **spontaneous hardware updates** of page-table entries (``_translate``).
+
+Translation is ``_translate``, cache and TLB maintenance ``_maintenance``, loads,
+stores and atomics ``_execute``.
 
 The read rule is Promising-ARM's (Pulte et al., PLDI 2019) without promises: a read
 may return any write to its location that is not older than the latest write at its
@@ -29,14 +33,13 @@ from types import ModuleType
 from typing import Any
 
 from execmem._errors import ModelError
-from execmem.emu import _execute, _host
+from execmem.emu import _execute, _host, _maintenance
 from execmem.emu._kernel import HostAction
-from execmem.emu._layout import RETURN_MAGIC, page_of
+from execmem.emu._layout import RETURN_MAGIC
 from execmem.emu._state import (
     CAPA,
     CAPC,
     DCNEW,
-    DCOLD,
     DISCARD,
     DONE,
     FAULT,
@@ -54,7 +57,6 @@ from execmem.emu._state import (
     WOLD,
     CpuState,
     MachineState,
-    Pending,
     Step,
     Store,
     Transition,
@@ -62,9 +64,8 @@ from execmem.emu._state import (
     join_into,
     put,
 )
-from execmem.emu._timeline import ALL_LINES, DC, IC, TLBI, Event, Timeline, W
+from execmem.emu._timeline import IC, TLBI, Event, Timeline, W
 from execmem.emu._translate import (
-    invalidation_allowed,
     note_stale,
     spontaneous_updates,
     spurious,
@@ -415,7 +416,7 @@ class Model:
         if op == "dc":
             va = cpu.reg(d.va_reg)
             cpu.pc = pc + d.length
-            yield from self.clean(st, c, cpu, va, self.va_view(cpu, d.addr_regs), d.text, pc)
+            yield from _maintenance.clean(self, st, c, cpu, va, self.va_view(cpu, d.addr_regs), d.text, pc)
             return
         if op in ("ic", "tlbi"):
             target = None if d.va_reg is None or d.all_pages else cpu.reg(d.va_reg)
@@ -424,7 +425,7 @@ class Model:
             cpu.pc = pc + d.length
             kind = IC if op == "ic" else TLBI
             scope = "broadcast" if op == "ic" or d.broadcast else "local"
-            yield self.issue(st, c, cpu, kind, target, self.va_view(cpu, d.addr_regs), scope, d.text, pc)
+            yield _maintenance.issue(self, st, c, cpu, kind, target, self.va_view(cpu, d.addr_regs), scope, d.text, pc)
             return
         if op == "svc":
             raise ModelError(f"{d.text}: system calls are not modelled")
@@ -487,7 +488,7 @@ class Model:
             cpu.store_fence = cpu.seq
             self.raise_view(cpu, STOLD, cpu.views[WOLD])
         if rule.complete and cpu.pending:
-            for tl, cpus, placed in self._complete(st, c, cpu, local=rule.local):
+            for tl, cpus, placed in _maintenance.complete(self, st, c, cpu, local=rule.local):
                 new = cpus[c]
                 for pos in placed:
                     self.raise_view(new, ICOLD, pos)
@@ -506,126 +507,3 @@ class Model:
         if not self.rules.track_dependencies:
             return 0
         return max((cpu.rview[r] for r in regs), default=0)
-
-    def _line_of_va(self, st: MachineState, cpu: CpuState, va: int, pre: int) -> list[tuple[int, int]]:
-        """(line, walk position) for each translation of ``va`` (cache maintenance by VA)."""
-        out = []
-        for walk in translate(self, st, cpu, va, "r", pre):
-            if not walk.fault:
-                out.append((st.timeline.line_of(walk.pa - walk.pa % self.granule), walk.walked))
-        return out
-
-    def clean(self, st: MachineState, c: int, cpu: CpuState, va: int, vaddr: int, text: str, pc: int) -> Iterator[Transition]:
-        """DC CVAU: may be placed in the past, not before the views that order it."""
-        v = cpu.views
-        pre0 = max(v[DCNEW], v[CAPC], v[FETCH], vaddr)
-        for line, walked in self._line_of_va(st, cpu, va, pre0):
-            # po-scl-ob: earlier same-line stores must be visible before the clean.
-            if any(st.timeline.line_of(s.addr) == line for s in cpu.sb):
-                continue
-            pre = max(pre0, walked, get(cpu.scl, line))
-            for tl, cpus, pos in self.place(st, c, cpu, DC, line, pre):
-                new = cpus[c]
-                self.raise_view(new, DCOLD, pos)
-                new.scl = join_into(new.scl, line, pos)
-                new.dcl = join_into(new.dcl, line, pos)
-                self.settle(new)
-                yield Step(c, "exec", pc, text, f"clean @{pos}"), MachineState(tl, cpus)
-
-    def issue(self, st: MachineState, c: int, cpu: CpuState, kind: str, va: int | None, vaddr: int, scope: str, text: str, pc: int) -> Transition:
-        """IC / TLBI: issued now, placed on the timeline when the CPU's DSB completes it."""
-        v = cpu.views
-        pre = max(v[ICNEW], v[CAPC], v[FETCH], vaddr)
-        if va is None:
-            addr = ALL_LINES
-        elif kind == IC:
-            lines = self._line_of_va(st, cpu, va, pre)
-            if not lines:
-                return self.fault(st, c, cpu, pc, "D-MMU:Translation", text, va)
-            addr = lines[0][0]
-        else:
-            addr = page_of(va)
-        target = -1 if scope == "broadcast" else c
-        cpu.pending = (*cpu.pending, Pending(kind, addr, pre, text, target))
-        self.settle(cpu)
-        return Step(c, "exec", pc, text, "issued"), self.replace(st, c, cpu)
-
-    def _complete(
-        self, st: MachineState, c: int, cpu: CpuState, *, local: bool = False
-    ) -> Iterator[tuple[Timeline, tuple[CpuState, ...], list[int]]]:
-        """Place every pending IC/TLBI of ``cpu`` (its DSB completes them), in program order.
-
-        A ``local`` (non-shareable) DSB completes them for this CPU only: a broadcast
-        one is placed for this CPU and stays pending for the others, until a DSB of a
-        domain that includes them (Arm ARM D7.5.9.3 and D8.13.5: the DSB's
-        shareability domain must contain the PEs the maintenance must reach).
-        """
-        pending = cpu.pending
-        cpu.pending = tuple(p for p in pending if local and p.scope == -1)
-        states: list[tuple[MachineState, list[int]]] = [(self.replace(st, c, cpu), [])]
-        for p in pending:
-            if local:
-                p = Pending(p.kind, p.addr, p.pre, p.text, c)
-            nxt: list[tuple[MachineState, list[int]]] = []
-            for cur, placed in states:
-                pre = p.pre
-                for at in placed:
-                    if pre >= at:
-                        pre += 1
-                for tl, cpus, pos in self.place(cur, c, cur.cpus[c], p.kind, p.addr, pre, scope=p.scope):
-                    nxt.append((MachineState(tl, cpus), [*[q + (q >= pos) for q in placed], pos]))
-            states = nxt
-        for s, placed in states:
-            yield s.timeline, s.cpus, placed
-
-    def place(self, st: MachineState, c: int, cpu: CpuState, kind: str, addr: int, pre: int, *, scope: int = -1) -> Iterator[tuple[Timeline, tuple[CpuState, ...], int]]:
-        """Insert a DC/IC/TLBI at every distinct position >= ``pre`` that no fetch contradicts."""
-        tl: Timeline = st.timeline
-        cpus = list(st.cpus)
-        cpus[c] = cpu
-        every = addr == ALL_LINES
-        relevant: set[int] = set()
-        reached = cpus if scope == -1 else [cpus[scope]]
-        if kind == TLBI and any(every or page_of(s.va) == addr for x in reached for s in x.sb):
-            # A completed TLB invalidation guarantees that accesses translated through
-            # the old entry are complete (Arm ARM D8.13; ESOP 2022 TLBI-ob): stores
-            # still buffered with the old translation must become visible first.
-            return
-        if kind == TLBI:
-            ptes = [g for page, g in self.config.pte_addr.items() if every or page == addr]
-            for g in ptes:
-                relevant.update(tl.write_positions(g))
-            relevant.update(p for ps in tl.tlbis.values() for p in ps)
-            # Just after a stale translation: the earliest place that leaves it alone.
-            relevant.update(bound for x in cpus for _, _, a, p in x.stale for bound in (a, p))
-        else:
-            for g, ws in tl.writes.items():
-                if every or tl.line_of(g) == addr:
-                    relevant.update(ws)
-            for line, ps in tl.maint.items():
-                if every or line in (addr, ALL_LINES):
-                    relevant.update(ps)
-            for other in cpus:
-                for g, anchor, _ in other.fetches:
-                    if every or tl.line_of(g) == addr:
-                        relevant.add(anchor)
-        for k in sorted({pre, *(p for p in relevant if p > pre)}):
-            at = k + 1
-            if kind == TLBI and not invalidation_allowed(self, tl, cpus, c, scope, addr, k):
-                continue
-            new_tl = tl.insert_after(k, Event(kind, c, addr, page=scope))
-            new_cpus = tuple(x.shifted(at) for x in cpus)
-            if kind == TLBI or self._consistent(new_tl, new_cpus, addr):
-                yield new_tl, new_cpus, at
-
-    def _consistent(self, tl: Timeline, cpus: Sequence[CpuState], line: int) -> bool:
-        if self.coherent_fetch:
-            return True
-        every = line == ALL_LINES
-        for cpu in cpus:
-            for g, anchor, msg in cpu.fetches:
-                if (every or tl.line_of(g) == line) and msg < tl.floor_before(g, anchor, cpu.index, idc=self.idc):
-                    return False
-        return True
-
-

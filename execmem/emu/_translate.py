@@ -174,6 +174,12 @@ def note_order(model: Model, st: MachineState, cpu: CpuState, va: int, walk: Wal
         cpu.walk_floor = put(cpu.walk_floor, key, floor)
 
 
+def note(model: Model, st: MachineState, cpu: CpuState, va: int, walk: Walk, walk_pre: int, access: int) -> None:
+    """Both notes for a translation used by an access (or fault) placed at ``access``."""
+    note_order(model, st, cpu, va, walk)
+    note_stale(model, st, cpu, walk.entry, walk.walked, max(walk_pre, walk.walked), access)
+
+
 def note_stale(model: Model, st: MachineState, cpu: CpuState, entry: int, walked: int, anchor: int, access: int) -> None:
     """Remember a translation through a superseded entry (the PTE write at ``walked``
     has a successor), walked at ``anchor`` and used by an access (or fault) at
