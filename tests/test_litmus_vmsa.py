@@ -117,7 +117,7 @@ def test_cli_prints_herds_format_and_json_carries_the_states(tmp_path: Path) -> 
     assert "Condition exists (0:X2=0 /\\ 1:X2=0)" in lines
     assert any(line.startswith("Observation SB Sometimes ") for line in lines)
     (row,) = json.loads(run_cli("--json", "-j", "1", str(path)).stdout)
-    assert {"0:X2": "0", "1:X2": "0"} in row["final_states"] and len(row["final_states"]) == 4
+    assert {"0:X2": "0", "1:X2": "0"} in row["states"] and len(row["states"]) == 4
     assert row["positive"] > 0 and row["negative"] > 0
 
 
