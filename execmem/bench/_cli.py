@@ -35,7 +35,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--markdown", metavar="FILE", help="also write the table as a Markdown page (docs/bench.md)")
     parser.add_argument("--mode", choices=("dual", "mprotect", "rwx"), default="dual", help="execmem's native mode (default: dual)")
     parser.add_argument("--repeats", type=int, help="repeats per measurement (default: 5, quick: 2)")
-    parser.add_argument("--litmus", metavar="DIR", help="litmus catalog folder (default: ../shared/litmus/aarch64-ifetch)")
+    parser.add_argument("--litmus", metavar="DIR", help="litmus catalog folder (default: tests/data/herd/aarch64-ifetch of the checkout)")
 
 
 def collect(args: argparse.Namespace) -> dict[str, Any]:
