@@ -109,14 +109,14 @@ SPEC = ArchSpec(
         ("local_cse", "isb; ret"),
         # Is membarrier safe here?  As on x86-64 (see there): a plain fork whose child
         # runs only this code, signals blocked around clone, exit status = the QUERY
-        # mask's low 7 bits or 0x80 | errno; returns the pid or -errno.  Linux arm64
-        # (asm-generic) numbers: rt_sigprocmask 135, clone 220, exit_group 94,
-        # membarrier 283; svc preserves every register but x0.
+        # mask's low 7 bits or 0x80 | errno; x0 = clone's flags (0 or SIGCHLD); returns
+        # the pid or -errno.  Linux arm64 (asm-generic) numbers: rt_sigprocmask 135,
+        # clone 220, exit_group 94, membarrier 283; svc preserves every register but x0.
         (
             "probe_membarrier",
-            "sub sp, sp, #16; mov x9, #-1; str x9, [sp, #8]; "
+            "mov x10, x0; sub sp, sp, #16; mov x9, #-1; str x9, [sp, #8]; "
             "mov x0, #0; add x1, sp, #8; mov x2, sp; mov x3, #8; mov x8, #135; svc #0; "
-            "mov x0, #0; mov x1, #0; mov x2, #0; mov x3, #0; mov x4, #0; mov x8, #220; svc #0; "
+            "mov x0, x10; mov x1, #0; mov x2, #0; mov x3, #0; mov x4, #0; mov x8, #220; svc #0; "
             "cbz x0, child; mov x9, x0; "
             "mov x0, #2; mov x1, sp; mov x2, #0; mov x3, #8; mov x8, #135; svc #0; "
             "mov x0, x9; add sp, sp, #16; ret; "

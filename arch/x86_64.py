@@ -96,14 +96,15 @@ SPEC = ArchSpec(
         # the child never runs an inherited handler.  The child calls membarrier(QUERY),
         # registers and runs PRIVATE_EXPEDITED_SYNC_CORE and PRIVATE_EXPEDITED when
         # offered, and exits with the mask's low 7 bits, or 0x80 | errno when QUERY
-        # failed.  Returns the child's pid (exit signal 0: wait with __WALL), or
-        # -errno.  Linux x86-64 numbers: rt_sigprocmask 14, clone 56, exit_group 231,
+        # failed.  Its argument is clone's flags: 0 (no exit signal, so wait with
+        # __WALL) or SIGCHLD (see execmem/native/_probe.py).  Returns the child's pid,
+        # or -errno.  Linux x86-64 numbers: rt_sigprocmask 14, clone 56, exit_group 231,
         # membarrier 324; syscall clobbers rcx and r11.
         (
             "probe_membarrier",
-            "sub rsp, 24; mov qword ptr [rsp + 8], -1; "
+            "mov r9, rdi; sub rsp, 24; mov qword ptr [rsp + 8], -1; "
             "mov eax, 14; xor edi, edi; lea rsi, [rsp + 8]; mov rdx, rsp; mov r10d, 8; syscall; "
-            "mov eax, 56; xor edi, edi; xor esi, esi; xor edx, edx; xor r10d, r10d; xor r8d, r8d; syscall; "
+            "mov eax, 56; mov rdi, r9; xor esi, esi; xor edx, edx; xor r10d, r10d; xor r8d, r8d; syscall; "
             "test rax, rax; jz child; mov r9, rax; "
             "mov eax, 14; mov edi, 2; mov rsi, rsp; xor edx, edx; mov r10d, 8; syscall; "
             "mov rax, r9; add rsp, 24; ret; "

@@ -325,10 +325,11 @@ class Syscalls:
     def mremap(self, old: int, old_size: int, new_size: int, flags: int, new: int = 0) -> int:
         return self._call("mremap", _mremap, old, old_size, new_size, flags, new or None, fails=MAP_FAILED)
 
-    def fork_probe(self, routine: Callable[[], object]) -> int:
-        """Run a routine that forks (``probe_membarrier``): the child's pid.  Counted
-        as the ``clone`` it makes; the routine returns -errno on failure."""
-        return self._call("clone", _negative_errno(routine))
+    def fork_probe(self, routine: Callable[[int], object], flags: int) -> int:
+        """Run a routine that forks (``probe_membarrier``) with clone ``flags``: the
+        child's pid.  Counted as the ``clone`` it makes; the routine returns -errno on
+        failure."""
+        return self._call("clone", _negative_errno(routine), flags)
 
     def waitpid(self, pid: int, options: int) -> tuple[int, int]:
         """``(pid, wait status)``; pid 0 with ``WNOHANG`` while the child runs."""
@@ -351,11 +352,11 @@ def _bound(name: str) -> Callable[..., int]:
 _BOUND: dict[str, Callable[..., int]] = {}
 
 
-def _negative_errno(fn: Callable[[], object]) -> Callable[[], int]:
+def _negative_errno(fn: Callable[[int], object]) -> Callable[[int], int]:
     """A raw system call's -errno turned into the -1 and errno ``_call`` expects."""
 
-    def call() -> int:
-        result: int = fn()  # type: ignore[assignment]  # ctypes: restype c_long
+    def call(arg: int) -> int:
+        result: int = fn(arg)  # type: ignore[assignment]  # ctypes: restype c_long
         if -4096 < result < 0:
             ctypes.set_errno(-result)
             return -1

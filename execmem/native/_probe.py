@@ -19,7 +19,11 @@ memfd or temp file (``vm.memfd_noexec``, noexec mounts) and is started by a vfor
 child that shares this address space until its ``execve``: a sandbox that kills on
 ``execve`` would dump core there, and kernels before 5.16 kill every process sharing
 the address space with a dumping one.  A plain fork has its own address space from
-the start, so its death can never take this process along.
+the start, so its death can never take this process along.  The child has no exit
+signal, so it never reaches the program's SIGCHLD handler or a ``waitpid(-1)``; where
+clone refuses that with EINVAL it is forked again with SIGCHLD, as ``fork`` does (QEMU
+user mode forks only so: linux-user/syscall.c ``do_fork``, "We can't support custom
+termination signals"; the program may then reap it first, a lost status below).
 
 When: in a background thread, started when the first native backend that may use
 membarrier is created (:meth:`MembarrierProbe.start`), so the verdict is usually
@@ -106,7 +110,7 @@ class MembarrierProbe:
 
     def __init__(
         self,
-        routine: Callable[[], Callable[[], object] | None],
+        routine: Callable[[], Callable[[int], object] | None],
         *,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
@@ -193,7 +197,12 @@ class MembarrierProbe:
         if routine is None:
             return ProbeResult(False, "this host has no probe_membarrier routine")
         try:
-            pid = self._sys.fork_probe(routine)
+            try:
+                pid = self._sys.fork_probe(routine, 0)
+            except ExecmemError as exc:
+                if _libc.errno_of(exc) != errno.EINVAL:
+                    raise
+                pid = self._sys.fork_probe(routine, signal.SIGCHLD)  # see the module docstring
         except ExecmemError as exc:
             return ProbeResult(False, f"the probe could not fork: {exc}", transient=_libc.errno_of(exc) in TRANSIENT_FORK_ERRNOS)
         deadline = self._clock() + PROBE_TIMEOUT
@@ -231,7 +240,7 @@ class MembarrierProbe:
             self._retry_at = 0.0
 
 
-def _host_routine() -> Callable[[], object] | None:
+def _host_routine() -> Callable[[int], object] | None:
     from execmem.native._routines import host_routines
 
     return host_routines().get("probe_membarrier")

@@ -37,7 +37,7 @@ SIGNATURES: dict[str, tuple[object, tuple[object, ...]]] = {
     "read_cache_type": (ctypes.c_uint64, ()),
     "serialize": (None, ()),
     "has_serialize": (ctypes.c_uint32, ()),
-    "probe_membarrier": (ctypes.c_long, ()),
+    "probe_membarrier": (ctypes.c_long, (ctypes.c_long,)),
 }
 
 #: Each routine starts on this boundary (keeps them on separate fetch blocks).
