@@ -208,7 +208,7 @@ rm -rf --one-file-system "$ROOTFS$GUEST_SRC" && mkdir -p "$ROOTFS$GUEST_SRC"
 if cmp -s "$CHECKOUT/pyproject.toml" "$ROOTFS$GUEST_VENV/installed-pyproject.toml"; then
     touch -r "$ROOTFS$GUEST_VENV/.installed" "$ROOTFS$GUEST_SRC/pyproject.toml"
 fi
-install="make $GUEST_VENV/.installed VENV=$GUEST_VENV && cp pyproject.toml $GUEST_VENV/installed-pyproject.toml"
+install="make $GUEST_VENV/.linked VENV=$GUEST_VENV && cp pyproject.toml $GUEST_VENV/installed-pyproject.toml"
 if [ $# -gt 0 ]; then
     run="$install && $GUEST_VENV/bin/python -m pytest$(printf ' %q' "$@")"
 else

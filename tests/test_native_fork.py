@@ -12,7 +12,6 @@ import errno
 import json
 import multiprocessing
 import os
-import platform
 import signal
 import threading
 import time
@@ -20,6 +19,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+from programs import ADD, ADD_T, CONST_T, Switch, const, needs_programs
 
 import execmem
 from execmem._errors import ForkedProcessError
@@ -27,23 +27,12 @@ from execmem.bench._measure import idle_thread
 from execmem.native import NativeBackend, _libc, _procmaps
 from execmem.native import _fork as native_fork
 
-pytestmark = pytest.mark.skipif(
-    platform.machine().lower() not in ("x86_64", "amd64"), reason="test programs are x86-64 code"
-)
-
-ADD = bytes.fromhex("488d0437c3")  # lea rax, [rdi + rsi]; ret
-ADD_T = ctypes.CFUNCTYPE(ctypes.c_int64, ctypes.c_int64, ctypes.c_int64)
-RET_T = ctypes.CFUNCTYPE(ctypes.c_int32)
+pytestmark = needs_programs
 
 
 def S(backend: NativeBackend) -> dict[str, Any]:
     """``backend.stats()`` typed for reading nested values in assertions."""
     return dict(backend.stats())
-
-
-def const_fn(value: int) -> bytes:
-    """``mov eax, value; ret`` (the 5-byte mov is one live-patchable instruction)."""
-    return b"\xb8" + (value & 0xFFFFFFFF).to_bytes(4, "little") + b"\xc3"
 
 
 def _fork(child: Callable[[], dict[str, object]]) -> tuple[dict[str, object], int]:
@@ -112,9 +101,9 @@ def test_child_gets_private_snapshots_and_no_descriptor() -> None:
                 "forked": b.forked,
                 "fork": S(b)["fork"],
             }
-            for attempt in (
-                lambda: b.write(r, 0, b"\xcc"),
-                lambda: b.atomic_store(r, 0, b"\xcc"),
+            for attempt in (  # never stored: any bytes do
+                lambda: b.write(r, 0, bytes(1)),
+                lambda: b.atomic_store(r, 0, bytes(1)),
                 lambda: b.reserve(4096, 16),
                 lambda: b.unmap(r),
             ):
@@ -189,7 +178,7 @@ def _worker(functions: list[Any], addresses: list[int], seconds: float, out: Any
     while time.monotonic() < deadline:
         for i, (fn, address) in enumerate(zip(functions, addresses, strict=True)):
             seen[i].add(fn())
-            seen[i].add(RET_T(address)())
+            seen[i].add(CONST_T(address)())
     out.put([sorted(s) for s in seen])
 
 
@@ -200,9 +189,10 @@ def test_fork_workers_keep_their_at_fork_code(allocator: execmem.Allocator) -> N
     worker sees exactly the values of fork time, and none dies of SIGTRAP."""
     a = allocator
     patchable = a.backend.concurrent_patch_safe
-    texts = a.jit_text_alloc_many([16] * 12)
-    values = [1000 + i for i in range(len(texts))]
-    a.publish(texts, [const_fn(v) for v in values])
+    values = [1000 + i for i in range(12)]
+    switches = [Switch((v, 5000 + i, 6000 + i)) for i, v in enumerate(values[:4])]  # patched below
+    texts = a.jit_text_alloc_many([64] * len(values))
+    a.publish(texts, [s.code(t.address) for s, t in zip(switches, texts[:4], strict=True)] + [const(v) for v in values[4:]])
     functions = [t.function(ctypes.c_int32) for t in texts]
     addresses = [t.address for t in texts]
     ctx = multiprocessing.get_context("fork")
@@ -216,13 +206,13 @@ def test_fork_workers_keep_their_at_fork_code(allocator: execmem.Allocator) -> N
         while time.monotonic() < deadline:
             round_ += 1
             if patchable:
-                for t in texts[:4]:
-                    t.update(0, const_fn(5000 + round_)[:5])
+                for s, t in zip(switches, texts[:4], strict=True):
+                    t.update(0, s.patch(1 + round_ % 2, t.address))
             for t in texts[4 + round_ % 8 : 5 + round_ % 8]:
                 if t.state is execmem.TextState.LIVE:
                     t.free()
             fresh = a.jit_text_alloc_many([16] * 8)  # epochs pass: freed addresses are reused
-            a.publish(fresh, [const_fn(9000 + round_)] * 8)
+            a.publish(fresh, [const(9000 + round_)] * 8)
             for t in fresh[::2]:
                 t.free()
         results = [out.get(timeout=30) for _ in workers]
@@ -240,8 +230,9 @@ from execmem.native import NativeBackend, _fork
 _fork.register = lambda backend: None  # what the fork hooks would see: no backend
 b = NativeBackend("dual")
 a = execmem.Allocator(backend=b, pack_size=1 << 16)
-t = a.jit_text_alloc(16)
-t.write(0, bytes([0xB8, 1, 0, 0, 0, 0xC3]))
+code, patch = (bytes.fromhex(h) for h in sys.argv[2:])
+t = a.jit_text_alloc(len(code))
+t.write(0, code)
 t.map()
 address = t.address
 go_r, go_w = os.pipe()
@@ -250,7 +241,7 @@ if pid == 0:
     os.read(go_r, 1)
     os._exit(ctypes.CFUNCTYPE(ctypes.c_int)(address)())
 if sys.argv[1] == "update":
-    t.update(0, bytes([0xB8, 2, 0, 0, 0]))
+    t.update(0, patch)
 else:
     t.free()
 os.write(go_w, b"x")
@@ -266,7 +257,12 @@ def test_without_the_snapshots_a_child_follows_the_parent(what: str, child_gets:
     import subprocess
     import sys
 
-    r = subprocess.run([sys.executable, "-c", WITHOUT_SNAPSHOTS, what], capture_output=True, text=True, timeout=60)
+    # Returns 1, patched to return 2; the bytes are the same at every address (x86-64's
+    # immediates, arm64's PC-relative B), so they are made here for the child's text.
+    switch = Switch((1, 2))
+    code, patch = switch.code(0).hex(), switch.patch(1, 0).hex()
+    r = subprocess.run([sys.executable, "-c", WITHOUT_SNAPSHOTS, what, code, patch],
+                       capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and r.stdout.strip() == child_gets, (r.stdout, r.stderr[-2000:])
 
 
@@ -274,8 +270,9 @@ def test_a_fork_during_concurrent_patching_sees_whole_values() -> None:
     """A thread patches one function back and forth while the main thread forks: each
     child sees one of the two values, the same on every call (a snapshot, whole)."""
     with NativeBackend("dual") as b, execmem.Allocator(backend=b, pack_size=1 << 16) as a:
-        t = a.jit_text_alloc(16)
-        t.write(0, const_fn(1))
+        switch = Switch((1, 2))
+        t = a.jit_text_alloc(64)
+        t.write(0, switch.code(t.address))
         t.map()
         stop = threading.Event()
 
@@ -283,13 +280,13 @@ def test_a_fork_during_concurrent_patching_sees_whole_values() -> None:
             k = 0
             while not stop.is_set():
                 k += 1
-                t.update(0, const_fn(1 + k % 2)[:5])
+                t.update(0, switch.patch(k % 2, t.address))
 
         patcher = threading.Thread(target=patch)
         patcher.start()
         try:
             for _ in range(8):
-                report, status = _fork(lambda: {"values": sorted({RET_T(t.address)() for _ in range(2000)})})
+                report, status = _fork(lambda: {"values": sorted({CONST_T(t.address)() for _ in range(2000)})})
                 assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
                 assert report["values"] in ([1], [2]), report
         finally:
@@ -302,13 +299,13 @@ def test_two_threads_fork_at_once() -> None:
     threads forking in a loop gets its snapshot and the right value."""
     with NativeBackend("dual") as b, execmem.Allocator(backend=b, pack_size=1 << 16) as a:
         t = a.jit_text_alloc(16)
-        t.write(0, const_fn(5))
+        t.write(0, const(5))
         t.map()
         results: list[tuple[object, int]] = []
 
         def forker() -> None:
             for _ in range(5):
-                results.append(_fork(lambda: {"value": RET_T(t.address)(), "moved": S(b)["fork"]["moved"]}))
+                results.append(_fork(lambda: {"value": CONST_T(t.address)(), "moved": S(b)["fork"]["moved"]}))
 
         threads = [threading.Thread(target=forker) for _ in range(2)]
         for th in threads:
@@ -378,8 +375,9 @@ def test_fork_snapshots_an_alias_written_pack(monkeypatch: pytest.MonkeyPatch) -
     with NativeBackend("dual") as b, execmem.Allocator(backend=b) as a:
         stand_in = lambda size, scratch: _file_of(size)  # noqa: E731
         monkeypatch.setattr(b._mapper.backing, "try_hugetlb", stand_in)
-        t = a.jit_text_alloc(16)
-        t.write(0, const_fn(7))
+        switch = Switch((7, 8))
+        t = a.jit_text_alloc(64)
+        t.write(0, switch.code(t.address))
         t.map()
         region = t._pack.reservation.token
         assert region.write_base and region.rw_fd < 0  # written through the alias
@@ -393,7 +391,7 @@ def test_fork_snapshots_an_alias_written_pack(monkeypatch: pytest.MonkeyPatch) -
             return report
 
         report, status = _fork(child)
-        t.update(0, const_fn(8)[:5])
+        t.update(0, switch.patch(1, t.address))
         assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
         assert report["call"] == 7 and fn() == 8 and report["fds"] == []
         fork = report["fork"]
@@ -452,13 +450,14 @@ def _nr_hugepages() -> int:
 @pytest.mark.skipif(_nr_hugepages() < 2, reason="no hugetlb pages reserved (vm.nr_hugepages)")
 def test_fork_snapshots_a_hugetlb_pack() -> None:
     with NativeBackend("dual") as b, execmem.Allocator(backend=b) as a:
-        t = a.jit_text_alloc(16)
-        t.write(0, const_fn(7))
+        switch = Switch((7, 8))
+        t = a.jit_text_alloc(64)
+        t.write(0, switch.code(t.address))
         t.map()
         assert S(b)["huge_pages"]["hugetlb"] == "in use"
         fn = t.function(ctypes.c_int32)
         report, status = _fork(lambda: {"fork": S(b)["fork"], "call": fn()})
-        t.update(0, const_fn(8)[:5])
+        t.update(0, switch.patch(1, t.address))
         assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
         assert report["call"] == 7 and fn() == 8
         fork = report["fork"]
