@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
-import platform
 import random
 import struct
 import subprocess
@@ -22,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from programs import Switch, needs_programs
 
 import execmem
 from execmem import JitText
@@ -29,7 +29,6 @@ from execmem._errors import SystemCallError, UnsupportedError
 from execmem.arch import host
 from execmem.native import _libc
 
-X86 = platform.machine().lower() in ("x86_64", "amd64")
 ROOT = Path(__file__).resolve().parent.parent
 PACK = 1 << 16
 
@@ -177,23 +176,25 @@ def test_jitdump_records_every_published_text_with_its_bytes(tmp_path: Path, rng
     assert all(r["vma"] == r["code_addr"] for r in records if r["id"] == 0)
 
 
-@pytest.mark.skipif(not X86, reason="the live patch is x86-64 code")
+@needs_programs
 def test_jitdump_live_update_writes_a_new_load_record(tmp_path: Path) -> None:
+    switch = Switch((1, 2, 3, 4))  # live patches in the host's patchable shape
     with execmem.Allocator(pack_size=PACK, jitdump=tmp_path) as a:
-        t = a.jit_text_alloc(16, name="patched")
-        t.write(0, execmem.asm("mov eax, 1\nret", address=t.address))
+        t = a.jit_text_alloc(64, name="patched")
+        t.write(0, switch.code(t.address))
         t.map()
-        t.update(0, execmem.asm("mov eax, 2", address=t.address))
+        t.update(0, switch.patch(1, t.address))
         assert t.function(ctypes.c_int)() == 2
         after = ctypes.string_at(t.address, t.size)
         with a.batch():
-            t.update(0, execmem.asm("mov eax, 3", address=t.address))
-            t.update(0, execmem.asm("mov eax, 4", address=t.address))
+            t.update(0, switch.patch(2, t.address))
+            t.update(0, switch.patch(3, t.address))
         final = ctypes.string_at(t.address, t.size)
+        assert t.function(ctypes.c_int)() == 4
     _, records = read_jitdump(tmp_path / f"jit-{os.getpid()}.dump")
     got = loads(records)
-    assert [g[:3] for g in got] == [(t.address, 16, "patched")] * 3  # publish, update, one batch
-    assert got[1][3] == after and got[2][3] == final and final[1] == 4
+    assert [g[:3] for g in got] == [(t.address, 64, "patched")] * 3  # publish, update, one batch
+    assert got[1][3] == after and got[2][3] == final and final.startswith(switch.image(3, t.address))
     assert [r["code_index"] for r in records if r["id"] == 0] == [0, 1, 2]
 
 
