@@ -9,6 +9,7 @@ import io
 import json
 import math
 import mmap
+import re
 from pathlib import Path
 from typing import Any
 
@@ -26,20 +27,29 @@ on_host = pytest.mark.skipif(
 )
 
 
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+#: (report, folder of the plot and the page, stdout, stderr drawn as on a terminal)
+QuickRun = tuple[dict[str, Any], Path, str, str]
+
+
 @pytest.fixture(scope="module")
-def quick(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], Path, str]:
+def quick(tmp_path_factory: pytest.TempPathFactory) -> QuickRun:
     pytest.importorskip("matplotlib")
     folder = tmp_path_factory.mktemp("bench")
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
+    out, err = io.StringIO(), _Terminal()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         code = main(["bench", "--quick", "--json", "--plot", str(folder / "b.png"), "--markdown", str(folder / "b.md")])
     assert code == 0
-    return json.loads(out.getvalue()), folder, out.getvalue()
+    return json.loads(out.getvalue()), folder, out.getvalue(), err.getvalue()
 
 
 @on_host
-def test_quick_report_has_every_section(quick: tuple[dict[str, Any], Path, str]) -> None:
-    report, _, _ = quick
+def test_quick_report_has_every_section(quick: QuickRun) -> None:
+    report, *_ = quick
     for key in ("publish", "churn", "call", "emu_ratio_vs_raw", "litmus", "targets", "machine", "config"):
         assert key in report, key
     rows = report["publish"]
@@ -53,8 +63,8 @@ def test_quick_report_has_every_section(quick: tuple[dict[str, Any], Path, str])
 
 
 @on_host
-def test_quick_report_counts_what_each_mode_does(quick: tuple[dict[str, Any], Path, str]) -> None:
-    report, _, _ = quick
+def test_quick_report_counts_what_each_mode_does(quick: QuickRun) -> None:
+    report, *_ = quick
     page = mmap.PAGESIZE
     for r in report["publish"]:
         n = r["n"]
@@ -78,8 +88,8 @@ def test_quick_report_counts_what_each_mode_does(quick: tuple[dict[str, Any], Pa
 
 
 @on_host
-def test_quick_report_other_sections(quick: tuple[dict[str, Any], Path, str]) -> None:
-    report, _, _ = quick
+def test_quick_report_other_sections(quick: QuickRun) -> None:
+    report, *_ = quick
     churn = report["churn"]
     assert churn["operations"] == 2000 and churn["execmem_ops_per_second"] > 0 and churn["ratio"] > 0
     assert churn["baseline_syscalls_per_op"] > 1  # mmap + mprotect per allocation, munmap per free
@@ -143,8 +153,8 @@ def test_hot_path_targets_compare_the_right_way() -> None:
 
 
 @on_host
-def test_quick_run_writes_plot_and_markdown(quick: tuple[dict[str, Any], Path, str]) -> None:
-    report, folder, _ = quick
+def test_quick_run_writes_plot_and_markdown(quick: QuickRun) -> None:
+    report, folder, *_ = quick
     assert (folder / "b.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     page = (folder / "b.md").read_text()
     assert "execmem bench --quick --json --plot" in page and "![time and address space per function vs N](b.png)" in page
@@ -153,7 +163,17 @@ def test_quick_run_writes_plot_and_markdown(quick: tuple[dict[str, Any], Path, s
 
 
 @on_host
-def test_table_prints_ratios_targets_and_the_baseline_warning(quick: tuple[dict[str, Any], Path, str]) -> None:
+def test_quick_run_counts_its_steps_on_the_progress_line(quick: QuickRun) -> None:
+    drawn = quick[3].removesuffix("plot: " + str(quick[1] / "b.png") + "\n")
+    totals = {int(t) for t in re.findall(r"\[\d+/(\d+)\]", drawn)}
+    assert len(totals) == 1, totals  # one line, one total
+    total = totals.pop()
+    assert f"[1/{total}] " in drawn and f"[{total}/{total}] " in drawn and f"[{total + 1}/" not in drawn
+    assert drawn.endswith("\r\033[K")  # erased before the report
+
+
+@on_host
+def test_table_prints_ratios_targets_and_the_baseline_warning(quick: QuickRun) -> None:
     text = _report.table(quick[0])
     assert "UNSAFE for other threads" in text and "vs base" in text
     assert "emu_ratio_vs_raw" in text

@@ -20,8 +20,9 @@ from typing import Any
 
 from execmem import __version__
 from execmem._errors import ExecmemError
+from execmem._progress import Progress
 from execmem.bench import _debuginfo, _fork, _model, _publish, _report
-from execmem.bench._measure import Progress, machine, revision
+from execmem.bench._measure import machine, revision
 
 FULL = {"sizes": (100, 1000, 10_000), "repeats": 5, "churn_ops": 20_000, "calls": 200_000, "fork_packs": (0, 1, 4, 16), "fork_repeats": 11}
 QUICK = {"sizes": (100, 1000), "repeats": 2, "churn_ops": 2_000, "calls": 20_000, "fork_packs": (0, 1), "fork_repeats": 3}
@@ -51,7 +52,7 @@ def collect(args: argparse.Namespace) -> dict[str, Any]:
     packs: tuple[int, ...] = plan["fork_packs"]  # type: ignore[assignment]
     modes, baselines = len(_publish.MODES), len(_publish.BASELINES)
     steps = repeats * len(sizes) * modes + repeats * (1 + baselines) + repeats + len(packs) + 2 + 2 + repeats
-    progress = Progress(steps, enabled=None)
+    progress = Progress(steps)
     try:
         publish = _publish.publish_benchmark(sizes, repeats, mode=args.mode, step=progress.step)
         churn = _publish.churn_benchmark(int(plan["churn_ops"]), repeats, mode=args.mode, step=progress.step)  # type: ignore[call-overload]

@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from execmem._errors import ExecmemError
+from execmem._progress import Progress
 from execmem.verify._framework import Result, Variant, find, run_variant, scenarios, show, variants
 
 
@@ -113,7 +114,11 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if args.show:
         variant = find(args.show)
-        result = run_variant(variant, max_states=args.max_states, first_witness=not args.complete)
+        with Progress(0) as progress:
+            result = run_variant(
+                variant, max_states=args.max_states, first_witness=not args.complete,
+                progress=lambda states: progress.note(f"{variant.id}: {states:,} states explored"),
+            )
         if result.error:
             raise ExecmemError(f"{variant.id}: {result.error}")
         print(f"{variant.id}: expected {result.expected}, observed {result.observed} ({result.why})")
@@ -127,21 +132,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"timeline written to {path}")
         return 0 if result.ok else 1
     chosen = _selected(args)
-    total = len(chosen)
-    count = 0
-
-    def progress(result: Result) -> None:
-        nonlocal count
-        count += 1
-        if not args.json and sys.stderr.isatty():
-            mark = "ok" if result.ok else "MISMATCH"
-            print(f"\r[{count}/{total}] {result.scenario}/{result.arch}/{result.variant}: {mark}\033[K", end="", file=sys.stderr)
-
-    results = run_many(
-        chosen, jobs=args.jobs, scheduler=args.scheduler, max_states=args.max_states, complete=args.complete, progress=progress
-    )
-    if not args.json and sys.stderr.isatty():
-        print("\r\033[K", end="", file=sys.stderr)
+    with Progress(len(chosen)) as progress:
+        results = run_many(
+            chosen, jobs=args.jobs, scheduler=args.scheduler, max_states=args.max_states, complete=args.complete,
+            progress=lambda r: progress.step(f"{r.scenario}/{r.arch}/{r.variant}: {'ok' if r.ok else 'MISMATCH'}"),
+        )
     bad = [r for r in results if not r.ok]
     if args.json:
         print(json.dumps([r.to_json() for r in results], indent=2))

@@ -150,19 +150,26 @@ def find(variant_id: str) -> Variant:
     return matches[0]
 
 
-def run_variant(variant: Variant, *, max_states: int = 500_000, first_witness: bool = True) -> Result:
+def run_variant(
+    variant: Variant,
+    *,
+    max_states: int = 500_000,
+    first_witness: bool = True,
+    progress: Callable[[int], None] | None = None,
+) -> Result:
     """Explore one variant exhaustively and compare with its expected verdict.
 
     With ``first_witness`` the search stops at the first hazard (one counterexample
     settles "unsafe"; the schedule count is then a lower bound).  A "safe" verdict
-    always needs the complete search.
+    always needs the complete search.  ``progress`` is told the number of states
+    explored so far, every thousand.
     """
     started = time.perf_counter()
     result = Result(variant.scenario, variant.arch, variant.name, variant.expected, "error", variant.why)
     try:
         case = variant.build()
         exploration = case.machine.explore(
-            case.hazard, max_states=max_states, stop=bool if first_witness else None
+            case.hazard, max_states=max_states, stop=bool if first_witness else None, progress=progress
         )
     except ExecmemError as exc:
         result.error = str(exc)
