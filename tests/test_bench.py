@@ -10,6 +10,7 @@ import json
 import math
 import mmap
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -32,17 +33,21 @@ class _Terminal(io.StringIO):
         return True
 
 
-#: (report, folder of the plot and the page, stdout, stderr drawn as on a terminal)
+#: (report, folder of the Markdown page, stdout, stderr drawn as on a terminal)
 QuickRun = tuple[dict[str, Any], Path, str, str]
 
 
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory: pytest.TempPathFactory) -> QuickRun:
-    pytest.importorskip("matplotlib")
+    """One quick run as a user without matplotlib makes it (no ``--plot``), from an
+    empty working folder (which must stay empty: no plot unless asked)."""
     folder = tmp_path_factory.mktemp("bench")
     out, err = io.StringIO(), _Terminal()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main(["bench", "--quick", "--json", "--plot", str(folder / "b.png"), "--markdown", str(folder / "b.md")])
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(sys.modules, "matplotlib", None)  # ``import matplotlib`` fails
+        patch.chdir(folder)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = main(["bench", "--quick", "--json", "--markdown", "b.md"])
     assert code == 0
     return json.loads(out.getvalue()), folder, out.getvalue(), err.getvalue()
 
@@ -153,18 +158,46 @@ def test_hot_path_targets_compare_the_right_way() -> None:
 
 
 @on_host
-def test_quick_run_writes_plot_and_markdown(quick: QuickRun) -> None:
+def test_quick_run_writes_the_markdown_page_and_no_plot_unasked(quick: QuickRun) -> None:
     report, folder, *_ = quick
-    assert (folder / "b.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(p.name for p in folder.iterdir()) == ["b.md"]
     page = (folder / "b.md").read_text()
-    assert "execmem bench --quick --json --plot" in page and "![time and address space per function vs N](b.png)" in page
+    assert "execmem bench --quick --json --markdown b.md" in page and "![" not in page
     assert "PASS" in page or "FAIL" in page
     assert _report.table(report) in page
 
 
 @on_host
+def test_plot_of_the_quick_report(quick: QuickRun, tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    _report.plot(quick[0], str(tmp_path / "b.png"))
+    assert (tmp_path / "b.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    page = _report.markdown(quick[0], "execmem bench --plot b.png", _report.table(quick[0]), "b.png")
+    assert "![time and address space per function vs N](b.png)" in page
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["bench", "--plot", "b.svg"], "give a name ending in .png"),
+        (["bench", "--quick", "--plot", "b.png"], "--plot needs matplotlib: pip install 'execmem[plot]'"),
+    ],
+)
+def test_a_plot_that_cannot_be_drawn_is_refused_before_measuring(
+    argv: list[str], message: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(_cli, "collect", lambda args: pytest.fail("measured before refusing the plot"))
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("execmem: error: ") and message in err and err.count("\n") == 1
+    assert list(tmp_path.iterdir()) == []
+
+
+@on_host
 def test_quick_run_counts_its_steps_on_the_progress_line(quick: QuickRun) -> None:
-    drawn = quick[3].removesuffix("plot: " + str(quick[1] / "b.png") + "\n")
+    drawn = quick[3]
     totals = {int(t) for t in re.findall(r"\[\d+/(\d+)\]", drawn)}
     assert len(totals) == 1, totals  # one line, one total
     total = totals.pop()
@@ -279,8 +312,8 @@ def test_coalesce_and_median() -> None:
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["bench", "--repeats", "0", "--no-plot"], "--repeats must be at least 1"),
-        (["bench", "--litmus", "/nonexistent/litmus", "--no-plot"], "no such litmus folder"),
+        (["bench", "--repeats", "0"], "--repeats must be at least 1"),
+        (["bench", "--litmus", "/nonexistent/litmus"], "no such litmus folder"),
     ],
 )
 def test_bad_options_are_one_line_errors(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:

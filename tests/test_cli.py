@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import platform
+import sys
 from pathlib import Path
 
 import pytest
@@ -135,3 +136,15 @@ def test_soak_runner_notes_its_samples_on_the_progress_line(quiet: bool, monkeyp
     assert soak.main(["--ops", "500", "--sample-every", "50", *(["--quiet"] if quiet else [])]) == 0
     drawn = terminal.getvalue()
     assert drawn == "" if quiet else ("\r\033[Ksoak dual: op 0/500" in drawn and drawn.endswith("\r\033[K"))
+
+
+def test_stats_png_without_matplotlib_is_refused_before_the_workload(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from execmem import _stats_cli
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # ``import matplotlib`` fails
+    monkeypatch.setattr(_stats_cli, "workload", lambda *args: pytest.fail("ran the workload before refusing"))
+    assert main(["stats", "--png", str(tmp_path / "packs.png")]) == 1
+    assert "--png needs matplotlib: pip install 'execmem[plot]'" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
