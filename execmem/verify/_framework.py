@@ -210,4 +210,5 @@ def show(variant: Variant, result: Result) -> tuple[str, str]:
     names = case.names or None
     title = f"{variant.id}: {hazard}"
     text = f"{title}\n{format_trace(steps, case.machine.ncpus, names=names)}"
-    return text, timeline_svg(steps, case.machine.ncpus, title=title, names=names)
+    caption = f"expected {variant.expected}: {variant.why}"
+    return text, timeline_svg(steps, case.machine.ncpus, title=title, caption=caption, names=names)
