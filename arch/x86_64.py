@@ -4,10 +4,6 @@ serializing event on every CPU that may execute it (Intel SDM Vol. 3, 9.1.3
 
 from __future__ import annotations
 
-import capstone
-import keystone
-import unicorn
-
 from execmem.arch import ArchSpec, ElfIdentity, EngineModes, PatchRule, Recipe, RecipeStep
 
 _WRITE = RecipeStep("write", "code is stored through the writable side (a file write, a write window or a writable page), never through an executable mapping (W^X)")
@@ -34,9 +30,9 @@ SPEC = ArchSpec(
     max_insn_size=15,
     pointer_size=8,
     engines=EngineModes(
-        keystone=(keystone.KS_ARCH_X86, keystone.KS_MODE_64),
-        capstone=(capstone.CS_ARCH_X86, capstone.CS_MODE_64),
-        unicorn=(unicorn.UC_ARCH_X86, unicorn.UC_MODE_64),
+        keystone=(4, 8),  # KS_ARCH_X86, KS_MODE_64
+        capstone=(3, 8),  # CS_ARCH_X86, CS_MODE_64
+        unicorn=(4, 8),  # UC_ARCH_X86, UC_MODE_64
     ),
     publish=Recipe("publish", (_WRITE, _LOCAL, _REMOTE)),
     publish_fresh=Recipe("publish_fresh", (_WRITE, _MAP)),
