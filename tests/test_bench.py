@@ -18,6 +18,8 @@ import pytest
 
 import execmem
 import execmem.arch
+from execmem import _progress
+from execmem._ranges import coalesce
 from execmem.bench import _cli, _measure, _publish, _report
 from execmem.bench._baseline import BaselineJit, RwxBump
 from execmem.cli import main
@@ -28,12 +30,7 @@ on_host = pytest.mark.skipif(
 )
 
 
-class _Terminal(io.StringIO):
-    def isatty(self) -> bool:
-        return True
-
-
-#: (report, folder of the Markdown page, stdout, stderr drawn as on a terminal)
+#: (report, folder of the Markdown page, stdout, stderr with progress lines drawn)
 QuickRun = tuple[dict[str, Any], Path, str, str]
 
 
@@ -42,9 +39,10 @@ def quick(tmp_path_factory: pytest.TempPathFactory) -> QuickRun:
     """One quick run as a user without matplotlib makes it (no ``--plot``), from an
     empty working folder (which must stay empty: no plot unless asked)."""
     folder = tmp_path_factory.mktemp("bench")
-    out, err = io.StringIO(), _Terminal()
+    out, err = io.StringIO(), io.StringIO()
     with pytest.MonkeyPatch.context() as patch:
         patch.setitem(sys.modules, "matplotlib", None)  # ``import matplotlib`` fails
+        patch.setattr(_progress, "enabled", lambda: True)  # as on a terminal
         patch.chdir(folder)
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             code = main(["bench", "--quick", "--json", "--markdown", "b.md"])
@@ -305,7 +303,8 @@ def test_baseline_maps_calls_counts_and_unmaps() -> None:
 
 
 def test_coalesce_and_median() -> None:
-    assert _measure.coalesce([(30, 10), (0, 10), (10, 5), (35, 10)]) == [(0, 15), (30, 15)]
+    assert coalesce([(30, 10), (0, 10), (10, 5), (35, 10)]) == [(0, 15), (30, 15)]
+    assert coalesce([(0, 4), (8, 4)]) == [(0, 4), (8, 4)] and coalesce([]) == []
     assert _measure.median([3.0, 1.0, 2.0]) == 2.0 and math.isnan(_measure.median([]))
 
 

@@ -11,21 +11,8 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import cast
 
+from execmem._ranges import Range, coalesce
 from execmem.native import _procmaps
-
-Range = tuple[int, int]
-
-
-def coalesce(ranges: Sequence[Range]) -> list[Range]:
-    """Sorted ranges with overlapping or adjacent ones merged."""
-    out: list[Range] = []
-    for start, size in sorted(ranges):
-        if out and start <= out[-1][0] + out[-1][1]:
-            end = max(out[-1][0] + out[-1][1], start + size)
-            out[-1] = (out[-1][0], end - out[-1][0])
-        else:
-            out.append((start, size))
-    return out
 
 
 def memory_of(ranges: Sequence[Range]) -> dict[str, int]:
@@ -132,7 +119,6 @@ def describe_machine(info: dict[str, object]) -> str:
 
 
 __all__ = [
-    "coalesce",
     "count_vmas",
     "describe_machine",
     "idle_thread",

@@ -19,6 +19,7 @@ import keystone
 
 from execmem import arch as _arch
 from execmem._errors import AssemblyError, ModelError
+from execmem._ranges import coalesce
 from execmem.emu._backend import EmulatedBackend
 from execmem.emu._explore import MAX_MEMORY, Exploration, exhaustive, random_runs, replay
 from execmem.emu._kernel import HostAction, HostProgram, pte_value
@@ -209,7 +210,7 @@ class Machine(EmulatedBackend):
 
     def _add_region(self, va: int, size: int) -> None:
         self._regions.append((va, size))
-        self._regions = _merge(self._regions)
+        self._regions = coalesce(self._regions)
 
     def alloc(self, size: int = 8, *, value: int | bytes = 0, name: str | None = None) -> int:
         """A data location of ``size`` bytes on its own cache line; returns its address."""
@@ -571,17 +572,6 @@ def _labels(source: str) -> list[str]:
             names.append(head)
             line = rest
     return list(dict.fromkeys(names))
-
-
-def _merge(regions: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    spans = sorted((base, base + size) for base, size in regions)
-    merged: list[list[int]] = []
-    for lo, hi in spans:
-        if merged and lo <= merged[-1][1]:
-            merged[-1][1] = max(merged[-1][1], hi)
-        else:
-            merged.append([lo, hi])
-    return [(lo, hi - lo) for lo, hi in merged]
 
 
 __all__ = ["Machine", "Program", "assemble"]

@@ -7,15 +7,13 @@ and by category of test."""
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
 import functools
 import json
-import multiprocessing
-import os
 import sys
 from pathlib import Path
 
 from execmem._errors import ExecmemError
+from execmem._parallel import run_jobs
 from execmem._progress import Progress, Step
 from execmem.emu._explore import MAX_MEMORY
 from execmem.litmus._parse import read_text
@@ -99,36 +97,13 @@ def run_all(
     variants: frozenset[str] = frozenset(),
     scheduler: str | None = None,
 ) -> list[LitmusResult]:
-    """Run every file in worker processes (or on a Dask cluster); results in input
-    order.  ``step`` is told each test's name as its result arrives."""
-    workers = jobs or os.cpu_count() or 1
-    results: dict[str, LitmusResult] = {}
-
-    def done(f: str, result: LitmusResult) -> None:
-        results[f] = result
-        if step is not None:
-            step(result.name)
+    """Run every file in worker processes (or on a Dask cluster, see
+    :func:`~execmem._parallel.run_jobs`); results in input order.  ``step`` is told
+    each test's name as its result arrives."""
     job = functools.partial(run_file, max_states=max_states, max_memory=max_memory, variants=variants)
-    if scheduler:
-        try:
-            from distributed import Client, as_completed
-        except ImportError:
-            raise ExecmemError("--scheduler needs Dask: pip install 'execmem[dask]'") from None
-        with Client(scheduler) as client:
-            futures = {client.submit(job, f, pure=False): f for f in files}
-            for future in as_completed(futures):
-                done(futures[future], future.result())
-    elif workers == 1 or len(files) == 1:
-        for f in files:
-            done(f, job(f))
-    else:
-        # Unicorn instances must not cross a fork: workers start fresh interpreters.
-        context = multiprocessing.get_context("spawn")
-        with concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-            futures = {pool.submit(job, f): f for f in files}
-            for future in concurrent.futures.as_completed(futures):
-                done(futures[future], future.result())
-    return [results[f] for f in files]
+    return run_jobs(
+        job, files, jobs=jobs, scheduler=scheduler, done=None if step is None else lambda _f, r: step(r.name)
+    )
 
 
 def run(args: argparse.Namespace) -> int:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from execmem._errors import ExecmemError
+from execmem._parallel import run_jobs
 from execmem._progress import Progress
 from execmem.verify._framework import Result, Variant, find, run_variant, scenarios, show, variants
 
@@ -52,40 +54,13 @@ def run_many(
     complete: bool = False,
     progress: Callable[[Result], None] | None = None,
 ) -> list[Result]:
-    """Run variants in worker processes (or on a Dask cluster); results in input order."""
-    ids = [v.id for v in chosen]
-    results: dict[str, Result] = {}
-
-    def done(vid: str, result: Result) -> None:
-        results[vid] = result
-        if progress:
-            progress(result)
-
-    if scheduler:
-        try:
-            from distributed import Client, as_completed
-        except ImportError:
-            raise ExecmemError("--scheduler needs Dask: pip install 'execmem[dask]'") from None
-        with Client(scheduler) as client:
-            futures = {client.submit(_run_one, vid, max_states, complete, pure=False): vid for vid in ids}
-            for future in as_completed(futures):
-                done(futures[future], future.result())
-    elif jobs == 1 or len(ids) == 1:
-        for vid in ids:
-            done(vid, _run_one(vid, max_states, complete))
-    else:
-        import concurrent.futures
-        import multiprocessing
-        import os
-
-        workers = jobs or os.cpu_count() or 1
-        # Unicorn instances must not cross a fork: workers start fresh interpreters.
-        context = multiprocessing.get_context("spawn")
-        with concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-            pending = {pool.submit(_run_one, vid, max_states, complete): vid for vid in ids}
-            for future in concurrent.futures.as_completed(pending):
-                done(pending[future], future.result())
-    return [results[vid] for vid in ids]
+    """Run variants in worker processes (or on a Dask cluster, see
+    :func:`~execmem._parallel.run_jobs`); results in input order."""
+    job = functools.partial(_run_one, max_states=max_states, complete=complete)
+    return run_jobs(
+        job, [v.id for v in chosen], jobs=jobs, scheduler=scheduler,
+        done=None if progress is None else lambda _id, r: progress(r),
+    )
 
 
 def _table(results: Iterable[Result], markdown: bool) -> str:
