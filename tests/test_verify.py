@@ -14,7 +14,7 @@ import pytest
 from execmem.emu import Step
 from execmem.emu._state import STALE
 from execmem.emu._trace import culprit, timeline_svg
-from execmem.verify import find, replay, run_variant, scenarios, show, variants
+from execmem.verify import SCENARIOS, find, replay, run_variant, scenarios, show, variants
 from execmem.verify._cli import run_many
 
 REQUIRED_SCENARIOS = {
@@ -35,6 +35,16 @@ def test_every_required_scenario_and_mutation_is_present() -> None:
         # every required mutation is shown unsafe somewhere
         unsafe = {v.mutation for v in variants(arch=arch) if v.mutation and v.expected == "unsafe"}
         assert unsafe >= required, required - unsafe
+
+
+def test_the_catalog_is_one_explicit_tuple_and_variants_name_their_scenario() -> None:
+    assert isinstance(SCENARIOS, tuple) and scenarios() == list(SCENARIOS)
+    assert len({s.name for s in SCENARIOS}) == len(SCENARIOS)
+    for sc in SCENARIOS:
+        built = sc.variants()
+        assert built and {v.scenario for v in built} == {sc.name}, sc.name
+    ids = [v.id for v in variants()]
+    assert len(ids) == len(set(ids))
 
 
 def test_mutations_not_required_by_the_configuration_are_expected_safe_and_say_why() -> None:

@@ -12,7 +12,8 @@ from pathlib import Path
 from execmem._errors import ExecmemError
 from execmem._parallel import run_jobs
 from execmem._progress import Progress
-from execmem.verify._framework import Result, Variant, find, run_variant, scenarios, show, variants
+from execmem.verify._catalog import find, scenarios, variants
+from execmem.verify._framework import Result, Variant, run_variant, show
 
 
 def configure(parser: argparse.ArgumentParser) -> None:

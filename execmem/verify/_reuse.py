@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import execmem
 from execmem.emu import Machine, MachineState
-from execmem.verify._framework import SAFE, UNSAFE, Case, Variant, first_fault, scenario
-from execmem.verify._jit import FUNCTION, _allocator
+from execmem.verify._framework import SAFE, UNSAFE, Case, Variant, first_fault
+from execmem.verify._guest import FUNCTION, allocator
 
 #: CPU1: wait for a pointer, call it (f), wait for "go", call through the pointer again.
 _READER = {
@@ -30,7 +30,7 @@ _REGS = {"arm64": ("x3", "x5", "x6", "x0"), "x86_64": ("rbx", "rbp", "r12", "rax
 
 def _reuse(arch: str, tlb: str, quarantine: bool) -> Case:
     m = Machine(arch, cpus=2, tlb=tlb)
-    a = _allocator(m, quarantine=quarantine, keep_empty=0)
+    a = allocator(m, quarantine=quarantine, keep_empty=0)
     slot, go, called = m.alloc(8), m.alloc(8), m.alloc(8)
     f = a.jit_text_alloc(16)
     f.write(0, execmem.asm(FUNCTION[arch].format(value=1), arch, f.address))
@@ -65,8 +65,7 @@ def _reuse(arch: str, tlb: str, quarantine: bool) -> Case:
     return Case(m, hazard, ("CPU0 JIT", "CPU1 caller"))
 
 
-@scenario("va-reuse", "free and reuse of a virtual address for different code", "000")
-def _va_reuse() -> list[Variant]:
+def va_reuse() -> list[Variant]:
     sc = "va-reuse"
     return [
         Variant(sc, "arm64", "execmem", SAFE, "quarantine: the address is reused only after an epoch (membarrier: CPU1 synchronized)",
