@@ -265,8 +265,8 @@ class Model:
                 note_stale(self, MachineState(tl, st.cpus), new, *entry.walk, tl.end)
             self.settle(new)
             # (note_stale remembered the translation if a newer page-table write replaced it)
-            superseded = f"; {STALE} through a superseded translation" if new.stale != cpu.stale else ""
-            step = Step(c, "store", entry.pc, f"{entry.va:#x} := {entry.data.hex()}", f"visible @{tl.end}{superseded}")
+            stale = f"; {STALE} through a superseded translation" if new.stale != cpu.stale else ""
+            step = Step(c, "store", entry.pc, f"{entry.va:#x} := {entry.data.hex()}", f"visible @{tl.end}{stale}")
             yield step, self.replace(st, c, new, tl)
 
     # ------------------------------------------------------------------ fetch
