@@ -11,7 +11,7 @@ from xml.etree import ElementTree
 
 import pytest
 
-from execmem.emu import Step
+from execmem.emu import Machine, Step
 from execmem.emu._state import STALE
 from execmem.emu._trace import culprit, timeline_svg
 from execmem.verify import SCENARIOS, find, replay, run_variant, scenarios, show, variants
@@ -105,6 +105,22 @@ def test_the_culprit_is_the_step_that_used_superseded_data(variant_id: str, cpu:
     assert blamed is not None
     assert (steps[blamed].cpu, steps[blamed].kind) == (cpu, kind) and says in steps[blamed].detail
     assert not any(STALE in step.detail for step in steps[:blamed])  # the first one
+
+
+def test_a_guest_store_through_a_replaced_translation_is_the_culprit() -> None:
+    m = Machine("arm64", cpus=2, tlb="broadcast")
+    page, frame = m.page("rw")
+    m.host(0).pte(page, None, note="unmap, no TLB invalidation")
+    m.load(1, "str x1, [x2]")
+    m.set_reg(1, "x1", 0xBAD0)
+    m.set_reg(1, "x2", page)
+    finals = m.explore(lambda st: int.from_bytes(m.read(st, frame, 8), "little")).finals
+    assert set(finals) == {0, 0xBAD0}  # faulted, or stored through its cached translation
+    steps = finals[0xBAD0].steps
+    blamed = culprit(steps)
+    assert blamed is not None and steps[blamed].kind == "store" and steps[blamed].cpu == 1
+    assert f"{STALE} through a superseded translation" in steps[blamed].detail
+    assert not any(STALE in step.detail for step in finals[0].steps)  # the faulting schedule used nothing stale
 
 
 def _boxes(svg: str) -> list[tuple[str, dict[str, str], list[str]]]:
