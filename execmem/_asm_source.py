@@ -1,0 +1,542 @@
+"""Reading an assembly source before Keystone sees it: statements, policy, limits.
+
+``asm`` accepts a positive subset of GNU assembler syntax, chosen so that Keystone
+0.9.2 can neither loop forever, nor crash, nor read files on any accepted input
+(each rule below closes a class measured in a child process with a timeout):
+
+* **Statements** end at a newline, ``\\r`` or ``;``.  ``/* */``, ``//`` and the
+  architecture's comment character (``#`` on x86-64) start comments, as does ``#``
+  at the start of a statement; comments are removed and runs of blanks collapsed
+  to one space before Keystone sees the text (Keystone's lexer recurses once per
+  blank and per comment: ~80,000 spaces overflowed the stack).  A statement is
+  labels (``name:``) followed by an instruction, an accepted directive or nothing.
+  It must start with a letter, ``_`` or ``.``: Keystone loops forever on a
+  statement that starts with punctuation or a digit.
+* **Directives** (the allow-list): data ``.byte .short .word .long .quad .ascii
+  .asciz``, alignment ``.balign N`` and ``.p2align K`` (at most 4096 bytes, with an
+  optional fill byte), reserved space ``.space/.zero N`` and ``.fill COUNT[, SIZE[,
+  VALUE]]`` and repetition ``.rept N`` ... ``.endr`` (expanded here) with literal
+  counts.  Everything else is refused: ``.incbin``/``.include`` read files,
+  ``.cfi_*`` abort the process (``LLVM ERROR: Unfinished frame!``), ``.section``
+  and ``.inst`` silently drop code, ``.error`` is ignored, symbol assignments
+  (``=``, ``.set``, ``.equ``) can chain into exponential evaluation.
+* **Operands**: numbers are decimal, ``0x`` hex, ``0b`` binary or ``0`` octal and
+  below 2**64 (a larger literal in a data directive made Keystone loop forever);
+  at most 64 operator and bracket characters per operand (258 unary minus signs
+  in a row looped forever, ~3,000 nested parentheses or ``+`` overflowed a 256 KiB
+  thread stack); no relocation specifiers (``:lo12:``, ``#:abs_g0:``: fatal on
+  arm64), no ``=`` (literal pools would land after the code), no strings outside
+  ``.ascii``/``.asciz``; data expressions are well formed (``.byte 1, %`` looped).
+* **Limits**: see ``MAX_*`` below.  The output bound is computed here before
+  assembling, from each statement's largest possible size.
+"""
+
+from __future__ import annotations
+
+import enum
+import functools
+import re
+from collections.abc import Iterator
+
+from execmem._errors import AssemblyError
+from execmem.arch import ArchSpec, AsmDialect, AsmSyntax
+
+#: Characters in a source, in a line, statements after ``.rept`` expansion and
+#: ``symbols=`` names, bytes of output (64 MiB: 32 default packs).
+MAX_SOURCE = 4_000_000
+MAX_LINE = 65_536
+MAX_STATEMENTS = 100_000
+MAX_OUTPUT = 64 << 20
+#: Operator and bracket characters in one operand (Keystone recurses on each).
+MAX_OPERATORS = 64
+MAX_ALIGN = 4096
+#: Name prefix of the labels ``asm`` adds to locate each statement's bytes.
+PROBE = "__execmem_"
+
+DATA_UNITS = {"byte": 1, "short": 2, "long": 4, "quad": 8}  # and "word": AsmDialect.word_size
+STRING_DIRECTIVES = ("ascii", "asciz")
+ACCEPTED = ".byte .short .word .long .quad .ascii .asciz .balign .p2align .space .zero .fill .rept/.endr"
+
+
+class Kind(enum.Enum):
+    LABEL = "label"  # labels only: no bytes
+    INSTRUCTION = "instruction"
+    DATA = "data"  # bytes of a known size
+    ALIGN = "align"  # padding up to ``Statement.align``
+
+
+class Statement:
+    """One statement as Keystone will see it (``text``: labels included, normalized)."""
+
+    __slots__ = ("align", "bound", "kind", "labels", "line", "long_branch", "name", "operands", "size", "source", "text")
+
+    def __init__(
+        self,
+        line: int,
+        source: str,
+        labels: tuple[str, ...],
+        kind: Kind,
+        *,
+        text: str | None = None,
+        name: str = "",
+        operands: tuple[str, ...] = (),
+        size: int | None = 0,
+        bound: int = 0,
+        align: int = 0,
+        long_branch: str = "",
+    ) -> None:
+        self.line = line
+        self.source = source  # the statement as written (comments removed), for messages
+        self.text = source if text is None else text
+        self.labels = labels
+        self.kind = kind
+        self.name = name  # mnemonic or directive name (lower case, no dot)
+        self.operands = operands  # split at top-level commas
+        self.size = size  # exact size in bytes when known before assembling
+        self.bound = bound  # largest possible size
+        self.align = align  # ALIGN: the alignment in bytes
+        self.long_branch = long_branch  # ``{disp32}``: the DirectBranch to encode
+
+    def fail(self, reason: str) -> AssemblyError:
+        return AssemblyError(f"line {self.line}: {self.source!r}: {reason}")
+
+    def __repr__(self) -> str:
+        return f"Statement({self.line}, {self.text!r}, {self.kind.name})"
+
+
+# -- splitting a source into statements -------------------------------------------------------
+
+_SCAN = re.compile(
+    r"""(?P<sep>[\n\r;])|(?P<blank>[ \t]+)|(?P<block>/\*)|(?P<line>//)|(?P<hash>\#)
+    |(?P<string>"(?:[^"\\\n\r]|\\[^\n\r])*")|(?P<char>'(?:[^'\\\n\r]|\\[^\n\r])')
+    |(?P<text>[^\n\r;\ \t/\#"']+|/)|(?P<bad>["'])""",
+    re.X,
+)
+_LABEL = re.compile(r"([A-Za-z_.][\w.$@]*) ?:(?!:) ?")
+#: Characters that need the full scanner (strings, comments, CR); "#" is added where
+#: it starts a comment anywhere.
+_SPECIAL = re.compile(r"[\"'/\r]")
+_SPECIAL_HASH = re.compile(r"[\"'/\r#]")
+
+
+def split_labels(text: str) -> tuple[tuple[str, ...], str]:
+    """The labels at the start of a statement, and the rest."""
+    if ":" not in text:
+        return (), text
+    labels: list[str] = []
+    while (m := _LABEL.match(text)) is not None:
+        labels.append(m.group(1))
+        text = text[m.end() :]
+    return tuple(labels), text
+
+
+def _raw_statements(source: str, dialect: AsmDialect) -> Iterator[tuple[int, str]]:
+    """``(line, text)`` per statement: comments removed, blanks collapsed."""
+    hash_comments = dialect.line_comment == "#"
+    if (_SPECIAL_HASH if hash_comments else _SPECIAL).search(source) is None:
+        for line, text in enumerate(source.split("\n"), 1):  # the common case: no strings or comments
+            for part in text.split(";") if ";" in text else (text,):
+                statement = " ".join(part.split())
+                if "#" in statement:  # "#" at the start of a statement: a comment to the end of the line
+                    _labels, rest = split_labels(statement)
+                    if rest.startswith("#"):
+                        yield line, statement[: len(statement) - len(rest)].strip(" ")
+                        break
+                yield line, statement
+        return
+    line = start = 1
+    parts: list[str] = []
+    pos, end = 0, len(source)
+    scan = _SCAN.match
+    while pos < end:
+        m = scan(source, pos)
+        assert m is not None  # the alternatives cover every character
+        kind, token = m.lastgroup, m.group()
+        pos = m.end()
+        if kind == "sep":
+            yield start, "".join(parts).strip(" ")
+            parts = []
+            line += token == "\n"
+            start = line
+        elif kind == "blank":
+            parts.append(" ")
+        elif kind == "block":
+            close = source.find("*/", pos)
+            if close < 0:
+                raise AssemblyError(f"line {line}: unterminated /* comment")
+            line += source.count("\n", pos, close)
+            parts.append(" ")
+            pos = close + 2
+        elif kind == "line" or (kind == "hash" and (hash_comments or not split_labels("".join(parts).strip(" "))[1])):
+            while pos < end and source[pos] not in "\n\r":  # a comment to the end of the line
+                pos += 1
+        elif kind == "bad":
+            what = "string" if token == '"' else "character literal"
+            raise AssemblyError(f"line {line}: unterminated or malformed {what}")
+        else:
+            parts.append(token)
+    yield start, "".join(parts).strip(" ")
+
+
+# -- operands ---------------------------------------------------------------------------------
+
+_OPERAND_TOKEN = re.compile(
+    r"""(?P<id>[A-Za-z_.$@][\w.$@]*)|(?P<num>[0-9][\w.]*)|(?P<str>"(?:[^"\\]|\\.)*")
+    |(?P<char>'(?:[^'\\]|\\.)')|(?P<op><<|>>|==|!=|<=|>=|&&|\|\||<>|[-+*/%&|^~!<>=()\[\]{}#,:?`\\])
+    |(?P<blank>\ )""",
+    re.X,
+)
+_NUMBER = re.compile(r"0[xX]([0-9a-fA-F]+)|0[bB]([01]+)|0([0-7]+)|([1-9][0-9]*|0)")
+_FLOAT = re.compile(r"[0-9]{1,16}\.[0-9]{1,16}")
+_RELOCATION = re.compile(r":[A-Za-z_][\w]*:")
+_OPERATOR_CHARS = frozenset("()[]{}+-*/%&|^~!<>")
+_UNARY = frozenset("+-~!")
+_BINARY = frozenset({"+", "-", "*", "/", "%", "&", "|", "^", "<<", ">>", "==", "!=", "<", "<=", ">", ">=", "&&", "||", "<>"})
+#: Operand text that needs no token-level check but its numbers (the common case).
+_PLAIN = re.compile(r"[\w ,\[\].#!+*-]*")
+_NUMBER_TOKEN = re.compile(r"(?<![\w.$@])[0-9][\w.]*")
+_NESTED = re.compile(r"[(\[{\"']")
+
+
+def number(token: str) -> int | None:
+    """The value of an accepted integer literal, else ``None``."""
+    m = _NUMBER.fullmatch(token)
+    if m is None:
+        return None
+    hexa, binary, octal, decimal = m.groups()
+    if hexa is not None:
+        return int(hexa, 16)
+    if binary is not None:
+        return int(binary, 2)
+    return int(octal, 8) if octal is not None else int(decimal)
+
+
+def tokens(operand: str) -> list[tuple[str, str]]:
+    """``(kind, text)`` for each token of an operand (blanks dropped); raises
+    ``ValueError`` at a character no token starts with."""
+    out: list[tuple[str, str]] = []
+    pos, end = 0, len(operand)
+    while pos < end:
+        m = _OPERAND_TOKEN.match(operand, pos)
+        if m is None:
+            raise ValueError(operand[pos])
+        if m.lastgroup != "blank":
+            out.append((m.lastgroup or "", m.group()))
+        pos = m.end()
+    return out
+
+
+def split_operands(text: str) -> tuple[str, ...]:
+    """``text`` split at the commas that are not inside brackets, strings or literals."""
+    if not text:
+        return ()
+    if _NESTED.search(text) is None:
+        return tuple([part.strip(" ") for part in text.split(",")]) if "," in text else (text,)
+    out: list[str] = []
+    depth, start, i, n = 0, 0, 0, len(text)
+    while i < n:
+        c = text[i]
+        if c in "\"'":
+            m = _OPERAND_TOKEN.match(text, i)
+            i = m.end() if m is not None and m.lastgroup in ("str", "char") else i + 1
+            continue
+        if c in "([{":
+            depth += 1
+        elif c in ")]}":
+            depth -= 1
+        elif c == "," and depth <= 0:
+            out.append(text[start:i].strip(" "))
+            start = i + 1
+        i += 1
+    out.append(text[start:].strip(" "))
+    return tuple(out)
+
+
+def _number_problem(text: str, *, data: bool) -> str | None:
+    value = number(text)
+    if value is None and (data or not _FLOAT.fullmatch(text)):
+        return f"{text!r}: numbers are decimal, 0x hex, 0b binary or 0 octal"
+    if value is not None and value >= 1 << 64:
+        return f"{text!r}: numbers must be below 2**64"
+    return None
+
+
+def _check_operand(operand: str, *, data: bool) -> str | None:
+    """Why ``operand`` is refused, or ``None``.  ``data``: an expression of a data
+    directive, which must be well formed (Keystone loops on ``.byte 1, %``)."""
+    if sum(c in _OPERATOR_CHARS for c in operand) > MAX_OPERATORS:
+        return f"more than {MAX_OPERATORS} operator and bracket characters in one operand"
+    if _RELOCATION.search(operand):
+        return "relocation specifiers (:lo12: ...) are not accepted"
+    try:
+        found = tokens(operand)
+    except ValueError as exc:
+        return f"unexpected character {str(exc)!r}"
+    for kind, text in found:
+        if kind == "num" and (problem := _number_problem(text, data=data)) is not None:
+            return problem
+        if kind == "str":
+            return "strings are accepted only by .ascii and .asciz"
+        if text == "=":
+            return "'=' is not accepted (no literal pools or assignments: use symbols= or a label and .quad)"
+    if data and not _well_formed(found):
+        return "malformed expression"
+    return None
+
+
+def _well_formed(found: list[tuple[str, str]]) -> bool:
+    """``unary* primary (binary unary* primary)*`` with balanced parentheses."""
+    want_value, depth = True, 0
+    for kind, text in found:
+        if want_value:
+            if kind in ("id", "num", "char"):
+                want_value = False
+            elif text == "(":
+                depth += 1
+            elif text not in _UNARY:
+                return False
+        elif text == ")" and depth > 0:
+            depth -= 1
+        elif text in _BINARY:
+            want_value = True
+        else:
+            return False
+    return not want_value and depth == 0
+
+
+def string_bytes(literal: str) -> bytes | None:
+    """The bytes Keystone emits for the string ``literal`` (quotes included), or
+    ``None`` for an escape it refuses (``AsmParser::parseEscapedString``: octal and
+    ``\\b \\f \\n \\r \\t \\" \\\\``; no hex escapes)."""
+    body, out, i = literal[1:-1], bytearray(), 0
+    simple = {"b": 8, "f": 12, "n": 10, "r": 13, "t": 9, '"': 34, "\\": 92}
+    while i < len(body):
+        c = body[i]
+        i += 1
+        if c != "\\":
+            out.append(ord(c))
+            continue
+        if i == len(body):
+            return None
+        octal = re.match(r"[0-7]{1,3}", body[i:])
+        if octal is not None:
+            value = int(octal.group(), 8)
+            if value > 255:
+                return None
+            out.append(value)
+            i += octal.end()
+        elif body[i] in simple:
+            out.append(simple[body[i]])
+            i += 1
+        else:
+            return None
+    return bytes(out)
+
+
+# -- statements -------------------------------------------------------------------------------
+
+_MNEMONIC = re.compile(r"[A-Za-z_][\w.]*")
+_DIRECTIVE = re.compile(r"\.([A-Za-z_][\w.]*)")
+
+
+def _literal(st: Statement, operand: str, what: str, low: int, high: int) -> int:
+    value = number(operand)
+    if value is None or not low <= value <= high:
+        raise st.fail(f"{what} must be a literal integer in [{low}, {high}], not {operand!r}")
+    return value
+
+
+def _data(st: Statement, size: int) -> Statement:
+    st.kind, st.size, st.bound = Kind.DATA, size, size
+    return st
+
+
+def _directive(st: Statement, dialect: AsmDialect) -> Statement:
+    """``st`` (a directive) checked against the allow-list, with its size and bound."""
+    name, ops = st.name, st.operands
+    if name in DATA_UNITS or name == "word":
+        unit = dialect.word_size if name == "word" else DATA_UNITS[name]
+        if not ops or not all(ops):
+            raise st.fail(f".{name} needs one or more values")
+        for op in ops:
+            if (reason := _check_operand(op, data=True)) is not None:
+                raise st.fail(reason)
+        return _data(st, unit * len(ops))
+    if name in STRING_DIRECTIVES:
+        size = 0
+        for op in ops:
+            data = string_bytes(op) if len(op) > 1 and op[0] == op[-1] == '"' else None
+            if data is None:
+                raise st.fail(f".{name} takes strings (escapes: \\b \\f \\n \\r \\t \\\" \\\\ and octal)")
+            size += len(data) + (name == "asciz")
+        return _data(st, size)
+    if name in ("balign", "p2align"):
+        if not 1 <= len(ops) <= 2:
+            raise st.fail(f".{name} takes an alignment and an optional fill byte")
+        if name == "balign":
+            align = _literal(st, ops[0], "the alignment", 1, MAX_ALIGN)
+            if align & (align - 1):
+                raise st.fail(f"the alignment must be a power of two, not {align}")
+        else:
+            align = 1 << _literal(st, ops[0], "the alignment", 0, MAX_ALIGN.bit_length() - 1)
+        fill = f", {_literal(st, ops[1], 'the fill byte', 0, 255)}" if len(ops) == 2 else ""
+        # Always .p2align: with a syntax option set, Keystone ignores `.balign N` (measured).
+        st.text = "".join(f"{label}: " for label in st.labels) + f".p2align {align.bit_length() - 1}{fill}"
+        st.kind, st.size, st.bound, st.align = Kind.ALIGN, None, align - 1, align
+        return st
+    if name in ("space", "zero", "fill"):
+        most = {"space": 2, "zero": 1, "fill": 3}[name]
+        if not 1 <= len(ops) <= most:
+            raise st.fail(f".{name} takes 1 to {most} operand(s)")
+        count = _literal(st, ops[0], "the count", 0, MAX_OUTPUT)
+        unit = _literal(st, ops[1], "the size", 1, 8) if name == "fill" and len(ops) > 1 else 1
+        if len(ops) == most and name != "zero":
+            _literal(st, ops[-1], "the fill value", 0, 255 if name == "space" else (1 << 64) - 1)
+        if count * unit > MAX_OUTPUT:
+            raise st.fail(f"{count * unit} bytes is more than asm() produces ({MAX_OUTPUT} bytes)")
+        return _data(st, count * unit)
+    if name == "align":
+        raise st.fail(".align means bytes on some architectures and a power of two on others: write .balign N or .p2align K")
+    if name in ("set", "equ", "equiv"):
+        raise st.fail("symbol assignments are not accepted: pass symbols={name: value} or format the value in")
+    raise st.fail(f"directive .{name} is not accepted (accepted: {ACCEPTED})")
+
+
+_INSTRUCTION = re.compile(r"([A-Za-z_][\w.]*) ?(.*)")
+
+
+@functools.cache
+def _foreign(pattern: str) -> re.Pattern[str]:
+    return re.compile(pattern)
+
+
+def _statement(line: int, raw: str, dialect: AsmDialect, syntax: AsmSyntax, insn_size: int) -> Statement | None:
+    """Classify and check one raw statement (``None``: empty)."""
+    labels, rest = split_labels(raw) if ":" in raw else ((), raw)
+    st = Statement(line, raw, labels, Kind.LABEL)
+    if labels and any(label.startswith(PROBE) for label in labels):
+        raise st.fail(f"names starting with {PROBE} are reserved")
+    if not rest:
+        return st if labels else None
+    if rest[0] == ".":
+        directive = _DIRECTIVE.match(rest)
+        if directive is None:
+            raise st.fail("a statement cannot start with a number")
+        st.kind, st.name = Kind.DATA, directive.group(1).lower()
+        st.operands = split_operands(rest[directive.end() :].strip(" "))
+        return st if st.name in ("rept", "endr") else _directive(st, dialect)
+    if rest[0] == "{" and rest.startswith("{disp32}"):
+        rest = rest[len("{disp32}") :].lstrip(" ")
+        word = _MNEMONIC.match(rest)
+        st.long_branch = dict(dialect.long_branches).get(word.group().lower() if word else "", "")
+        if not st.long_branch:
+            forms = ", ".join(name for name, _ in dialect.long_branches) or "no instruction on this architecture"
+            raise st.fail(f"{{disp32}} applies to a direct {forms}")
+    instruction = _INSTRUCTION.fullmatch(rest)
+    if instruction is None:
+        raise st.fail(f"a statement cannot start with {rest[0]!r}")
+    mnemonic, operand_text = instruction.groups()
+    st.kind, st.name, st.size, st.bound = Kind.INSTRUCTION, mnemonic.lower(), None, insn_size
+    if not operand_text:
+        return st
+    if operand_text[0] == "=":
+        raise st.fail("symbol assignments are not accepted: pass symbols={name: value} or format the value in")
+    if syntax.foreign and _foreign(syntax.foreign).search(operand_text):
+        raise st.fail(syntax.hint)
+    st.operands = split_operands(operand_text)
+    if len(operand_text) <= MAX_OPERATORS and _PLAIN.fullmatch(operand_text):  # the common case
+        if any(c.isdigit() for c in operand_text):
+            for text in _NUMBER_TOKEN.findall(operand_text):
+                if (problem := _number_problem(text, data=False)) is not None:
+                    raise st.fail(problem)
+        return st
+    for op in st.operands:
+        if (reason := _check_operand(op, data=False)) is not None:
+            raise st.fail(reason)
+    return st
+
+
+def _expand(statements: list[Statement]) -> list[Statement]:
+    """``statements`` with ``.rept N`` ... ``.endr`` blocks repeated (nested allowed)."""
+    if not any(st.name in ("rept", "endr") and st.kind is Kind.DATA for st in statements):
+        return statements
+    stack: list[tuple[Statement, int, list[Statement]]] = []
+    out: list[Statement] = []
+    for st in statements:
+        if st.kind is Kind.DATA and st.name == "rept":
+            if st.labels or len(st.operands) != 1:
+                raise st.fail(".rept takes one count and no label")
+            count = _literal(st, st.operands[0], "the count", 0, MAX_STATEMENTS)
+            stack.append((st, count, out))
+            out = []
+        elif st.kind is Kind.DATA and st.name == "endr":
+            if not stack or st.labels or st.operands:
+                raise st.fail(".endr without .rept (or with a label or operands)")
+            _, count, outer = stack.pop()
+            if len(outer) + len(out) * count > MAX_STATEMENTS:
+                raise st.fail(f"more than {MAX_STATEMENTS} statements after .rept expansion")
+            outer.extend(out * count)
+            out = outer
+        else:
+            out.append(st)
+    if stack:
+        raise stack[-1][0].fail(".rept without .endr")
+    return out
+
+
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+
+
+#: Parsed sources, most recent last: a JIT often assembles one source twice (at
+#: address 0 for its size, then at its address).  Statements are never modified
+#: after parsing, so they are shared.
+_CACHE: dict[tuple[str, str, str], tuple[Statement, ...]] = {}
+_CACHE_ENTRIES = 128
+_CACHE_SOURCE = 16 << 10
+
+
+def parse(source: str, spec: ArchSpec, syntax: AsmSyntax) -> list[Statement]:
+    """The statements of ``source`` for ``spec``, every policy rule checked (``AssemblyError``)."""
+    assert spec.asm is not None
+    key = (source, spec.name, syntax.name)
+    cached = _CACHE.pop(key, None)
+    if cached is None:
+        cached = tuple(_parse(source, spec.asm, syntax, spec.max_insn_size))
+        if len(source) > _CACHE_SOURCE:
+            return list(cached)
+        if len(_CACHE) >= _CACHE_ENTRIES:
+            del _CACHE[next(iter(_CACHE))]
+    _CACHE[key] = cached
+    return list(cached)
+
+
+def _parse(source: str, dialect: AsmDialect, syntax: AsmSyntax, insn_size: int) -> list[Statement]:
+    if len(source) > MAX_SOURCE:
+        raise AssemblyError(f"the source has {len(source)} characters; asm() accepts at most {MAX_SOURCE}")
+    lines = source.split("\n")
+    if max(map(len, lines)) > MAX_LINE:
+        number_ = next(i for i, text in enumerate(lines, 1) if len(text) > MAX_LINE)
+        raise AssemblyError(f"line {number_}: {len(lines[number_ - 1])} characters; asm() accepts at most {MAX_LINE} per line")
+    if not source.isascii() or _CONTROL.search(source):
+        for number_, text in enumerate(lines, 1):
+            bad = next((c for c in text if ord(c) > 127 or _CONTROL.match(c)), None)
+            if bad is not None:
+                what = f"non-ASCII character {bad!r} (U+{ord(bad):04X})" if ord(bad) > 127 else f"control character {bad!r}"
+                what = "a NUL character" if bad == "\0" else what
+                raise AssemblyError(f"line {number_}: {text.strip()!r}: {what}; Keystone reads printable ASCII only")
+    statements = []
+    for line, raw in _raw_statements(source, dialect):
+        if raw:
+            st = _statement(line, raw, dialect, syntax, insn_size)
+            if st is not None:
+                statements.append(st)
+                if len(statements) > MAX_STATEMENTS:
+                    raise st.fail(f"more than {MAX_STATEMENTS} statements")
+    statements = _expand(statements)
+    total = sum(st.bound for st in statements)
+    if total > MAX_OUTPUT:
+        raise AssemblyError(f"the output could reach {total} bytes; asm() produces at most {MAX_OUTPUT}")
+    return statements
+
+
+__all__ = ["MAX_OUTPUT", "MAX_SOURCE", "MAX_STATEMENTS", "PROBE", "Kind", "Statement", "number", "parse", "split_labels", "split_operands", "string_bytes", "tokens"]
