@@ -56,6 +56,7 @@ from execmem._asm_source import (
     number,
     parse,
     split_operands,
+    subtracted_names,
     tokens,
 )
 from execmem._errors import AssemblyError, UnsupportedError
@@ -297,10 +298,8 @@ class _Job:
         binary search over prefixes, or ``None`` when that is not monotonic."""
 
         def fails(k: int) -> str | None:
-            later = [label for st in statements[k:] for label in st.labels]
-            stubs = [Statement(0, f"{label}:", (label,), Kind.LABEL) for label in later]
             try:
-                self.attempt(statements[:k] + stubs, partial=True)
+                self.attempt(_prefix(statements, k), partial=True)
             except _Mismatch as exc:
                 return exc.reason
             except KeystoneFailure as exc:
@@ -319,17 +318,20 @@ class _Job:
         return (hi - 1, reason) if fails(hi - 1) is None else None
 
     def _explain(self, statements: list[Statement], k: int, failure: KeystoneFailure) -> str:
-        """Keystone's message, naming the undefined symbol when that is the failure."""
+        """Keystone's message for prefix ``k``, naming the undefined symbol when that is
+        the failure, and what a fixup failure is likely to mean."""
+        if failure.crashed and "fixup" in str(failure):
+            return f"{failure} once this statement is included (a branch or reference across it cannot reach, or is misaligned with, its target)"
         if failure.errno != keystone.KS_ERR_ASM_SYMBOL_MISSING or k == 0:
             return str(failure)
-        st = statements[k - 1]
         known = {label for s in statements for label in s.labels} | set(self.symbols) | {"."}
-        names = sorted({text for op in st.operands for kind, text in tokens(op) if kind == "id" and text not in known})
+        names = sorted({text for op in statements[k - 1].operands for kind, text in tokens(op) if kind == "id" and text not in known})
         missing = []
         for name in names:  # undefined: still missing when every other candidate is defined
-            trial = _Job(self.spec, self.dialect, self.syntax, self.address, {**self.symbols, **{n: 0 for n in names if n != name}}, self.helper)
+            others = {n: 0 for n in names if n != name}
+            trial = _Job(self.spec, self.dialect, self.syntax, self.address, {**self.symbols, **others}, self.helper)
             try:
-                trial.attempt(statements[:k], partial=True)
+                trial.attempt(_prefix(statements, k), partial=True)
             except KeystoneFailure as exc:
                 if exc.errno == keystone.KS_ERR_ASM_SYMBOL_MISSING:
                     missing.append(name)
@@ -340,11 +342,34 @@ class _Job:
         return f"undefined symbol {', '.join(map(repr, missing))} (define it as a label or pass symbols={{name: address}})"
 
 
+def _prefix(statements: list[Statement], k: int) -> list[Statement]:
+    """The first ``k`` statements, then stub definitions of the labels the others
+    define (so that references to them still resolve)."""
+    later = [label for st in statements[k:] for label in st.labels]
+    return statements[:k] + [Statement(0, f"{label}:", (label,), Kind.LABEL) for label in later]
+
+
 _UNCHECKABLE = (
     "asm() cannot check that the target is in reach (Keystone 0.9.2 silently truncates one "
     "that is not): write it as a label, a symbols= name, '.' or a number, optionally "
     "plus or minus a number"
 )
+
+
+def _check_names(statements: list[Statement], symbols: dict[str, int]) -> None:
+    """Labels and ``symbols=`` names do not collide, and every subtracted name is
+    defined (see ``subtracted_names``)."""
+    labels = {label for st in statements for label in st.labels}
+    for st in statements:
+        clash = next((label for label in st.labels if label in symbols), None)
+        if clash is not None:
+            raise st.fail(f"{clash!r} is both a label and a symbols= name")
+        for op in st.operands:
+            for name in subtracted_names(op):
+                if name != "." and name not in labels and name not in symbols:
+                    raise st.fail(
+                        f"undefined symbol {name!r} in a subtraction (define it as a label or pass symbols={{name: address}})"
+                    )
 
 
 def _symbols(symbols: object) -> dict[str, int]:
@@ -418,10 +443,7 @@ def asm(
             raise AssemblyError(f"address {address:#x} is not {spec.insn_align}-byte aligned, as {spec.name} instructions must be")
         named = _symbols(symbols)
         statements = parse(source, spec, chosen)
-        for st in statements:
-            clash = next((label for label in st.labels if label in named), None)
-            if clash is not None:
-                raise st.fail(f"{clash!r} is both a label and a symbols= name")
+        _check_names(statements, named)
         if not statements:
             return b""
         with Helper() as helper:

@@ -221,7 +221,7 @@ def normalize(mnemonic: str) -> str:
     return mnemonic
 
 
-def decode(spec: _arch.ArchSpec, code: bytes, address: int) -> list[tuple[int, int, str, str]]:
+def decode(spec: _arch.ArchSpec, code: bytes | bytearray, address: int) -> list[tuple[int, int, str, str]]:
     """``(address, size, mnemonic, operands)`` for each instruction of ``code`` from its
     start, up to the first bytes Capstone cannot decode."""
     global _depth

@@ -39,7 +39,7 @@ import re
 from collections.abc import Iterator
 
 from execmem._errors import AssemblyError
-from execmem.arch import ArchSpec, AsmDialect, AsmSyntax
+from execmem.arch import ArchSpec, AsmDialect, AsmSyntax, get
 
 #: Characters in a source, in a line, statements after ``.rept`` expansion and
 #: ``symbols=`` names, bytes of output (64 MiB: 32 default packs).
@@ -284,6 +284,39 @@ def _check_operand(operand: str, *, data: bool) -> str | None:
     return None
 
 
+_MINUS_NAME = re.compile(r"-[ (~+-]*[A-Za-z_.$@]")
+
+
+def subtracted_names(operand: str) -> list[str]:
+    """The names an expression subtracts or negates (``l2 - l1``, ``-(x + 4)``).
+
+    Keystone 0.9.2 treats an undefined one as 0 and reports it only on stderr (``.quad
+    5 - y`` gave 5), and after that error a later call crashed the process (heap
+    corruption, measured), so every such name must be defined before assembling.
+    """
+    if _MINUS_NAME.search(operand) is None:
+        return []
+    names: list[str] = []
+    groups: list[bool] = []  # per open parenthesis: whether the group is subtracted
+    pending = False
+    for kind, text in tokens(operand):
+        if text == "-":
+            pending = True
+        elif text == "(":
+            groups.append(pending or any(groups))
+            pending = False
+        elif text == ")":
+            if groups:
+                groups.pop()
+        elif kind == "id":
+            if pending or any(groups):
+                names.append(text)
+            pending = False
+        elif text not in _UNARY:
+            pending = False
+    return names
+
+
 def _well_formed(found: list[tuple[str, str]]) -> bool:
     """``unary* primary (binary unary* primary)*`` with balanced parentheses."""
     want_value, depth = True, 0
@@ -402,6 +435,8 @@ def _directive(st: Statement, dialect: AsmDialect) -> Statement:
     raise st.fail(f"directive .{name} is not accepted (accepted: {ACCEPTED})")
 
 
+#: What an instruction operand may start with ("l ::" made Keystone loop forever).
+_OPERAND_START = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.$@%#[({'*+-~!")
 _INSTRUCTION = re.compile(r"([A-Za-z_][\w.]*) ?(.*)")
 
 
@@ -439,11 +474,20 @@ def _statement(line: int, raw: str, dialect: AsmDialect, syntax: AsmSyntax, insn
     st.kind, st.name, st.size, st.bound = Kind.INSTRUCTION, mnemonic.lower(), None, insn_size
     if not operand_text:
         return st
+    inner, inner_operands = st.name, operand_text
+    while inner in dialect.prefixes and inner_operands:  # "rep movsb": Keystone parses the rest as a statement
+        following = _INSTRUCTION.fullmatch(inner_operands)
+        if following is None or following.group(2)[:1] in (":", "="):
+            raise st.fail(f"the prefix {inner!r} must be followed by an instruction (Keystone loops on anything else)")
+        inner, inner_operands = following.group(1).lower(), following.group(2)
     if operand_text[0] == "=":
         raise st.fail("symbol assignments are not accepted: pass symbols={name: value} or format the value in")
     if syntax.foreign and _foreign(syntax.foreign).search(operand_text):
         raise st.fail(syntax.hint)
     st.operands = split_operands(operand_text)
+    for op in st.operands:
+        if not op or op[0] not in _OPERAND_START:
+            raise st.fail(f"an operand cannot start with {op[:1]!r}" if op else "an empty operand")
     if len(operand_text) <= MAX_OPERATORS and _PLAIN.fullmatch(operand_text):  # the common case
         if any(c.isdigit() for c in operand_text):
             for text in _NUMBER_TOKEN.findall(operand_text):
@@ -487,27 +531,26 @@ def _expand(statements: list[Statement]) -> list[Statement]:
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 
 
-#: Parsed sources, most recent last: a JIT often assembles one source twice (at
-#: address 0 for its size, then at its address).  Statements are never modified
-#: after parsing, so they are shared.
-_CACHE: dict[tuple[str, str, str], tuple[Statement, ...]] = {}
-_CACHE_ENTRIES = 128
+#: Sources up to this size are remembered (the last 128): a JIT often assembles one
+#: source twice (at address 0 for its size, then at its address).  Statements are
+#: never modified after parsing, so they are shared.
 _CACHE_SOURCE = 16 << 10
 
 
 def parse(source: str, spec: ArchSpec, syntax: AsmSyntax) -> list[Statement]:
     """The statements of ``source`` for ``spec``, every policy rule checked (``AssemblyError``)."""
     assert spec.asm is not None
-    key = (source, spec.name, syntax.name)
-    cached = _CACHE.pop(key, None)
-    if cached is None:
-        cached = tuple(_parse(source, spec.asm, syntax, spec.max_insn_size))
-        if len(source) > _CACHE_SOURCE:
-            return list(cached)
-        if len(_CACHE) >= _CACHE_ENTRIES:
-            del _CACHE[next(iter(_CACHE))]
-    _CACHE[key] = cached
-    return list(cached)
+    if len(source) > _CACHE_SOURCE:
+        return _parse(source, spec.asm, syntax, spec.max_insn_size)
+    return list(_parse_cached(source, spec.name, syntax.name))
+
+
+@functools.lru_cache(maxsize=128)
+def _parse_cached(source: str, arch: str, syntax: str) -> tuple[Statement, ...]:
+    spec = get(arch)
+    assert spec.asm is not None
+    chosen = next(s for s in spec.asm.syntaxes if s.name == syntax)
+    return tuple(_parse(source, spec.asm, chosen, spec.max_insn_size))
 
 
 def _parse(source: str, dialect: AsmDialect, syntax: AsmSyntax, insn_size: int) -> list[Statement]:
@@ -539,4 +582,4 @@ def _parse(source: str, dialect: AsmDialect, syntax: AsmSyntax, insn_size: int) 
     return statements
 
 
-__all__ = ["MAX_OUTPUT", "MAX_SOURCE", "MAX_STATEMENTS", "PROBE", "Kind", "Statement", "number", "parse", "split_labels", "split_operands", "string_bytes", "tokens"]
+__all__ = ["MAX_OUTPUT", "MAX_SOURCE", "MAX_STATEMENTS", "PROBE", "Kind", "Statement", "number", "parse", "split_labels", "split_operands", "string_bytes", "subtracted_names", "tokens"]
