@@ -225,9 +225,12 @@ class _Job:
         pending: int | None = None  # start of stand-alone prefixes waiting for their instruction
         for k in run:
             st, a, b = statements[k], offsets[k], offsets[k + 1]
+            alone = st.name in prefixes and not st.operands
             if a <= covered < b:
+                if alone and not partial:
+                    raise _Mismatch(k, "a prefix without an instruction after it")
                 raise _Mismatch(k, f"Keystone produced bytes that do not decode as instructions ({code[a:b].hex()})")
-            if st.name in prefixes and not st.operands:
+            if alone:
                 pending = a if pending is None else pending
                 continue
             first, pending = (a if pending is None else pending), None
@@ -259,7 +262,9 @@ class _Job:
         got = int(encoded.group(1), 0) % (1 << 64)
         if got != wanted:
             raise _Mismatch(
-                k, f"the target {wanted:#x} is out of reach from {address:#x} (Keystone would encode {got:#x} instead)"
+                k,
+                f"Keystone encoded the target {wanted:#x} as {got:#x}: it is out of reach from {address:#x}"
+                " (or Keystone 0.9.2 gets this encoding wrong)",
             )
 
     def _target(self, operand: str, k: int, offsets: list[int], labels: dict[str, int]) -> int | None:
@@ -348,6 +353,13 @@ def _prefix(statements: list[Statement], k: int) -> list[Statement]:
     later = [label for st in statements[k:] for label in st.labels]
     return statements[:k] + [Statement(0, f"{label}:", (label,), Kind.LABEL) for label in later]
 
+
+# Load every architecture now rather than inside a first asm() call: a fork while
+# another thread imports a module leaves that module's import lock held forever in
+# the child (CPython resets only the global import lock at fork), and the child's
+# asm() would wait for it (measured).
+for _name in _arch.names():
+    _arch.get(_name)
 
 _UNCHECKABLE = (
     "asm() cannot check that the target is in reach (Keystone 0.9.2 silently truncates one "

@@ -23,7 +23,9 @@ CPU_SECONDS = 1.0
 
 
 def main() -> None:
-    resource.setrlimit(resource.RLIMIT_AS, (ADDRESS_SPACE, ADDRESS_SPACE))
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)  # inherited: never raised
+    limit = ADDRESS_SPACE if soft == resource.RLIM_INFINITY else min(ADDRESS_SPACE, soft)
+    resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
     import keystone
 
     handles: dict[tuple[int, int, int | None], keystone.Ks] = {}

@@ -144,7 +144,8 @@ def _raw_statements(source: str, dialect: AsmDialect) -> Iterator[tuple[int, str
                         break
                 yield line, statement
         return
-    line = start = 1
+    line = 1
+    start: int | None = None  # the line of the statement's first token
     parts: list[str] = []
     pos, end = 0, len(source)
     scan = _SCAN.match
@@ -154,10 +155,9 @@ def _raw_statements(source: str, dialect: AsmDialect) -> Iterator[tuple[int, str
         kind, token = m.lastgroup, m.group()
         pos = m.end()
         if kind == "sep":
-            yield start, "".join(parts).strip(" ")
-            parts = []
+            yield start or line, "".join(parts).strip(" ")
+            parts, start = [], None
             line += token == "\n"
-            start = line
         elif kind == "blank":
             parts.append(" ")
         elif kind == "block":
@@ -175,7 +175,8 @@ def _raw_statements(source: str, dialect: AsmDialect) -> Iterator[tuple[int, str
             raise AssemblyError(f"line {line}: unterminated or malformed {what}")
         else:
             parts.append(token)
-    yield start, "".join(parts).strip(" ")
+            start = start or line
+    yield start or line, "".join(parts).strip(" ")
 
 
 # -- operands ---------------------------------------------------------------------------------
@@ -437,6 +438,7 @@ def _directive(st: Statement, dialect: AsmDialect) -> Statement:
 
 #: What an instruction operand may start with ("l ::" made Keystone loop forever).
 _OPERAND_START = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.$@%#[({'*+-~!")
+_BRACES = re.compile(r"\{[\w. ,-]*\}")
 _INSTRUCTION = re.compile(r"([A-Za-z_][\w.]*) ?(.*)")
 
 
@@ -486,6 +488,8 @@ def _statement(line: int, raw: str, dialect: AsmDialect, syntax: AsmSyntax, insn
         raise st.fail(syntax.hint)
     st.operands = split_operands(operand_text)
     for op in st.operands:
+        if "=" in op:
+            raise st.fail("'=' is not accepted (no literal pools or assignments: use symbols= or a label and .quad)")
         if not op or op[0] not in _OPERAND_START:
             raise st.fail(f"an operand cannot start with {op[:1]!r}" if op else "an empty operand")
     if len(operand_text) <= MAX_OPERATORS and _PLAIN.fullmatch(operand_text):  # the common case
@@ -494,6 +498,8 @@ def _statement(line: int, raw: str, dialect: AsmDialect, syntax: AsmSyntax, insn
                 if (problem := _number_problem(text, data=False)) is not None:
                     raise st.fail(problem)
         return st
+    if ("{" in operand_text or "}" in operand_text) and any(c in "{}" for c in _BRACES.sub("", operand_text)):
+        raise st.fail("braces hold only names, commas and dashes ({k1}, {v0.16b, v1.16b}): Keystone loops on others")
     for op in st.operands:
         if (reason := _check_operand(op, data=False)) is not None:
             raise st.fail(reason)
