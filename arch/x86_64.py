@@ -43,7 +43,7 @@ _CALL32 = DirectBranch("call rel32", size=5, mask=0xFF, match=0xE8, shift=8, bit
 _ASM = AsmDialect(
     syntaxes=(
         # Keystone's default is Intel; setting KS_OPT_SYNTAX at all (even to Intel) makes
-        # `.balign N` without a fill byte emit nothing (measured), so it stays unset.
+        # `.balign 16` (or more) without a fill byte emit nothing (measured), so it stays unset.
         AsmSyntax(
             "intel",
             None,

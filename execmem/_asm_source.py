@@ -414,7 +414,7 @@ def _directive(st: Statement, dialect: AsmDialect) -> Statement:
         else:
             align = 1 << _literal(st, ops[0], "the alignment", 0, MAX_ALIGN.bit_length() - 1)
         fill = f", {_literal(st, ops[1], 'the fill byte', 0, 255)}" if len(ops) == 2 else ""
-        # Always .p2align: with a syntax option set, Keystone ignores `.balign N` (measured).
+        # Always .p2align: with a syntax option set, Keystone ignores `.balign 16` and up (measured).
         st.text = "".join(f"{label}: " for label in st.labels) + f".p2align {align.bit_length() - 1}{fill}"
         st.kind, st.size, st.bound, st.align = Kind.ALIGN, None, align - 1, align
         return st

@@ -6,6 +6,7 @@ Inputs that could crash or stall Keystone are run in child processes by
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import capstone
@@ -277,6 +278,33 @@ def test_unresolved_and_bad_symbols() -> None:
         execmem.asm("nop", "x86_64", symbols={"x": "1"})  # type: ignore[dict-item]
     with pytest.raises(TypeError):
         execmem.asm("nop", "x86_64", symbols={"x": True})
+
+
+def test_what_asm_does_not_check() -> None:
+    """The README's limit: Keystone truncates an out-of-range immediate that is not a
+    branch target, and asm() passes it on."""
+    assert execmem.asm("mov al, 300", "x86_64") == b"\xb0\x2c"
+
+
+def test_readme_states_the_limits_asm_enforces() -> None:
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("### Assembling: `asm`", 1)[1].split("\n### ", 1)[0]
+    x86, arm = execmem.arch.get("x86_64").asm, execmem.arch.get("arm64").asm
+    assert x86 is not None and arm is not None
+    for stated in (
+        f"{_asm_source.MAX_SOURCE:,} characters",
+        f"{_asm_source.MAX_LINE:,} per",
+        f"{_asm_source.MAX_STATEMENTS:,} statements",
+        f"{_asm_source.MAX_OUTPUT >> 20} MiB of output",
+        f"most {_asm_source.MAX_OPERATORS} operator",
+        f"up to {_asm_source.MAX_ALIGN} bytes",
+        f"more than {execmem._asm.INPROCESS_STATEMENTS:,} statements",
+        f"{x86.inprocess_output >> 20} MiB (x86-64)",
+        f"{arm.inprocess_output >> 10} KiB (arm64)",
+    ):
+        assert stated in section, stated
+    for directive in _asm_source.ACCEPTED.replace("/", " ").split():
+        assert directive in section, directive
 
 
 # -- arguments --------------------------------------------------------------------------------

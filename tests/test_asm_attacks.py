@@ -185,6 +185,52 @@ def test_a_later_call_survives_an_undefined_subtraction(child: Child) -> None:
         assert answer["ok"].startswith("f348b8")
 
 
+#: Raw Keystone 0.9.2 on inputs the docs say it mishandles: (name, script body,
+#: expected stdout or "SIGSEGV"/"exit 1: ..." for a dead process).
+KEYSTONE = [
+    ("drops an AT&T statement in Intel mode", "ks.asm('push rbp\\nmovq %rsp, %rbp\\npop rbp\\nret', 0, True)[0].hex()", "555dc3"),
+    ("returns nothing for jmp dword", "ks.asm('jmp dword 0x100\\nret', 0, True)", "(None, 0)"),
+    ("truncates an out-of-reach jmp", "ks.asm('jmp 0x100000000', 0, True)[0].hex()", "e9fbffffff"),
+    ("takes an undefined subtracted name as 0", "ks.asm('.quad 5 - y', 0, True)[0].hex()", "0500000000000000"),
+    ("ignores .balign 16 once a syntax is set", "(setattr(ks, 'syntax', keystone.KS_OPT_SYNTAX_INTEL), ks.asm('nop\\n.balign 16\\nnop', 0, True)[0].hex())[1]", "9090"),
+    ("crashes on 100,000 spaces", "ks.asm('nop' + ' ' * 100000, 0, True)", "SIGSEGV"),
+    ("exits on CFI directives", "ks.asm('.cfi_startproc\\n.cfi_def_cfa_offset 16', 0, True)", "exit 1: LLVM ERROR: Unfinished frame!"),
+    (
+        "misplaces resolver values in PC-relative operands",
+        "(setattr(ks, 'sym_resolver', resolve), ks.asm('call ext', 0x1000, True)[0].hex())[1]",
+        "e80f000000",  # a call to 0x1014, not 0x1010 (e80b000000)
+    ),
+    (
+        "makes a writable+executable page for a ctypes callback",
+        "(resolve, any(' rwxp ' in line for line in open('/proc/self/maps')))[1]",
+        "True",
+    ),
+]
+
+
+@pytest.mark.parametrize(("name", "expression", "expected"), KEYSTONE, ids=[k[0] for k in KEYSTONE])
+def test_keystone_0_9_2_misbehaves_as_documented(name: str, expression: str, expected: str) -> None:
+    """Why asm() does what it does; if Keystone is upgraded, these say what changed."""
+    script = textwrap.dedent(
+        f"""
+        import ctypes, keystone
+        ks = keystone.Ks(keystone.KS_ARCH_X86, keystone.KS_MODE_64)
+        @keystone.keystone.KS_SYM_RESOLVER
+        def resolve(name, value):
+            value[0] = 0x1010
+            return True
+        print({expression})
+        """
+    )
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    if expected == "SIGSEGV":
+        assert r.returncode == -11, r
+    elif expected.startswith("exit 1: "):
+        assert r.returncode == 1 and expected[len("exit 1: ") :] in r.stderr, r
+    else:
+        assert r.returncode == 0 and r.stdout.strip() == expected, r
+
+
 # -- the helper process itself ---------------------------------------------------------------
 
 

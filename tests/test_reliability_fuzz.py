@@ -362,7 +362,7 @@ def test_asm_non_ascii_source_is_an_assembly_error() -> None:
 
 
 #: Sources Keystone 0.9.2 loops on forever in C (measured on x86-64 and arm64 with a
-#: timeout per input; see execmem/_asm.py), and legitimate ones next to them.
+#: timeout per input; see execmem/_asm_source.py), and legitimate ones next to them.
 KEYSTONE_LOOPS = [
     "[", "(", ")", "]", "+", "-", "*", "!", "%", "&", ",", "/", ":", "<", "=", ">", "\\", "^", "|", "~",
     "nop;(", "nop\n[", "nop\r(", "nop;\"", "nop;'", "nop;?", "nop;`", "nop;\x01", "nop;\x7f",
