@@ -100,7 +100,10 @@ class Helper:
         proc, self._proc = self._proc, None
         if proc is not None:
             if proc.stdin is not None:
-                proc.stdin.close()
+                try:
+                    proc.stdin.close()
+                except OSError:  # it died with input unread
+                    pass
             try:
                 proc.wait(timeout=1)
             except subprocess.TimeoutExpired:
@@ -143,7 +146,9 @@ class Helper:
 
     def assemble(self, spec: _arch.ArchSpec, syntax: _arch.AsmSyntax, text: str, address: int) -> bytes:
         """Keystone's output for ``text`` in the helper process (``KeystoneFailure``)."""
-        proc = self._proc if self._proc is not None and self._proc.poll() is None else self._start()
+        if self._proc is not None and self._proc.poll() is not None:
+            self.close()  # it died since the last request
+        proc = self._proc or self._start()
         assert proc.stdin is not None and proc.stdout is not None
         source = text.encode("ascii")
         header = {"engine": spec.engines.keystone, "syntax": syntax.keystone_option, "address": address, "size": len(source)}

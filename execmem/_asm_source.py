@@ -27,6 +27,11 @@
   thread stack); no relocation specifiers (``:lo12:``, ``#:abs_g0:``: fatal on
   arm64), no ``=`` (literal pools would land after the code), no strings outside
   ``.ascii``/``.asciz``; data expressions are well formed (``.byte 1, %`` looped).
+  These looped forever too, and are refused: an operand starting with punctuation
+  other than ``[ ( { # $ % ' * + - ~ !`` (``l ::``), a prefix followed by anything
+  but an instruction (``rep*``), braces holding anything but names, commas and
+  dashes (``nop 1{*``).  ``_asm`` adds one rule that needs every label: a
+  subtracted name must be defined (``subtracted_names``).
 * **Limits**: see ``MAX_*`` below.  The output bound is computed here before
   assembling, from each statement's largest possible size.
 """
