@@ -20,6 +20,7 @@ could end or stall this one: a crash there is an answer (``KeystoneFailure`` wit
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import selectors
@@ -100,10 +101,8 @@ class Helper:
         proc, self._proc = self._proc, None
         if proc is not None:
             if proc.stdin is not None:
-                try:
+                with contextlib.suppress(OSError):  # it died with input unread
                     proc.stdin.close()
-                except OSError:  # it died with input unread
-                    pass
             try:
                 proc.wait(timeout=1)
             except subprocess.TimeoutExpired:
