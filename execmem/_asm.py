@@ -218,8 +218,9 @@ class _Job:
             return
         start, end, base = offsets[run[0]], offsets[run[-1] + 1], self.address
         insns = decode(self.spec, code[start:end], base + start)
-        starts = {insn[0] - base for insn in insns}
-        by_end = {insn[0] + insn[1] - base: insn for insn in insns}
+        wrap = (1 << 64) - 1  # addresses wrap at the top of the address space
+        starts = {(insn[0] - base) & wrap for insn in insns}
+        by_end = {(insn[0] + insn[1] - base) & wrap: insn for insn in insns}
         covered = start + sum(insn[1] for insn in insns)
         prefixes, pc_relative = self.dialect.prefixes, self.dialect.pc_relative
         pending: int | None = None  # start of stand-alone prefixes waiting for their instruction

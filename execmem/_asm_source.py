@@ -27,10 +27,12 @@
   thread stack); no relocation specifiers (``:lo12:``, ``#:abs_g0:``: fatal on
   arm64), no ``=`` (literal pools would land after the code), no strings outside
   ``.ascii``/``.asciz``; data expressions are well formed (``.byte 1, %`` looped).
-  These looped forever too, and are refused: an operand starting with punctuation
-  other than ``[ ( { # $ % ' * + - ~ !`` (``l ::``), a prefix followed by anything
-  but an instruction (``rep*``), braces holding anything but names, commas and
-  dashes (``nop 1{*``).  ``_asm`` adds one rule that needs every label: a
+  These looped forever too, and are refused: a mnemonic or directive name glued to
+  punctuation (``rep*``), an operand starting with punctuation other than ``[ ( {
+  # $ % ' * + - ~ !`` (``l ::``), a prefix followed by anything but an instruction
+  (``rep [rax]``), braces holding anything but names, commas and dashes (``nop
+  1{*``), ``$`` in a data expression (``.byte $ < x``) and `` ` ? \ @`` anywhere
+  in an operand.  ``_asm`` adds one rule that needs every label: a
   subtracted name must be defined (``subtracted_names``).
 * **Limits**: see ``MAX_*`` below.  The output bound is computed here before
   assembling, from each statement's largest possible size.
@@ -398,6 +400,8 @@ def _directive(st: Statement, dialect: AsmDialect) -> Statement:
         if not ops or not all(ops):
             raise st.fail(f".{name} needs one or more values")
         for op in ops:
+            if (bad := _NOT_IN_DATA.search(op)) is not None:
+                raise st.fail(f"{bad.group()!r} is not accepted in a data expression")
             if (reason := _check_operand(op, data=True)) is not None:
                 raise st.fail(reason)
         return _data(st, unit * len(ops))
@@ -444,7 +448,12 @@ def _directive(st: Statement, dialect: AsmDialect) -> Statement:
 #: What an instruction operand may start with ("l ::" made Keystone loop forever).
 _OPERAND_START = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.$@%#[({'*+-~!")
 _BRACES = re.compile(r"\{[\w. ,-]*\}")
-_INSTRUCTION = re.compile(r"([A-Za-z_][\w.]*) ?(.*)")
+_INSTRUCTION = re.compile(r"([A-Za-z_][\w.]*)(?: (.*))?")
+_ASSIGNMENT = re.compile(r"[A-Za-z_.$][\w.$@]* ?=(?!=)")
+#: Characters no accepted operand needs, on which Keystone misbehaved in fuzzing
+#: (``@`` symbol variants and macros, ``$`` in data expressions looped forever).
+_NOT_IN_OPERANDS = re.compile(r"[`?\\@]")
+_NOT_IN_DATA = re.compile(r"[`?\\@$#:\[\]{}]")
 
 
 @functools.cache
@@ -464,6 +473,8 @@ def _statement(line: int, raw: str, dialect: AsmDialect, syntax: AsmSyntax, insn
         directive = _DIRECTIVE.match(rest)
         if directive is None:
             raise st.fail("a statement cannot start with a number")
+        if rest[directive.end() : directive.end() + 1] not in ("", " "):
+            raise st.fail(f"a directive name cannot be followed by {rest[directive.end()]!r}")
         st.kind, st.name = Kind.DATA, directive.group(1).lower()
         st.operands = split_operands(rest[directive.end() :].strip(" "))
         return st if st.name in ("rept", "endr") else _directive(st, dialect)
@@ -474,21 +485,25 @@ def _statement(line: int, raw: str, dialect: AsmDialect, syntax: AsmSyntax, insn
         if not st.long_branch:
             forms = ", ".join(name for name, _ in dialect.long_branches) or "no instruction on this architecture"
             raise st.fail(f"{{disp32}} applies to a direct {forms}")
+    if _ASSIGNMENT.match(rest):
+        raise st.fail("symbol assignments are not accepted: pass symbols={name: value} or format the value in")
     instruction = _INSTRUCTION.fullmatch(rest)
     if instruction is None:
-        raise st.fail(f"a statement cannot start with {rest[0]!r}")
-    mnemonic, operand_text = instruction.groups()
+        word = _MNEMONIC.match(rest)
+        what = rest[word.end()] if word else rest[0]
+        raise st.fail(f"{'a mnemonic cannot be followed by' if word else 'a statement cannot start with'} {what!r}")
+    mnemonic, operand_text = instruction.group(1), instruction.group(2) or ""
     st.kind, st.name, st.size, st.bound = Kind.INSTRUCTION, mnemonic.lower(), None, insn_size
     if not operand_text:
         return st
     inner, inner_operands = st.name, operand_text
     while inner in dialect.prefixes and inner_operands:  # "rep movsb": Keystone parses the rest as a statement
         following = _INSTRUCTION.fullmatch(inner_operands)
-        if following is None or following.group(2)[:1] in (":", "="):
+        if following is None:
             raise st.fail(f"the prefix {inner!r} must be followed by an instruction (Keystone loops on anything else)")
-        inner, inner_operands = following.group(1).lower(), following.group(2)
-    if operand_text[0] == "=":
-        raise st.fail("symbol assignments are not accepted: pass symbols={name: value} or format the value in")
+        inner, inner_operands = following.group(1).lower(), following.group(2) or ""
+    if (bad := _NOT_IN_OPERANDS.search(operand_text)) is not None:
+        raise st.fail(f"{bad.group()!r} is not accepted in an operand")
     if syntax.foreign and _foreign(syntax.foreign).search(operand_text):
         raise st.fail(syntax.hint)
     st.operands = split_operands(operand_text)
