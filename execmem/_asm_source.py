@@ -31,7 +31,7 @@
   punctuation (``rep*``), an operand starting with punctuation other than ``[ ( {
   # $ % ' * + - ~ !`` (``l ::``), a prefix followed by anything but an instruction
   (``rep [rax]``), braces holding anything but names, commas and dashes (``nop
-  1{*``), ``$`` in a data expression (``.byte $ < x``) and `` ` ? \ @`` anywhere
+  1{*``), ``$`` in a data expression (``.byte $ < x``) and backquote, ``?``, backslash and ``@`` anywhere
   in an operand.  ``_asm`` adds one rule that needs every label: a
   subtracted name must be defined (``subtracted_names``).
 * **Limits**: see ``MAX_*`` below.  The output bound is computed here before
