@@ -36,7 +36,6 @@ operands (``call ext`` at 0x1000 with ``ext`` = 0x1010 encoded a call to 0x1014)
 
 from __future__ import annotations
 
-import functools
 import itertools
 import operator
 import re
@@ -56,7 +55,6 @@ from execmem._asm_source import (
     number,
     parse,
     split_operands,
-    subtracted_names,
     tokens,
 )
 from execmem._errors import AssemblyError, UnsupportedError
@@ -67,13 +65,6 @@ INPROCESS_STATEMENTS = 10_000
 _TABLE_ROW = 64  # label differences per ``.long`` line of the offset table
 _NAME = re.compile(r"[A-Za-z_][\w.$@]{0,255}")
 _IMMEDIATE = re.compile(r"#?(-?(?:0x[0-9a-f]+|[0-9]+))")
-
-
-@functools.lru_cache(maxsize=64)
-def _mentions(names: tuple[str, ...]) -> re.Pattern[str]:
-    """A pattern finding any of ``names`` as a whole identifier."""
-    alternatives = "|".join(map(re.escape, names))
-    return re.compile(rf"(?<![\w.$@])(?:{alternatives})(?![\w.$@])")
 
 
 class _Mismatch(Exception):
@@ -140,20 +131,8 @@ class _Job:
             return True
         # Keystone exits on an out-of-range or misaligned fixup: keep every label at an
         # aligned offset, and labels only where the distance fits (a branch target).
-        labels = {label for st in statements for label in st.labels} | {"."}
-        mention = _mentions(tuple(sorted(labels)))
         align = self.spec.insn_align
-        for st in statements:
-            if st.kind is Kind.DATA and (st.size or 0) % align:
-                return False
-            if st.kind is not Kind.INSTRUCTION or not st.operands:
-                continue
-            *others, last = st.operands
-            if any(mention.search(op) for op in others) or (
-                mention.search(last) and not (normalize(st.name) in dialect.pc_relative and last.lstrip("#") in labels)
-            ):
-                return False
-        return True
+        return not any(st.fixup_risk or (st.kind is Kind.DATA and (st.size or 0) % align) for st in statements)
 
     def _offsets(self, out: bytes, n: int) -> list[int]:
         """Each statement's offset, and the end of the code, from the table at the end."""
@@ -374,15 +353,14 @@ def _check_names(statements: list[Statement], symbols: dict[str, int]) -> None:
     defined (see ``subtracted_names``)."""
     labels = {label for st in statements for label in st.labels}
     for st in statements:
-        clash = next((label for label in st.labels if label in symbols), None)
+        clash = next((label for label in st.labels if label in symbols), None) if symbols else None
         if clash is not None:
             raise st.fail(f"{clash!r} is both a label and a symbols= name")
-        for op in st.operands:
-            for name in subtracted_names(op):
-                if name != "." and name not in labels and name not in symbols:
-                    raise st.fail(
-                        f"undefined symbol {name!r} in a subtraction (define it as a label or pass symbols={{name: address}})"
-                    )
+        for name in st.subtracted:
+            if name != "." and name not in labels and name not in symbols:
+                raise st.fail(
+                    f"undefined symbol {name!r} in a subtraction (define it as a label or pass symbols={{name: address}})"
+                )
 
 
 def _symbols(symbols: object) -> dict[str, int]:

@@ -45,6 +45,7 @@ import functools
 import re
 from collections.abc import Iterator
 
+from execmem._asm_engine import normalize
 from execmem._errors import AssemblyError
 from execmem.arch import ArchSpec, AsmDialect, AsmSyntax, get
 
@@ -75,7 +76,10 @@ class Kind(enum.Enum):
 class Statement:
     """One statement as Keystone will see it (``text``: labels included, normalized)."""
 
-    __slots__ = ("align", "bound", "kind", "labels", "line", "long_branch", "name", "operands", "size", "source", "text")
+    __slots__ = (
+        "align", "bound", "fixup_risk", "kind", "labels", "line", "long_branch", "name", "operands", "size", "source",
+        "subtracted", "text",
+    )
 
     def __init__(
         self,
@@ -103,6 +107,8 @@ class Statement:
         self.bound = bound  # largest possible size
         self.align = align  # ALIGN: the alignment in bytes
         self.long_branch = long_branch  # ``{disp32}``: the DirectBranch to encode
+        self.subtracted: tuple[str, ...] = ()  # names its operands subtract (see subtracted_names)
+        self.fixup_risk = False  # a label reference that could make Keystone exit (see _mark_fixup_risks)
 
     def fail(self, reason: str) -> AssemblyError:
         return AssemblyError(f"line {self.line}: {self.source!r}: {reason}")
@@ -404,6 +410,7 @@ def _directive(st: Statement, dialect: AsmDialect) -> Statement:
                 raise st.fail(f"{bad.group()!r} is not accepted in a data expression")
             if (reason := _check_operand(op, data=True)) is not None:
                 raise st.fail(reason)
+        st.subtracted = tuple(name for op in ops for name in subtracted_names(op))
         return _data(st, unit * len(ops))
     if name in STRING_DIRECTIVES:
         size = 0
@@ -513,16 +520,17 @@ def _statement(line: int, raw: str, dialect: AsmDialect, syntax: AsmSyntax, insn
         if not op or op[0] not in _OPERAND_START:
             raise st.fail(f"an operand cannot start with {op[:1]!r}" if op else "an empty operand")
     if len(operand_text) <= MAX_OPERATORS and _PLAIN.fullmatch(operand_text):  # the common case
-        if any(c.isdigit() for c in operand_text):
-            for text in _NUMBER_TOKEN.findall(operand_text):
-                if (problem := _number_problem(text, data=False)) is not None:
-                    raise st.fail(problem)
+        for text in _NUMBER_TOKEN.findall(operand_text):
+            if (problem := _number_problem(text, data=False)) is not None:
+                raise st.fail(problem)
+        st.subtracted = tuple(name for op in st.operands for name in subtracted_names(op))
         return st
     if ("{" in operand_text or "}" in operand_text) and any(c in "{}" for c in _BRACES.sub("", operand_text)):
         raise st.fail("braces hold only names, commas and dashes ({k1}, {v0.16b, v1.16b}): Keystone loops on others")
     for op in st.operands:
         if (reason := _check_operand(op, data=False)) is not None:
             raise st.fail(reason)
+    st.subtracted = tuple(name for op in st.operands for name in subtracted_names(op))
     return st
 
 
@@ -605,7 +613,25 @@ def _parse(source: str, dialect: AsmDialect, syntax: AsmSyntax, insn_size: int) 
     total = sum(st.bound for st in statements)
     if total > MAX_OUTPUT:
         raise AssemblyError(f"the output could reach {total} bytes; asm() produces at most {MAX_OUTPUT}")
+    if dialect.fixups_abort:
+        _mark_fixup_risks(statements, dialect)
     return statements
+
+
+def _mark_fixup_risks(statements: list[Statement], dialect: AsmDialect) -> None:
+    """Flag instructions that reference a label (or ``.``) anywhere but as the sole
+    last operand of a PC-relative instruction: where Keystone exits on a bad fixup
+    (``AsmDialect.fixups_abort``), ``asm`` assembles those in the helper process."""
+    labels = {label for st in statements for label in st.labels} | {"."}
+    alternatives = "|".join(map(re.escape, sorted(labels)))
+    mention = re.compile(rf"(?<![\w.$@])(?:{alternatives})(?![\w.$@])")
+    for st in statements:
+        if st.kind is not Kind.INSTRUCTION or not st.operands:
+            continue
+        *others, last = st.operands
+        st.fixup_risk = any(mention.search(op) for op in others) or bool(
+            mention.search(last) and not (normalize(st.name) in dialect.pc_relative and last.lstrip("#") in labels)
+        )
 
 
 __all__ = ["MAX_OUTPUT", "MAX_SOURCE", "MAX_STATEMENTS", "PROBE", "Kind", "Statement", "number", "parse", "split_labels", "split_operands", "string_bytes", "subtracted_names", "tokens"]
