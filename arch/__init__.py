@@ -133,20 +133,10 @@ class DirectBranch:
     def matches(self, code: bytes) -> bool:
         return len(code) == self.size and int.from_bytes(code, "little") & self.mask == self.match
 
-    def _origin(self, address: int) -> int:
-        return address + self.size if self.from_next else address
-
-    def target(self, code: bytes, address: int) -> int:
-        """The absolute target of the branch ``code`` placed at ``address``."""
-        field_mask = (1 << self.bits) - 1
-        raw = (int.from_bytes(code, "little") >> self.shift) & field_mask
-        displacement = raw - (1 << self.bits) if raw >> (self.bits - 1) else raw
-        return (self._origin(address) + displacement * self.scale) % (1 << 64)
-
     def encode(self, code: bytes, address: int, target: int) -> bytes | None:
         """``code`` with its displacement set to reach ``target`` from ``address``, or
         ``None`` when the field cannot express it (out of reach or misaligned)."""
-        distance = target - self._origin(address)
+        distance = target - (address + self.size if self.from_next else address)
         if distance % self.scale:
             return None
         displacement = distance // self.scale

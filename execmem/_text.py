@@ -191,9 +191,8 @@ class JitText:
         else at ``offset``, raises ``UnsafePatchError``.
         """
         off = self._range(offset, 1)
-        if isinstance(target, bool) or not isinstance(target, int):
-            raise TypeError(f"target must be int, not {type(target).__name__}")
-        self.update(off, _patch.retargeted(self._allocator.arch, self.read(), self._address, off, target))
+        new = _patch.retargeted(self._allocator.arch, self.read(), self._address, off, check_int("target", target))
+        self.update(off, new)
 
     def function(self, restype: Any, *argtypes: Any, offset: int = 0) -> JitFunction:
         """A ctypes callable for the code at ``offset`` (LIVE only, native backends only)."""
