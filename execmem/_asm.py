@@ -129,10 +129,14 @@ class _Job:
             return False
         if not dialect.fixups_abort:
             return True
-        # Keystone exits on an out-of-range or misaligned fixup: keep every label at an
-        # aligned offset, and labels only where the distance fits (a branch target).
+        # Keystone exits on an out-of-range or misaligned fixup: labels only where the
+        # distance fits (a branch target), and when data could leave a label misaligned,
+        # no label references at all.
+        if any(st.fixup_risk for st in statements):
+            return False
         align = self.spec.insn_align
-        return not any(st.fixup_risk or (st.kind is Kind.DATA and (st.size or 0) % align) for st in statements)
+        misaligned = any(st.kind is Kind.DATA and (st.size or 0) % align for st in statements)
+        return not (misaligned and any(st.label_reference for st in statements))
 
     def _offsets(self, out: bytes, n: int) -> list[int]:
         """Each statement's offset, and the end of the code, from the table at the end."""

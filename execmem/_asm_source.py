@@ -77,8 +77,8 @@ class Statement:
     """One statement as Keystone will see it (``text``: labels included, normalized)."""
 
     __slots__ = (
-        "align", "bound", "fixup_risk", "kind", "labels", "line", "long_branch", "name", "operands", "size", "source",
-        "subtracted", "text",
+        "align", "bound", "fixup_risk", "kind", "label_reference", "labels", "line", "long_branch", "name", "operands",
+        "size", "source", "subtracted", "text",
     )
 
     def __init__(
@@ -108,7 +108,8 @@ class Statement:
         self.align = align  # ALIGN: the alignment in bytes
         self.long_branch = long_branch  # ``{disp32}``: the DirectBranch to encode
         self.subtracted: tuple[str, ...] = ()  # names its operands subtract (see subtracted_names)
-        self.fixup_risk = False  # a label reference that could make Keystone exit (see _mark_fixup_risks)
+        self.label_reference = False  # an instruction naming a label or "." (see _mark_fixup_risks)
+        self.fixup_risk = False  # ... anywhere but as a branch target
 
     def fail(self, reason: str) -> AssemblyError:
         return AssemblyError(f"line {self.line}: {self.source!r}: {reason}")
@@ -629,9 +630,11 @@ def _mark_fixup_risks(statements: list[Statement], dialect: AsmDialect) -> None:
         if st.kind is not Kind.INSTRUCTION or not st.operands:
             continue
         *others, last = st.operands
-        st.fixup_risk = any(mention.search(op) for op in others) or bool(
-            mention.search(last) and not (normalize(st.name) in dialect.pc_relative and last.lstrip("#") in labels)
+        target = bool(mention.search(last))
+        st.fixup_risk = any(mention.search(op) for op in others) or (
+            target and not (normalize(st.name) in dialect.pc_relative and last.lstrip("#") in labels)
         )
+        st.label_reference = st.fixup_risk or target
 
 
 __all__ = ["MAX_OUTPUT", "MAX_SOURCE", "MAX_STATEMENTS", "PROBE", "Kind", "Statement", "number", "parse", "split_labels", "split_operands", "string_bytes", "subtracted_names", "tokens"]
