@@ -314,7 +314,10 @@ class _Job:
         if failure.errno != keystone.KS_ERR_ASM_SYMBOL_MISSING or k == 0:
             return str(failure)
         known = {label for s in statements for label in s.labels} | set(self.symbols) | {"."}
-        names = sorted({text for op in statements[k - 1].operands for kind, text in tokens(op) if kind == "id" and text not in known})
+        names = sorted(
+            {text for op in statements[k - 1].operands for kind, text in tokens(op) if kind == "id" and text not in known}
+        )
+        names = [name for name in names if _NAME.fullmatch(name)][:8]  # "$ = 0" would make Keystone loop
         missing = []
         for name in names:  # undefined: still missing when every other candidate is defined
             others = {n: 0 for n in names if n != name}
