@@ -176,7 +176,8 @@ def test_accepted_directives(arch: str, source: str, expected: str) -> None:
         (".rept 100001\nnop\n.endr", "literal integer"),
         (".rept 1000\n.rept 1000\nnop\n.endr\n.endr", "more than 100000 statements"),
         (".byte", "one or more values"),
-        (".byte 1, %", "malformed"),  # Keystone looped forever on this
+        (".byte 1, %", "division"),  # Keystone looped forever on this (a modulo without operand)
+        (".byte 1, (", "malformed"),
         (".byte 300", "out of range|Literal value"),
         (".ascii abc", "takes strings"),
         ('.ascii "\\x41"', "escapes"),  # Keystone has no hex escapes

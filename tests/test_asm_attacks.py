@@ -144,6 +144,9 @@ ATTACKS: list[tuple[str, str, str, str]] = [
     ("naming an undefined symbol tried '$ = 0', which looped", "arm64", "b l1\nmovz x0, #1,$ lsl #16", "undefined symbol 'l1'"),
     ("x86 .word with a value out of range looped", "x86_64", ".word 0x123456, 78", "out of range"),
     ("arm64 .word dropped a value", "arm64", ".word 0x100000000 + 1, 1", "out of range"),
+    ("-2**63 / -1 crashed the process (SIGFPE)", "x86_64", "mov rax, -0x8000000000000000 / -1", "division"),
+    ("the same in data", "arm64", ".quad -0x8000000000000000 % 0xffffffffffffffff", "division"),
+    ("arm64 .byte of a label looped forever", "arm64", "m: nop\n.byte m", "differences of labels"),
     ("movz fixups ended the process", "arm64", "movz x0, #:abs_g0:l\nl: ret", "relocation"),
     # Assembled in the helper process, where Keystone may end its own process:
     ("TBZ beyond 32 KiB ended the process", "arm64", "tbz x0, #1, l\n.space 0x8000\nl: ret", r"line 2: .*fixup value out of range"),
