@@ -42,8 +42,8 @@ _CALL32 = DirectBranch("call rel32", size=5, mask=0xFF, match=0xE8, shift=8, bit
 
 _ASM = AsmDialect(
     syntaxes=(
-        # Keystone's default is Intel; setting KS_OPT_SYNTAX at all (even to Intel) makes
-        # `.balign 16` (or more) without a fill byte emit nothing (measured), so it stays unset.
+        # Keystone's default is Intel, so no option is set (ks_option also sets the
+        # radix of unprefixed numbers to 16: see _asm_source.radix_free).
         AsmSyntax(
             "intel",
             None,

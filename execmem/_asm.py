@@ -12,8 +12,9 @@ forever, crashes or exits the process.  So ``asm``:
 2. gives Keystone one statement per line, each after a probe label
    ``__execmem_K:``, followed by a table of ``.long`` label differences: labels emit
    no bytes, so the table is Keystone's own layout, the offset of every statement;
-3. accounts for every statement's bytes: data has the size its operands give,
-   padding reaches its alignment, an instruction's bytes decode (Capstone) into
+3. accounts for every statement's bytes: data has the bytes its literal operands
+   give (or the size its operands give), padding reaches its alignment (with its
+   fill byte), an instruction's bytes decode (Capstone) into
    whole instructions that begin and end at the statement's bounds (a stand-alone
    prefix such as ``rep`` joins the next statement's instruction), and a
    PC-relative target is the one the source names (written as a label, a
@@ -113,7 +114,7 @@ class _Job:
             body = st.text
             if st.long_branch:
                 branch = self._branch(st.long_branch)
-                placeholder = ", ".join(str(b) for b in branch.match.to_bytes(branch.size, "little"))
+                placeholder = ", ".join(f"{b:#x}" for b in branch.match.to_bytes(branch.size, "little"))
                 body = "".join(f"{label}: " for label in st.labels) + ".byte " + placeholder
             lines.append(f"{PROBE}{k}: {body}")
         n = len(statements)
@@ -190,6 +191,11 @@ class _Job:
                     raise _Mismatch(k, f"Keystone produced {b - a} bytes where the directive gives {st.size}")
                 if st.kind is Kind.ALIGN and (b - a >= st.align or (self.address + b) % st.align):
                     raise _Mismatch(k, f"Keystone's padding does not reach a multiple of {st.align}")
+                if st.expected is not None:
+                    pattern, count = st.expected
+                    count = count if st.kind is Kind.DATA else b - a
+                    if code[a:b] != pattern * count:
+                        raise _Mismatch(k, f"Keystone produced {code[a:b][:16].hex()} where the directive gives {(pattern * count)[:16].hex()}")
         self._check_run(statements, run, offsets, code, labels, partial=partial)
 
     def _check_run(

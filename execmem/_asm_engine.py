@@ -1,17 +1,23 @@
 """Keystone and Capstone: in this process, or in a disposable helper process.
 
-In this process, Keystone and Capstone handles are cached per architecture (and
-syntax) and serialized by one lock: the handles are not thread-safe.  The lock is a
-:class:`~execmem._locks.SetupLock`, so a fork while another thread assembles leaves
-the child a fresh lock.  It is re-entrant because a Python signal handler runs in the
-main thread between two bytecodes of whatever the main thread was doing, possibly
-inside ``asm`` with the lock held.  Re-entry alone is not enough, though: the
-handler's call runs to completion before the interrupted one resumes (the C calls
-themselves are never interrupted), but the wrappers make several C calls on one
-handle that share its state (``Ks.asm`` calls ``ks_asm`` then ``ks_errno``;
-``Cs.disasm`` calls ``cs_disasm`` then ``cs_errno``), so a nested call - which can
-only come from the thread holding the lock - uses its own handle, one per nesting
-depth.
+Every in-process assembly opens its own Keystone handle and closes it after: a handle
+carries state from one call to the next that Keystone 0.9.2 gets wrong.  Its source
+manager keeps a line-number cache pointing into the previous call's (freed) source,
+and the next diagnostic Keystone prints (an error or a warning such as "memory
+operand is only for determining the size") scans memory from that stale pointer:
+a later, unrelated call crashed the process (``SourceMgr::clearBuffers`` does not
+reset ``LineNoCache``; measured).  Opening one costs about 17 microseconds (x86-64).
+
+Capstone handles are cached per architecture.  One lock serializes both engines; it
+is a :class:`~execmem._locks.SetupLock`, so a fork while another thread assembles
+leaves the child a fresh lock.  It is re-entrant because a Python signal handler runs
+in the main thread between two bytecodes of whatever the main thread was doing,
+possibly inside ``asm`` with the lock held.  The handler's call runs to completion
+before the interrupted one resumes (the C calls themselves are never interrupted),
+but the wrappers make several C calls on one handle that share its state
+(``Cs.disasm`` calls ``cs_disasm`` then ``cs_errno``), so a nested decode - which can
+only come from the thread holding the lock - uses its own Capstone handle, one per
+nesting depth (a nested assembly has its own Keystone handle anyway).
 
 :class:`Helper` runs Keystone in a child process (``_asm_helper.py``) for inputs that
 could end or stall this one: a crash there is an answer (``KeystoneFailure`` with
@@ -39,8 +45,7 @@ from execmem._errors import UnsupportedError
 from execmem._locks import SetupLock
 
 _lock = SetupLock("assembler and decoder handles")
-_depth = 0  # calls in progress on the thread holding _lock (nesting: signal handlers)
-_assemblers: dict[tuple[str, str, int], Any] = {}
+_depth = 0  # decodes in progress on the thread holding _lock (nesting: signal handlers)
 _disassemblers: dict[tuple[str, int], Any] = {}
 
 #: Wall-clock bound on one helper request: a backstop behind its CPU bound, generous
@@ -58,29 +63,21 @@ class KeystoneFailure(Exception):
         self.crashed = crashed
 
 
-def _keystone(spec: _arch.ArchSpec, syntax: _arch.AsmSyntax, depth: int) -> Any:
-    ks = _assemblers.get((spec.name, syntax.name, depth))
-    if ks is None:
-        assert spec.engines.keystone is not None
-        ks = keystone.Ks(*spec.engines.keystone)
-        if syntax.keystone_option is not None:
-            ks.syntax = syntax.keystone_option
-        _assemblers[spec.name, syntax.name, depth] = ks
-    return ks
-
-
 def assemble(spec: _arch.ArchSpec, syntax: _arch.AsmSyntax, text: str, address: int) -> bytes:
     """Keystone's output for ``text`` in this process (``KeystoneFailure`` if refused)."""
-    global _depth
-    with _lock:  # a Keystone handle is not thread-safe; nesting: see the module docstring
-        ks = _keystone(spec, syntax, _depth)
-        _depth += 1
+    assert spec.engines.keystone is not None
+    failure: KeystoneFailure | None = None
+    with _lock:  # see the module docstring
+        ks = keystone.Ks(*spec.engines.keystone)  # a fresh handle: see the module docstring
+        if syntax.keystone_option is not None:
+            ks.syntax = syntax.keystone_option
         try:
             code, _count = ks.asm(text, address, as_bytes=True)
-        except keystone.KsError as exc:
-            raise KeystoneFailure(str(exc), exc.errno) from None
-        finally:
-            _depth -= 1
+        except keystone.KsError as exc:  # (the exception, and its reference to ks, end here)
+            code, failure = b"", KeystoneFailure(str(exc), exc.errno)
+        del ks  # ks_close, under the lock
+    if failure is not None:
+        raise failure
     return bytes(code or b"")
 
 

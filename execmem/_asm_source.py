@@ -36,6 +36,7 @@
   differences).  Division (``/``, ``%``) is refused: folding -2**63 / -1 raised
   SIGFPE.  ``_asm`` adds one rule that needs every label: a
   subtracted name must be defined (``subtracted_names``).
+* **Numbers** are written in hex before Keystone sees them (``radix_free``).
 * **Limits**: see ``MAX_*`` below.  The output bound is computed here before
   assembling, from each statement's largest possible size.
 """
@@ -79,8 +80,8 @@ class Statement:
     """One statement as Keystone will see it (``text``: labels included, normalized)."""
 
     __slots__ = (
-        "align", "bound", "fixup_risk", "kind", "label_reference", "labels", "line", "long_branch", "name", "operands",
-        "size", "source", "subtracted", "text",
+        "align", "bound", "expected", "fixup_risk", "kind", "label_reference", "labels", "line", "long_branch", "name",
+        "operands", "size", "source", "subtracted", "text",
     )
 
     def __init__(
@@ -110,6 +111,9 @@ class Statement:
         self.align = align  # ALIGN: the alignment in bytes
         self.long_branch = long_branch  # ``{disp32}``: the DirectBranch to encode
         self.subtracted: tuple[str, ...] = ()  # names its operands subtract (see subtracted_names)
+        #: DATA: ``(pattern, count)`` when its bytes are known (``pattern * count``);
+        #: ALIGN: the fill byte when one is given.
+        self.expected: tuple[bytes, int] | None = None
         self.label_reference = False  # an instruction naming a label or "." (see _mark_fixup_risks)
         self.fixup_risk = False  # ... anywhere but as a branch target
 
@@ -311,8 +315,7 @@ def subtracted_names(operand: str) -> list[str]:
     """The names an expression subtracts or negates (``l2 - l1``, ``-(x + 4)``).
 
     Keystone 0.9.2 treats an undefined one as 0 and reports it only on stderr (``.quad
-    5 - y`` gave 5), and after that error a later call crashed the process (heap
-    corruption, measured), so every such name must be defined before assembling.
+    5 - y`` gave 5), so every such name must be defined before assembling.
     """
     if _MINUS_NAME.search(operand) is None:
         return []
@@ -341,6 +344,28 @@ def _relocatable(operand: str) -> bool:
     """Whether the names in ``operand`` do not cancel out (``l`` or ``l + 4``, unlike ``l - m``)."""
     names = sum(kind == "id" for kind, _ in tokens(operand))
     return names != 2 * len(subtracted_names(operand))
+
+
+#: A number not inside a name (a name may hold digits and "$"); "$10" is an AT&T immediate.
+_LITERAL = re.compile(r"(?:(?<![\w.$@'])|(?<=[^\w.$@']\$))[0-9][\w.]*")
+
+
+def radix_free(text: str) -> str:
+    """``text`` with every number written in hex (``0x10``, floats as ``0x1.8p+0``).
+
+    Keystone 0.9.2 reads a number without a prefix in a radix it takes from an
+    uninitialized field of a freshly allocated object, and ``ks_option`` (any option)
+    sets it to 16: then ``mov eax, 10`` assembled as ``mov eax, 0x10``, and
+    ``.balign 16`` as a non-power-of-two that Keystone ignores (measured, also in
+    handles opened after one that had an option set).  Prefixed numbers do not depend
+    on it.  ``text`` holds no strings (``.ascii`` statements are not rewritten).
+    """
+
+    def hexadecimal(m: re.Match[str]) -> str:
+        value = number(m.group())
+        return f"{value:#x}" if value is not None else float(m.group()).hex()
+
+    return _LITERAL.sub(hexadecimal, " " + text)[1:]
 
 
 def _well_formed(found: list[tuple[str, str]]) -> bool:
@@ -405,6 +430,19 @@ def _literal(st: Statement, operand: str, what: str, low: int, high: int) -> int
     return value
 
 
+_CHAR = re.compile(r"'([^'\\])'")
+
+
+def _value(operand: str) -> int | None:
+    """The value of a literal data operand (``-12``, ``0x10``, ``'a'``), else ``None``."""
+    char = _CHAR.fullmatch(operand)
+    if char is not None:
+        return ord(char.group(1))
+    negative = operand.startswith("-")
+    value = number(operand[1:].lstrip(" ") if negative else operand)
+    return None if value is None else -value if negative else value
+
+
 def _data(st: Statement, size: int) -> Statement:
     st.kind, st.size, st.bound = Kind.DATA, size, size
     return st
@@ -428,14 +466,19 @@ def _directive(st: Statement, dialect: AsmDialect) -> Statement:
         if name == "word":  # the generic directive: both targets' own .word mishandle errors (measured)
             generic = {2: "short", 4: "long", 8: "quad"}[unit]
             st.text = "".join(f"{label}: " for label in st.labels) + f".{generic} " + ", ".join(ops)
+        values = [_value(op) for op in ops]
+        if all(v is not None for v in values):
+            st.expected = (b"".join((v % (1 << 8 * unit)).to_bytes(unit, "little") for v in values if v is not None), 1)
         return _data(st, unit * len(ops))
     if name in STRING_DIRECTIVES:
-        size = 0
+        size, text = 0, b""
         for op in ops:
             data = string_bytes(op) if len(op) > 1 and op[0] == op[-1] == '"' else None
             if data is None:
                 raise st.fail(f".{name} takes strings (escapes: \\b \\f \\n \\r \\t \\\" \\\\ and octal)")
             size += len(data) + (name == "asciz")
+            text += data + b"\0" * (name == "asciz")
+        st.expected = (text, 1)
         return _data(st, size)
     if name in ("balign", "p2align"):
         if not 1 <= len(ops) <= 2:
@@ -446,9 +489,8 @@ def _directive(st: Statement, dialect: AsmDialect) -> Statement:
                 raise st.fail(f"the alignment must be a power of two, not {align}")
         else:
             align = 1 << _literal(st, ops[0], "the alignment", 0, MAX_ALIGN.bit_length() - 1)
-        fill = f", {_literal(st, ops[1], 'the fill byte', 0, 255)}" if len(ops) == 2 else ""
-        # Always .p2align: with a syntax option set, Keystone ignores `.balign 16` and up (measured).
-        st.text = "".join(f"{label}: " for label in st.labels) + f".p2align {align.bit_length() - 1}{fill}"
+        if len(ops) == 2:
+            st.expected = (bytes([_literal(st, ops[1], "the fill byte", 0, 255)]), 1)
         st.kind, st.size, st.bound, st.align = Kind.ALIGN, None, align - 1, align
         return st
     if name in ("space", "zero", "fill"):
@@ -456,11 +498,14 @@ def _directive(st: Statement, dialect: AsmDialect) -> Statement:
         if not 1 <= len(ops) <= most:
             raise st.fail(f".{name} takes 1 to {most} operand(s)")
         count = _literal(st, ops[0], "the count", 0, MAX_OUTPUT)
-        unit = _literal(st, ops[1], "the size", 1, 8) if name == "fill" and len(ops) > 1 else 1
+        # (sizes above 4 keep only 4 bytes of the value, with a warning on stderr: refused)
+        unit = _literal(st, ops[1], "the size", 1, 4) if name == "fill" and len(ops) > 1 else 1
+        value = 0
         if len(ops) == most and name != "zero":
-            _literal(st, ops[-1], "the fill value", 0, 255 if name == "space" else (1 << 64) - 1)
+            value = _literal(st, ops[-1], "the fill value", 0, 255 if name == "space" else (1 << 8 * unit) - 1)
         if count * unit > MAX_OUTPUT:
             raise st.fail(f"{count * unit} bytes is more than asm() produces ({MAX_OUTPUT} bytes)")
+        st.expected = (value.to_bytes(unit, "little"), count)
         return _data(st, count * unit)
     if name == "align":
         raise st.fail(".align means bytes on some architectures and a power of two on others: write .balign N or .p2align K")
@@ -623,6 +668,8 @@ def _parse(source: str, dialect: AsmDialect, syntax: AsmSyntax, insn_size: int) 
         if raw:
             st = _statement(line, raw, dialect, syntax, insn_size)
             if st is not None:
+                if st.name not in STRING_DIRECTIVES:
+                    st.text = radix_free(st.text)
                 statements.append(st)
                 if len(statements) > MAX_STATEMENTS:
                     raise st.fail(f"more than {MAX_STATEMENTS} statements")
@@ -653,4 +700,4 @@ def _mark_fixup_risks(statements: list[Statement], dialect: AsmDialect) -> None:
         st.label_reference = st.fixup_risk or target
 
 
-__all__ = ["MAX_OUTPUT", "MAX_SOURCE", "MAX_STATEMENTS", "PROBE", "Kind", "Statement", "number", "parse", "split_labels", "split_operands", "string_bytes", "subtracted_names", "tokens"]
+__all__ = ["MAX_OUTPUT", "MAX_SOURCE", "MAX_STATEMENTS", "PROBE", "Kind", "Statement", "number", "parse", "radix_free", "split_labels", "split_operands", "string_bytes", "subtracted_names", "tokens"]

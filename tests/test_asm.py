@@ -87,10 +87,52 @@ def test_statements_keystone_drops_are_errors(arch: str, source: str, line: int)
     assert f"line {line}:" in refused(source, arch)
 
 
+@pytest.mark.parametrize(
+    ("source", "offsets", "output", "problem"),
+    [
+        # Keystone's answer as it could come back: each wrong one is caught.
+        ("nop\nret", [0, 1, 2], "90c3", None),
+        ("nop\nret", [0, 1, 1], "90", "no machine code"),
+        ("nop\nret", [0, 1, 2], "0fc3", "do not decode"),
+        ("fstsw ax", [0, 3], "9bdfe0", None),  # WAIT + FNSTSW: two instructions, one statement (SDM)
+        ("mov eax, 1", [0, 5], "b801000000", None),
+        ("mov eax, 1", [0, 3], "b80100", "do not decode|not whole"),
+        ("rep\nmovsb", [0, 1, 2], "f3a4", None),
+        ("nop\nrep", [0, 1, 2], "90f3", "prefix without"),
+        (".byte 1, 2\n.balign 4, 0xcc", [0, 2, 4], "0102cccc", None),
+        (".byte 1, 2\n.balign 4, 0xcc", [0, 2, 4], "0103cccc", "0103 where the directive gives 0102"),
+        (".byte 1, 2\n.balign 4, 0xcc", [0, 2, 4], "0102cc90", "gives cccc"),
+        (".byte 1, 2\n.balign 4, 0xcc", [0, 2, 2], "0102", "multiple of 4"),
+        (".space 2, 7", [0, 2], "0707", None),
+        (".space 2, 7", [0, 1], "07", "1 bytes where the directive gives 2"),
+        ('.asciz "a"', [0, 2], "6100", None),
+        ('.asciz "a"', [0, 2], "6200", "where the directive gives 6100"),
+        ("jmp 0x100000000", [0, 5], "e9fbffffff", "out of reach"),
+    ],
+)
+def test_accounting_catches_what_keystone_could_get_wrong(source: str, offsets: list[int], output: str, problem: str | None) -> None:
+    from execmem._asm import _Job, _Mismatch
+    from execmem._asm_engine import Helper
+
+    spec = execmem.arch.get("x86_64")
+    assert spec.asm is not None
+    statements = _asm_source.parse(source, spec, spec.asm.syntaxes[0])
+    labels = {label: k for k, st in enumerate(statements) for label in st.labels}
+    job = _Job(spec, spec.asm, spec.asm.syntaxes[0], 0, {}, Helper())
+    if problem is None:
+        job._account(statements, offsets, bytes.fromhex(output), labels, partial=False)
+    else:
+        with pytest.raises(_Mismatch, match=problem):
+            job._account(statements, offsets, bytes.fromhex(output), labels, partial=False)
+
+
 def test_at_and_t_syntax_on_request() -> None:
     att = execmem.asm("push %rbp\nmovq %rsp, %rbp\naddq $8, %rsp\npop %rbp\nret", "x86_64", syntax="att")
     intel = execmem.asm("push rbp\nmov rbp, rsp\nadd rsp, 8\npop rbp\nret", "x86_64")
     assert att == intel == bytes.fromhex("554889e54883c4085dc3")
+    # Keystone's AT&T mode read unprefixed numbers as hex ($10 was 16); asm() writes them in hex.
+    assert execmem.asm("movl $10, %eax\n.balign 16", "x86_64", syntax="att")[:5] == bytes.fromhex("b80a000000")
+    assert execmem.asm("mov eax, 10", "x86_64") == bytes.fromhex("b80a000000")  # and after it, Intel too
     assert "syntax='att'" in refused("movq %rsp, %rbp", "x86_64")  # a mix names the fix
     assert "Intel" in refused("mov eax, dword ptr [rbx]", "x86_64", syntax="att")
     assert execmem.asm("nop", "x86_64", syntax="INTEL") == b"\x90"
@@ -169,8 +211,8 @@ def test_accepted_directives(arch: str, source: str, expected: str) -> None:
         (".balign 8, 0x100", "fill byte"),
         (".space n", "literal integer"),
         (".space 0x4000001", "literal integer"),  # more than asm() produces
-        (".fill 0x1000000, 8", "more than asm"),
-        (".fill 1, 9", r"\[1, 8\]"),
+        (".fill 0x1000001, 4", "more than asm"),
+        (".fill 1, 5", r"\[1, 4\]"),  # above 4 Keystone keeps 4 bytes of the value
         (".rept 3\nnop", "without .endr"),
         (".endr", "without .rept"),
         (".rept 100001\nnop\n.endr", "literal integer"),
