@@ -18,6 +18,7 @@ from execmem._default import (
 from execmem._errors import (
     AlignmentError,
     AssemblyError,
+    BadNameError,
     BadStateError,
     ExecmemError,
     ForkedProcessError,
@@ -30,6 +31,7 @@ from execmem._errors import (
     UnsupportedError,
     UseAfterFreeError,
 )
+from execmem._lookup import text_at
 from execmem._text import JitFunction, JitText, TextState
 
 __version__ = "0.1.0"
@@ -38,6 +40,7 @@ __all__ = [
     "AlignmentError",
     "Allocator",
     "AssemblyError",
+    "BadNameError",
     "BadStateError",
     "ExecmemError",
     "ForkedProcessError",
@@ -60,4 +63,5 @@ __all__ = [
     "jit_text_alloc_many",
     "jit_text_free",
     "publish",
+    "text_at",
 ]

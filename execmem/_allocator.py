@@ -50,7 +50,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, cast
 
-from execmem import _publishing, _recipes
+from execmem import _forks, _lookup, _publishing, _recipes, debuginfo
 from execmem._backend import Backend, Reservation
 from execmem._errors import (
     AlignmentError,
@@ -63,6 +63,7 @@ from execmem._errors import (
     UseAfterFreeError,
 )
 from execmem._locks import OwnedLock
+from execmem._names import check_name, check_names
 from execmem._packs import PackPool
 from execmem._text import JitFunction, JitText, TextState, check_bytes, check_int, make_cfunc
 from execmem.arch import ArchSpec, Recipe
@@ -108,6 +109,9 @@ class Allocator:
     ``granularity``: the chunk size texts are rounded to (default 64, as
     bpf_prog_pack).  ``keep_empty``: how many empty packs stay mapped for reuse.
     See the module docstring for the policies.
+
+    ``perf_map``, ``jitdump`` (a directory) and ``gdb`` tell profilers and debuggers
+    about every published text, by name (``execmem.debuginfo``); all off by default.
     """
 
     def __init__(
@@ -117,6 +121,9 @@ class Allocator:
         granularity: int = DEFAULT_GRANULARITY,
         keep_empty: int = 1,
         *,
+        perf_map: bool = False,
+        jitdump: str | os.PathLike[str] | None = None,
+        gdb: bool = False,
         _recipes: Mapping[str, Recipe] | None = None,
         _quarantine: bool = True,
     ) -> None:
@@ -176,7 +183,7 @@ class Allocator:
         #: handler's own call (which completes before they resume) cannot upset.
         self._calls_lock = threading.RLock()
         self._local = threading.local()
-        self._pid = os.getpid()
+        self._generation = _forks.generation  # fork detection without a getpid per verb
         self._closed = False
         self._texts: set[JitText] = set()
         self._steps: Counter[str] = Counter()
@@ -191,11 +198,18 @@ class Allocator:
             unit_chunks=self._unit_chunks,
             events=self._events,
         )
+        try:
+            self._debug = debuginfo.attach(spec, backend.mode, perf_map=perf_map, jitdump=jitdump, gdb=gdb)
+        except BaseException:
+            if owns:
+                backend.close()
+            raise
+        _lookup.register(self)
 
     # -- plumbing ---------------------------------------------------------------------------
 
     def _check(self) -> None:
-        if self._pid != os.getpid():
+        if self._generation != _forks.generation:
             raise ForkedProcessError(
                 "this allocator belongs to the parent process; create a new one in the forked child"
             )
@@ -242,8 +256,11 @@ class Allocator:
 
     # -- allocation ---------------------------------------------------------------------------
 
-    def jit_text_alloc(self, size: int, align: int = 16) -> JitText:
-        """Reserve ``size`` bytes of executable address space aligned to ``align``."""
+    def jit_text_alloc(self, size: int, align: int = 16, *, name: str | None = None) -> JitText:
+        """Reserve ``size`` bytes of executable address space aligned to ``align``;
+        ``name`` is what profilers and debuggers will call it (``JitText.name``)."""
+        if name is not None:
+            check_name(name)
         check_int("size", size)
         check_int("align", align)
         if size <= 0:
@@ -252,7 +269,10 @@ class Allocator:
             raise AlignmentError(f"align must be a power of two, not {align}")
         with self._lock:
             self._check()
-            return self._alloc(size, align)
+            text = self._alloc(size, align)
+            if name is not None:
+                text._name = name
+            return text
 
     def _alloc(self, size: int, align: int) -> JitText:
         pack, index, count = self._pool.place(size, align)
@@ -262,12 +282,24 @@ class Allocator:
         self._texts.add(text)
         return text
 
-    def jit_text_alloc_many(self, sizes: Iterable[int], align: int = 16) -> list[JitText]:
+    def jit_text_alloc_many(
+        self, sizes: Iterable[int], align: int = 16, *, names: Iterable[str | None] | None = None
+    ) -> list[JitText]:
         """One text per size, as ``jit_text_alloc`` would give, but placed side by side:
         one placement and one bookkeeping update per pack instead of one per text (a
         JIT compiling a module of functions), and ``publish`` then writes adjacent
-        texts with one store.  On any error nothing is allocated."""
+        texts with one store.  ``names``: one name (or ``None``) per size.  On any
+        error nothing is allocated."""
         wanted = _positive_sizes(sizes)
+        given = None if names is None else check_names(names, len(wanted))
+        texts = self._alloc_many(wanted, align)
+        if given is not None:
+            for text, name in zip(texts, given, strict=True):
+                if name is not None:
+                    text._name = name
+        return texts
+
+    def _alloc_many(self, wanted: list[int], align: int) -> list[JitText]:
         check_int("align", align)
         if not _pow2(align):
             raise AlignmentError(f"align must be a power of two, not {align}")
@@ -568,18 +600,22 @@ class Allocator:
                 text._state = previous
                 self._events["freed"] -= 1
                 raise
+            if self._debug is not None:
+                self._debug.freed(text)
             self._pool.trim_quietly()
 
     def _finish_deferred_free(self, text: JitText) -> None:
         """The last in-flight call of a freed text returned: refill and quarantine now."""
         with self._lock:
-            if self._closed or self._pid != os.getpid() or text not in self._texts:
+            if self._closed or self._generation != _forks.generation or text not in self._texts:
                 return
             try:
                 self._reclaim(text, text._freed_from)
             except ExecmemError:
                 self._events["deferred_free_errors"] += 1
                 return
+            if self._debug is not None:
+                self._debug.freed(text)  # only now: the code ran until the last call returned
             self._pool.trim_quietly()
 
     def _reclaim(self, text: JitText, previous: TextState) -> None:
@@ -606,10 +642,24 @@ class Allocator:
 
     # -- reporting ----------------------------------------------------------------------------
 
+    def text_at(self, address: int) -> JitText | None:
+        """The text (in any state but FREED) whose bytes hold ``address``, or ``None``
+        (also once closed); cheap, from any thread (``_lookup``)."""
+        check_int("address", address)
+        if self._generation != _forks.generation:
+            raise ForkedProcessError("this allocator belongs to the parent process")
+        return self._text_at(address)
+
+    def _text_at(self, address: int) -> JitText | None:
+        with self._lock:
+            if self._closed or self._generation != _forks.generation:
+                return None
+            return _lookup.find(self, address)
+
     def stats(self) -> dict[str, object]:
         """What the allocator holds and did (and ``backend.stats()`` under ``"backend"``)."""
         with self._lock:
-            if self._pid != os.getpid():
+            if self._generation != _forks.generation:
                 raise ForkedProcessError("this allocator belongs to the parent process")
             pool = self._pool
             packs = pool.describe()
@@ -638,6 +688,7 @@ class Allocator:
                 "recipes": dict(self._recipe_runs),
                 "events": dict(self._events),
                 "backend": dict(self.backend.stats()),
+                "debuginfo": {} if self._debug is None else self._debug.describe(),
             }
 
     def occupancy(self) -> list[dict[str, object]]:
@@ -655,7 +706,7 @@ class Allocator:
         with self._lock:
             if self._closed:
                 return
-            if self._pid != os.getpid():
+            if self._generation != _forks.generation:
                 self._closed = True  # the parent owns the memory; touch nothing
                 return
             with self._calls_lock:
@@ -668,6 +719,8 @@ class Allocator:
                 for text in self._texts:
                     text._state = TextState.FREED
             self._texts.clear()
+            if self._debug is not None:
+                self._debug.close()  # before the memory goes: GDB forgets the texts first
             first = self._pool.close()
             if self._owns_backend:
                 try:

@@ -25,6 +25,11 @@ class AlignmentError(ExecmemError, ValueError):
     """An alignment, size or offset is not acceptable (not a power of two, misaligned...)."""
 
 
+class BadNameError(ExecmemError, ValueError):
+    """A text name is not acceptable (not printable, empty or too long): names end up
+    in perf maps, jitdump records and ELF symbol tables, one line or string each."""
+
+
 class OutOfMemoryError(ExecmemError, MemoryError):
     """The system refused memory, or a configured limit was reached."""
 
@@ -68,6 +73,7 @@ class ModelError(ExecmemError):
 __all__ = [
     "AlignmentError",
     "AssemblyError",
+    "BadNameError",
     "BadStateError",
     "ExecmemError",
     "ForkedProcessError",

@@ -171,6 +171,8 @@ def sync(a: Allocator, texts: list[JitText], patches: list[tuple[JitText, int, b
         text._shadow = shadow  # a private copy already (the old one may be shared bytes)
     a._events["published"] += len(texts)
     a._events["patched"] += len(patches)
+    if a._debug is not None:
+        a._debug.published(texts, list(shadows))
 
 
 def run_bytes(a: Allocator, run: list[JitText]) -> tuple[Reservation, int, bytes]:
