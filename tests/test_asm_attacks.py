@@ -23,6 +23,7 @@ import keystone
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from programs import const, needs_programs
 
 from execmem import arch as _arch
 from execmem._asm_engine import Helper, KeystoneFailure
@@ -309,6 +310,52 @@ def test_fork_while_another_thread_holds_the_assembler_lock() -> None:
         stop.append(True)
         for w in workers:
             w.join()
+        print("ok")
+        """
+    )
+    r = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "ok" in r.stdout, r.stdout + r.stderr[-2000:]
+
+
+@needs_programs
+def test_fork_while_other_threads_hold_every_lock_of_the_library() -> None:
+    """Issue 10 item 4: the assembler's, the allocator's, its calls-in-flight and the
+    default allocator's locks, each held by another thread at the fork; the child
+    assembles, decodes, calls an inherited function and gets a default allocator of
+    its own.  (With the calls-in-flight lock a plain RLock, the child's call waited.)"""
+    script = textwrap.dedent(
+        f"""
+        import ctypes, os, signal, threading, execmem, execmem._asm_engine as engine, execmem._default as default
+        a = execmem.Allocator()
+        t = a.jit_text_alloc(64); t.write(0, bytes.fromhex({const(7).hex()!r})); t.map()
+        fn = t.function(ctypes.c_int)
+        parent_default = execmem.default_allocator()
+        locks = [engine._lock, a._lock, a._calls_lock, default._default_lock]
+        holding, release = threading.Barrier(len(locks) + 1), threading.Event()
+        def hold(lock):
+            with lock:
+                holding.wait(10)
+                release.wait(30)
+        threads = [threading.Thread(target=hold, args=(lock,), daemon=True) for lock in locks]
+        for th in threads: th.start()
+        holding.wait(10)  # every lock is held by another thread now
+        pid = os.fork()
+        if pid == 0:
+            signal.alarm(20)  # a deadlocked child dies of SIGALRM
+            ok = execmem.asm("ret", "x86_64") == b"\\xc3" and fn() == 7
+            ok = ok and engine.decode_one(execmem.arch.get("x86_64"), b"\\x90", 0) == "nop"
+            try:
+                a.jit_text_alloc(16)
+                ok = False
+            except execmem.ForkedProcessError:
+                pass
+            ok = ok and execmem.default_allocator() is not parent_default
+            execmem.jit_text_alloc(16).free()
+            os._exit(0 if ok else 1)
+        _, status = os.waitpid(pid, 0)
+        release.set()
+        for th in threads: th.join(10)
+        assert status == 0, f"child status {{status:#x}}"
         print("ok")
         """
     )
