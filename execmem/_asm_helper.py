@@ -28,17 +28,15 @@ def main() -> None:
     resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
     import keystone
 
-    handles: dict[tuple[int, int, int | None], keystone.Ks] = {}
     stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
     while header := stdin.readline():
         request = json.loads(header)
         source = stdin.read(request["size"])
-        key = (*request["engine"], request["syntax"])
-        ks = handles.get(key)
-        if ks is None:
-            ks = handles[key] = keystone.Ks(*request["engine"])
-            if request["syntax"] is not None:
-                ks.syntax = request["syntax"]
+        # A fresh handle per request, as in the parent: a reused one crashes on the
+        # diagnostic after a diagnostic (see ``_asm_engine``'s module docstring).
+        ks = keystone.Ks(*request["engine"])
+        if request["syntax"] is not None:
+            ks.syntax = request["syntax"]
         signal.setitimer(signal.ITIMER_PROF, CPU_SECONDS)  # SIGPROF's default action ends the process
         try:
             code, _count = ks.asm(source, request["address"], as_bytes=True)

@@ -270,6 +270,26 @@ def test_helper_contains_a_crash_and_bounds_cpu_time() -> None:
         assert refused.value.errno == keystone.KS_ERR_ASM_MNEMONICFAIL and not refused.value.crashed
 
 
+def test_helper_survives_keystone_diagnostics_in_later_requests() -> None:
+    """The helper opens a fresh handle per request too: with one kept per architecture,
+    the second of these requests (texts as ``asm`` writes them, probe labels and
+    offset table) crashed it, the stale line-number cache of
+    ``test_later_calls_survive_keystone_diagnostics``."""
+    spec = _arch.get("x86_64")
+    assert spec.asm is not None
+    syntax = spec.asm.syntaxes[0]
+    movsb = "__execmem_0: rep movsb byte ptr [rax - 0x1], fs:[rax]\n__execmem_1: l:\n"
+    with Helper() as helper:
+        for _ in range(3):
+            with pytest.raises(KeystoneFailure) as refused:  # a warning, then an error
+                helper.assemble(
+                    spec, syntax, movsb + "__execmem_2: add qword ptr [l], 0x61, st(0x1)\n__execmem_3:\n"
+                    ".long __execmem_1 - __execmem_0, __execmem_2 - __execmem_0, __execmem_3 - __execmem_0", 0,
+                )
+            assert not refused.value.crashed, refused.value
+            code = helper.assemble(spec, syntax, movsb + "__execmem_2:\n.long __execmem_1 - __execmem_0, __execmem_2 - __execmem_0", 0)
+            assert code == bytes.fromhex("f364a4" "03000000" "03000000")  # a warning only
+
 def test_fork_while_another_thread_holds_the_assembler_lock() -> None:
     """The child gets a fresh lock (``os.register_at_fork``), not one held forever: with
     the plain lock of before, the child's first ``asm`` waited forever."""
