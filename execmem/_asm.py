@@ -290,7 +290,8 @@ class _Job:
 
     def locate(self, statements: list[Statement]) -> tuple[int, str] | None:
         """``(index, reason)`` of the first statement whose inclusion fails, found by
-        binary search over prefixes, or ``None`` when that is not monotonic."""
+        binary search over prefixes, or ``None`` when that is not monotonic; a trial
+        that times out in the helper raises its ``KeystoneFailure``."""
 
         def fails(k: int) -> str | None:
             try:
@@ -298,6 +299,8 @@ class _Job:
             except _Mismatch as exc:
                 return exc.reason
             except KeystoneFailure as exc:
+                if exc.timed_out:
+                    raise
                 return self._explain(statements, k, exc)
             return None
 
@@ -459,8 +462,13 @@ def asm(
                     raise statements[exc.index].fail(exc.reason) from None
                 failure = exc.reason
             except KeystoneFailure as exc:
+                if exc.timed_out:  # each trial of locating it could take as long again
+                    raise AssemblyError(f"{exc}; the statement was not located") from None
                 failure = str(exc)
-            found = job.locate(statements)
+            try:
+                found = job.locate(statements)
+            except KeystoneFailure as exc:  # a trial timed out: stop there
+                raise AssemblyError(f"{failure} (locating the statement stopped: {exc})") from None
         if found is None:
             raise AssemblyError(f"{failure} (the failing statement could not be isolated)")
         index, reason = found

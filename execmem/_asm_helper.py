@@ -4,11 +4,12 @@ could crash or stall the interpreter (see ``execmem/_asm_engine.py``).
 Run as a script (``python .../_asm_helper.py``), it imports nothing but Keystone so
 that it starts fast.  It answers requests on stdin until stdin closes.  A request is
 one JSON line ``{"engine": [arch, mode], "syntax": option|null, "address": int,
-"size": n}`` followed by ``n`` bytes of source; the answer is one JSON line
-``{"ok": true, "size": n}`` followed by ``n`` bytes of machine code, or ``{"ok":
-false, "errno": e, "message": text}``.  Each request may use about one second of CPU
-(``ITIMER_PROF``, whose ``SIGPROF`` ends the process even inside Keystone's C code)
-and the process at most ``ADDRESS_SPACE`` bytes of memory (``RLIMIT_AS``).
+"size": n, "cpu": seconds}`` followed by ``n`` bytes of source; the answer is one
+JSON line ``{"ok": true, "size": n}`` followed by ``n`` bytes of machine code, or
+``{"ok": false, "errno": e, "message": text}``.  Each request may use ``cpu`` seconds
+of CPU (``ITIMER_PROF``, whose ``SIGPROF`` ends the process even inside Keystone's C
+code; ``_asm_engine.HELPER_CPU_SECONDS``) and the process at most ``ADDRESS_SPACE``
+bytes of memory (``RLIMIT_AS``).
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ import signal
 import sys
 
 ADDRESS_SPACE = 4 << 30
-CPU_SECONDS = 1.0
 
 
 def main() -> None:
@@ -37,7 +37,7 @@ def main() -> None:
         ks = keystone.Ks(*request["engine"])
         if request["syntax"] is not None:
             ks.syntax = request["syntax"]
-        signal.setitimer(signal.ITIMER_PROF, CPU_SECONDS)  # SIGPROF's default action ends the process
+        signal.setitimer(signal.ITIMER_PROF, request["cpu"])  # SIGPROF's default action ends the process
         try:
             code, _count = ks.asm(source, request["address"], as_bytes=True)
             answer: dict[str, object] = {"ok": True, "size": len(code or b"")}

@@ -23,8 +23,10 @@ import keystone
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from programs import const, needs_programs
+from programs import SLOWDOWN, const, needs_programs
 
+import execmem
+from execmem import _asm_engine
 from execmem import arch as _arch
 from execmem._asm_engine import Helper, KeystoneFailure
 
@@ -37,7 +39,10 @@ CHILD = textwrap.dedent(
     """
     import json, os, resource, sys, tempfile, threading, time
     resource.setrlimit(resource.RLIMIT_AS, (4 << 30, resource.getrlimit(resource.RLIMIT_AS)[1]))
-    import execmem
+    import execmem, execmem._asm_engine
+    # Emulated (QEMU, EXECMEM_TEST_SLOWDOWN=10): Keystone needs that much more CPU time.
+    execmem._asm_engine.HELPER_CPU_SECONDS *= float(os.environ.get("EXECMEM_TEST_SLOWDOWN", "1"))
+    execmem._asm_engine.HELPER_WALL_SECONDS *= float(os.environ.get("EXECMEM_TEST_SLOWDOWN", "1"))
     err = tempfile.TemporaryFile()
     os.dup2(err.fileno(), 2)
     for line in sys.stdin:
@@ -79,7 +84,7 @@ class Child:
             self.proc.wait()
             self.proc = None
 
-    def asm(self, source: str, arch: str, timeout: float = 60, **extra: Any) -> dict[str, Any]:
+    def asm(self, source: str, arch: str, timeout: float = 60 * SLOWDOWN, **extra: Any) -> dict[str, Any]:
         if self.proc is None or self.proc.poll() is not None:
             self.proc = subprocess.Popen(
                 [sys.executable, "-c", CHILD], cwd=ROOT, text=True,
@@ -114,7 +119,7 @@ def assert_sound(answer: dict[str, Any]) -> None:
     """Bytes or an AssemblyError, from a live child, within about a second of CPU."""
     assert "hung" not in answer and "died" not in answer and "bug" not in answer, answer
     assert "ok" in answer or answer["error"] == "AssemblyError", answer
-    assert answer["cpu"] < 1.5, answer  # this process; the helper bounds its own CPU time
+    assert answer["cpu"] < 1.5 * SLOWDOWN, answer  # this process; the helper bounds its own CPU time
     assert "error:" not in answer["stderr"], answer  # no Keystone diagnostic path was taken
 
 
@@ -261,7 +266,7 @@ def test_helper_contains_a_crash_and_bounds_cpu_time() -> None:
             helper.assemble(spec, syntax, ".cfi_startproc\n.cfi_def_cfa_offset 16", 0)
         assert info.value.crashed
         start = time.monotonic()
-        with pytest.raises(KeystoneFailure, match="more than a second of CPU"):
+        with pytest.raises(KeystoneFailure, match=r"more than 1 s of CPU"):
             helper.assemble(spec, syntax, ".byte " + "-" * 300 + "1", 0)  # loops forever in C
         assert time.monotonic() - start < 20
         assert helper.assemble(spec, syntax, "nop", 0) == b"\x90"  # a new helper after the crash
@@ -269,6 +274,22 @@ def test_helper_contains_a_crash_and_bounds_cpu_time() -> None:
             helper.assemble(spec, syntax, "bogus", 0)
         assert refused.value.errno == keystone.KS_ERR_ASM_MNEMONICFAIL and not refused.value.crashed
 
+
+def test_a_helper_timeout_is_not_located(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Locating a failure by prefixes would give the helper log2(statements) more
+    requests, each up to its CPU bound: after a timeout, asm() stops."""
+    requests = []
+    assemble = Helper.assemble
+
+    def counted(self: Helper, *args: Any) -> bytes:
+        requests.append(args)
+        return assemble(self, *args)
+
+    monkeypatch.setattr(Helper, "assemble", counted)
+    monkeypatch.setattr(_asm_engine, "HELPER_CPU_SECONDS", 0.001)
+    with pytest.raises(execmem.AssemblyError, match=r"more than 0.001 s of CPU time; the statement was not located"):
+        execmem.asm(".rept 20000\nmov eax, 1\n.endr", "x86_64")  # > INPROCESS_STATEMENTS: the helper
+    assert len(requests) == 1
 
 def test_helper_survives_keystone_diagnostics_in_later_requests() -> None:
     """The helper opens a fresh handle per request too: with one kept per architecture,
