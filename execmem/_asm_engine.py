@@ -6,7 +6,7 @@ manager keeps a line-number cache pointing into the previous call's (freed) sour
 and the next diagnostic Keystone prints (an error or a warning such as "memory
 operand is only for determining the size") scans memory from that stale pointer:
 a later, unrelated call crashed the process (``SourceMgr::clearBuffers`` does not
-reset ``LineNoCache``; measured).  It costs about 20 microseconds of CPU per call
+reset ``LineNoCache``; measured).  It costs some 20-40 microseconds of CPU per call
 on x86-64 (docs/asm.md).
 
 Capstone handles are cached per architecture.  One lock serializes both engines; it
