@@ -48,16 +48,8 @@ import keystone
 
 from execmem import arch as _arch
 from execmem._asm_engine import Helper, KeystoneFailure, assemble, decode, decode_one, normalize
-from execmem._asm_source import (
-    MAX_STATEMENTS,
-    PROBE,
-    Kind,
-    Statement,
-    number,
-    parse,
-    split_operands,
-    tokens,
-)
+from execmem._asm_operands import number, split_operands, tokens
+from execmem._asm_source import MAX_STATEMENTS, PROBE, Kind, Statement, parse
 from execmem._errors import AssemblyError, UnsupportedError
 
 #: Inputs with more statements than this are assembled in the helper process
