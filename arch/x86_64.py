@@ -4,7 +4,17 @@ serializing event on every CPU that may execute it (Intel SDM Vol. 3, 9.1.3
 
 from __future__ import annotations
 
-from execmem.arch import ArchSpec, ElfIdentity, EngineModes, PatchRule, Recipe, RecipeStep
+from execmem.arch import (
+    ArchSpec,
+    AsmDialect,
+    AsmSyntax,
+    DirectBranch,
+    ElfIdentity,
+    EngineModes,
+    PatchRule,
+    Recipe,
+    RecipeStep,
+)
 
 _WRITE = RecipeStep("write", "code is stored through the writable side (a file write, a write window or a writable page), never through an executable mapping (W^X)")
 _LOCAL = RecipeStep(
@@ -20,6 +30,40 @@ _MAP = RecipeStep(
     "map",
     "a VA that was not mapped cannot hold prefetched instructions; the mapping makes it "
     "executable only after the code is in place (Lutomirski, execmem thread, seeds/001)",
+)
+
+#: JMP rel32 (E9 cd) and CALL rel32 (E8 cd): the displacement counts from the next
+#: instruction (SDM Vol. 2A, JMP and CALL).
+_JMP32 = DirectBranch("jmp rel32", size=5, mask=0xFF, match=0xE9, shift=8, bits=32, from_next=True)
+_CALL32 = DirectBranch("call rel32", size=5, mask=0xFF, match=0xE8, shift=8, bits=32, from_next=True)
+
+_ASM = AsmDialect(
+    syntaxes=(
+        # Keystone's default is Intel, so no option is set (ks_option also sets the
+        # radix of unprefixed numbers to 16: see _asm_source.radix_free).
+        AsmSyntax(
+            "intel",
+            None,
+            foreign=r"%[A-Za-z]",
+            hint="an AT&T register (%reg) in Intel syntax: pass syntax='att' for AT&T",
+        ),
+        AsmSyntax(
+            "att",
+            2,  # KS_OPT_SYNTAX_ATT
+            foreign=r"\[|\bptr\b",
+            hint="Intel memory syntax ([...], ptr) in AT&T syntax: leave syntax='intel' for Intel",
+        ),
+    ),
+    line_comment="#",  # Keystone's x86 comment string (X86MCAsmInfo)
+    word_size=2,
+    pc_relative=frozenset(
+        {"jmp", "call", "loop", "loope", "loopne", "jrcxz", "jecxz", "jcxz"}
+        | {f"j{cc}" for cc in ("o", "no", "b", "ae", "e", "ne", "be", "a", "s", "ns", "p", "np", "l", "ge", "le", "g")}
+    ),
+    long_branches=(("jmp", _JMP32.name), ("call", _CALL32.name)),
+    prefixes=frozenset(
+        {"lock", "rep", "repe", "repz", "repne", "repnz", "xacquire", "xrelease", "data16", "data32", "addr32", "rex", "rex64"}
+    ),
 )
 
 SPEC = ArchSpec(
@@ -117,6 +161,8 @@ SPEC = ArchSpec(
             "exit: mov eax, 231; syscall",
         ),
     ),
+    asm=_ASM,
+    direct_branches=(_JMP32, _CALL32),
     summary="write via RW alias; membarrier(PRIVATE_EXPEDITED_SYNC_CORE) once per batch "
     "(fallback: mprotect-induced TLB-shootdown IPI); fresh packs: map after write, no membarrier",
     # EM_X86_64 (62); RET is C3 (SDM Vol. 2B, "RET").

@@ -62,7 +62,7 @@ from execmem._errors import (
     UnsupportedError,
     UseAfterFreeError,
 )
-from execmem._locks import OwnedLock
+from execmem._locks import OwnedLock, SetupLock
 from execmem._names import check_name, check_names
 from execmem._packs import PackPool
 from execmem._text import JitFunction, JitText, TextState, check_bytes, check_int, make_cfunc
@@ -180,8 +180,10 @@ class Allocator:
         self._lock = OwnedLock("the allocator")
         #: Guards the texts' counts of calls in flight (JitFunction) against free() and
         #: close().  Re-entrant: its sections are a few statements that a signal
-        #: handler's own call (which completes before they resume) cannot upset.
-        self._calls_lock = threading.RLock()
+        #: handler's own call (which completes before they resume) cannot upset.  A
+        #: SetupLock, so a forked child calling an inherited function never waits for
+        #: a parent thread that was counting its own call at the fork.
+        self._calls_lock = SetupLock("the allocator's calls in flight")
         self._local = threading.local()
         self._generation = _forks.generation  # fork detection without a getpid per verb
         self._closed = False
@@ -533,8 +535,7 @@ class Allocator:
     # -- live patching ------------------------------------------------------------------------
 
     def _check_patch(self, text: JitText, shadow: bytes | bytearray, offset: int, data: bytes) -> None:
-        old = bytes(shadow[offset : offset + len(data)])
-        _recipes.check_patch(self.arch, self.backend, text.address + offset, old, data)
+        _recipes.check_patch(self.arch, self.backend, text.address, shadow, offset, data)
 
     def _update(self, text: JitText, offset: int, data: bytes) -> None:
         with self._lock:

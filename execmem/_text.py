@@ -18,6 +18,7 @@ import ctypes
 import enum
 from typing import TYPE_CHECKING, Any
 
+from execmem import _patch
 from execmem._errors import AlignmentError, OutOfBoundsError, UseAfterFreeError
 from execmem._names import default_name
 
@@ -190,6 +191,19 @@ class JitText:
         payload = check_bytes(data)
         off = self._range(offset, len(payload))
         self._allocator._update(self, off, payload)
+
+    def retarget(self, offset: int, target: int) -> None:
+        """Point the direct jump or call at ``offset`` to ``target`` (LIVE only).
+
+        The branch keeps its length (x86-64 ``jmp``/``call rel32``, arm64 ``B``/``BL``)
+        and is rewritten by the same atomic patch as ``update``, so a 5-byte ``jmp``
+        must lie inside one aligned 8-byte word (``.balign 8`` before it, and
+        ``{disp32} jmp`` for the long form).  A target out of reach, or anything
+        else at ``offset``, raises ``UnsafePatchError``.
+        """
+        off = self._range(offset, 1)
+        new = _patch.retargeted(self._allocator.arch, self.read(), self._address, off, check_int("target", target))
+        self.update(off, new)
 
     def function(self, restype: Any, *argtypes: Any, offset: int = 0) -> JitFunction:
         """A ctypes callable for the code at ``offset`` (LIVE only, native backends only)."""

@@ -85,8 +85,8 @@ def test_allocating_and_calling_code_loads_no_emulator(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("name", execmem.arch.names())
 def test_engine_numbers_are_the_libraries_constants(name: str) -> None:
-    # arch/*.py write Keystone/Capstone/Unicorn modes as numbers (importing none of
-    # the three); these are the names they stand for.
+    # arch/*.py write Keystone/Capstone/Unicorn modes and Keystone's syntax options as
+    # numbers (importing none of the three); these are the names they stand for.
     import capstone
     import keystone
     import unicorn
@@ -109,3 +109,7 @@ def test_engine_numbers_are_the_libraries_constants(name: str) -> None:
         for flag in flags:
             mode |= flag
         assert modes == (arch, mode), (library.__name__, constants)
+    spec = execmem.arch.get(name)
+    for syntax in spec.asm.syntaxes if spec.asm is not None else ():
+        if syntax.keystone_option is not None:
+            assert syntax.keystone_option == getattr(keystone, f"KS_OPT_SYNTAX_{syntax.name.upper()}"), syntax.name
