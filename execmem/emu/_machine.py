@@ -15,9 +15,8 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from types import ModuleType
 
-import keystone
-
 from execmem import arch as _arch
+from execmem._asm_engine import KeystoneFailure, assemble_own
 from execmem._errors import AssemblyError, ModelError
 from execmem._ranges import coalesce
 from execmem.emu._backend import EmulatedBackend
@@ -546,14 +545,12 @@ def assemble(spec: _arch.ArchSpec, source: str, address: int) -> tuple[bytes, di
     """Keystone-assemble ``source`` at ``address``; also return every label's address."""
     if spec.engines.keystone is None:
         raise ModelError(f"no assembler for {spec.name}")
-    ks = keystone.Ks(*spec.engines.keystone)
     labels = _labels(source)
     text = source + "\n" + "".join(f".quad {name}\n" for name in labels)
     try:
-        encoding, _ = ks.asm(text, address)
-    except keystone.KsError as exc:
+        raw = assemble_own(spec, text, address)
+    except KeystoneFailure as exc:
         raise AssemblyError(f"cannot assemble for {spec.name}: {exc}") from None
-    raw = bytes(encoding or b"")
     n = len(labels)
     code = raw[: len(raw) - 8 * n] if n else raw
     addrs = [int.from_bytes(raw[len(raw) - 8 * (n - i) : len(raw) - 8 * (n - i - 1)], "little") for i in range(n)]
