@@ -147,6 +147,11 @@ class ArchSpec:
     tlb_styles: tuple[str, ...]
     #: Cache-type features (CTR_EL0) that remove recipe steps, if any.
     cache_features: tuple[str, ...] = ()
+    #: Freed addresses are handed out again only after an epoch (every CPU has taken a
+    #: context-synchronization event since the free): instructions fetched before the
+    #: free survive TLB and cache maintenance until then (seeds/000).  False only in
+    #: the verification catalog's ``no-quarantine`` mutations.
+    quarantine: bool = True
     #: Default (D-line, I-line) sizes when the host cannot tell.
     cache_lines: tuple[int, int] = (64, 64)
     #: Tiny routines the native backend runs on this architecture when it is the host,
@@ -155,6 +160,17 @@ class ArchSpec:
     #: single-copy-atomic store), ``local_cse``, ``barrier``, ``clean_dcache`` /
     #: ``invalidate_icache`` (``(start, end, line)``), ``read_cache_type``.
     host_routines: tuple[tuple[str, str], ...] = ()
+    #: The call gate of ``function()`` callables (``execmem._gates``): assembly with
+    #: ``{SLOT}``, ``{TARGET}``, ``{STACK}``, ``{SAVE}``, ``{RESTORE}``, ``{RAISE}``,
+    #: ``{EXC}`` and ``{MSG}`` where 8-byte values go (immediates or literals).  Called
+    #: holding the GIL with the text's arguments: atomically increment the counter at
+    #: SLOT, full barrier, read the flag at SLOT+8; if set, decrement and return
+    #: RAISE(EXC, MSG); else state = SAVE(), call TARGET with the arguments and STACK
+    #: bytes of the caller's stack arguments, decrement, RESTORE(state), return the
+    #: text's result.  Empty: calls are counted in Python instead.
+    call_gate: str = ""
+    #: ``retire(slot) -> calls in flight``: store 1 at slot+8, full barrier, load slot.
+    gate_retire: str = ""
     #: One line per row for the README's synchronization table.
     summary: str = ""
     #: Extra per-architecture hooks used by the modeled machine (decoders etc.).
@@ -172,8 +188,16 @@ class ArchSpec:
             raise UnsupportedError(f"{self.name} has no recipe {name!r}") from None
 
     def with_recipes(self, **recipes: Recipe) -> ArchSpec:
-        """A copy with some recipes replaced (used by the verification mutations)."""
+        """A copy with some recipes replaced: the verification mutations, handed to a
+        backend (``Machine(spec.with_recipes(publish=...))``) whose allocator runs them."""
+        unknown = set(recipes) - {"publish", "publish_fresh", "patch"}
+        if unknown or not all(isinstance(r, Recipe) for r in recipes.values()):
+            raise ValueError(f"with_recipes takes publish, publish_fresh and patch Recipes, not {sorted(recipes)}")
         return replace(self, **recipes)  # type: ignore[arg-type]
+
+    def without_quarantine(self) -> ArchSpec:
+        """A copy whose freed addresses are reused at once (a verification mutation)."""
+        return replace(self, quarantine=False)
 
     def trap_bytes(self, size: int) -> bytes:
         """``size`` bytes of trap filler, aligned to the start of the pattern."""

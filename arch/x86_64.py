@@ -26,6 +26,100 @@ _MAP = RecipeStep(
     "executable only after the code is in place (Lutomirski, execmem thread, seeds/001)",
 )
 
+
+#: The call gate (``ArchSpec.call_gate``; System V AMD64 ABI).  Entry: rsp = 8 (mod 16),
+#: arguments in rdi, rsi, rdx, rcx, r8, r9, xmm0-7 (al: vector registers of a variadic
+#: call), the caller's stack arguments from rsp+8.  rbx keeps the slot and r12 the
+#: thread state across calls (callee-saved); r10/r11 are free scratch.  LOCK INC is
+#: atomic and a full barrier (SDM Vol. 3, 9.2.3.8: locked instructions have a total
+#: order and are not reordered with loads or stores), so the flag is read after the
+#: increment is globally visible.
+_CALL_GATE = """
+    push rbp
+    mov rbp, rsp
+    push rbx
+    push r12
+    movabs rbx, {SLOT}
+    lock inc qword ptr [rbx]
+    cmp qword ptr [rbx + 8], 0
+    jne refuse
+    sub rsp, 192
+    mov [rsp], rdi
+    mov [rsp + 8], rsi
+    mov [rsp + 16], rdx
+    mov [rsp + 24], rcx
+    mov [rsp + 32], r8
+    mov [rsp + 40], r9
+    mov [rsp + 48], rax
+    movdqu [rsp + 64], xmm0
+    movdqu [rsp + 80], xmm1
+    movdqu [rsp + 96], xmm2
+    movdqu [rsp + 112], xmm3
+    movdqu [rsp + 128], xmm4
+    movdqu [rsp + 144], xmm5
+    movdqu [rsp + 160], xmm6
+    movdqu [rsp + 176], xmm7
+    movabs rax, {SAVE}
+    call rax
+    mov r12, rax
+    mov rdi, [rsp]
+    mov rsi, [rsp + 8]
+    mov rdx, [rsp + 16]
+    mov rcx, [rsp + 24]
+    mov r8, [rsp + 32]
+    mov r9, [rsp + 40]
+    mov rax, [rsp + 48]
+    movdqu xmm0, [rsp + 64]
+    movdqu xmm1, [rsp + 80]
+    movdqu xmm2, [rsp + 96]
+    movdqu xmm3, [rsp + 112]
+    movdqu xmm4, [rsp + 128]
+    movdqu xmm5, [rsp + 144]
+    movdqu xmm6, [rsp + 160]
+    movdqu xmm7, [rsp + 176]
+    movabs r10, {STACK}
+    sub rsp, r10
+copy:
+    sub r10, 8
+    jb copied
+    mov r11, [rbp + r10 + 16]
+    mov [rsp + r10], r11
+    jmp copy
+copied:
+    movabs r11, {TARGET}
+    call r11
+    lock dec qword ptr [rbx]
+    movabs r10, {STACK}
+    add rsp, r10
+    mov [rsp], rax
+    mov [rsp + 8], rdx
+    movdqu [rsp + 16], xmm0
+    movdqu [rsp + 32], xmm1
+    mov rdi, r12
+    movabs rax, {RESTORE}
+    call rax
+    mov rax, [rsp]
+    mov rdx, [rsp + 8]
+    movdqu xmm0, [rsp + 16]
+    movdqu xmm1, [rsp + 32]
+    lea rsp, [rbp - 16]
+    pop r12
+    pop rbx
+    pop rbp
+    ret
+refuse:
+    lock dec qword ptr [rbx]
+    movabs rdi, {EXC}
+    movabs rsi, {MSG}
+    movabs rax, {RAISE}
+    call rax
+    xor eax, eax
+    pop r12
+    pop rbx
+    pop rbp
+    ret
+"""
+
 SPEC = ArchSpec(
     name="x86_64",
     aliases=("x86-64", "amd64", "x64"),
@@ -71,6 +165,10 @@ SPEC = ArchSpec(
         # CPUID is serializing on every x86-64 CPU (SERIALIZE is newer); rbx is callee-saved.
         ("local_cse", "push rbx; xor eax, eax; cpuid; pop rbx; ret"),
     ),
+    call_gate=_CALL_GATE,
+    # rdi = slot.  MFENCE orders the flag store before the counter load (SDM 8.2.3.4:
+    # a load may otherwise pass an earlier store to another location).
+    gate_retire="mov qword ptr [rdi + 8], 1; mfence; mov rax, qword ptr [rdi]; ret",
     summary="write via RW alias; membarrier(PRIVATE_EXPEDITED_SYNC_CORE) once per batch "
     "(fallback: mprotect-induced TLB-shootdown IPI); fresh packs: map after write, no membarrier",
 )

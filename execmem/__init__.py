@@ -25,12 +25,14 @@ from execmem._errors import (
     ModelError,
     OutOfBoundsError,
     OutOfMemoryError,
+    SizeError,
     SystemCallError,
     UnsafePatchError,
     UnsupportedError,
     UseAfterFreeError,
 )
-from execmem._text import JitFunction, JitText, TextState
+from execmem._gates import JitFunction
+from execmem._text import JitText, TextState
 
 __version__ = "0.1.0"
 
@@ -47,6 +49,7 @@ __all__ = [
     "ModelError",
     "OutOfBoundsError",
     "OutOfMemoryError",
+    "SizeError",
     "SystemCallError",
     "TextState",
     "UnsafePatchError",

@@ -25,6 +25,10 @@ class AlignmentError(ExecmemError, ValueError):
     """An alignment, size or offset is not acceptable (not a power of two, misaligned...)."""
 
 
+class SizeError(AlignmentError):
+    """A size is zero or negative (``jit_text_alloc(0)``): a ``ValueError`` too."""
+
+
 class OutOfMemoryError(ExecmemError, MemoryError):
     """The system refused memory, or a configured limit was reached."""
 
@@ -75,6 +79,7 @@ __all__ = [
     "ModelError",
     "OutOfBoundsError",
     "OutOfMemoryError",
+    "SizeError",
     "SystemCallError",
     "UnsafePatchError",
     "UnsupportedError",

@@ -91,11 +91,11 @@ def test_cache_features_remove_steps(make_allocator: Any) -> None:
 
 def test_recipes_overridable(make_allocator: Any) -> None:
     spec = execmem.arch.get("x86_64")
-    backend, a = make_allocator("x86_64", _recipes={"publish": spec.publish.without("remote_cse")})
+    backend, a = make_allocator(spec.with_recipes(publish=spec.publish.without("remote_cse")))
     a.jit_text_alloc(8).map()
     a.jit_text_alloc(8).map()
     assert backend.remote_cse_count == 0
-    backend2, b = make_allocator("x86_64", _recipes={"publish_fresh": spec.publish_fresh.moved_before("map", "write")})
+    backend2, b = make_allocator(spec.with_recipes(publish_fresh=spec.publish_fresh.moved_before("map", "write")))
     t = b.jit_text_alloc(8)
     t.write(0, X86_RET42)
     t.map()
@@ -212,14 +212,20 @@ def test_inplace_flow(make_allocator: Any) -> None:
     assert backend.inplace_units(backend.reservations[0]) == {}
 
 
-def test_free_while_writing_ends_inplace_and_refills(make_allocator: Any) -> None:
-    backend, a = make_allocator("x86_64")
+def test_free_while_writing_ends_inplace_and_refills_before_reuse(make_allocator: Any) -> None:
+    backend, a = make_allocator("x86_64", pack_size=4096)
     t = a.jit_text_alloc(16)
     t.map_rw_inplace()
     t.write(0, X86_RET42)
     t.free()
-    assert backend.read(t.address, 16) == b"\xcc" * 16
     assert backend.inplace_units(backend.reservations[0]) == {}
+    # The refill waits until the space is needed (unmapped pack: no epoch to wait for).
+    assert backend.read(t.address, len(X86_RET42)) == X86_RET42
+    assert S(a)["totals"]["unfilled_bytes"] == 64
+    u = a.jit_text_alloc(16)  # first fit: the freed chunk, refilled first
+    assert u.address == t.address and backend.read(t.address, 16) == b"\xcc" * 16
+    assert S(a)["totals"]["unfilled_bytes"] == 0
+    assert S(a)["events"]["refill_writes"] == 1
 
 
 # -- quarantine, epochs, packs ---------------------------------------------------------------
@@ -262,7 +268,7 @@ def test_no_quarantine_before_the_pack_was_ever_mapped(make_allocator: Any) -> N
 
 
 def test_quarantine_disabled_reuses_at_once(make_allocator: Any) -> None:
-    _backend, a = make_allocator("x86_64", _quarantine=False)
+    _backend, a = make_allocator(execmem.arch.get("x86_64").without_quarantine())
     a.jit_text_alloc(64).map()
     t = a.jit_text_alloc(64)
     t.map()
@@ -276,14 +282,14 @@ def test_empty_packs_beyond_keep_empty_are_unmapped_then_reused_after_an_epoch(m
     t.map()
     pack = backend.reservations[0]
     t.free()
-    assert verbs(backend)[-2:] == ["write", "unmap"]
+    assert verbs(backend)[-2:] == ["map", "unmap"]  # no refill at the free
     assert not pack.mapped
     (row,) = S(a)["packs"]
     assert row["retired"] and row["quarantined_bytes"] == 4096
     mark = len(backend.calls)
     u = a.jit_text_alloc(64)
     assert u.address == t.address  # the same reservation, reused as a fresh pack
-    assert verbs(backend, mark) == ["remote_cse"]
+    assert verbs(backend, mark) == ["remote_cse", "write"]  # the epoch, then the refill
     assert S(a)["epochs"]["forced"] == 1
     u.write(0, X86_RET42)
     u.map()
@@ -525,7 +531,7 @@ def test_bad_write_arguments_change_nothing(make_allocator: Any) -> None:
         ({"pack_size": 1024}, AlignmentError),
         ({"keep_empty": -1}, AlignmentError),
         ({"granularity": 64.0}, TypeError),
-        ({"_recipes": {"bogus": None}}, AlignmentError),
+        ({"granularity": True}, TypeError),
     ],
 )
 def test_bad_allocator_arguments(kw: dict[str, Any], error: type[Exception]) -> None:

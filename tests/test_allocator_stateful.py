@@ -1,11 +1,13 @@
 """Hypothesis state machine over the allocator core on the MemoryBackend.
 
-Random alloc / write / map / map_rw_inplace / finalize / update / free / batches /
-forced epochs, against a small model.  After every step:
+Random alloc / write / map / map_rw_inplace / finalize / update / free / batches
+(with frees, cancelled or not) / texts used as context managers / forced epochs,
+against a small model.  After every step:
 
 * no two texts overlap, every text is aligned and inside a live reservation;
 * every byte of every reservation that is not in a LIVE or WRITING text reads as
-  the architecture's trap filler, and those texts read as their shadow copies;
+  the architecture's trap filler, or, in a chunk freed and not refilled yet, as what
+  the freed text left there; those texts read as their shadow copies;
 * quarantined space is not reused before an epoch completed after its free;
 * the accounting adds up (per pack, in total, texts by state, reservations);
 * an illegal transition raised and changed nothing (backend memory, calls, stats).
@@ -53,6 +55,8 @@ class AllocatorMachine(RuleBasedStateMachine):
         self.state: dict[JitText, TextState] = {}
         #: (start, end, epoch stamp) of text footprints freed from a mapped reservation.
         self.freed: list[tuple[int, int, int]] = []
+        #: Chunk address -> what a freed text left in it (until its refill).
+        self.leftover: dict[int, bytes] = {}
 
     @initialize(pack_shift=st.sampled_from([12, 13, 14]), keep_empty=st.integers(0, 2))
     def setup(self, pack_shift: int, keep_empty: int) -> None:
@@ -171,6 +175,18 @@ class AllocatorMachine(RuleBasedStateMachine):
             return
         assert t.read() == shadow[:offset] + new + shadow[offset + len(new) :]
 
+    def will_free(self, t: JitText) -> None:
+        """Note what ``t`` leaves behind, just before it is freed."""
+        lo, hi = self.footprint(t)
+        gran = self.a.granularity
+        for chunk in range(lo, hi, gran):
+            self.leftover[chunk] = self.backend.read(chunk, gran)
+
+    def freed_now(self, t: JitText, mapped: bool, span: tuple[int, int], started: int) -> None:
+        self.state[t] = TextState.FREED
+        if mapped:
+            self.freed.append((*span, started))
+
     @rule(t=texts)
     def free(self, t: JitText) -> None:
         if self.state[t] is TextState.FREED:
@@ -179,18 +195,34 @@ class AllocatorMachine(RuleBasedStateMachine):
         mapped = t._pack.reservation.mapped
         span = self.footprint(t)
         started, _ = self.stamp()
+        self.will_free(t)
         t.free()
-        self.state[t] = TextState.FREED
-        if mapped:
-            self.freed.append((*span, started))
+        self.freed_now(t, mapped, span, started)
 
-    @rule(ts=st.lists(texts, max_size=4, unique=True), fail=st.booleans(), data=st.data())
-    def batch(self, ts: list[JitText], fail: bool, data: st.DataObject) -> None:
+    @rule(size=st.integers(1, 300), data=st.data())
+    def context_manager(self, size: int, data: st.DataObject) -> None:
+        """A text used as a context manager is freed when the block ends."""
+        with self.a.jit_text_alloc(size) as t:
+            self.align[t] = 16
+            self.state[t] = TextState.RESERVED
+            t.write(0, self.code(data, size))
+            t.map()
+            self.state[t] = TextState.LIVE
+            mapped, span, started = t._pack.reservation.mapped, self.footprint(t), self.stamp()[0]
+            self.will_free(t)
+        assert t.state is TextState.FREED
+        self.freed_now(t, mapped, span, started)
+
+    @rule(ts=st.lists(texts, max_size=4, unique=True), frees=st.lists(st.booleans(), min_size=4, max_size=4),
+          fail=st.booleans(), data=st.data())
+    def batch(self, ts: list[JitText], frees: list[bool], fail: bool, data: st.DataObject) -> None:
+        """Publishes, patches and frees deferred to the end of the block (or cancelled)."""
         before = self.fingerprint()
         done: dict[JitText, TextState] = {}
+        freeing: list[tuple[JitText, bool]] = []
         try:
             with self.a.batch():
-                for t in ts:
+                for t, free in zip(ts, frees, strict=False):
                     state = self.state[t]
                     if state is TextState.RESERVED:
                         t.map()
@@ -200,6 +232,12 @@ class AllocatorMachine(RuleBasedStateMachine):
                         done[t] = TextState.LIVE
                     elif state is TextState.LIVE and self.spec.insn_align == 1 and self.WRITE_UNIT == 1:
                         t.update(0, data.draw(st.sampled_from(X86_BYTES)))
+                    if free and state is not TextState.FREED:
+                        self.will_free(t)
+                        t.free()
+                        freeing.append((t, t._pack.reservation.mapped))
+                        with pytest.raises(UseAfterFreeError):
+                            t.free()  # queued for freeing already
                     assert t.state is state  # deferred
                 if fail:
                     raise Boom
@@ -207,6 +245,9 @@ class AllocatorMachine(RuleBasedStateMachine):
             assert self.fingerprint() == before
             return
         self.state.update(done)
+        for t, mapped in freeing:  # after the batch's publishes, with their epoch's stamp
+            assert t.state is TextState.FREED
+            self.freed_now(t, mapped, self.footprint(t), self.stamp()[0])
 
     @rule()
     def forced_epoch(self) -> None:
@@ -247,8 +288,15 @@ class AllocatorMachine(RuleBasedStateMachine):
     def memory_is_trap_except_published_code(self) -> None:
         if not hasattr(self, "a"):
             return
+        gran = self.a.granularity
+        packs = {pack.reservation.address: pack for pack, _ in self.a._pool.rows()}
         for res in self.backend.reservations:
             expected = bytearray(self.spec.trap_bytes(res.size))
+            chunks = packs[res.address].chunks
+            assert not chunks.dirty & chunks.used, "a chunk not refilled was handed out"
+            for i in range(chunks.n):
+                if chunks.dirty >> i & 1:  # freed, not refilled yet: what the text left
+                    expected[i * gran : (i + 1) * gran] = self.leftover[res.address + i * gran]
             for t, state in self.state.items():
                 if state in (TextState.LIVE, TextState.WRITING) and t._pack.reservation is res:
                     offset = t.address - res.address
@@ -264,6 +312,7 @@ class AllocatorMachine(RuleBasedStateMachine):
         total = 0
         for pack in stats["packs"]:
             assert pack["live_bytes"] + pack["free_bytes"] + pack["quarantined_bytes"] == pack["size"]
+            assert pack["unfilled_bytes"] <= pack["free_bytes"]
             total += pack["live_bytes"]
         footprints = sum(self.footprint(t)[1] - self.footprint(t)[0] for t, s in self.state.items() if s is not TextState.FREED)
         assert total == footprints == stats["totals"]["live_bytes"]

@@ -140,9 +140,9 @@ class Run:
     def __init__(self, arch: str, keep_empty: int, ops: list[Op], cleanup: bool, *,
                  recipes: dict[str, _arch.Recipe] | None = None, quarantine: bool = True) -> None:
         self.arch = arch
-        self.m = m = Machine(arch, cpus=2)
-        self.a = execmem.Allocator(backend=m, pack_size=0x1000, granularity=64, keep_empty=keep_empty,
-                                   _recipes=recipes or {}, _quarantine=quarantine)
+        spec = _arch.get(arch).with_recipes(**(recipes or {}))
+        self.m = m = Machine(spec if quarantine else spec.without_quarantine(), cpus=2)
+        self.a = execmem.Allocator(backend=m, pack_size=0x1000, granularity=64, keep_empty=keep_empty)
         self.host = m.host()
         self.slot, self.go, self.done = m.alloc(8), m.alloc(8), m.alloc(8)
         self.texts: list[_Text] = []
@@ -197,7 +197,7 @@ class Run:
         h = self.a.jit_text_alloc(size)
         span = self._footprint(h)
         _, completed = self._stamp()
-        for start, end, stamp in self.freed if self.a._quarantine else ():
+        for start, end, stamp in self.freed if self.a.arch.quarantine else ():
             if start < span[1] and span[0] < end:
                 assert completed > stamp, "quarantined space reused before its epoch"
         t = _Text(h, values, second=how in (1, 4), state=TextState.RESERVED, span=span)

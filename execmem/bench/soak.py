@@ -29,7 +29,8 @@ from typing import Any
 
 from execmem._allocator import Allocator
 from execmem._errors import UnsupportedError
-from execmem._text import JitFunction, JitText
+from execmem._gates import JitFunction
+from execmem._text import JitText
 from execmem.bench._measure import idle_thread, process_rss
 from execmem.native import NativeBackend, _procmaps
 
@@ -187,7 +188,7 @@ def run_soak(ops: int = 1_000_000, mode: str = "dual", sample_every: int | None 
         samples.append(row)
         wx += seen
     elapsed = time.perf_counter() - started
-    stats: dict[str, Any] = a.stats()
+    stats = a.stats()
     a.close()
     # Anonymous read+write memory over a released range may be Python's own by now.
     after = execmem_vmas(sorted(touched), _procmaps.read_maps())

@@ -55,6 +55,12 @@ class EmulatedBackend:
     mode = "emulated"
     page_size = PAGE
     write_unit = 1
+    #: Stores are single-copy atomic in the model and pages never lose execute permission.
+    concurrent_patch_safe = True
+    #: The code runs on the modeled CPUs (``Machine.call``), not in this process.
+    callable_in_process = False
+    #: One reservation may take the whole dynamic address range.
+    max_reservation = DYNAMIC_LIMIT - DYNAMIC_BASE
 
     def __init__(self) -> None:
         self._next_va = DYNAMIC_BASE

@@ -158,6 +158,9 @@ class NativeBackend:
         """True in a child forked after this backend was created (it may only close)."""
         return self._generation != _fork_generation
 
+    #: Published code runs in this process (``JitText.function``).
+    callable_in_process = True
+
     @property
     def concurrent_patch_safe(self) -> bool:
         """Whether ``atomic_store`` is safe while other threads execute the same page

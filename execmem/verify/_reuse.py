@@ -12,6 +12,7 @@ serialized (an epoch).
 from __future__ import annotations
 
 import execmem
+from execmem import arch as _arch
 from execmem.emu import Machine, MachineState
 from execmem.verify._framework import SAFE, UNSAFE, Case, Variant, first_fault, scenario
 from execmem.verify._jit import FUNCTION, _allocator
@@ -29,8 +30,9 @@ _REGS = {"arm64": ("x3", "x5", "x6", "x0"), "x86_64": ("rbx", "rbp", "r12", "rax
 
 
 def _reuse(arch: str, tlb: str, quarantine: bool) -> Case:
-    m = Machine(arch, cpus=2, tlb=tlb)
-    a = _allocator(m, quarantine=quarantine, keep_empty=0)
+    spec = _arch.get(arch)
+    m = Machine(spec if quarantine else spec.without_quarantine(), cpus=2, tlb=tlb)
+    a = _allocator(m, keep_empty=0)
     slot, go, called = m.alloc(8), m.alloc(8), m.alloc(8)
     f = a.jit_text_alloc(16)
     f.write(0, execmem.asm(FUNCTION[arch].format(value=1), arch, f.address))
