@@ -656,7 +656,7 @@ class Allocator:
                 raise
             self._undo = _DONE
             if frees:
-                self._pool.trim_quietly()
+                self._after_free({t._pack for t in frees})
 
     # -- live patching ------------------------------------------------------------------------
 
@@ -732,10 +732,23 @@ class Allocator:
                 self._rollback()
                 raise
             self._undo = _DONE
-            self._pool.trim_quietly()
+            self._after_free((text._pack,))
+
+    def _after_free(self, packs: Iterable[Pack]) -> None:
+        """Housekeeping once frees committed: the trap refill, one write per run of
+        freed chunks (what an exception or a refused write leaves undone is refilled
+        before the chunks are handed out again), then retiring empty packs."""
+        try:
+            for pack in packs:
+                if pack.chunks.dirty:
+                    self._pool.refill(pack)
+        except ExecmemError:
+            self._events["refill_errors"] += 1
+        self._pool.trim_quietly()
 
     def _free_now(self, text: JitText, undo: list[Callable[[], None]]) -> None:
-        """FREED now; reclaimed now, or when the calls in flight through its gates return."""
+        """FREED now; its chunks given back now (refill: ``_after_free``), or once the
+        calls in flight through its gates have returned."""
         previous = text._state
         pack = text._pack
         begun = [text] if previous is _WRITING else []
@@ -752,18 +765,19 @@ class Allocator:
         self._reclaim(text, previous, begun)
 
     def _reclaim(self, text: JitText, previous: TextState, begun: list[JitText]) -> None:
-        """Give a freed text's chunks back: dirty (refilled later) if code was written."""
+        """Give a freed text's chunks back, marked for a refill if code was written."""
         if begun:
             uninterrupted(self._end_inplace, text, begun)
         self._pool.free(text._pack, text._chunk, dirty=previous is not _RESERVED)
         text._gates = None  # drop the cached gates: the callables keep theirs
 
     def _reclaim_pinned(self, text: JitText) -> None:
-        """The last call of a pinned text returned (run uninterrupted: both or neither)."""
+        """The last call of a pinned text returned (run uninterrupted: all or nothing)."""
         if text in self._pinned:
             previous = text._freed_from
             self._reclaim(text, previous, [text] if previous is _WRITING else [])
             self._pinned.remove(text)
+            self._after_free((text._pack,))
 
     def _unfree(
         self,

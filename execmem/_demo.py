@@ -182,9 +182,13 @@ def run(args: argparse.Namespace) -> int:
         fib.free()
         freed = ctypes.string_at(address, size)
         traps = spec.trap_bytes(size)
-        # The refill is batched: trap bytes before the space is handed out again.
-        state = "all traps" if freed == traps else "refilled with traps before reuse"
-        results.append(("fib after free", f"{state}: {freed[:6].hex(' ')} ..."))
+        if freed == traps:
+            state = "all traps"
+        elif fib._pack.chunks.dirty:  # mprotect: refilling would stop the texts sharing its page
+            state = "kept until the texts sharing its page are freed"
+        else:
+            state = "NOT TRAPS"
+        results.append(("fib after free", f"{freed[:6].hex(' ')} ... ({state})"))
         try:
             fib.function(ctypes.c_int64, ctypes.c_int64)
         except execmem.UseAfterFreeError as exc:

@@ -24,17 +24,18 @@ Growth
     not a whole pack from the first one.  If the addresses after a pack are taken,
     it keeps its size.
 Refill
-    A free does not write: the freed chunks are marked *dirty* (their memory still
-    holds the freed code) and are refilled with trap instructions in batches, when
-    their space is needed again and before any of it is handed out, with one write
-    per run of chunks that holds no text (free and quarantined chunks between dirty
-    ones already hold traps).  A freed text is reachable only through raw pointers,
-    which execmem does not track (calls through ``function()`` are refused by their
-    call gate); until the refill such a pointer runs the freed code, after it a trap,
-    and after the quarantine epoch whatever is published there next.  With a coarse
-    write unit, a dirty chunk is refilled only while no text is in its write unit
-    (the write makes the unit briefly non-executable): a free never stops a
-    neighbour that is running.
+    Freed chunks are marked *dirty* (their memory holds the freed code) in the same
+    update that frees them, and :meth:`PackPool.refill` writes traps over a pack's
+    dirty chunks, one write per run of chunks that holds no text (free and
+    quarantined chunks between dirty ones already hold traps): right after a free
+    (after every free of a ``batch()``, together), so that a raw pointer into freed
+    code runs traps, as the design promises, and at the latest before any dirty
+    chunk is handed out again (first fit counts dirty chunks as free and refills
+    the pack when it picks one).  A refill the free could not make (a refused write,
+    an exception) waits for that.  With a coarse write unit, a dirty chunk is
+    refilled only while no text is in its write unit (the write makes the unit
+    briefly non-executable): a free never stops a neighbour that is running, and
+    its chunks keep the code until the unit's last text is gone.
 Epochs
     ``started``/``completed`` count the ``remote_cse`` steps run through
     :meth:`PackPool.remote_cse`.  Chunks freed from a mapped reservation are stamped

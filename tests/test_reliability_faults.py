@@ -52,6 +52,7 @@ import pytest
 
 import execmem
 from execmem import JitFunction, JitText, TextState
+from execmem import _gates
 from execmem._errors import ExecmemError
 from execmem.bench._measure import idle_thread
 from execmem.native import NativeBackend, _libc, _procmaps, _sync
@@ -195,6 +196,16 @@ def open_fds() -> set[int]:
     return {int(fd) for fd in os.listdir("/proc/self/fd")}
 
 
+def gate_ranges() -> list[tuple[int, int]]:
+    """What the process's call gates own (``execmem._gates``): one allocator for the
+    whole process, made by the first ``function()`` and never closed."""
+    gates = _gates.allocator_of_gates()
+    if gates is None:
+        return []
+    assert isinstance(gates.backend, NativeBackend)
+    return list(gates.backend.owned_ranges())
+
+
 def execmem_vmas(touched: list[tuple[int, int]], ignore: list[tuple[int, int]]) -> list[_procmaps.Vma]:
     """VMAs that could be execmem's: named after it, or inside a range it mapped and not
     anonymous read+write memory (which Python's allocators may have reused)."""
@@ -226,9 +237,11 @@ def audit_allocator(a: execmem.Allocator) -> list[str]:
     """Invariants of an allocator on the native backend, from the outside in:
 
     accounting adds up per pack and per state; every chunk that is free or
-    quarantined, and every retired pack, reads as trap filler; a LIVE text's memory
-    equals its shadow copy, a RESERVED text's memory is still trap filler, and the
-    padding around a text in its chunks is trap filler."""
+    quarantined reads as trap filler unless its refill is pending (then it is not
+    handed out), every retired pack too; a LIVE text's memory equals its shadow copy,
+    a RESERVED text's memory is still trap filler, and the padding around a text in
+    its chunks is trap filler; chunks in use are exactly the texts' (pinned texts,
+    freed while a call runs, included), none twice."""
     problems: list[str] = []
     st: dict[str, Any] = a.stats()
     backend = a.backend
@@ -250,12 +263,18 @@ def audit_allocator(a: execmem.Allocator) -> list[str]:
         region = pack.reservation.token
         assert isinstance(region, Region)
         mem = contents(backend, region)
-        traps = a._trap(pack.reservation, 0, region.size)
+        traps = a.arch.trap_bytes(region.size)
+        unfilled = pack.chunks.dirty
         if retired:
-            if mem is not None and mem != traps:
+            if mem is not None and any(
+                not unfilled >> i & 1 and mem[i * gran : (i + 1) * gran] != traps[i * gran : (i + 1) * gran]
+                for i in range(pack.chunks.n)
+            ):
                 problems.append(f"retired pack {pack.address:#x} holds something other than traps")
             continue
-        texts = [t for t in a._texts if t._pack is pack]
+        if unfilled & pack.chunks.used:
+            problems.append(f"pack {pack.address:#x}: a chunk whose refill is pending was handed out")
+        texts = [t for t in (*a._texts, *a._pinned) if t._pack is pack]
         owned = 0
         for t in texts:
             bits = ((1 << t._nchunks) - 1) << t._chunk
@@ -268,12 +287,10 @@ def audit_allocator(a: execmem.Allocator) -> list[str]:
             problems.append(f"pack {pack.address:#x}: a chunk is both in use and quarantined")
         if mem is None:
             continue
-        index = 0
-        for state, count in pack.chunks.runs():
-            lo, hi = index * gran, (index + count) * gran
-            if state != "live" and mem[lo:hi] != traps[lo:hi]:
-                problems.append(f"{state} chunks {index}..{index + count} of {pack.address:#x} are not traps")
-            index += count
+        for i in range(pack.chunks.n):
+            lo, hi = i * gran, (i + 1) * gran
+            if not (pack.chunks.used | unfilled) >> i & 1 and mem[lo:hi] != traps[lo:hi]:
+                problems.append(f"{pack.chunks.state(i)} chunk {i} of {pack.address:#x} is not traps")
         for t in texts:
             off = t.address - pack.address
             lo, hi = t._chunk * gran, (t._chunk + t._nchunks) * gran

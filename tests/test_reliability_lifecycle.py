@@ -28,7 +28,7 @@ from typing import Any
 import pytest
 
 import execmem
-from execmem import JitText, TextState
+from execmem import JitText, TextState, _gates
 from execmem._errors import ForkedProcessError, UseAfterFreeError
 from execmem.native import NativeBackend, _procmaps
 
@@ -212,9 +212,10 @@ def test_free_during_many_concurrent_calls_waits_for_the_last() -> None:
                 threads[k].join(10)
                 assert not threads[k].is_alive()
             assert results == [7] * callers
-            assert ctypes.string_at(t.address, 64) == b"\xcc" * 64
+            # The next verb reclaims it: refill and quarantine.
             assert S(a)["events"]["frees_deferred"] == 1
             assert S(a)["totals"]["quarantined_bytes"] >= 64
+            assert ctypes.string_at(t.address, 64) == b"\xcc" * 64
             assert all(o.function(ctypes.c_int)() == 10 + k for k, o in enumerate(others))
         finally:
             for f in flags:
@@ -313,7 +314,17 @@ class Closures:
 
             return Watched
 
+        def pyfunctype(restype: Any, *argtypes: Any) -> Any:  # the call gates' prototypes
+            return cfunctype(restype, *argtypes, _pyfunctype=True)
+
+        real_py = ctypes.PYFUNCTYPE
+        real_c = real
+        real = lambda restype, *argtypes, _pyfunctype=False, **kw: (  # noqa: E731
+            real_py(restype, *argtypes) if _pyfunctype else real_c(restype, *argtypes, **kw)
+        )
         monkeypatch.setattr(ctypes, "CFUNCTYPE", cfunctype)
+        monkeypatch.setattr(ctypes, "PYFUNCTYPE", pyfunctype)
+        monkeypatch.setattr(_gates, "_classes", {})  # prototypes made before the spy
         yield self
 
 
