@@ -57,13 +57,14 @@ import threading
 import warnings
 import weakref
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Collection, Iterable
+from dataclasses import dataclass
 from functools import partial
 from typing import Any, TypedDict
 
 from execmem import _checks, _gates, _recipes
 from execmem._backend import Backend
+from execmem._batch import Batch, BatchBlock
 from execmem._errors import (
     AlignmentError,
     BadStateError,
@@ -126,15 +127,6 @@ class AllocatorStats(TypedDict):
     recipes: dict[str, int]
     events: dict[str, int]
     backend: dict[str, object]
-
-
-@dataclass
-class _Batch:
-    texts: list[JitText] = field(default_factory=list)
-    patches: list[tuple[JitText, int, bytes]] = field(default_factory=list)
-    overlay: dict[JitText, bytearray] = field(default_factory=dict)
-    frees: list[JitText] = field(default_factory=list)
-    depth: int = 0
 
 
 @dataclass
@@ -303,14 +295,19 @@ class Allocator:
         }[text._state]
         raise BadStateError(f"{verb} is not allowed on a {text._state.name} text at {text.address:#x}: {hint}")
 
-    @staticmethod
-    def _not_pending(text: JitText, verb: str) -> None:
-        if text._pending is not None:
-            what = "freeing" if text._pending == "free" else "publishing"
+    def _not_pending(self, text: JitText, verb: str) -> None:
+        batch = self._batch()
+        if batch is not None and (text in batch.queued or text in batch.freeing):
+            what = "freeing" if text in batch.freeing else "publishing"
             raise BadStateError(f"{verb}: the text at {text.address:#x} is queued for {what} in a batch")
 
-    def _batch(self) -> _Batch | None:
-        return getattr(self._local, "batch", None)
+    def _batch(self) -> Batch | None:
+        """This thread's open batch (one whose block was left without its end is dropped:
+        ``_batch``)."""
+        batch: Batch | None = getattr(self._local, "batch", None)
+        if batch is not None and not batch.open():
+            self._local.batch = batch = None
+        return batch
 
     # -- allocation ---------------------------------------------------------------------------
 
@@ -365,31 +362,34 @@ class Allocator:
             self._undo = [partial(self._untake, snapshots, out)]
             try:
                 if shared and sum(steps) <= budget:  # the common case: one run
-                    out += self._alloc_run(wanted, counts, align, snapshots)
+                    self._alloc_run(wanted, counts, align, snapshots, out)
                 else:
                     group: list[int] = []
                     group_counts: list[int] = []
                     used = 0
                     for size, count, n in zip(wanted, counts, steps, strict=True):
                         if not shared or n > budget:
-                            out += self._alloc_run([size], [count], align, snapshots)  # a dedicated reservation
+                            self._alloc_run([size], [count], align, snapshots, out)  # a dedicated reservation
                             continue
                         if used + n > budget:
-                            out += self._alloc_run(group, group_counts, align, snapshots)
+                            self._alloc_run(group, group_counts, align, snapshots, out)
                             group, group_counts, used = [], [], 0
                         group.append(size)
                         group_counts.append(count)
                         used += n
                     if group:
-                        out += self._alloc_run(group, group_counts, align, snapshots)
+                        self._alloc_run(group, group_counts, align, snapshots, out)
             except BaseException:
                 self._rollback()
                 raise
             self._undo = _DONE
             return out
 
-    def _alloc_run(self, sizes: list[int], counts: list[int], align: int, snapshots: dict[Pack, tuple[object, ...]]) -> list[JitText]:
-        """Texts of ``sizes`` (``counts`` chunks each) side by side in one pack."""
+    def _alloc_run(
+        self, sizes: list[int], counts: list[int], align: int, snapshots: dict[Pack, tuple[object, ...]], out: list[JitText]
+    ) -> None:
+        """Texts of ``sizes`` (``counts`` chunks each) side by side in one pack, added to
+        ``out`` (the undo's list) before anything is taken for them."""
         gran = self.granularity
         if len(sizes) == 1:
             pack, chunks, taken = self._pool.place(sizes[0], align)
@@ -401,12 +401,12 @@ class Allocator:
         traps = {size: self.arch.trap_bytes(size) for size in set(sizes)}
         texts = JitText._run(self, pack, chunks, taken, sizes, traps)
         snapshots.setdefault(pack, pack.chunks.snapshot())
+        out += texts
         if len(chunks) == 1:
             pack.chunks.take(chunks[0], taken[0])
         else:
             pack.chunks.take_many(chunks, taken)
         self._texts.update(texts)
-        return texts
 
     # -- writing ------------------------------------------------------------------------------
 
@@ -517,8 +517,7 @@ class Allocator:
             self._not_pending(text, verb)
             batch = self._batch()
             if batch is not None:
-                text._pending = "publish"
-                batch.texts.append(text)
+                batch.publish([text])
                 return
             self._sync([text], [])
 
@@ -545,9 +544,7 @@ class Allocator:
                 if batch is None:
                     self._publisher.sync(items, [], undo)
                 else:
-                    for text in items:
-                        text._pending = "publish"
-                    batch.texts += items
+                    batch.publish(items)
             except BaseException:
                 self._rollback()
                 raise
@@ -585,12 +582,14 @@ class Allocator:
     def _check_publish(self, items: list[JitText], payloads: list[bytes] | None) -> None:
         """Raise unless every text may be published (with its code): under the lock."""
         publishable = (_RESERVED, _WRITING)
+        batch = self._batch()
+        queued = set() if batch is None else batch.queued | batch.freeing
         for text, code in zip(items, payloads or itertools.repeat(b""), strict=False):
             if (
                 type(text) is not JitText
                 or text._allocator is not self
                 or text._state not in publishable
-                or text._pending is not None
+                or text in queued
                 or len(code) > text._size
             ):
                 self._own(text)
@@ -613,38 +612,22 @@ class Allocator:
 
     # -- batches ------------------------------------------------------------------------------
 
-    @contextlib.contextmanager
-    def batch(self) -> Iterator[Allocator]:
-        """Defer ``map``/``finalize``/``publish``/``update``/``free`` in this thread to
-        one synchronization when the block exits; an exception cancels them all (the
-        texts stay unpublished, the patches unapplied, the texts to free allocated).
-        Nested blocks join the outermost."""
+    def batch(self) -> BatchBlock:
+        """``with allocator.batch():`` defers ``map``/``finalize``/``publish``/``update``/
+        ``free`` in this thread to one synchronization when the block exits; an
+        exception cancels them all (the texts stay unpublished, the patches unapplied,
+        the texts to free allocated).  Nested blocks join the outermost.  The queued
+        work is this thread's: other threads do not see it."""
+        return BatchBlock(self)
+
+    def _finish_batch(self, batch: Batch) -> None:
+        """The end of a batch's block: its publishes, patches and frees, one verb."""
         with self._lock:
             self._begin()
-        current = self._batch()
-        if current is not None:
-            current.depth += 1
-            try:
-                yield self
-            finally:
-                current.depth -= 1
-            return
-        batch = _Batch()
-        self._local.batch = batch
-        try:
-            yield self
-        except BaseException:
-            self._local.batch = None
-            with self._lock:
-                for text in (*batch.texts, *batch.frees):
-                    text._pending = None
-            raise
-        self._local.batch = None
-        with self._lock:
-            self._begin()
-            texts = [t for t in batch.texts if t._pending == "publish"]
-            patches = [p for p in batch.patches if p[0]._state is _LIVE and p[0]._pending is None]
-            frees = [t for t in batch.frees if t._pending == "free"]
+            freeing = batch.freeing
+            texts = [t for t in batch.texts if t._state in (_RESERVED, _WRITING) and t not in freeing]
+            patches = [p for p in batch.patches if p[0]._state is _LIVE and p[0] not in freeing]
+            frees = [t for t in batch.frees if t._state is not _FREED]
             undo = self._undo = []
             try:
                 if texts or patches:
@@ -713,17 +696,11 @@ class Allocator:
         with self._lock:
             self._begin()
             self._own(text)
-            if text._state is _FREED or text._pending == "free":
-                raise UseAfterFreeError(f"free: the text at {text.address:#x} has already been freed")
             batch = self._batch()
-            if batch is not None:
-                # Freed with the batch's publishes, or not at all if the block raises.
-                if text._pending == "publish":
-                    batch.texts.remove(text)
-                batch.patches = [p for p in batch.patches if p[0] is not text]
-                batch.overlay.pop(text, None)
-                text._pending = "free"
-                batch.frees.append(text)
+            if text._state is _FREED or (batch is not None and text in batch.freeing):
+                raise UseAfterFreeError(f"free: the text at {text.address:#x} has already been freed")
+            if batch is not None:  # freed with the batch's publishes, or not at all if it raises
+                batch.free(text)
                 return
             undo = self._undo = []
             try:
@@ -734,17 +711,19 @@ class Allocator:
             self._undo = _DONE
             self._after_free((text._pack,))
 
-    def _after_free(self, packs: Iterable[Pack]) -> None:
+    def _after_free(self, packs: Collection[Pack]) -> None:
         """Housekeeping once frees committed: the trap refill, one write per run of
         freed chunks (what an exception or a refused write leaves undone is refilled
         before the chunks are handed out again), then retiring empty packs."""
+        emptied = any(pack.chunks.empty for pack in packs)
         try:
             for pack in packs:
                 if pack.chunks.dirty:
                     self._pool.refill(pack)
         except ExecmemError:
             self._events["refill_errors"] += 1
-        self._pool.trim_quietly()
+        if emptied:  # only a pack a free emptied can be one too many
+            self._pool.trim_quietly()
 
     def _free_now(self, text: JitText, undo: list[Callable[[], None]]) -> None:
         """FREED now; its chunks given back now (refill: ``_after_free``), or once the
@@ -753,9 +732,9 @@ class Allocator:
         pack = text._pack
         begun = [text] if previous is _WRITING else []
         events = self._events
-        undo.append(partial(self._unfree, text, previous, text._pending, pack.chunks.snapshot(), events["freed"], begun))
+        undo.append(partial(self._unfree, text, previous, pack.chunks.snapshot(), events["freed"], begun))
         running = _gates.retire(text)
-        text._state, text._freed_from, text._pending = _FREED, previous, None
+        text._state, text._freed_from = _FREED, previous
         self._texts.discard(text)
         events["freed"] += 1
         if running:
@@ -783,7 +762,6 @@ class Allocator:
         self,
         text: JitText,
         previous: TextState,
-        pending: str | None,
         snapshot: tuple[object, ...],
         freed: int,
         begun: list[JitText],
@@ -795,7 +773,7 @@ class Allocator:
         if text in self._pinned:
             self._pinned.remove(text)
         self._events["freed"] = freed
-        text._state, text._pending = previous, pending
+        text._state = previous
         self._texts.add(text)
         _gates.revive(text)
 

@@ -87,8 +87,8 @@ class Slot:
     __slots__ = ("__weakref__", "_pool", "address")
 
     def __init__(self, pool: GatePool, address: int) -> None:
-        self._pool = pool
         self.address = address
+        self._pool = pool
 
     def inflight(self) -> int:
         return ctypes.c_int64.from_address(self.address).value
@@ -103,8 +103,11 @@ class Slot:
 
     def __del__(self) -> None:
         # Nothing refers to the slot any more (text and gates gone): reusable.  Only a
-        # deque append here: finalizers run at any point, in any thread.
-        self._pool.free_slots.append(self.address)
+        # deque append here: finalizers run at any point, in any thread (and on an
+        # object whose __init__ an exception cut short).
+        pool = getattr(self, "_pool", None)
+        if pool is not None:
+            pool.free_slots.append(self.address)
 
 
 class Gate:
@@ -113,13 +116,15 @@ class Gate:
     __slots__ = ("_pool", "address", "slot", "text")
 
     def __init__(self, pool: GatePool, text: JitText, slot: Slot) -> None:
-        self._pool = pool
         self.text = text
         self.slot = slot
         self.address = text.address
+        self._pool = pool
 
     def __del__(self) -> None:
-        self._pool.dead_gates.append(self.text)
+        pool = getattr(self, "_pool", None)
+        if pool is not None:
+            pool.dead_gates.append(self.text)
 
 
 class JitFunction:
@@ -254,7 +259,9 @@ class GatePool:
     def slot(self, text: JitText) -> Slot:
         """A fresh slot for ``text`` (counter 0, not retired)."""
         if not self.free_slots:
-            page = mmap.mmap(-1, mmap.PAGESIZE)  # read+write, never executable
+            # Read+write, never executable; private, so that a forked child's calls count
+            # in its own copy (a child that dies in a call leaves the parent's counts alone).
+            page = mmap.mmap(-1, mmap.PAGESIZE, flags=mmap.MAP_PRIVATE)
             self.pages.append(page)
             base = ctypes.addressof(ctypes.c_char.from_buffer(page))
             self.free_slots.extend(range(base, base + mmap.PAGESIZE, SLOT_BYTES))
@@ -345,10 +352,32 @@ def in_flight(text: JitText) -> int:
     return 0 if text._slot is None else text._slot.inflight()
 
 
+def collect() -> None:
+    """Free now the gates of callables already collected (otherwise the next
+    ``function()`` does): what the harnesses call before counting system calls."""
+    pool = _pools.get(os.getpid())
+    if pool is not None:
+        with pool.lock:
+            pool._collect()
+
+
 def allocator_of_gates() -> Allocator | None:
     """The allocator the gates of this process live in, if there is one yet (tests)."""
     pool = _pools.get(os.getpid())
     return None if pool is None else pool.allocator
 
 
-__all__ = ["Gate", "GatePool", "JitFunction", "Slot", "allocator_of_gates", "gate_pool", "in_flight", "make_function", "retire", "revive", "stack_bytes"]
+__all__ = [
+    "Gate",
+    "GatePool",
+    "JitFunction",
+    "Slot",
+    "allocator_of_gates",
+    "collect",
+    "gate_pool",
+    "in_flight",
+    "make_function",
+    "retire",
+    "revive",
+    "stack_bytes",
+]

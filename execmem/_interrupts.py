@@ -38,8 +38,17 @@ execmem uses commit points, and the helper thread only where undoing is impossib
    records it, on a helper thread when it is called from the main thread, and defers
    any exception raised in the main thread meanwhile until the step is complete.
    Elsewhere it simply calls it: no signal handler runs on other threads.
-4. What a verb does after its commit (trimming empty packs) is housekeeping of the
-   same kind; an exception there is as if it arrived just after the verb returned.
+4. What a verb does after its commit (the trap refill, trimming empty packs) is
+   housekeeping of the same kind; an exception there is as if it arrived just after
+   the verb returned.
+5. A ``with`` block's ``__exit__`` written in Python can be stopped before its first
+   line; ``batch()`` therefore keeps nothing on the texts until its end, and notices a
+   block that was left without it (``_batch``, :func:`with_body`).
+
+An exception that arrives as a verb returns can cost the caller its result (the verb
+itself completed), as with any Python call: between the allocator's commit and the
+return there is the lock's release, a call into C after which CPython checks.  A
+``jit_text_alloc`` whose handle is lost there stays allocated until ``close()``.
 
 ``tests/test_reliability_interrupts.py`` raises an exception at every line every verb
 executes (allocator, backend, recipes), in every native mode and on the modeled
@@ -52,13 +61,15 @@ thread by C code), which no Python code can defend against.
 from __future__ import annotations
 
 import ctypes
+import dis
 import os
 import queue
 import threading
 from collections import deque
 from collections.abc import Callable
-from functools import partial
+from functools import lru_cache, partial
 from itertools import chain
+from types import CodeType, FrameType
 from typing import Any, TypeVar
 
 R = TypeVar("R")
@@ -99,7 +110,12 @@ class _Helper:
         sem = ctypes.addressof(self._sem)
         self._post = partial(_libc.sem_post, sem)
         self._wait = partial(_libc.sem_wait, sem)
-        threading.Thread(target=self._serve, name="execmem-uninterrupted", daemon=True).start()
+        self.thread = threading.Thread(target=self._serve, name="execmem-uninterrupted", daemon=True)
+
+    def start(self) -> None:
+        """Start the thread unless it was (even by a ``start()`` an exception cut short)."""
+        if self.thread.ident is None:
+            self.thread.start()
 
     def _serve(self) -> None:
         while True:
@@ -145,6 +161,7 @@ def uninterrupted(fn: Callable[..., R], *args: Any) -> R:
     if helper is None:
         with _helper_lock:
             helper = _helper = _helper or _Helper()
+    helper.start()
     job = _Job(fn, args)
     helper.run(job)
     if job.error is not None:
@@ -152,4 +169,35 @@ def uninterrupted(fn: Callable[..., R], *args: Any) -> R:
     return job.result  # type: ignore[no-any-return]
 
 
-__all__ = ["uninterrupted"]
+
+
+def with_body(frame: FrameType) -> tuple[int, int] | None:
+    """The offsets ``[start, end)`` of the body of the ``with`` statement that ``frame``
+    is entering (it is executing BEFORE_WITH, or SETUP_WITH before 3.11), or None.
+
+    3.11 and later: the exception-table entries that lead to the statement's handler
+    (the one that covers the instruction after BEFORE_WITH) span the body.  3.10:
+    SETUP_WITH jumps to the handler, and the body ends at the block's POP_BLOCK."""
+    return _with_body(frame.f_code, frame.f_lasti)
+
+
+@lru_cache(maxsize=256)
+def _with_body(code: CodeType, at: int) -> tuple[int, int] | None:
+    instructions = list(dis.get_instructions(code))
+    here = next((i for i in instructions if i.offset == at), None)
+    if here is None:
+        return None
+    if here.opname == "BEFORE_WITH":
+        entries = dis.Bytecode(code).exception_entries  # type: ignore[attr-defined]
+        first = min((e for e in entries if e.start > at), key=lambda e: e.start, default=None)
+        if first is None:
+            return None
+        mine = [e for e in entries if e.target == first.target]
+        return min(e.start for e in mine), max(e.end for e in mine)
+    if here.opname == "SETUP_WITH":
+        end = max((i.offset for i in instructions if at < i.offset < here.argval and i.opname == "POP_BLOCK"), default=None)
+        return None if end is None else (at + 2, end)
+    return None
+
+
+__all__ = ["uninterrupted", "with_body"]

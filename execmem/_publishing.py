@@ -124,7 +124,7 @@ class Publisher:
             words.append((text._pack.reservation, res_offset, word, before[1]))
         ended: list[JitText] = []
         written = [run for run in runs if _work(run[0])]
-        undo.append(partial(self._undo, [(t, t._state) for t in texts], written, ended, words))
+        undo.append(partial(self._undo, [(t, t._state) for t in texts], written, ended, words, [(t, t._shadow) for t in shadows]))
 
         def write(runs: list[list[JitText]]) -> Callable[[], None]:
             todo = [run for run in runs if _work(run[0])]
@@ -162,7 +162,6 @@ class Publisher:
         live = _LIVE
         for text in texts:
             text._state = live
-            text._pending = None
         for text, shadow in shadows.items():
             text._shadow = shadow  # a private copy already (the old one may be shared bytes)
         self.events["published"] += len(texts)
@@ -186,11 +185,11 @@ class Publisher:
         written: list[list[JitText]],
         ended: list[JitText],
         words: list[tuple[Reservation, int, bytes, bytes]],
+        old_shadows: list[tuple[JitText, bytes | bytearray]],
     ) -> None:
         """Take a publish back, whatever part of it happened (idempotent)."""
         for text, state in states:
             text._state = state
-            text._pending = None
         for run in written:  # their memory held traps before: it does again
             first, last = run[0], run[-1]
             offset = offset_of(first)
@@ -200,6 +199,8 @@ class Publisher:
             uninterrupted(self._begin_inplace, text, ended)
         for res, res_offset, _new, old in reversed(words):
             uninterrupted(self.backend.atomic_store, res, res_offset, old)
+        for text, shadow in old_shadows:
+            text._shadow = shadow
 
 
 def offset_of(text: JitText) -> int:

@@ -56,7 +56,6 @@ class JitText:
         "_gates",
         "_nchunks",
         "_pack",
-        "_pending",
         "_shadow",
         "_size",
         "_slot",
@@ -85,7 +84,6 @@ class JitText:
         self._size = size
         self._shadow = trap
         self._staged = False  # whether write() touched the staging buffer
-        self._pending: str | None = None  # "publish" or "free" while queued in a batch
         self._slot = None
         self._gates = None
 
@@ -116,7 +114,6 @@ class JitText:
             t._size = size
             t._shadow = traps[size]
             t._staged = False
-            t._pending = None
             t._slot = None
             t._gates = None
         return out

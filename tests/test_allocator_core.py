@@ -657,3 +657,101 @@ def test_stats_and_occupancy(make_allocator: Any) -> None:
     (occ,) = a.occupancy()
     assert occ["runs"] == [("live", 2), ("quarantined", 1), ("live", 1), ("free", 60)]
     del t3
+
+
+# -- interrupted verbs (the enumeration is tests/test_reliability_interrupts.py) ------------
+
+
+def test_an_interrupted_rollback_is_finished_by_the_next_verb(make_allocator: Any) -> None:
+    """The undo of a verb stays registered until it has run to its end: here the
+    publish fails (a refused step), and its rollback is stopped too (a refused trap
+    write, as an exception would stop it); the next verb finishes the rollback first."""
+    backend, a = make_allocator("x86_64", pack_size=4096)
+    a.jit_text_alloc(64).map()  # a mapped pack: publish runs local_cse
+    t = a.jit_text_alloc(64)
+    t.write(0, X86_RET42)
+    before = backend.snapshot()
+    backend.fail("run_step:local_cse")
+    real_write = backend.write
+    writes = [0]
+
+    def write_then_fail(res: Any, offset: int, data: bytes) -> None:
+        writes[0] += 1
+        if writes[0] == 2:  # the first write publishes; the second is the rollback's
+            raise execmem.OutOfMemoryError("the rollback is interrupted")
+        real_write(res, offset, data)
+
+    backend.write = write_then_fail  # type: ignore[method-assign]
+    with pytest.raises(execmem.OutOfMemoryError, match="rollback is interrupted"):
+        t.map()
+    assert a._undo  # still registered: the rollback did not finish
+    backend.write = real_write  # type: ignore[method-assign]
+    assert S(a)["texts"]["LIVE"] == 1  # any verb finishes the rollback first
+    assert not a._undo and t.state is TextState.RESERVED and backend.snapshot() == before
+    t.map()
+    assert t.state is TextState.LIVE and backend.read(t.address, len(X86_RET42)) == X86_RET42
+
+
+def test_integers_are_plain_integers_before_any_bounds_check(make_allocator: Any) -> None:
+    """An int subclass that lies in its comparisons and arithmetic cannot slip past a
+    bounds check (issue 10): every size, offset and alignment is taken with operator.index."""
+
+    class Liar(int):
+        def __lt__(self, other: object) -> bool:
+            return False
+
+        def __le__(self, other: object) -> bool:
+            return True
+
+        def __gt__(self, other: object) -> bool:
+            return False
+
+        def __ge__(self, other: object) -> bool:
+            return True
+
+        def __add__(self, other: object) -> int:
+            return 0
+
+        __radd__ = __add__
+
+    backend, a = make_allocator("x86_64")
+    t, u = a.jit_text_alloc(16), a.jit_text_alloc(16)
+    with pytest.raises(execmem.OutOfBoundsError):
+        t.write(Liar(40), b"\x90" * 8)  # would land in u
+    with pytest.raises(execmem.OutOfBoundsError):
+        t.write(Liar(-8), b"\x90" * 8)
+    with pytest.raises(execmem.SizeError):
+        a.jit_text_alloc(Liar(0))
+    with pytest.raises(execmem.SizeError):
+        a.jit_text_alloc(Liar(-64))
+    assert a.jit_text_alloc(Liar(8), align=Liar(64)).address % 64 == 0
+    assert (t.read(), u.read()) == (b"\xcc" * 16, b"\xcc" * 16)
+
+
+@pytest.mark.parametrize("size", [0, -1, -4096])
+def test_sizes_below_one_are_size_errors(make_allocator: Any, size: int) -> None:
+    backend, a = make_allocator("x86_64")
+    with pytest.raises(execmem.SizeError) as info:
+        a.jit_text_alloc(size)
+    assert isinstance(info.value, ValueError) and isinstance(info.value, execmem.ExecmemError)
+    with pytest.raises(execmem.SizeError):
+        a.jit_text_alloc_many([16, size])
+    assert a.jit_text_alloc_many([]) == [] and backend.calls == []
+
+
+def test_numpy_like_integers_are_accepted(make_allocator: Any) -> None:
+    class Index:  # what numpy integers are to Python: __index__, not int
+        def __init__(self, value: int) -> None:
+            self.value = value
+
+        def __index__(self) -> int:
+            return self.value
+
+    _, a = make_allocator("x86_64")
+    t = a.jit_text_alloc(Index(32), align=Index(32))  # type: ignore[arg-type]
+    t.write(Index(4), b"\x90")  # type: ignore[arg-type]
+    assert t.size == 32 and type(t.size) is int and t.read()[4] == 0x90
+    with pytest.raises(TypeError):
+        a.jit_text_alloc(32.0)  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        a.jit_text_alloc(True)

@@ -39,6 +39,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import gc
 import os
 import platform
 import threading
@@ -51,8 +52,7 @@ from typing import Any
 import pytest
 
 import execmem
-from execmem import JitFunction, JitText, TextState
-from execmem import _gates
+from execmem import JitFunction, JitText, TextState, _gates
 from execmem._errors import ExecmemError
 from execmem.bench._measure import idle_thread
 from execmem.native import NativeBackend, _libc, _procmaps, _sync
@@ -194,6 +194,21 @@ class Tracer:
 
 def open_fds() -> set[int]:
     return {int(fd) for fd in os.listdir("/proc/self/fd")}
+
+
+def backend_pages(b: NativeBackend) -> set[int]:
+    """Pages of every range ``b`` owns, with its mprotect-IPI helper page."""
+    ranges = list(b.owned_ranges())
+    current = b._sync.remote._current if b._sync is not None else None
+    if getattr(current, "_page", 0):
+        ranges.append((current._page, PAGE))  # type: ignore[union-attr]
+    return {page for start, size in ranges for page in range(start // PAGE, -(-(start + size) // PAGE))}
+
+
+def gate_pages() -> set[int]:
+    """Pages of the process's call gates (never released: not any point's)."""
+    gates = _gates.allocator_of_gates()
+    return set() if gates is None else backend_pages(gates.backend)  # type: ignore[arg-type]
 
 
 def gate_ranges() -> list[tuple[int, int]]:
@@ -343,6 +358,11 @@ def _warm_and_threaded() -> Iterator[None]:
     page and lazy imports in place before anything is counted."""
     host_routines()
     execmem.asm("ret")
+    with execmem.Allocator() as a:  # the process's call gates exist from now on
+        t = a.jit_text_alloc(16)
+        t.write(0, const_fn(1))
+        t.map()
+        assert t.function(ctypes.c_int)() == 1
     with idle_thread():
         yield
 
@@ -431,15 +451,10 @@ class Env:
         return [self.backend, *self.others]
 
     def owned_pages(self) -> set[int]:
-        """Pages of every range the backends own, with the mprotect-IPI helper page."""
-        pages: set[int] = set()
+        """Pages of every range the backends own (and the process's call gates)."""
+        pages = gate_pages()
         for b in self.backends():
-            ranges = list(b.owned_ranges())
-            current = b._sync.remote._current if b._sync is not None else None
-            if getattr(current, "_page", 0):
-                ranges.append((current._page, PAGE))  # type: ignore[union-attr]
-            for start, size in ranges:
-                pages.update(range(start // PAGE, -(-(start + size) // PAGE)))
+            pages |= backend_pages(b)
         return pages
 
     def close(self) -> None:
@@ -759,9 +774,11 @@ def run_point(
     assert isinstance(by_alloc.backend, NativeBackend)
     # What is already mapped is not this point's: the bystander's packs, and whatever
     # earlier tests in the process left to their (unclosed) allocators.
-    ignore = by_alloc.backend.owned_ranges() + [
+    ignore = by_alloc.backend.owned_ranges() + gate_ranges() + [
         (v.start, v.end - v.start) for v in _procmaps.read_maps() if "execmem" in v.path
     ]
+    gc.collect()
+    _gates.collect()  # gates of callables of earlier points: not this point's calls
     fds_before = open_fds()
     tracer = Tracer(allow_wx=False)
     # stats() reads /proc/self/smaps for its large-page report (5 ms a time); the
@@ -812,7 +829,8 @@ def run_point(
         finally:
             env.close()
     where_after = f"{where} (after close)"
-    assert tracer.pages == set(), f"{where_after}: still mapped by execmem: {len(tracer.pages)} pages"
+    left = tracer.pages - gate_pages()  # the call gates grow and stay for the process
+    assert left == set(), f"{where_after}: still mapped by execmem: {len(left)} pages"
     assert tracer.fds == set(), f"{where_after}: fds still open: {tracer.fds}"
     assert execmem_vmas(tracer.touched, ignore) == [], where_after
     assert open_fds() == fds_before, where_after

@@ -27,9 +27,9 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
+from execmem import _gates
 from execmem._allocator import Allocator
 from execmem._errors import UnsupportedError
-from execmem import _gates
 from execmem._gates import JitFunction
 from execmem._text import JitText
 from execmem.bench._measure import idle_thread, process_rss

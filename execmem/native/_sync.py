@@ -217,8 +217,10 @@ class _MprotectIpi:
             self._sys.mprotect(self._page, self._size, rw)
             self._writable = True
         ctypes.memset(self._page, 1, 1)  # present and dirty: the downgrade needs a flush
-        self._sys.mprotect(self._page, self._size, _libc.PROT_READ)
+        # Not writable from before the downgrade: an exception (KeyboardInterrupt) just
+        # after it must not leave the next run writing to a read-only page.
         self._writable = False
+        self._sys.mprotect(self._page, self._size, _libc.PROT_READ)
         self._sys.mprotect(self._page, self._size, rw)
         self._writable = True
 
@@ -316,8 +318,9 @@ class RemoteCse:
         mask: int | None = None
         while self._index < len(self._candidates):
             name = self._candidates[self._index]
-            self._index += 1
             mechanism = self._make(name)
+            # The index moves on only once a candidate is judged: an exception that
+            # stops the judging (KeyboardInterrupt in the probe) leaves it to retry.
             try:
                 if isinstance(mechanism, _Membarrier):
                     if mask is None:
@@ -326,13 +329,16 @@ class RemoteCse:
                         raise _Unavailable(f"{name}: membarrier unusable")
                 mechanism.prepare(mask or 0)
             except _Unavailable as exc:
+                self._index += 1
                 self.notes.append(str(exc))
                 continue
             except ExecmemError as exc:
                 if _libc.errno_of(exc) not in _FALLBACK_ERRNOS:
                     raise
+                self._index += 1
                 self.notes.append(f"{name}: {exc}")
                 continue
+            self._index += 1
             self._current = mechanism
             return mechanism
         message = "no way to make other threads take a context synchronization event: " + "; ".join(self.notes)
