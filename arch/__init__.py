@@ -160,15 +160,19 @@ class ArchSpec:
     #: single-copy-atomic store), ``local_cse``, ``barrier``, ``clean_dcache`` /
     #: ``invalidate_icache`` (``(start, end, line)``), ``read_cache_type``.
     host_routines: tuple[tuple[str, str], ...] = ()
-    #: The call gate of ``function()`` callables (``execmem._gates``): assembly with
-    #: ``{SLOT}``, ``{TARGET}``, ``{STACK}``, ``{SAVE}``, ``{RESTORE}``, ``{RAISE}``,
-    #: ``{EXC}`` and ``{MSG}`` where 8-byte values go (immediates or literals).  Called
-    #: holding the GIL with the text's arguments: atomically increment the counter at
-    #: SLOT, full barrier, read the flag at SLOT+8; if set, decrement and return
-    #: RAISE(EXC, MSG); else state = SAVE(), call TARGET with the arguments and STACK
-    #: bytes of the caller's stack arguments, decrement, RESTORE(state), return the
-    #: text's result.  Empty: calls are counted in Python instead.
+    #: The call gate of ``function()`` callables (``execmem._gates``), one per process:
+    #: entered from a stub holding the GIL, with the caller's arguments and the
+    #: address of a *record* in a scratch register (its 8-byte fields: slot, target,
+    #: stack bytes, save, restore, raise, exception, message).  It atomically
+    #: increments the counter at slot, issues a full barrier and reads the flag at
+    #: slot+8; if set, decrements and returns raise(exception, message); else
+    #: state = save(), calls target with the arguments and the caller's first "stack
+    #: bytes" of stack arguments, decrements, restore(state), returns the result.
+    #: Empty: calls are counted in Python instead.
     call_gate: str = ""
+    #: A callable's stub, at most 32 bytes: ``{RECORD}`` into the gate's record
+    #: register, then a jump to ``{GATE}`` (both 8-byte values in the code).
+    gate_stub: str = ""
     #: ``retire(slot) -> calls in flight``: store 1 at slot+8, full barrier, load slot.
     gate_retire: str = ""
     #: One line per row for the README's synchronization table.

@@ -3,24 +3,31 @@
 ``free()`` must not refill or reuse a text while a call through one of its
 ``function()`` callables runs, and a call made after ``free()`` must raise
 ``UseAfterFreeError``.  Counting calls in Python (a lock around every call) cost 6.5
-times a raw ctypes call; here the callable goes straight into a small generated
-*gate* that does the accounting itself:
+times a raw ctypes call; here the callable goes straight into generated machine code
+that does the accounting itself:
 
-* A text's **slot** is 64 bytes of a read+write, never executable data page (an
-  anonymous ``mmap``): a counter of calls in flight at +0 and a *retired* flag at +8.
-* Its **gate** (the architecture's ``ArchSpec.call_gate`` template, with the slot,
-  the entry point and a few addresses patched in) increments the counter atomically,
-  issues a full barrier and reads the flag.  If the text was freed it decrements
-  again and raises ``UseAfterFreeError`` through ``PyErr_SetObject``; otherwise it
-  releases the GIL (``PyEval_SaveThread``), calls the text with the caller's
-  arguments, decrements the counter, takes the GIL back and returns the text's
-  result.  Gates are texts of a process-wide allocator of their own (W^X and
-  synchronized as every text), so they outlive the allocator of the text they
-  lead to: a call after ``close()`` raises too.
+* A text's **slot** is 64 bytes of a read+write, never executable data page (a
+  private anonymous ``mmap``): a counter of calls in flight at +0 and a *retired*
+  flag at +8.
+* A callable's **record**, 64 bytes of another such page, holds what its calls need:
+  the slot, the entry point, the stack bytes to forward, the C-API functions that
+  release and take back the GIL and raise, the exception and its message.
+* Its **stub**, a few instructions (``ArchSpec.gate_stub``), loads the record's
+  address into a scratch register and jumps to **the gate** (``ArchSpec.call_gate``),
+  one per process, which increments the slot's counter atomically, issues a full
+  barrier and reads the flag.  If the text was freed it decrements again and raises
+  ``UseAfterFreeError`` through ``PyErr_SetObject``; otherwise it releases the GIL
+  (``PyEval_SaveThread``), calls the text with the caller's arguments, decrements,
+  takes the GIL back and returns the text's result.  The gate and the stubs (64 at a
+  time) are texts of a process-wide allocator of their own (W^X and synchronized as
+  every text), published once: making a callable writes a record, no system call.
+  They outlive the allocator of the text they lead to: a call after ``close()``
+  raises too.
 * The callable is a ctypes function pointer of the ``PYFUNCTYPE`` kind (a subclass
-  that is also a :class:`JitFunction`): ctypes calls the gate *holding* the GIL and
-  checks for a Python error afterwards, so the refusal is an ordinary exception and
-  the call costs what a raw ``CFUNCTYPE`` call costs (which releases the GIL too).
+  that is also a :class:`JitFunction`) pointing at its stub: ctypes calls it *holding*
+  the GIL and checks for a Python error afterwards, so the refusal is an ordinary
+  exception and the call costs what a raw ``CFUNCTYPE`` call costs (which releases
+  the GIL too).
 * ``free()`` runs the architecture's ``gate_retire`` routine: set the flag, full
   barrier, read the counter (Dekker's handshake with the gate's increment-barrier-
   read: one of the two sees the other).  A non-zero count leaves the text *pinned*;
@@ -33,7 +40,7 @@ Arguments: registers are forwarded untouched.  Stack arguments are copied (the
 gate's own frame sits between the caller and the text): as many bytes as the
 prototype can need, at least 64 (arguments passed beyond the prototype are forwarded
 up to that).  A ``c_longdouble`` result (x87 ``st0``, which must not be live across
-the call that takes the GIL back) uses a gate that keeps the GIL during the call.
+the call that takes the GIL back) gets a record that keeps the GIL during the call.
 An architecture without a gate template gets :class:`_CountedFunction`, which counts
 in Python under the GIL.
 """
@@ -54,12 +61,15 @@ if TYPE_CHECKING:
     from execmem._text import JitText
     from execmem.arch import ArchSpec
 
-#: Bytes per slot: one cache line, so counters of different texts never share one.
+#: Bytes per slot and per record: one cache line each.
 SLOT_BYTES = 64
+#: A record's fields, 8 bytes each in this order (``ArchSpec.call_gate`` reads them).
+RECORD_FIELDS = ("SLOT", "TARGET", "STACK", "SAVE", "RESTORE", "RAISE", "EXC", "MSG")
+#: Stubs published at a time, and the bytes each takes (``ArchSpec.gate_stub``).
+STUBS = 64
+STUB_BYTES = 32
 #: Stack bytes a gate always forwards (arguments beyond the prototype, up to this).
 MIN_STACK = 64
-#: Names a ``call_gate`` template is formatted with (each an 8-byte field once assembled).
-GATE_FIELDS = ("SLOT", "TARGET", "STACK", "SAVE", "RESTORE", "RAISE", "EXC", "MSG")
 _MARKER = 0x7E5E_6A7E_0000_0000
 
 
@@ -84,10 +94,12 @@ def stack_bytes(argtypes: tuple[Any, ...]) -> int:
 class Slot:
     """A text's counter of calls in flight and its retired flag (see the module docstring)."""
 
-    __slots__ = ("__weakref__", "_pool", "address")
+    __slots__ = ("__weakref__", "_pool", "address", "message")
 
-    def __init__(self, pool: GatePool, address: int) -> None:
+    def __init__(self, pool: GatePool, address: int, message: str) -> None:
         self.address = address
+        #: What a refused call raises with (the gate reads it through its record).
+        self.message = message
         self._pool = pool
 
     def inflight(self) -> int:
@@ -111,20 +123,23 @@ class Slot:
 
 
 class Gate:
-    """One gate: its code (a text of the gate pool) and the slot it counts in."""
+    """One way into a text: a stub (its ``address``, what the callable points at), the
+    record the stub hands to the gate, and the slot the record names."""
 
-    __slots__ = ("_pool", "address", "slot", "text")
+    __slots__ = ("_pool", "address", "record", "slot")
 
-    def __init__(self, pool: GatePool, text: JitText, slot: Slot) -> None:
-        self.text = text
+    def __init__(self, pool: GatePool, stub: tuple[int, int], slot: Slot) -> None:
+        self.address, self.record = stub
         self.slot = slot
-        self.address = text.address
         self._pool = pool
 
     def __del__(self) -> None:
+        # No callable refers to the stub any more, so no call runs through it: the
+        # stub and its record may serve another gate.  (A deque append: finalizers run
+        # at any point, in any thread, on objects whose __init__ may have been cut short.)
         pool = getattr(self, "_pool", None)
         if pool is not None:
-            pool.dead_gates.append(self.text)
+            pool.free_stubs.append((self.address, self.record))
 
 
 class JitFunction:
@@ -192,7 +207,7 @@ def _function_class(restype: Any, argtypes: tuple[Any, ...]) -> type:
 
 
 class GatePool:
-    """The process's call gates and slots (one per process: :func:`gate_pool`)."""
+    """The process's gate, stubs, records and slots (one per process: :func:`gate_pool`)."""
 
     def __init__(self) -> None:
         from execmem._allocator import Allocator
@@ -203,8 +218,7 @@ class GatePool:
         self.spec: ArchSpec = spec
         self.pages: list[mmap.mmap] = []
         self.free_slots: deque[int] = deque()
-        self.dead_gates: deque[JitText] = deque()
-        self._message_of: dict[int, str] = {}
+        self.free_stubs: deque[tuple[int, int]] = deque()
         api = ctypes.pythonapi
         self._fields = {
             "SAVE": _c_address(api.PyEval_SaveThread),
@@ -212,64 +226,77 @@ class GatePool:
             "RAISE": _c_address(api.PyErr_SetObject),
             "EXC": id(UseAfterFreeError),
         }
-        #: What a gate that keeps the GIL calls instead of releasing and taking it back:
-        #: a C-API function without arguments or effects.
+        #: What a record that keeps the GIL names instead of the functions that release
+        #: and take it back: a C-API function without arguments or effects.
         self._no_gil_change = _c_address(api.Py_IsInitialized)
-        self._template: bytes | None = None
-        self._offsets: dict[str, list[int]] = {}
+        self._texts: list[JitText] = []  # the gate, the retire routine, the stubs: kept for good
         self._retire: Any = None
+        self._gate = 0
+        self._stub: tuple[bytes, int, int] | None = None
         if spec.call_gate:
-            self._template, self._offsets = self._assemble(spec.call_gate)
-            self._support = self._publish(self._routine(spec.gate_retire))
-            self._retire = ctypes.CFUNCTYPE(ctypes.c_int64, ctypes.c_void_p)(self._support.address)
+            support = self._publish(self._routine(spec.call_gate), self._routine(spec.gate_retire))
+            self._gate = support.address
+            self._retire = ctypes.CFUNCTYPE(ctypes.c_int64, ctypes.c_void_p)(support.address + len(self._routine(spec.call_gate)))
+            self._stub = self._stub_template(spec.gate_stub)
 
     # -- building ---------------------------------------------------------------------
 
     def _routine(self, source: str) -> bytes:
+        """``source`` assembled (position independent), padded to 16 with traps."""
         from execmem._asm import asm
 
         code = asm(source, self.spec.name, 0)
-        align = 16
-        return code + self.spec.trap_bytes(-len(code) % align)
+        return code + self.spec.trap_bytes(-len(code) % 16)
 
-    def _assemble(self, template: str) -> tuple[bytes, dict[str, list[int]]]:
-        """The template assembled once with a distinct marker in each field, and where
-        each field's 8 bytes are (the markers are found in the machine code)."""
-        markers = {name: _MARKER + i + 1 for i, name in enumerate(GATE_FIELDS)}
-        code = self._routine(template.format(**{k: hex(v) for k, v in markers.items()}))
-        offsets: dict[str, list[int]] = {}
-        for name, value in markers.items():
-            needle = value.to_bytes(8, "little")
-            at = code.find(needle)
-            while at >= 0:
-                offsets.setdefault(name, []).append(at)
-                at = code.find(needle, at + 1)
-            if name not in offsets:
-                raise UnsupportedError(f"{self.spec.name}: the call gate template never uses {name}")
-        return code, offsets
+    def _stub_template(self, template: str) -> tuple[bytes, int, int]:
+        """The stub assembled once with markers for RECORD and GATE, and where their
+        8-byte values are in the code (found by the markers)."""
+        record, gate = _MARKER + 1, _MARKER + 2
+        code = self._routine(template.format(RECORD=hex(record), GATE=hex(gate)))
+        at_record, at_gate = code.find(record.to_bytes(8, "little")), code.find(gate.to_bytes(8, "little"))
+        if at_record < 0 or at_gate < 0 or len(code) > STUB_BYTES:
+            raise UnsupportedError(f"{self.spec.name}: the gate stub must hold RECORD and GATE in {STUB_BYTES} bytes")
+        return code, at_record, at_gate
 
-    def _publish(self, code: bytes) -> JitText:
+    def _publish(self, *codes: bytes) -> JitText:
+        code = b"".join(codes)
         text = self.allocator.jit_text_alloc(len(code))
         text.write(0, code)
         text.map()
+        self._texts.append(text)
         return text
+
+    def _page(self) -> int:
+        # Read+write, never executable; private, so that a forked child's calls count
+        # in its own copy (a child that dies in a call leaves the parent's counts alone).
+        page = mmap.mmap(-1, mmap.PAGESIZE, flags=mmap.MAP_PRIVATE)
+        self.pages.append(page)
+        return ctypes.addressof(ctypes.c_char.from_buffer(page))
+
+    def _more_stubs(self) -> None:
+        """``STUBS`` stubs, each with its record, published as one text."""
+        assert self._stub is not None
+        code, at_record, at_gate = self._stub
+        records = [self._page() + i * SLOT_BYTES for i in range(mmap.PAGESIZE // SLOT_BYTES)][:STUBS]
+        image = bytearray()
+        for record in records:
+            stub = bytearray(code + self.spec.trap_bytes(STUB_BYTES - len(code)))
+            stub[at_record : at_record + 8] = record.to_bytes(8, "little")
+            stub[at_gate : at_gate + 8] = self._gate.to_bytes(8, "little")
+            image += stub
+        text = self._publish(bytes(image))
+        self.free_stubs.extend((text.address + i * STUB_BYTES, record) for i, record in enumerate(records))
 
     # -- slots and gates --------------------------------------------------------------
 
     def slot(self, text: JitText) -> Slot:
         """A fresh slot for ``text`` (counter 0, not retired)."""
         if not self.free_slots:
-            # Read+write, never executable; private, so that a forked child's calls count
-            # in its own copy (a child that dies in a call leaves the parent's counts alone).
-            page = mmap.mmap(-1, mmap.PAGESIZE, flags=mmap.MAP_PRIVATE)
-            self.pages.append(page)
-            base = ctypes.addressof(ctypes.c_char.from_buffer(page))
+            base = self._page()
             self.free_slots.extend(range(base, base + mmap.PAGESIZE, SLOT_BYTES))
         address = self.free_slots.popleft()
         ctypes.memset(address, 0, SLOT_BYTES)
-        # The message object the gate raises with; kept as long as the slot may be read.
-        self._message_of[address] = f"the text at {text.address:#x} has been freed"
-        return Slot(self, address)
+        return Slot(self, address, f"the text at {text.address:#x} has been freed")
 
     def retire(self, address: int) -> int:
         if self._retire is None:
@@ -278,24 +305,17 @@ class GatePool:
         return int(self._retire(address))
 
     def gate(self, slot: Slot, entry: int, argtypes: tuple[Any, ...], *, hold_gil: bool) -> Gate:
-        """A published gate into ``entry`` counting in ``slot``."""
-        self._collect()
-        assert self._template is not None
+        """A stub whose record leads into ``entry``, counting in ``slot``."""
+        if not self.free_stubs:
+            self._more_stubs()
+        stub = self.free_stubs.popleft()
         fields = dict(self._fields)
         if hold_gil:
             fields["SAVE"] = fields["RESTORE"] = self._no_gil_change
-        fields.update(SLOT=slot.address, TARGET=entry, STACK=stack_bytes(argtypes), MSG=id(self._message_of[slot.address]))
-        code = bytearray(self._template)
-        for name, places in self._offsets.items():
-            for at in places:
-                code[at : at + 8] = fields[name].to_bytes(8, "little")
-        return Gate(self, self._publish(bytes(code)), slot)
-
-    def _collect(self) -> None:
-        """Free the gates nothing refers to any more (their callables are gone)."""
-        while self.dead_gates:
-            text = self.dead_gates.popleft()
-            text.free()
+        fields.update(SLOT=slot.address, TARGET=entry, STACK=stack_bytes(argtypes), MSG=id(slot.message))
+        record = b"".join(fields[name].to_bytes(8, "little") for name in RECORD_FIELDS)
+        ctypes.memmove(stub[1], record, len(record))
+        return Gate(self, stub, slot)
 
 
 _pools: dict[int, GatePool] = {}
@@ -321,7 +341,7 @@ def make_function(text: JitText, restype: Any, argtypes: tuple[Any, ...], entry:
         slot = text._slot
         if slot is None:
             slot = text._slot = pool.slot(text)
-        if pool._template is None:
+        if not pool._gate:
             fallback = _CountedFunction(ctypes.CFUNCTYPE(restype, *argtypes)(entry), slot)
             fallback._text, fallback._entry, fallback._gate = text, entry, None
             return fallback
@@ -352,13 +372,13 @@ def in_flight(text: JitText) -> int:
     return 0 if text._slot is None else text._slot.inflight()
 
 
-def collect() -> None:
-    """Free now the gates of callables already collected (otherwise the next
-    ``function()`` does): what the harnesses call before counting system calls."""
-    pool = _pools.get(os.getpid())
-    if pool is not None:
-        with pool.lock:
-            pool._collect()
+def prepare(count: int) -> None:
+    """Publish stubs until ``count`` callables can be made without a system call (what
+    a program that must not make one later, or a harness counting them, calls first)."""
+    pool = gate_pool()
+    with pool.lock:
+        while pool._gate and len(pool.free_stubs) < count:
+            pool._more_stubs()
 
 
 def allocator_of_gates() -> Allocator | None:
@@ -373,7 +393,7 @@ __all__ = [
     "JitFunction",
     "Slot",
     "allocator_of_gates",
-    "collect",
+    "prepare",
     "gate_pool",
     "in_flight",
     "make_function",

@@ -714,7 +714,7 @@ def test_integers_are_plain_integers_before_any_bounds_check(make_allocator: Any
 
         __radd__ = __add__
 
-    backend, a = make_allocator("x86_64")
+    _backend, a = make_allocator("x86_64")
     t, u = a.jit_text_alloc(16), a.jit_text_alloc(16)
     with pytest.raises(execmem.OutOfBoundsError):
         t.write(Liar(40), b"\x90" * 8)  # would land in u

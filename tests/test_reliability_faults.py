@@ -777,8 +777,8 @@ def run_point(
     ignore = by_alloc.backend.owned_ranges() + gate_ranges() + [
         (v.start, v.end - v.start) for v in _procmaps.read_maps() if "execmem" in v.path
     ]
-    gc.collect()
-    _gates.collect()  # gates of callables of earlier points: not this point's calls
+    gc.collect()  # callables of earlier points give their stubs back
+    _gates.prepare(16)  # so that no point's flow publishes stubs of its own
     fds_before = open_fds()
     tracer = Tracer(allow_wx=False)
     # stats() reads /proc/self/smaps for its large-page report (5 ms a time); the

@@ -540,7 +540,7 @@ def check_point(case: str, mode: str, prepare: Prepare, after: tuple[object, ...
     """One point: a fresh Env, the verb with the exception armed at ``arm_at``, the
     checks.  Returns the exception (None: the verb completed first), the outcome
     ("no trace", "completed" or "neither") and the problems found."""
-    _gates.collect()  # gates of earlier points' callables, freed before this one counts
+    _gates.prepare(16)  # so that no point's verb publishes call-gate stubs of its own
     fds = open_fds()
     vmas = {v for v in _procmaps.read_maps() if "execmem" in v.path}
     env = Env(mode)
