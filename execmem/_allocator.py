@@ -5,8 +5,9 @@ everything that depends on the architecture is asked of its ``ArchSpec`` (the
 backend's: a verification mutation is a backend handed a mutated spec).  Packs,
 placement, refill, quarantine epochs and retirement are in ``_packs``; recipe
 execution and the live-patch rule in ``_recipes``; running a batch's recipes over
-texts and patch words in ``_publishing``; the handles in ``_text``; call gates in
-``_gates``; the module-level API in ``_default``.  Every verb completes or leaves no
+texts and patch words in ``_publishing``; freeing in ``_freeing``; ``batch()`` in
+``_batch``; the handles in ``_text``; call gates in ``_gates``; the module-level API in
+``_default``.  (This module is long because each verb keeps its undo beside it.)  Every verb completes or leaves no
 trace when an exception (a failed system call, ``KeyboardInterrupt``) interrupts it:
 see ``_interrupts`` for how.
 
@@ -50,17 +51,14 @@ Lifetime
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import os
 import threading
-import warnings
 import weakref
 from collections import Counter
-from collections.abc import Callable, Collection, Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
 from functools import partial
-from typing import Any, TypedDict
+from typing import Any
 
 from execmem import _checks, _gates, _recipes
 from execmem._backend import Backend
@@ -75,11 +73,14 @@ from execmem._errors import (
     UnsupportedError,
     UseAfterFreeError,
 )
+from execmem._freeing import Freeing
 from execmem._gates import JitFunction
 from execmem._interrupts import uninterrupted
+from execmem._lifetime import Owned, finalize
 from execmem._locks import OwnedLock
-from execmem._packs import Pack, PackPool, PackStats
-from execmem._publishing import Publisher, offset_of, trap_at
+from execmem._packs import Pack, PackPool
+from execmem._publishing import Publisher, begin_inplace, end_inplace, offset_of, trap_at
+from execmem._stats import AllocatorStats, Totals
 from execmem._text import JitText, TextState
 from execmem.arch import ArchSpec
 
@@ -89,71 +90,6 @@ DEFAULT_GRANULARITY = 64
 _RESERVED, _WRITING, _LIVE, _FREED = TextState.RESERVED, TextState.WRITING, TextState.LIVE, TextState.FREED
 #: ``Allocator._undo`` when no verb is in progress (an empty tuple: falsy, shared).
 _DONE: tuple[()] = ()
-
-
-class Totals(TypedDict):
-    packs: int
-    reserved_bytes: int
-    capacity_bytes: int
-    live_bytes: int
-    free_bytes: int
-    quarantined_bytes: int
-    unfilled_bytes: int
-
-
-class Epochs(TypedDict):
-    started: int
-    completed: int
-    forced: int
-
-
-class AllocatorStats(TypedDict):
-    """What ``Allocator.stats()`` returns."""
-
-    arch: str
-    mode: str
-    granularity: int
-    pack_size: int
-    write_unit: int
-    keep_empty: int
-    quarantine: bool
-    closed: bool
-    packs: list[PackStats]
-    totals: Totals
-    #: Texts by state name; "FREED" counts frees, the others texts now in that state.
-    texts: dict[str, int]
-    epochs: Epochs
-    steps: dict[str, int]
-    recipes: dict[str, int]
-    events: dict[str, int]
-    backend: dict[str, object]
-
-
-@dataclass
-class _Owned:
-    """What the finalizer of an unreachable allocator releases (never the allocator)."""
-
-    pool: PackPool
-    backend: Backend | None  # owned by the allocator: closed with it
-    closed: bool = False
-
-
-def _finalize(owned: _Owned, pid: int) -> None:
-    """An allocator was collected: release its memory, and say it was never closed."""
-    if owned.closed or pid != os.getpid():
-        return
-    live = sum(p.chunks.used.bit_count() for p in owned.pool.packs) * owned.pool.granularity
-    warnings.warn(
-        f"execmem.Allocator was never closed ({len(owned.pool.packs)} packs, {live} bytes of texts still "
-        "allocated); its memory is released now: call close() or use it as a context manager",
-        ResourceWarning,
-        stacklevel=2,
-    )
-    owned.closed = True
-    with contextlib.suppress(ExecmemError):
-        owned.pool.close()
-        if owned.backend is not None:
-            owned.backend.close()
 
 
 class Allocator:
@@ -244,8 +180,9 @@ class Allocator:
             events=self._events,
         )
         self._publisher = Publisher(backend, spec, self._pool, self._steps, self._recipe_runs, self._events)
-        self._owned = _Owned(self._pool, backend if owns else None)
-        finalizer = weakref.finalize(self, _finalize, self._owned, self._pid)
+        self._freeing = Freeing(backend, self._pool, self._texts, self._pinned, self._events)
+        self._owned = Owned(self._pool, backend if owns else None)
+        finalizer = weakref.finalize(self, finalize, self._owned, self._pid)
         finalizer.atexit = False  # at exit the process's memory goes anyway, and code may still run
 
     # -- plumbing ---------------------------------------------------------------------------
@@ -263,8 +200,7 @@ class Allocator:
         if self._undo:
             self._rollback()
         if self._pinned:
-            for text in [t for t in self._pinned if not _gates.in_flight(t)]:
-                uninterrupted(self._reclaim_pinned, text)
+            self._freeing.poll()
 
     def _rollback(self) -> None:
         """Run the undo actions of the verb in progress, newest first; each is removed
@@ -474,7 +410,7 @@ class Allocator:
             begun: list[JitText] = []
             self._undo = [partial(self._unbegin, text, begun, pack.chunks.snapshot(), (text._chunk, text._nchunks))]
             try:
-                uninterrupted(self._begin_inplace, text, begun)
+                uninterrupted(begin_inplace, self.backend, text, begun)
                 if text._staged:
                     self.backend.write(res, offset, bytes(text._shadow))
                 if claim is not None:
@@ -487,14 +423,6 @@ class Allocator:
                 raise
             self._undo = _DONE
 
-    def _begin_inplace(self, text: JitText, begun: list[JitText]) -> None:
-        self.backend.begin_inplace(text._pack.reservation, offset_of(text), text.size)
-        begun.append(text)
-
-    def _end_inplace(self, text: JitText, begun: list[JitText]) -> None:
-        self.backend.end_inplace(text._pack.reservation, offset_of(text), text.size)
-        begun.remove(text)
-
     def _unbegin(self, text: JitText, begun: list[JitText], snapshot: tuple[object, ...], chunks: tuple[int, int]) -> None:
         """Undo of ``map_rw_inplace``: RESERVED again, memory traps, not writable."""
         text._state = _RESERVED
@@ -503,7 +431,7 @@ class Allocator:
         if text._staged:
             self.backend.write(text._pack.reservation, offset_of(text), self.arch.trap_bytes(text.size))
         if begun:
-            uninterrupted(self._end_inplace, text, begun)
+            uninterrupted(end_inplace, self.backend, text, begun)
 
     # -- publishing ---------------------------------------------------------------------------
 
@@ -633,13 +561,13 @@ class Allocator:
                 if texts or patches:
                     self._publisher.sync(texts, patches, undo)
                 for text in frees:
-                    self._free_now(text, undo)
+                    self._freeing.now(text, undo)
             except BaseException:
                 self._rollback()
                 raise
             self._undo = _DONE
             if frees:
-                self._after_free({t._pack for t in frees})
+                self._freeing.after({t._pack for t in frees})
 
     # -- live patching ------------------------------------------------------------------------
 
@@ -704,78 +632,13 @@ class Allocator:
                 return
             undo = self._undo = []
             try:
-                self._free_now(text, undo)
+                self._freeing.now(text, undo)
             except BaseException:
                 self._rollback()
                 raise
             self._undo = _DONE
-            self._after_free((text._pack,))
+            self._freeing.after((text._pack,))
 
-    def _after_free(self, packs: Collection[Pack]) -> None:
-        """Housekeeping once frees committed: the trap refill, one write per run of
-        freed chunks (what an exception or a refused write leaves undone is refilled
-        before the chunks are handed out again), then retiring empty packs."""
-        emptied = any(pack.chunks.empty for pack in packs)
-        try:
-            for pack in packs:
-                if pack.chunks.dirty:
-                    self._pool.refill(pack)
-        except ExecmemError:
-            self._events["refill_errors"] += 1
-        if emptied:  # only a pack a free emptied can be one too many
-            self._pool.trim_quietly()
-
-    def _free_now(self, text: JitText, undo: list[Callable[[], None]]) -> None:
-        """FREED now; its chunks given back now (refill: ``_after_free``), or once the
-        calls in flight through its gates have returned."""
-        previous = text._state
-        pack = text._pack
-        begun = [text] if previous is _WRITING else []
-        events = self._events
-        undo.append(partial(self._unfree, text, previous, pack.chunks.snapshot(), events["freed"], begun))
-        running = _gates.retire(text)
-        text._state, text._freed_from = _FREED, previous
-        self._texts.discard(text)
-        events["freed"] += 1
-        if running:
-            self._pinned.append(text)
-            events["frees_deferred"] += 1
-            return
-        self._reclaim(text, previous, begun)
-
-    def _reclaim(self, text: JitText, previous: TextState, begun: list[JitText]) -> None:
-        """Give a freed text's chunks back, marked for a refill if code was written."""
-        if begun:
-            uninterrupted(self._end_inplace, text, begun)
-        self._pool.free(text._pack, text._chunk, dirty=previous is not _RESERVED)
-        text._gates = None  # drop the cached gates: the callables keep theirs
-
-    def _reclaim_pinned(self, text: JitText) -> None:
-        """The last call of a pinned text returned (run uninterrupted: all or nothing)."""
-        if text in self._pinned:
-            previous = text._freed_from
-            self._reclaim(text, previous, [text] if previous is _WRITING else [])
-            self._pinned.remove(text)
-            self._after_free((text._pack,))
-
-    def _unfree(
-        self,
-        text: JitText,
-        previous: TextState,
-        snapshot: tuple[object, ...],
-        freed: int,
-        begun: list[JitText],
-    ) -> None:
-        """Undo of a free: the text as it was (idempotent)."""
-        if previous is _WRITING and not begun:
-            uninterrupted(self._begin_inplace, text, begun)
-        text._pack.chunks.restore(snapshot)
-        if text in self._pinned:
-            self._pinned.remove(text)
-        self._events["freed"] = freed
-        text._state = previous
-        self._texts.add(text)
-        _gates.revive(text)
 
     # -- reporting ----------------------------------------------------------------------------
 

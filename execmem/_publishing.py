@@ -122,9 +122,10 @@ class Publisher:
             shadow[offset : offset + len(data)] = data
             res_offset, word = patch_word(self.spec, text, shadow, offset)
             words.append((text._pack.reservation, res_offset, word, before[1]))
-        ended: list[JitText] = []
+        writable = list(inplace)  # in-place texts still writable (end_inplace not run yet)
         written = [run for run in runs if _work(run[0])]
-        undo.append(partial(self._undo, [(t, t._state) for t in texts], written, ended, words, [(t, t._shadow) for t in shadows]))
+        undo.append(partial(self._undo, [(t, t._state) for t in texts], written, inplace, writable, words,
+                            [(t, t._shadow) for t in shadows]))
 
         def write(runs: list[list[JitText]]) -> Callable[[], None]:
             todo = [run for run in runs if _work(run[0])]
@@ -157,7 +158,7 @@ class Publisher:
             ranges = [(res.address + off, len(word)) for res, off, word, _ in words]
             groups.append(_recipes.Group(self.spec.recipe("patch"), ranges, store=store))
         for text in inplace:
-            uninterrupted(self._end_inplace, text, ended)
+            uninterrupted(end_inplace, backend, text, writable)
         _recipes.run(backend, groups, remote_cse=self.pool.remote_cse, steps=self.steps, recipes=self.recipe_runs)
         live = _LIVE
         for text in texts:
@@ -171,19 +172,12 @@ class Publisher:
         self.backend.map(res)
         self.events["maps"] += 1
 
-    def _end_inplace(self, text: JitText, ended: list[JitText]) -> None:
-        self.backend.end_inplace(text._pack.reservation, offset_of(text), text.size)
-        ended.append(text)
-
-    def _begin_inplace(self, text: JitText, ended: list[JitText]) -> None:
-        self.backend.begin_inplace(text._pack.reservation, offset_of(text), text.size)
-        ended.remove(text)
-
     def _undo(
         self,
         states: list[tuple[JitText, TextState]],
         written: list[list[JitText]],
-        ended: list[JitText],
+        inplace: list[JitText],
+        writable: list[JitText],
         words: list[tuple[Reservation, int, bytes, bytes]],
         old_shadows: list[tuple[JitText, bytes | bytearray]],
     ) -> None:
@@ -195,12 +189,26 @@ class Publisher:
             offset = offset_of(first)
             size = last._address + last._size - first._address
             self.backend.write(first._pack.reservation, offset, self.spec.trap_bytes(size))
-        for text in list(ended):
-            uninterrupted(self._begin_inplace, text, ended)
+        for text in inplace:
+            if text not in writable:
+                uninterrupted(begin_inplace, self.backend, text, writable)
         for res, res_offset, _new, old in reversed(words):
             uninterrupted(self.backend.atomic_store, res, res_offset, old)
         for text, shadow in old_shadows:
             text._shadow = shadow
+
+
+def begin_inplace(backend: Backend, text: JitText, writable: list[JitText]) -> None:
+    """``backend.begin_inplace`` over ``text``, recorded in ``writable`` in the same
+    step (callers run it ``uninterrupted``: an undo must know whether it happened)."""
+    backend.begin_inplace(text._pack.reservation, offset_of(text), text.size)
+    writable.append(text)
+
+
+def end_inplace(backend: Backend, text: JitText, writable: list[JitText]) -> None:
+    """``backend.end_inplace`` over ``text``, and ``text`` out of ``writable``."""
+    backend.end_inplace(text._pack.reservation, offset_of(text), text.size)
+    writable.remove(text)
 
 
 def offset_of(text: JitText) -> int:
@@ -255,4 +263,15 @@ def patch_word(spec: ArchSpec, text: JitText, shadow: bytearray, offset: int) ->
     return start - text._pack.address, bytes(out)
 
 
-__all__ = ["Publisher", "cut", "offset_of", "patch_word", "ranges_of", "run_bytes", "runs_of", "trap_at"]
+__all__ = [
+    "Publisher",
+    "begin_inplace",
+    "cut",
+    "end_inplace",
+    "offset_of",
+    "patch_word",
+    "ranges_of",
+    "run_bytes",
+    "runs_of",
+    "trap_at",
+]
