@@ -58,7 +58,7 @@ import weakref
 from collections import Counter
 from collections.abc import Callable, Iterable
 from functools import partial
-from typing import Any
+from typing import Any, cast
 
 from execmem import _checks, _gates, _recipes
 from execmem._backend import Backend
@@ -121,7 +121,7 @@ class Allocator:
 
             # NativeBackend exposes arch/cache_features as read-only properties, which
             # mypy does not accept for the protocol's plain attributes.
-            backend = cast_backend(NativeBackend())
+            backend = cast(Backend, NativeBackend())
         elif not isinstance(backend, Backend):
             raise TypeError(f"backend must implement execmem's Backend protocol, not {type(backend).__name__}")
         spec = backend.arch
@@ -238,12 +238,12 @@ class Allocator:
             raise BadStateError(f"{verb}: the text at {text.address:#x} is queued for {what} in a batch")
 
     def _batch(self) -> Batch | None:
-        """This thread's open batch (one whose block was left without its end is dropped:
-        ``_batch``)."""
+        """This thread's open batch: None outside its block, which includes one left
+        without its end (``_batch``); such a batch is replaced by the next one.  (Its
+        ``__exit__`` may still be about to run it: a signal handler's verb there must
+        not drop it.)"""
         batch: Batch | None = getattr(self._local, "batch", None)
-        if batch is not None and not batch.open():
-            self._local.batch = batch = None
-        return batch
+        return batch if batch is not None and batch.open() else None
 
     # -- allocation ---------------------------------------------------------------------------
 
@@ -739,10 +739,6 @@ class Allocator:
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"{len(self._pool.packs)} packs, {len(self._texts)} texts"
         return f"<execmem.Allocator {self.arch.name} {self.backend.mode}: {state}>"
-
-
-def cast_backend(backend: object) -> Backend:
-    return backend  # type: ignore[return-value]
 
 
 __all__ = ["DEFAULT_GRANULARITY", "DEFAULT_PACK_SIZE", "Allocator", "AllocatorStats"]

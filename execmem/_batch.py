@@ -7,7 +7,8 @@ normally leaves nothing behind.  An asynchronous exception can even stop
 Python function starts), so a batch also knows the ``with`` statement that opened it,
 its frame and the offsets of its body (``_interrupts.with_body``): a verb that finds
 that frame gone from the stack, or no longer inside the body, drops the batch as
-cancelled (the block did raise) instead of queueing into it.
+cancelled (the block did raise) instead of queueing into it; the next batch of the
+thread replaces it.
 """
 
 from __future__ import annotations
