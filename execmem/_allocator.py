@@ -52,6 +52,7 @@ Lifetime
 from __future__ import annotations
 
 import itertools
+import operator
 import os
 import threading
 import weakref
@@ -90,6 +91,7 @@ DEFAULT_GRANULARITY = 64
 _RESERVED, _WRITING, _LIVE, _FREED = TextState.RESERVED, TextState.WRITING, TextState.LIVE, TextState.FREED
 #: ``Allocator._undo`` when no verb is in progress (an empty tuple: falsy, shared).
 _DONE: tuple[()] = ()
+_shadow_of, _staged_of = operator.attrgetter("_shadow"), operator.attrgetter("_staged")
 
 
 class Allocator:
@@ -462,10 +464,12 @@ class Allocator:
             if not items:
                 return
             batch = self._batch()
-            staged: list[tuple[JitText, bytes | bytearray, bool, bytes | None]] = []
+            # What staging the codes changes, for the undo (in C: the hot path of a batch).
+            shadows = staged = inplace = None
             if payloads is not None:
-                staged = [(t, t._shadow, t._staged, bytes(t._shadow) if t._state is _WRITING else None) for t in items]
-            undo = self._undo = [partial(self._unstage, staged)]
+                shadows, staged = list(map(_shadow_of, items)), list(map(_staged_of, items))
+                inplace = {t: bytes(t._shadow) for t in items if t._state is _WRITING}
+            undo = self._undo = [partial(self._unstage, items, shadows, staged, inplace)]
             try:
                 if payloads is not None:
                     self._stage_codes(items, payloads)
@@ -490,13 +494,22 @@ class Allocator:
             elif code:
                 text._shadow, text._staged = code + text._shadow[len(code) :], True
 
-    def _unstage(self, staged: list[tuple[JitText, bytes | bytearray, bool, bytes | None]]) -> None:
+    def _unstage(
+        self,
+        items: list[JitText],
+        shadows: list[bytes | bytearray] | None,
+        staged: list[bool] | None,
+        inplace: dict[JitText, bytes] | None,
+    ) -> None:
         """Undo of ``publish``'s staging: shadows (and in-place memory) as they were."""
-        for text, shadow, was_staged, inplace in staged:
-            if inplace is not None:  # an in-place text: its memory was written
-                self.backend.write(text._pack.reservation, offset_of(text), inplace)
+        if shadows is None or staged is None or inplace is None:
+            return
+        for text, shadow, was_staged in zip(items, shadows, staged, strict=True):
+            old = inplace.get(text)
+            if old is not None:  # an in-place text: its memory was written
+                self.backend.write(text._pack.reservation, offset_of(text), old)
                 if type(shadow) is bytearray:
-                    shadow[:] = inplace
+                    shadow[:] = old
             text._shadow, text._staged = shadow, was_staged
 
     @staticmethod
@@ -558,10 +571,11 @@ class Allocator:
             frees = [t for t in batch.frees if t._state is not _FREED]
             undo = self._undo = []
             try:
-                if texts or patches:
-                    self._publisher.sync(texts, patches, undo)
+                # Frees first: the publishes' epoch then covers them (quarantine, refill).
                 for text in frees:
                     self._freeing.now(text, undo)
+                if texts or patches:
+                    self._publisher.sync(texts, patches, undo)
             except BaseException:
                 self._rollback()
                 raise

@@ -184,8 +184,8 @@ def run(args: argparse.Namespace) -> int:
         traps = spec.trap_bytes(size)
         if freed == traps:
             state = "all traps"
-        elif fib._pack.chunks.dirty:  # mprotect: refilling would stop the texts sharing its page
-            state = "kept until the texts sharing its page are freed"
+        elif fib._pack.chunks.dirty:  # the refill comes with the next epoch (execmem._packs)
+            state = "refilled with traps at the next epoch"
         else:
             state = "NOT TRAPS"
         results.append(("fib after free", f"{freed[:6].hex(' ')} ... ({state})"))

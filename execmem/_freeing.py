@@ -6,9 +6,8 @@ of the end of a ``batch()`` that frees; the allocator keeps the verbs (lock, che
 commit).  A free registers its undo first (``_interrupts``); then the text is FREED
 and its call gates retired (``_gates``): with no call in flight its chunks go back to
 the pack at once, quarantined if the pack was mapped, and are refilled with traps
-once the verb has committed (:meth:`Freeing.after`); with calls in flight the text
-is *pinned* and reclaimed by the first verb that finds its count at zero
-(:meth:`Freeing.poll`).
+at the next epoch (``_packs``); with calls in flight the text is *pinned* and
+reclaimed by the first verb that finds its count at zero (:meth:`Freeing.poll`).
 """
 
 from __future__ import annotations
@@ -20,7 +19,6 @@ from functools import partial
 
 from execmem import _gates
 from execmem._backend import Backend
-from execmem._errors import ExecmemError
 from execmem._interrupts import uninterrupted
 from execmem._packs import Pack, PackPool
 from execmem._publishing import begin_inplace, end_inplace
@@ -42,7 +40,7 @@ class Freeing:
 
     def now(self, text: JitText, undo: list[Callable[[], None]]) -> None:
         """``text`` FREED, its undo appended to ``undo`` first; its chunks given back
-        now (their refill: :meth:`after`), or once the calls in flight have returned."""
+        now, or once the calls in flight have returned."""
         previous = text._state
         writable = [text] if previous is _WRITING else []
         events = self.events
@@ -58,17 +56,9 @@ class Freeing:
         self._reclaim(text, previous, writable)
 
     def after(self, packs: Collection[Pack]) -> None:
-        """Housekeeping once frees committed: the trap refill, one write per run of
-        freed chunks (what an exception or a refused write leaves undone is refilled
-        before the chunks are handed out again), then retiring empty packs."""
-        emptied = any(pack.chunks.empty for pack in packs)
-        try:
-            for pack in packs:
-                if pack.chunks.dirty:
-                    self.pool.refill(pack)
-        except ExecmemError:
-            self.events["refill_errors"] += 1
-        if emptied:  # only a pack a free emptied can be one too many
+        """Housekeeping once frees committed: retiring a pack they emptied (the trap
+        refill comes with the next epoch, ``_packs``)."""
+        if any(pack.chunks.empty for pack in packs):  # only such a pack can be one too many
             self.pool.trim_quietly()
 
     def poll(self) -> None:

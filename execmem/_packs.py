@@ -24,18 +24,22 @@ Growth
     not a whole pack from the first one.  If the addresses after a pack are taken,
     it keeps its size.
 Refill
-    Freed chunks are marked *dirty* (their memory holds the freed code) in the same
-    update that frees them, and :meth:`PackPool.refill` writes traps over a pack's
-    dirty chunks, one write per run of chunks that holds no text (free and
-    quarantined chunks between dirty ones already hold traps): right after a free
-    (after every free of a ``batch()``, together), so that a raw pointer into freed
-    code runs traps, as the design promises, and at the latest before any dirty
-    chunk is handed out again (first fit counts dirty chunks as free and refills
-    the pack when it picks one).  A refill the free could not make (a refused write,
-    an exception) waits for that.  With a coarse write unit, a dirty chunk is
-    refilled only while no text is in its write unit (the write makes the unit
-    briefly non-executable): a free never stops a neighbour that is running, and
-    its chunks keep the code until the unit's last text is gone.
+    A free does not write: its chunks are marked *dirty* (their memory holds the freed
+    code) in the same update that frees them.  :meth:`PackPool.refill` writes traps
+    over a pack's dirty chunks, one write per run of chunks that holds no text (free
+    and quarantined chunks between dirty ones already hold traps), in batches: at
+    every epoch, for every free since the last one, and before any dirty chunk is
+    handed out again (first fit counts dirty chunks as free and refills the pack when
+    it picks one).  This keeps the design's promise at the granularity it already
+    has: until the epoch after a free, another CPU may still run instructions it
+    fetched from the freed text (seeds/000, the reason for the quarantine); the
+    memory holding them until then adds nothing a raw pointer could not already
+    meet.  From that epoch on, the freed address holds traps until it is reused;
+    ``function()`` callables never enter a freed text (their call gate refuses).
+    With a coarse write unit, a dirty chunk is refilled only while no text is in its
+    write unit (the write makes the unit briefly non-executable): a free never stops
+    a neighbour that is running, and its chunks keep the code until the unit's last
+    text is gone.
 Epochs
     ``started``/``completed`` count the ``remote_cse`` steps run through
     :meth:`PackPool.remote_cse`.  Chunks freed from a mapped reservation are stamped
@@ -346,6 +350,8 @@ class PackPool:
         for pack in self.packs:
             if pack.chunks.quarantined:
                 pack.chunks.mature(completed)
+            if pack.chunks.dirty:
+                self._refill_quietly(pack)
         for pack in list(self.retired):
             if pack.matured_at is None:
                 if pack.retired_stamp is not None and completed > pack.retired_stamp:
@@ -355,6 +361,14 @@ class PackPool:
             elif completed > pack.matured_at:
                 # Matured one epoch ago and not reused since: return it to the system.
                 self._release_quietly(pack)
+
+    def _refill_quietly(self, pack: Pack) -> None:
+        """The epoch's batch of refills: a refused write must not fail the publish or
+        allocation that ran the epoch (the chunks wait for the next epoch or their reuse)."""
+        try:
+            self.refill(pack)
+        except ExecmemError:
+            self.events["refill_errors"] += 1
 
     def _release_quietly(self, pack: Pack) -> None:
         """Housekeeping inside an epoch: a refused release must not fail the publish or

@@ -212,29 +212,53 @@ def test_inplace_flow(make_allocator: Any) -> None:
     assert backend.inplace_units(backend.reservations[0]) == {}
 
 
-def test_free_while_writing_ends_inplace_and_refills(make_allocator: Any) -> None:
+def test_free_while_writing_ends_inplace_and_refills_before_reuse(make_allocator: Any) -> None:
     backend, a = make_allocator("x86_64")
     t = a.jit_text_alloc(16)
     t.map_rw_inplace()
     t.write(0, X86_RET42)
     t.free()
-    assert backend.read(t.address, 16) == b"\xcc" * 16
     assert backend.inplace_units(backend.reservations[0]) == {}
+    assert backend.read(t.address, len(X86_RET42)) == X86_RET42  # no write at the free
+    assert S(a)["totals"]["unfilled_bytes"] == 64
+    u = a.jit_text_alloc(16)  # first fit picks the freed chunk (never mapped: no quarantine)
+    assert u.address == t.address and backend.read(t.address, 16) == b"\xcc" * 16  # refilled first
 
 
-def test_frees_of_a_batch_are_refilled_with_one_write_per_run(make_allocator: Any) -> None:
+def test_frees_are_refilled_at_the_next_epoch_one_write_per_run(make_allocator: Any) -> None:
     backend, a = make_allocator("x86_64")
     texts = a.jit_text_alloc_many([64] * 8)
     a.publish(texts, [X86_RET42] * 8)
     mark = len(backend.calls)
-    with a.batch():
-        for t in texts[1:4] + texts[5:7]:
-            t.free()
-        assert verbs(backend, mark) == []  # nothing happens before the block ends
-    assert verbs(backend, mark) == ["write", "write"]  # two runs: texts 1-3 and 5-6
+    for t in texts[1:4] + texts[5:7]:
+        t.free()
+    assert verbs(backend, mark) == []  # a free makes no call at all
+    assert S(a)["totals"]["quarantined_bytes"] == 5 * 64
+    fresh = a.jit_text_alloc(64)
+    fresh.write(0, X86_RET42)
+    fresh.map()  # a publish into the mapped pack: its epoch refills the two runs
+    assert verbs(backend, mark) == ["write", "local_cse", "remote_cse", "write", "write"]
     for t in texts[1:4] + texts[5:7]:
         assert backend.read(t.address, 64) == b"\xcc" * 64
-    assert S(a)["events"]["refill_writes"] == 2
+    assert S(a)["events"]["refill_writes"] == 2 and S(a)["totals"]["quarantined_bytes"] == 0
+
+
+def test_frees_in_a_batch_share_its_one_synchronization(make_allocator: Any) -> None:
+    backend, a = make_allocator("x86_64")
+    texts = a.jit_text_alloc_many([64] * 4)
+    a.publish(texts, [X86_RET42] * 4)
+    mark = len(backend.calls)
+    with a.batch():
+        new = a.jit_text_alloc(64)
+        new.write(0, X86_RET42)
+        new.map()
+        texts[1].free()
+        texts[2].free()
+        assert verbs(backend, mark) == []  # nothing happens before the block ends
+    # One remote_cse: it publishes the new text and quarantines and refills the freed.
+    assert verbs(backend, mark) == ["write", "local_cse", "remote_cse", "write"]
+    assert backend.read(texts[1].address, 128) == b"\xcc" * 128
+    assert S(a)["totals"]["quarantined_bytes"] == 0  # the epoch started after the frees
 
 
 def test_a_refused_refill_is_made_before_the_chunks_are_reused(make_allocator: Any) -> None:
@@ -242,13 +266,12 @@ def test_a_refused_refill_is_made_before_the_chunks_are_reused(make_allocator: A
     t = a.jit_text_alloc(16)
     t.write(0, X86_RET42)
     t.map()
+    t.free()
     backend.fail("write")
-    t.free()  # freed all the same: the refill waits
-    assert t.state is TextState.FREED and S(a)["events"]["refill_errors"] == 1
+    with a._lock:
+        a._pool.remote_cse([])  # the epoch's refill is refused: not an error of the epoch
+    assert S(a)["events"]["refill_errors"] == 1 and S(a)["totals"]["unfilled_bytes"] == 64
     assert backend.read(t.address, len(X86_RET42)) == X86_RET42
-    assert S(a)["totals"]["unfilled_bytes"] == 0 and S(a)["totals"]["quarantined_bytes"] == 64
-    a.jit_text_alloc(16).map()  # an epoch: the chunk is free, refill still pending
-    assert S(a)["totals"]["unfilled_bytes"] == 64
     u = a.jit_text_alloc(16)  # first fit picks it: refilled first
     assert u.address == t.address and backend.read(t.address, 16) == b"\xcc" * 16
     assert S(a)["totals"]["unfilled_bytes"] == 0
@@ -308,14 +331,14 @@ def test_empty_packs_beyond_keep_empty_are_unmapped_then_reused_after_an_epoch(m
     t.map()
     pack = backend.reservations[0]
     t.free()
-    assert verbs(backend)[-2:] == ["write", "unmap"]
+    assert verbs(backend)[-2:] == ["map", "unmap"]  # no refill at the free
     assert not pack.mapped
     (row,) = S(a)["packs"]
     assert row["retired"] and row["quarantined_bytes"] == 4096
     mark = len(backend.calls)
     u = a.jit_text_alloc(64)
     assert u.address == t.address  # the same reservation, reused as a fresh pack
-    assert verbs(backend, mark) == ["remote_cse"]
+    assert verbs(backend, mark) == ["remote_cse", "write"]  # the epoch, then the refill
     assert S(a)["epochs"]["forced"] == 1
     u.write(0, X86_RET42)
     u.map()

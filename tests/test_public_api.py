@@ -117,8 +117,11 @@ def test_free_during_a_call_defers_refill_and_quarantine() -> None:
         flag.value = 1
         caller.join(5)
         assert results == [7]
-        # The last call returned: the next verb reclaims the text (refill, quarantine).
+        # The last call returned: the next verb reclaims the text into quarantine, and
+        # the next epoch refills it.
         assert S(a)["totals"]["quarantined_bytes"] == 64
+        anchor.free()
+        a.jit_text_alloc(16).map()  # a publish into the mapped pack: an epoch
         assert ctypes.string_at(t.address, len(code)) == b"\xcc" * len(code)
     finally:
         flag.value = 1

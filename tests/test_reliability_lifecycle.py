@@ -212,9 +212,10 @@ def test_free_during_many_concurrent_calls_waits_for_the_last() -> None:
                 threads[k].join(10)
                 assert not threads[k].is_alive()
             assert results == [7] * callers
-            # The next verb reclaims it: refill and quarantine.
+            # The next verb reclaims it into quarantine; the next epoch refills it.
             assert S(a)["events"]["frees_deferred"] == 1
             assert S(a)["totals"]["quarantined_bytes"] >= 64
+            live(a, 99)  # a publish into the mapped pack: an epoch
             assert ctypes.string_at(t.address, 64) == b"\xcc" * 64
             assert all(o.function(ctypes.c_int)() == 10 + k for k, o in enumerate(others))
         finally:
@@ -237,13 +238,15 @@ def test_a_failing_call_does_not_leak_an_in_flight_count() -> None:
 
 
 def test_jumping_into_freed_text_executes_only_traps() -> None:
-    """A raw pointer (not tracked) into a freed text: the child that calls it dies
-    with SIGTRAP at the first byte (never-written filler is covered in test_native_fork)."""
+    """A raw pointer (not tracked) into a freed text, from the epoch after the free on:
+    the child that calls it dies with SIGTRAP at the first byte (never-written filler is
+    covered in test_native_fork)."""
     with allocator() as a:
         live(a, 1)
         t = live(a, 4, size=64)
         raw = t.address
         t.free()
+        live(a, 2)  # a publish into the mapped pack: the epoch that refills the freed text
         assert ctypes.string_at(raw, 64) == b"\xcc" * 64
         status = _fork(lambda: ctypes.CFUNCTYPE(ctypes.c_int)(raw)() and 0)
         assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGTRAP
@@ -756,8 +759,10 @@ def test_mprotect_free_never_stops_a_text_running_on_the_same_page() -> None:
             kept = ctypes.string_at(texts[1].address, 6) == const(11)  # its refill waits
             flag.value = 1
             th.join(5)
-            texts[0].free()  # the last text of the page: now everything is refilled
-            a.stats()
+            texts[0].free()  # the last text of the page: at the next epoch, all refilled
+            u = a.jit_text_alloc(4096, 4096)
+            u.write(0, const(1))
+            u.map()  # a publish into the mapped pack (its own page): an epoch
             refilled = ctypes.string_at(texts[0].address, 64 * 8) == b"\xcc" * 64 * 8
             return 0 if out == [7] and kept and refilled else 3
 
