@@ -266,7 +266,7 @@ class Allocator:
             except BaseException:
                 self._rollback()
                 raise
-            self._undo = _DONE  # the commit: no point between it and the return (_interrupts)
+            self._undo = _DONE  # the commit (after it, the lock's release: see _interrupts)
             return text
 
     def _untake(self, snapshots: dict[Pack, tuple[object, ...]], texts: list[JitText]) -> None:

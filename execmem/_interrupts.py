@@ -25,7 +25,7 @@ execmem uses commit points, and the helper thread only where undoing is impossib
 2. Each verb checks everything first (no effect), then makes its effects, each
    either atomic (one statement, e.g. a chunk map's state is replaced in one
    assignment) or undone idempotently by an undo action registered *before* it,
-   and commits in the same statement that returns.  The undo runs when anything
+   and commits with one store, just before it returns.  The undo runs when anything
    before the commit raises; until it has run to its end it stays registered on
    the allocator (``Allocator._undo``), and the next verb to take the lock (in any
    thread) runs it again first, so even an exception that interrupts the undo
@@ -38,9 +38,8 @@ execmem uses commit points, and the helper thread only where undoing is impossib
    records it, on a helper thread when it is called from the main thread, and defers
    any exception raised in the main thread meanwhile until the step is complete.
    Elsewhere it simply calls it: no signal handler runs on other threads.
-4. What a verb does after its commit (the trap refill, trimming empty packs) is
-   housekeeping of the same kind; an exception there is as if it arrived just after
-   the verb returned.
+4. What a verb does after its commit (trimming empty packs) is housekeeping of the
+   same kind; an exception there is as if it arrived just after the verb returned.
 5. A ``with`` block's ``__exit__`` written in Python can be stopped before its first
    line; ``batch()`` therefore keeps nothing on the texts until its end, and notices a
    block that was left without it (``_batch``, :func:`with_body`).
@@ -50,9 +49,10 @@ itself completed), as with any Python call: between the allocator's commit and t
 return there is the lock's release, a call into C after which CPython checks.  A
 ``jit_text_alloc`` whose handle is lost there stays allocated until ``close()``.
 
-``tests/test_reliability_interrupts.py`` raises an exception at every line every verb
-executes (allocator, backend, recipes), in every native mode and on the modeled
-machine, and audits the allocator after each (docs/reliability.md).
+``tests/test_reliability_interrupts.py`` raises an exception at every point where
+CPython can deliver one in every verb (allocator, backend, recipes, all the code a
+verb runs on the main thread), in every native mode and on the modeled machine, and
+audits the allocator after each (docs/reliability.md).
 
 Not covered: ``PyThreadState_SetAsyncExc`` (an exception injected into *another*
 thread by C code), which no Python code can defend against.

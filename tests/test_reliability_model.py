@@ -149,6 +149,9 @@ class Run:
         self.next_value = 0x101
         #: (start, end, epochs started when freed) of footprints freed from mapped packs
         self.freed: list[tuple[int, int, int]] = []
+        #: (pack, chunk) -> the chunk's bytes when its text was freed: a free writes nothing,
+        #: the chunk keeps them until the refill (next epoch, or before reuse)
+        self.unfilled: dict[tuple[int, int], bytes] = {}
         self.current: _Text | None = None  # what the slot holds
         self.round = 1
         #: per round: texts CPU1 may call, and every value it may legitimately get
@@ -196,6 +199,8 @@ class Run:
         size = 200 if big else 32
         h = self.a.jit_text_alloc(size)
         span = self._footprint(h)
+        for chunk in range(h._chunk, h._chunk + h._nchunks):
+            self.unfilled.pop((id(h._pack), chunk), None)
         _, completed = self._stamp()
         for start, end, stamp in self.freed if self.a.arch.quarantine else ():
             if start < span[1] and span[0] < end:
@@ -249,6 +254,12 @@ class Run:
         self.log.append(f"free {t.handle.address:#x} ({t.state.name})")
         mapped = t.handle._pack.reservation.mapped
         started, _ = self._stamp()
+        h, g = t.handle, self.a.granularity
+        if t.state is not TextState.RESERVED:  # its memory holds code (all of it once WRITING)
+            data = h.read()
+            data += self.a.arch.trap_bytes(h._nchunks * g - len(data))
+            for i in range(h._nchunks):
+                self.unfilled[id(h._pack), h._chunk + i] = data[i * g : (i + 1) * g]
         t.handle.free()
         t.state = TextState.FREED
         if mapped:
@@ -357,11 +368,19 @@ class Run:
             assert pack["live_bytes"] + pack["free_bytes"] + pack["quarantined_bytes"] == pack["size"]
 
     def _expected_memory(self) -> list[tuple[int, bytes]]:
-        """(frame alias, bytes) of every reservation still held: traps except live code."""
+        """(frame alias, bytes) of every reservation still held: traps except live code
+        and chunks still to be refilled (the bookkeeping's ``dirty``), which keep the bytes
+        their freed text left."""
         out = []
+        g = self.a.granularity
         for pack, _retired in self.a._pool.rows():
             res = pack.reservation
             data = bytearray(self.a.arch.trap_bytes(res.size))
+            dirty = pack.chunks.dirty
+            while dirty:
+                chunk = (dirty & -dirty).bit_length() - 1
+                dirty &= dirty - 1
+                data[chunk * g : (chunk + 1) * g] = self.unfilled.get((id(pack), chunk), data[chunk * g : (chunk + 1) * g])
             for t in self.texts:
                 if t.state in (TextState.LIVE, TextState.WRITING) and t.handle._pack is pack:
                     off = t.handle.address - res.address
