@@ -570,8 +570,11 @@ class Allocator:
             patches = [p for p in batch.patches if p[0]._state is _LIVE and p[0] not in freeing]
             frees = [t for t in batch.frees if t._state is not _FREED]
             undo = self._undo = []
+            pool = self._pool
             try:
-                # Frees first: the publishes' epoch then covers them (quarantine, refill).
+                # Frees first: the publishes' epoch then covers them (quarantine; the
+                # refill, made once they are committed: see PackPool.refill_at_epoch).
+                pool.refill_at_epoch = not frees
                 for text in frees:
                     self._freeing.now(text, undo)
                 if texts or patches:
@@ -579,9 +582,11 @@ class Allocator:
             except BaseException:
                 self._rollback()
                 raise
+            finally:
+                pool.refill_at_epoch = True
             self._undo = _DONE
             if frees:
-                self._freeing.after({t._pack for t in frees})
+                self._freeing.after({t._pack for t in frees}, refill=bool(texts or patches))
 
     # -- live patching ------------------------------------------------------------------------
 

@@ -55,9 +55,14 @@ class Freeing:
             return
         self._reclaim(text, previous, writable)
 
-    def after(self, packs: Collection[Pack]) -> None:
-        """Housekeeping once frees committed: retiring a pack they emptied (the trap
-        refill comes with the next epoch, ``_packs``)."""
+    def after(self, packs: Collection[Pack], *, refill: bool = False) -> None:
+        """Housekeeping once frees committed: ``refill``, the trap refill their verb's
+        epoch left to this point (otherwise it comes with the next epoch, ``_packs``);
+        retiring a pack they emptied."""
+        if refill:
+            for pack in packs:
+                if pack.chunks.dirty:
+                    uninterrupted(self.pool.refill_quietly, pack)
         if any(pack.chunks.empty for pack in packs):  # only such a pack can be one too many
             self.pool.trim_quietly()
 

@@ -139,6 +139,10 @@ class PackPool:
         self.started = 0
         self.completed = 0
         self.forced = 0
+        #: False while a verb's frees are not committed (a batch's frees, before its
+        #: synchronization): an epoch then leaves the refills to the verb's end, as an
+        #: undone free must find its code where it was.
+        self.refill_at_epoch = True
 
     # -- placement ------------------------------------------------------------------------
 
@@ -350,8 +354,8 @@ class PackPool:
         for pack in self.packs:
             if pack.chunks.quarantined:
                 pack.chunks.mature(completed)
-            if pack.chunks.dirty:
-                self._refill_quietly(pack)
+            if pack.chunks.dirty and self.refill_at_epoch:
+                self.refill_quietly(pack)
         for pack in list(self.retired):
             if pack.matured_at is None:
                 if pack.retired_stamp is not None and completed > pack.retired_stamp:
@@ -362,7 +366,7 @@ class PackPool:
                 # Matured one epoch ago and not reused since: return it to the system.
                 self._release_quietly(pack)
 
-    def _refill_quietly(self, pack: Pack) -> None:
+    def refill_quietly(self, pack: Pack) -> None:
         """The epoch's batch of refills: a refused write must not fail the publish or
         allocation that ran the epoch (the chunks wait for the next epoch or their reuse)."""
         try:

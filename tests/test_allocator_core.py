@@ -255,7 +255,8 @@ def test_frees_in_a_batch_share_its_one_synchronization(make_allocator: Any) -> 
         texts[1].free()
         texts[2].free()
         assert verbs(backend, mark) == []  # nothing happens before the block ends
-    # One remote_cse: it publishes the new text and quarantines and refills the freed.
+    # One remote_cse: it publishes the new text and ends the freed texts' quarantine; their
+    # refill follows once the batch is committed (an undone free finds its code in place).
     assert verbs(backend, mark) == ["write", "local_cse", "remote_cse", "write"]
     assert backend.read(texts[1].address, 128) == b"\xcc" * 128
     assert S(a)["totals"]["quarantined_bytes"] == 0  # the epoch started after the frees
