@@ -6,10 +6,10 @@ backend's: a verification mutation is a backend handed a mutated spec).  Packs,
 placement, refill, quarantine epochs and retirement are in ``_packs``; recipe
 execution and the live-patch rule in ``_recipes``; running a batch's recipes over
 texts and patch words in ``_publishing``; freeing in ``_freeing``; ``batch()`` in
-``_batch``; the handles in ``_text``; call gates in ``_gates``; the module-level API in
-``_default``.  (This module is long because each verb keeps its undo beside it.)  Every verb completes or leaves no
-trace when an exception (a failed system call, ``KeyboardInterrupt``) interrupts it:
-see ``_interrupts`` for how.
+``_batch``; the handles in ``_text``; call gates in ``_gates``; the module-level API
+in ``_default``.  Every verb completes or leaves no trace when an exception (a failed
+system call, ``KeyboardInterrupt``) interrupts it: see ``_interrupts`` for how.  (This
+module is long because each verb keeps its undo beside it.)
 
 Publishing
     Texts in a reservation not yet mapped run the architecture's ``publish_fresh``
