@@ -18,6 +18,7 @@ from execmem._default import (
 from execmem._errors import (
     AlignmentError,
     AssemblyError,
+    BadNameError,
     BadStateError,
     ExecmemError,
     ForkedProcessError,
@@ -32,6 +33,7 @@ from execmem._errors import (
     UseAfterFreeError,
 )
 from execmem._gates import JitFunction
+from execmem._lookup import text_at
 from execmem._text import JitText, TextState
 
 __version__ = "0.1.0"
@@ -40,6 +42,7 @@ __all__ = [
     "AlignmentError",
     "Allocator",
     "AssemblyError",
+    "BadNameError",
     "BadStateError",
     "ExecmemError",
     "ForkedProcessError",
@@ -63,4 +66,5 @@ __all__ = [
     "jit_text_alloc_many",
     "jit_text_free",
     "publish",
+    "text_at",
 ]

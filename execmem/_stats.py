@@ -43,6 +43,8 @@ class AllocatorStats(TypedDict):
     recipes: dict[str, int]
     events: dict[str, int]
     backend: dict[str, object]
+    #: Per debug sink (``execmem.debuginfo``): where it writes, how much, whether on.
+    debuginfo: dict[str, object]
 
 
 __all__ = ["AllocatorStats", "Epochs", "Totals"]
