@@ -298,11 +298,12 @@ class PackPool:
 
     # -- freeing and refilling ----------------------------------------------------------------
 
-    def free(self, pack: Pack, first: int, *, dirty: bool) -> None:
-        """Return an allocation (``dirty``: its memory holds code); quarantined if its
-        reservation may have been executed.  One update of the chunk map."""
+    def free(self, pack: Pack, first: int, count: int, *, dirty: bool) -> None:
+        """Return an allocation of ``count`` chunks (``dirty``: its memory holds code);
+        quarantined if its reservation may have been executed.  One update of the
+        chunk map."""
         stamp = self.started if self.quarantine and pack.reservation.mapped else None
-        pack.chunks.release(first, stamp=stamp, dirty=dirty)
+        pack.chunks.release(first, count, stamp=stamp, dirty=dirty)
 
     def _refillable(self, pack: Pack) -> int:
         """Chunks whose refill may be written now: all, except with a coarse write unit
