@@ -112,6 +112,91 @@ class PatchRule:
 
 
 @dataclass(frozen=True)
+class DirectBranch:
+    """A direct branch or call whose target ``JitText.retarget`` may rewrite in place.
+
+    The instruction is ``size`` bytes, read as one little-endian integer: it is this
+    branch when ``word & mask == match``; its signed displacement is the ``bits``-bit
+    field at ``shift``, in units of ``scale`` bytes, counted from the next instruction
+    (``from_next``, x86) or from the branch itself (arm64).
+    """
+
+    name: str
+    size: int
+    mask: int
+    match: int
+    shift: int
+    bits: int
+    scale: int = 1
+    from_next: bool = False
+
+    def matches(self, code: bytes) -> bool:
+        return len(code) == self.size and int.from_bytes(code, "little") & self.mask == self.match
+
+    def encode(self, code: bytes, address: int, target: int) -> bytes | None:
+        """``code`` with its displacement set to reach ``target`` from ``address``, or
+        ``None`` when the field cannot express it (out of reach or misaligned)."""
+        distance = target - (address + self.size if self.from_next else address)
+        if distance % self.scale:
+            return None
+        displacement = distance // self.scale
+        if not -(1 << (self.bits - 1)) <= displacement < 1 << (self.bits - 1):
+            return None
+        field_mask = ((1 << self.bits) - 1) << self.shift
+        word = int.from_bytes(code, "little") & ~field_mask | (displacement << self.shift) & field_mask
+        return word.to_bytes(self.size, "little")
+
+
+@dataclass(frozen=True)
+class AsmSyntax:
+    """One assembler syntax Keystone offers for an architecture.
+
+    ``keystone_option`` is the ``KS_OPT_SYNTAX`` value to set (``None``: Keystone's
+    default).  ``foreign`` is a regular expression matching a token that only another
+    syntax uses (``%rax`` in Intel syntax): a statement containing one is refused with
+    ``hint`` instead of being half-assembled.
+    """
+
+    name: str
+    keystone_option: int | None = None
+    foreign: str = ""
+    hint: str = ""
+
+
+@dataclass(frozen=True)
+class AsmDialect:
+    """What ``execmem.asm`` needs to know about Keystone's assembler for one architecture.
+
+    Measured on Keystone 0.9.2; ``execmem/_asm.py`` explains how each field is used.
+    """
+
+    #: The syntaxes ``asm(syntax=...)`` accepts; the first is the default.
+    syntaxes: tuple[AsmSyntax, ...]
+    #: Starts a comment anywhere outside a string (besides ``//`` and ``/* */``), "" if none.
+    line_comment: str
+    #: Size in bytes of the ``.word`` directive.
+    word_size: int
+    #: Capstone mnemonics whose last operand, when it is an immediate, is a PC-relative
+    #: target: ``asm`` checks that the encoding reaches the target the source names,
+    #: because Keystone 0.9.2 silently truncates one out of reach.
+    pc_relative: frozenset[str]
+    #: Of those, the ones that form the target's page address (``adrp``): page size.
+    page_relative: tuple[tuple[str, int], ...] = ()
+    #: The largest output assembled in this process (larger sources go to a helper
+    #: process): beyond it Keystone may end the process (see ``fixups_abort``).
+    inprocess_output: int = 1 << 20
+    #: Keystone ends the process (``report_fatal_error``) when a fixup is out of range
+    #: or misaligned, so label references that could produce one are assembled in a
+    #: helper process.
+    fixups_abort: bool = False
+    #: Branches ``{disp32}`` may force to their long form (GNU as syntax), by mnemonic.
+    long_branches: tuple[tuple[str, str], ...] = ()
+    #: Instruction prefixes that may stand alone as a statement (``rep; movsb``): their
+    #: bytes join the next statement's instruction.
+    prefixes: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True)
 class EngineModes:
     """Keystone / Capstone / Unicorn (arch, mode) constants for one architecture."""
 
@@ -192,6 +277,10 @@ class ArchSpec:
     gate_stub: str = ""
     #: ``retire(slot) -> calls in flight``: store 1 at slot+8, full barrier, load slot.
     gate_retire: str = ""
+    #: How Keystone assembles for this architecture (``None``: no Keystone assembler).
+    asm: AsmDialect | None = None
+    #: Direct branches ``JitText.retarget`` can rewrite in place, keeping their length.
+    direct_branches: tuple[DirectBranch, ...] = ()
     #: One line per row for the README's synchronization table.
     summary: str = ""
     #: How ELF files describe code of this architecture (``None``: no ELF support).
@@ -300,6 +389,13 @@ def _validate(spec: ArchSpec) -> None:
         problems.append("publish_fresh must contain a map step")
     if spec.patch_rule.word & (spec.patch_rule.word - 1):
         problems.append("patch word must be a power of two")
+    for branch in spec.direct_branches:
+        if branch.size > spec.patch_rule.max_size or branch.match & ~branch.mask:
+            problems.append(f"direct branch {branch.name} cannot be patched atomically or never matches")
+    if spec.asm is not None:
+        names = {b.name for b in spec.direct_branches}
+        if not spec.asm.syntaxes or any(name not in names for _, name in spec.asm.long_branches):
+            problems.append("asm dialect needs a syntax, and long branches must be direct branches")
     if problems:
         raise ValueError(f"invalid ArchSpec {spec.name}: " + "; ".join(problems))
 
@@ -320,6 +416,9 @@ def isa(spec: ArchSpec) -> ModuleType:
 __all__ = [
     "STEP_DOCS",
     "ArchSpec",
+    "AsmDialect",
+    "AsmSyntax",
+    "DirectBranch",
     "ElfIdentity",
     "EngineModes",
     "PatchRule",

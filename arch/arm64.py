@@ -11,7 +11,17 @@ import capstone
 import keystone
 import unicorn
 
-from execmem.arch import ArchSpec, ElfIdentity, EngineModes, PatchRule, Recipe, RecipeStep
+from execmem.arch import (
+    ArchSpec,
+    AsmDialect,
+    AsmSyntax,
+    DirectBranch,
+    ElfIdentity,
+    EngineModes,
+    PatchRule,
+    Recipe,
+    RecipeStep,
+)
 
 _WRITE = RecipeStep("write", "code is stored through the writable side (a file write, a write window or a writable page), never through an executable mapping (W^X)")
 _CLEAN = RecipeStep(
@@ -150,6 +160,24 @@ _GATE_STUB = """
 record: .quad {RECORD}
 gate: .quad {GATE}
 """
+#: B and BL (imm26, Arm ARM C6.2.26 and C6.2.34): the offset counts from the branch.
+_B = DirectBranch("b", size=4, mask=0xFC000000, match=0x14000000, shift=0, bits=26, scale=4)
+_BL = DirectBranch("bl", size=4, mask=0xFC000000, match=0x94000000, shift=0, bits=26, scale=4)
+
+_ASM = AsmDialect(
+    syntaxes=(AsmSyntax("gnu"),),
+    line_comment="",  # "//" only; "#" is an immediate (Keystone's AArch64MCAsmInfo)
+    word_size=4,
+    pc_relative=frozenset(
+        {"b", "bl", "b.cond", "cbz", "cbnz", "tbz", "tbnz", "adr", "adrp", "ldr", "ldrsw", "prfm"}
+    ),
+    page_relative=(("adrp", 4096),),
+    # TBZ/TBNZ reach +-32 KiB; a label beyond makes AArch64AsmBackend's adjustFixupValue
+    # call report_fatal_error, which exits the process (measured: "LLVM ERROR: fixup
+    # value out of range"), as does a misaligned B/BL/TBZ target.
+    inprocess_output=32 << 10,
+    fixups_abort=True,
+)
 
 SPEC = ArchSpec(
     name="arm64",
@@ -242,6 +270,8 @@ SPEC = ArchSpec(
     gate_stub=_GATE_STUB,
     # x0 = slot.  DMB ISH orders the flag store before the counter load (B2.3).
     gate_retire="mov x1, #1; str x1, [x0, #8]; dmb ish; ldr x0, [x0]; ret",
+    asm=_ASM,
+    direct_branches=(_B, _BL),
     summary="write via RW alias; DC CVAU lines (unless IDC); DSB ISH; IC IVAU lines (unless DIC); "
     "DSB ISH; ISB; membarrier(SYNC_CORE) once per batch; fresh packs: maintenance then map",
     # EM_AARCH64 (183); RET (X30) is 0xd65f03c0 (Arm ARM C6.2 "RET").

@@ -8,7 +8,17 @@ import capstone
 import keystone
 import unicorn
 
-from execmem.arch import ArchSpec, ElfIdentity, EngineModes, PatchRule, Recipe, RecipeStep
+from execmem.arch import (
+    ArchSpec,
+    AsmDialect,
+    AsmSyntax,
+    DirectBranch,
+    ElfIdentity,
+    EngineModes,
+    PatchRule,
+    Recipe,
+    RecipeStep,
+)
 
 _WRITE = RecipeStep("write", "code is stored through the writable side (a file write, a write window or a writable page), never through an executable mapping (W^X)")
 _LOCAL = RecipeStep(
@@ -126,6 +136,39 @@ refuse:
 #: A callable's stub (``ArchSpec.gate_stub``): its record into r11, then the gate;
 #: r10 and r11 are neither argument nor callee-saved registers.
 _GATE_STUB = "movabs r11, {RECORD}; movabs r10, {GATE}; jmp r10"
+#: JMP rel32 (E9 cd) and CALL rel32 (E8 cd): the displacement counts from the next
+#: instruction (SDM Vol. 2A, JMP and CALL).
+_JMP32 = DirectBranch("jmp rel32", size=5, mask=0xFF, match=0xE9, shift=8, bits=32, from_next=True)
+_CALL32 = DirectBranch("call rel32", size=5, mask=0xFF, match=0xE8, shift=8, bits=32, from_next=True)
+
+_ASM = AsmDialect(
+    syntaxes=(
+        # Keystone's default is Intel, so no option is set (ks_option also sets the
+        # radix of unprefixed numbers to 16: see _asm_source.radix_free).
+        AsmSyntax(
+            "intel",
+            None,
+            foreign=r"%[A-Za-z]",
+            hint="an AT&T register (%reg) in Intel syntax: pass syntax='att' for AT&T",
+        ),
+        AsmSyntax(
+            "att",
+            keystone.KS_OPT_SYNTAX_ATT,
+            foreign=r"\[|\bptr\b",
+            hint="Intel memory syntax ([...], ptr) in AT&T syntax: leave syntax='intel' for Intel",
+        ),
+    ),
+    line_comment="#",  # Keystone's x86 comment string (X86MCAsmInfo)
+    word_size=2,
+    pc_relative=frozenset(
+        {"jmp", "call", "loop", "loope", "loopne", "jrcxz", "jecxz", "jcxz"}
+        | {f"j{cc}" for cc in ("o", "no", "b", "ae", "e", "ne", "be", "a", "s", "ns", "p", "np", "l", "ge", "le", "g")}
+    ),
+    long_branches=(("jmp", _JMP32.name), ("call", _CALL32.name)),
+    prefixes=frozenset(
+        {"lock", "rep", "repe", "repz", "repne", "repnz", "xacquire", "xrelease", "data16", "data32", "addr32", "rex", "rex64"}
+    ),
+)
 
 SPEC = ArchSpec(
     name="x86_64",
@@ -227,6 +270,8 @@ SPEC = ArchSpec(
     # rdi = slot.  MFENCE orders the flag store before the counter load (SDM 8.2.3.4:
     # a load may otherwise pass an earlier store to another location).
     gate_retire="mov qword ptr [rdi + 8], 1; mfence; mov rax, qword ptr [rdi]; ret",
+    asm=_ASM,
+    direct_branches=(_JMP32, _CALL32),
     summary="write via RW alias; membarrier(PRIVATE_EXPEDITED_SYNC_CORE) once per batch "
     "(fallback: mprotect-induced TLB-shootdown IPI); fresh packs: map after write, no membarrier",
     # EM_X86_64 (62); RET is C3 (SDM Vol. 2B, "RET").

@@ -638,8 +638,7 @@ class Allocator:
     # -- live patching ------------------------------------------------------------------------
 
     def _check_patch(self, text: JitText, shadow: bytes | bytearray, offset: int, data: bytes) -> None:
-        old = bytes(shadow[offset : offset + len(data)])
-        _recipes.check_patch(self.arch, self.backend, text.address + offset, old, data)
+        _recipes.check_patch(self.arch, self.backend, text.address, shadow, offset, data)
 
     def _update(self, text: JitText, offset: int, data: bytes) -> None:
         with self._lock:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import enum
 from typing import TYPE_CHECKING, Any
 
-from execmem import _checks
+from execmem import _checks, _patch
 from execmem._errors import AlignmentError, OutOfBoundsError
 from execmem._names import default_name
 
@@ -187,6 +187,19 @@ class JitText:
         payload = _checks.data(data)
         off = self._range(offset, len(payload))
         self._allocator._update(self, off, payload)
+
+    def retarget(self, offset: int, target: int) -> None:
+        """Point the direct jump or call at ``offset`` to ``target`` (LIVE only).
+
+        The branch keeps its length (x86-64 ``jmp``/``call rel32``, arm64 ``B``/``BL``)
+        and is rewritten by the same atomic patch as ``update``, so a 5-byte ``jmp``
+        must lie inside one aligned 8-byte word (``.balign 8`` before it, and
+        ``{disp32} jmp`` for the long form).  A target out of reach, or anything
+        else at ``offset``, raises ``UnsafePatchError``.
+        """
+        off = self._range(offset, 1)
+        new = _patch.retargeted(self._allocator.arch, self.read(), self._address, off, _checks.integer("target", target))
+        self.update(off, new)
 
     def function(self, restype: Any, *argtypes: Any, offset: int = 0) -> JitFunction:
         """A ctypes callable for the code at ``offset`` (LIVE only, native backends only).

@@ -457,10 +457,11 @@ def test_x86_patch_rules(make_allocator: Any) -> None:
 def test_arm64_patch_rules(make_allocator: Any) -> None:
     backend, a = make_allocator("arm64")
     t = a.jit_text_alloc(16)
-    t.write(0, execmem.asm("nop\nb.ne 0x100\nret\nmov x0, #1", "arm64", t.address))
+    base = t.address  # branch targets are absolute and must be in reach (asm() checks)
+    t.write(0, execmem.asm(f"nop\nb.ne {base + 0x100:#x}\nret\nmov x0, #1", "arm64", base))
     t.map()
-    t.update(0, execmem.asm("b 0x40", "arm64", t.address))  # nop -> b: both on the CMODX list
-    t.update(4, execmem.asm("b.eq 0x100", "arm64", t.address + 4))  # b.cond -> b.cond
+    t.update(0, execmem.asm(f"b {base + 0x40:#x}", "arm64", base))  # nop -> b: both on the CMODX list
+    t.update(4, execmem.asm(f"b.eq {base + 0x104:#x}", "arm64", base + 4))  # b.cond -> b.cond
     with pytest.raises(UnsafePatchError, match="'ret'"):
         t.update(8, execmem.asm("nop", "arm64"))
     with pytest.raises(UnsafePatchError, match="'mov'"):
@@ -469,7 +470,7 @@ def test_arm64_patch_rules(make_allocator: Any) -> None:
         t.update(2, b"\x1f\x20")  # not 4-byte aligned: two half instructions
     with pytest.raises(UnsafePatchError):
         t.update(0, execmem.asm("nop\nnop", "arm64"))  # two instructions, two words
-    assert backend.read(t.address, 8) == execmem.asm("b 0x40\nb.eq 0x100", "arm64", t.address)
+    assert backend.read(base, 8) == execmem.asm(f"b {base + 0x40:#x}\nb.eq {base + 0x104:#x}", "arm64", base)
     assert steps(backend)[-6:] == ["clean_dcache", "barrier", "invalidate_icache", "barrier", "local_cse", "remote_cse"]
 
 

@@ -66,7 +66,8 @@ def _free_during_call(arch: str, *, gate: str, retire: str) -> Case:
     res = f._pack.reservation
     m.write(res, f.address - res.address, spec.trap_bytes(8))  # f recycled: its trap refill
     ptr, slot_reg, result, arg, count, done_reg = _REGS[arch]
-    m.load(1, _CALLER[arch].format(gate=gate, refused=REFUSED))
+    # Numbers in hex: after an AT&T-syntax asm() Keystone reads unprefixed ones as hex.
+    m.load(1, _CALLER[arch].format(gate=gate, refused=hex(REFUSED)))
     m.set_reg(1, ptr, pointer)
     m.set_reg(1, slot_reg, slot)
     m.load(2, _FREER[arch].format(retire=retire.replace("; ", "\n")))
