@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import execmem
+from execmem import arch as _arch
 from execmem.emu import Machine, MachineState
 from execmem.verify._framework import SAFE, UNSAFE, Case, Variant, first_fault, scenario
 from execmem.verify._jit import (
@@ -102,7 +103,10 @@ def _torn_update() -> list[Variant]:
 
 def _alias(arch: str, path: str) -> Case:
     """Code written through a writable alias, then called by another CPU."""
-    m = Machine(arch, cpus=2)
+    # (x86-64's recipe has no maintenance steps to remove.)
+    maintained = "clean_dcache" in _arch.get(arch).publish.names
+    no_maintenance = path == "no-maintenance" and maintained
+    m = Machine(_mutated(arch, "publish", without="clean_dcache+invalidate_icache") if no_maintenance else arch, cpus=2)
     slot = m.alloc(8)
     hazard: Callable[[MachineState], str]
     if path == "mprotect":
@@ -130,14 +134,7 @@ def _alias(arch: str, path: str) -> Case:
             host.fence(name)
         target = page
     else:
-        # (x86-64's recipe has no maintenance steps to remove.)
-        maintained = "clean_dcache" in m.spec.publish.names
-        recipes = (
-            _mutated(arch, "publish", without="clean_dcache+invalidate_icache")
-            if path == "no-maintenance" and maintained
-            else None
-        )
-        a = _allocator(m, recipes=recipes)
+        a = _allocator(m)
         warm = _text(a, arch, 7)
         warm.map()
         t = _text(a, arch, 42)
