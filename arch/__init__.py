@@ -253,6 +253,11 @@ class ArchSpec:
     tlb_styles: tuple[str, ...]
     #: Cache-type features (CTR_EL0) that remove recipe steps, if any.
     cache_features: tuple[str, ...] = ()
+    #: Freed addresses are handed out again only after an epoch (every CPU has taken a
+    #: context-synchronization event since the free): instructions fetched before the
+    #: free survive TLB and cache maintenance until then (seeds/000).  False only in
+    #: the verification catalog's ``no-quarantine`` mutations.
+    quarantine: bool = True
     #: Default (D-line, I-line) sizes when the host cannot tell.
     cache_lines: tuple[int, int] = (64, 64)
     #: Tiny routines the native backend runs on this architecture when it is the host,
@@ -263,6 +268,21 @@ class ArchSpec:
     #: ``serialize`` and ``has_serialize`` (a cheaper ``local_cse`` and the test for it)
     #: and ``probe_membarrier`` (fork a child that tries membarrier; pid or -errno).
     host_routines: tuple[tuple[str, str], ...] = ()
+    #: The call gate of ``function()`` callables (``execmem._gates``), one per process:
+    #: entered from a stub holding the GIL, with the caller's arguments and the
+    #: address of a *record* in a scratch register (its 8-byte fields: slot, target,
+    #: stack bytes, save, restore, raise, exception, message).  It atomically
+    #: increments the counter at slot, issues a full barrier and reads the flag at
+    #: slot+8; if set, decrements and returns raise(exception, message); else
+    #: state = save(), calls target with the arguments and the caller's first "stack
+    #: bytes" of stack arguments, decrements, restore(state), returns the result.
+    #: Empty: calls are counted in Python instead.
+    call_gate: str = ""
+    #: A callable's stub, at most 32 bytes: ``{RECORD}`` into the gate's record
+    #: register, then a jump to ``{GATE}`` (both 8-byte values in the code).
+    gate_stub: str = ""
+    #: ``retire(slot) -> calls in flight``: store 1 at slot+8, full barrier, load slot.
+    gate_retire: str = ""
     #: How Keystone assembles for this architecture (``None``: no Keystone assembler).
     asm: AsmDialect | None = None
     #: Direct branches ``JitText.retarget`` can rewrite in place, keeping their length.
@@ -286,8 +306,16 @@ class ArchSpec:
             raise UnsupportedError(f"{self.name} has no recipe {name!r}") from None
 
     def with_recipes(self, **recipes: Recipe) -> ArchSpec:
-        """A copy with some recipes replaced (used by the verification mutations)."""
+        """A copy with some recipes replaced: the verification mutations, handed to a
+        backend (``Machine(spec.with_recipes(publish=...))``) whose allocator runs them."""
+        unknown = set(recipes) - {"publish", "publish_fresh", "patch"}
+        if unknown or not all(isinstance(r, Recipe) for r in recipes.values()):
+            raise ValueError(f"with_recipes takes publish, publish_fresh and patch Recipes, not {sorted(recipes)}")
         return replace(self, **recipes)  # type: ignore[arg-type]
+
+    def without_quarantine(self) -> ArchSpec:
+        """A copy whose freed addresses are reused at once (a verification mutation)."""
+        return replace(self, quarantine=False)
 
     def trap_bytes(self, size: int) -> bytes:
         """``size`` bytes of trap filler, aligned to the start of the pattern."""

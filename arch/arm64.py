@@ -52,6 +52,110 @@ CMODX_MNEMONICS = frozenset(
     {"b", "b.cond", "bl", "brk", "cbnz", "cbz", "hvc", "isb", "nop", "smc", "svc", "tbnz", "tbz"}
 )
 
+
+#: The call gate (``ArchSpec.call_gate``; AAPCS64), entered from a stub with the record
+#: in x16.  Entry: arguments in x0-x7, v0-v7 and x8 (indirect result), the caller's
+#: stack arguments from sp.  x19-x22 keep the slot, the thread state, the stack size
+#: and the record across calls (callee-saved); x9-x11, x16, x17 are scratch.  The
+#: counter is updated with an LDAXR/STLXR loop (Armv8.0; LDADDAL needs FEAT_LSE) and
+#: DMB ISH orders the increment before the flag's load (Arm ARM B2.3: a store may
+#: otherwise be observed after a later load).  Record: as on x86-64.
+_CALL_GATE = """
+    stp x29, x30, [sp, #-48]!
+    mov x29, sp
+    stp x19, x20, [sp, #16]
+    stp x21, x22, [sp, #32]
+    mov x22, x16
+    ldr x19, [x22]
+count:
+    ldaxr x16, [x19]
+    add x16, x16, #1
+    stlxr w17, x16, [x19]
+    cbnz w17, count
+    dmb ish
+    ldr x16, [x19, #8]
+    cbnz x16, refuse
+    sub sp, sp, #208
+    stp x0, x1, [sp]
+    stp x2, x3, [sp, #16]
+    stp x4, x5, [sp, #32]
+    stp x6, x7, [sp, #48]
+    str x8, [sp, #64]
+    stp q0, q1, [sp, #80]
+    stp q2, q3, [sp, #112]
+    stp q4, q5, [sp, #144]
+    stp q6, q7, [sp, #176]
+    ldr x16, [x22, #24]
+    blr x16
+    mov x20, x0
+    ldp x0, x1, [sp]
+    ldp x2, x3, [sp, #16]
+    ldp x4, x5, [sp, #32]
+    ldp x6, x7, [sp, #48]
+    ldr x8, [sp, #64]
+    ldp q0, q1, [sp, #80]
+    ldp q2, q3, [sp, #112]
+    ldp q4, q5, [sp, #144]
+    ldp q6, q7, [sp, #176]
+    ldr x21, [x22, #16]
+    sub sp, sp, x21
+    mov x9, x21
+copy:
+    cbz x9, copied
+    sub x9, x9, #8
+    add x10, x29, #48
+    ldr x11, [x10, x9]
+    str x11, [sp, x9]
+    b copy
+copied:
+    ldr x16, [x22, #8]
+    blr x16
+    add sp, sp, x21
+uncount:
+    ldaxr x16, [x19]
+    sub x16, x16, #1
+    stlxr w17, x16, [x19]
+    cbnz w17, uncount
+    stp x0, x1, [sp]
+    stp q0, q1, [sp, #16]
+    stp q2, q3, [sp, #48]
+    mov x0, x20
+    ldr x16, [x22, #32]
+    blr x16
+    ldp x0, x1, [sp]
+    ldp q0, q1, [sp, #16]
+    ldp q2, q3, [sp, #48]
+    mov sp, x29
+    ldp x19, x20, [sp, #16]
+    ldp x21, x22, [sp, #32]
+    ldp x29, x30, [sp], #48
+    ret
+refuse:
+    ldaxr x16, [x19]
+    sub x16, x16, #1
+    stlxr w17, x16, [x19]
+    cbnz w17, refuse
+    ldr x0, [x22, #48]
+    ldr x1, [x22, #56]
+    ldr x16, [x22, #40]
+    blr x16
+    mov x0, #0
+    ldp x19, x20, [sp, #16]
+    ldp x21, x22, [sp, #32]
+    ldp x29, x30, [sp], #48
+    ret
+"""
+
+#: A callable's stub (``ArchSpec.gate_stub``): its record into x16, then the gate
+#: through x17 (the intra-procedure-call scratch registers, AAPCS64 6.4.1).
+_GATE_STUB = """
+    ldr x16, record
+    ldr x17, gate
+    br x17
+    nop
+record: .quad {RECORD}
+gate: .quad {GATE}
+"""
 #: B and BL (imm26, Arm ARM C6.2.26 and C6.2.34): the offset counts from the branch.
 _B = DirectBranch("b", size=4, mask=0xFC000000, match=0x14000000, shift=0, bits=26, scale=4)
 _BL = DirectBranch("bl", size=4, mask=0xFC000000, match=0x94000000, shift=0, bits=26, scale=4)
@@ -158,6 +262,10 @@ SPEC = ArchSpec(
             "exit: mov x8, #94; svc #0",
         ),
     ),
+    call_gate=_CALL_GATE,
+    gate_stub=_GATE_STUB,
+    # x0 = slot.  DMB ISH orders the flag store before the counter load (B2.3).
+    gate_retire="mov x1, #1; str x1, [x0, #8]; dmb ish; ldr x0, [x0]; ret",
     asm=_ASM,
     direct_branches=(_B, _BL),
     summary="write via RW alias; DC CVAU lines (unless IDC); DSB ISH; IC IVAU lines (unless DIC); "

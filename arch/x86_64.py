@@ -32,6 +32,106 @@ _MAP = RecipeStep(
     "executable only after the code is in place (Lutomirski, execmem thread, seeds/001)",
 )
 
+
+#: The call gate (``ArchSpec.call_gate``; System V AMD64 ABI), entered from a stub with
+#: the record in r11.  Entry: rsp = 8 (mod 16), arguments in rdi, rsi, rdx, rcx, r8,
+#: r9, xmm0-7 (al: vector registers of a variadic call), the caller's stack arguments
+#: from rsp+8.  rbx keeps the slot, r12 the thread state and r13 the record across
+#: calls (callee-saved); r10/r11 are free scratch.  LOCK INC is atomic and a full
+#: barrier (SDM Vol. 3, 9.2.3.8: locked instructions have a total order and are not
+#: reordered with loads or stores), so the flag is read after the increment is
+#: globally visible.  Record: slot +0, target +8, stack bytes +16, save +24,
+#: restore +32, raise +40, exception +48, message +56.
+_CALL_GATE = """
+    push rbp
+    mov rbp, rsp
+    push rbx
+    push r12
+    push r13
+    sub rsp, 8
+    mov r13, r11
+    mov rbx, qword ptr [r13]
+    lock inc qword ptr [rbx]
+    cmp qword ptr [rbx + 8], 0
+    jne refuse
+    sub rsp, 192
+    mov [rsp], rdi
+    mov [rsp + 8], rsi
+    mov [rsp + 16], rdx
+    mov [rsp + 24], rcx
+    mov [rsp + 32], r8
+    mov [rsp + 40], r9
+    mov [rsp + 48], rax
+    movdqu [rsp + 64], xmm0
+    movdqu [rsp + 80], xmm1
+    movdqu [rsp + 96], xmm2
+    movdqu [rsp + 112], xmm3
+    movdqu [rsp + 128], xmm4
+    movdqu [rsp + 144], xmm5
+    movdqu [rsp + 160], xmm6
+    movdqu [rsp + 176], xmm7
+    call qword ptr [r13 + 24]
+    mov r12, rax
+    mov rdi, [rsp]
+    mov rsi, [rsp + 8]
+    mov rdx, [rsp + 16]
+    mov rcx, [rsp + 24]
+    mov r8, [rsp + 32]
+    mov r9, [rsp + 40]
+    mov rax, [rsp + 48]
+    movdqu xmm0, [rsp + 64]
+    movdqu xmm1, [rsp + 80]
+    movdqu xmm2, [rsp + 96]
+    movdqu xmm3, [rsp + 112]
+    movdqu xmm4, [rsp + 128]
+    movdqu xmm5, [rsp + 144]
+    movdqu xmm6, [rsp + 160]
+    movdqu xmm7, [rsp + 176]
+    mov r10, qword ptr [r13 + 16]
+    sub rsp, r10
+copy:
+    sub r10, 8
+    jb copied
+    mov r11, [rbp + r10 + 16]
+    mov [rsp + r10], r11
+    jmp copy
+copied:
+    call qword ptr [r13 + 8]
+    lock dec qword ptr [rbx]
+    add rsp, qword ptr [r13 + 16]
+    mov [rsp], rax
+    mov [rsp + 8], rdx
+    movdqu [rsp + 16], xmm0
+    movdqu [rsp + 32], xmm1
+    mov rdi, r12
+    call qword ptr [r13 + 32]
+    mov rax, [rsp]
+    mov rdx, [rsp + 8]
+    movdqu xmm0, [rsp + 16]
+    movdqu xmm1, [rsp + 32]
+    lea rsp, [rbp - 24]
+    pop r13
+    pop r12
+    pop rbx
+    pop rbp
+    ret
+refuse:
+    lock dec qword ptr [rbx]
+    mov rdi, qword ptr [r13 + 48]
+    mov rsi, qword ptr [r13 + 56]
+    call qword ptr [r13 + 40]
+    xor eax, eax
+    add rsp, 8
+    pop r13
+    pop r12
+    pop rbx
+    pop rbp
+    ret
+"""
+
+#: A callable's stub (``ArchSpec.gate_stub``): its record into r11, then the gate;
+#: r10 and r11 are neither argument nor callee-saved registers.
+_GATE_STUB = "movabs r11, {RECORD}; movabs r10, {GATE}; jmp r10"
 #: JMP rel32 (E9 cd) and CALL rel32 (E8 cd): the displacement counts from the next
 #: instruction (SDM Vol. 2A, JMP and CALL).
 _JMP32 = DirectBranch("jmp rel32", size=5, mask=0xFF, match=0xE9, shift=8, bits=32, from_next=True)
@@ -161,6 +261,11 @@ SPEC = ArchSpec(
             "exit: mov eax, 231; syscall",
         ),
     ),
+    call_gate=_CALL_GATE,
+    gate_stub=_GATE_STUB,
+    # rdi = slot.  MFENCE orders the flag store before the counter load (SDM 8.2.3.4:
+    # a load may otherwise pass an earlier store to another location).
+    gate_retire="mov qword ptr [rdi + 8], 1; mfence; mov rax, qword ptr [rdi]; ret",
     asm=_ASM,
     direct_branches=(_JMP32, _CALL32),
     summary="write via RW alias; membarrier(PRIVATE_EXPEDITED_SYNC_CORE) once per batch "

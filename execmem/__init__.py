@@ -26,13 +26,15 @@ from execmem._errors import (
     ModelError,
     OutOfBoundsError,
     OutOfMemoryError,
+    SizeError,
     SystemCallError,
     UnsafePatchError,
     UnsupportedError,
     UseAfterFreeError,
 )
+from execmem._gates import JitFunction
 from execmem._lookup import text_at
-from execmem._text import JitFunction, JitText, TextState
+from execmem._text import JitText, TextState
 
 __version__ = "0.1.0"
 
@@ -50,6 +52,7 @@ __all__ = [
     "ModelError",
     "OutOfBoundsError",
     "OutOfMemoryError",
+    "SizeError",
     "SystemCallError",
     "TextState",
     "UnsafePatchError",

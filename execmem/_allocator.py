@@ -1,11 +1,16 @@
 """The allocator core: handles, states, publishing and patching.
 
 Everything that touches memory goes through a :class:`~execmem._backend.Backend`;
-everything that depends on the architecture is asked of its ``ArchSpec``.  Packs,
-placement, quarantine epochs and retirement are in ``_packs``; recipe execution and
-the live-patch rule in ``_recipes``; running a batch's recipes over texts and
-patch words in ``_publishing``; the handles in ``_text``; the module-level API in
-``_default``.
+everything that depends on the architecture is asked of its ``ArchSpec`` (the
+backend's: a verification mutation is a backend handed a mutated spec).  Packs,
+placement, refill, quarantine epochs and retirement are in ``_packs``; recipe
+execution and the live-patch rule in ``_recipes``; running a batch's recipes over
+texts and patch words in ``_publishing``; freeing in ``_freeing``; ``batch()`` in
+``_batch``; the handles in ``_text``; call gates in ``_gates``; what profilers and
+debuggers are told after each commit in ``debuginfo``; the module-level API in
+``_default``.  Every verb completes or leaves no trace when an exception (a failed
+system call, ``KeyboardInterrupt``) interrupts it: see ``_interrupts`` for how.  (This
+module is long because each verb keeps its undo beside it.)
 
 Publishing
     Texts in a reservation not yet mapped run the architecture's ``publish_fresh``
@@ -22,36 +27,44 @@ In place
 Coarse write units
     When ``backend.write_unit`` exceeds the granularity (mprotect mode: a write to
     executable memory makes whole pages non-executable for a moment), a text placed
-    in a pack that is already mapped takes whole write units, so writing, refilling
-    or writing it in place never touches a page another live text is executing from.
+    in a pack that is already mapped takes whole write units, so writing it or
+    writing it in place never touches a page another live text is executing from.
     Texts placed while the pack is not mapped yet are packed densely (nothing can
     execute there); ``map_rw_inplace`` then claims its write units whole, and refuses
-    when another text shares them.  Publishing or freeing one of several densely
-    packed texts after their pack was mapped still writes pages the others share:
-    publish them together (``publish``/``batch``), or use dual mapping, when other
-    threads may be running those neighbours.  Live patches are refused there
-    (``UnsafePatchError``): the atomic store would make the page briefly
-    non-executable.
+    when another text shares them.  Publishing one of several densely packed texts
+    after their pack was mapped still writes pages the others share: publish them
+    together (``publish``/``batch``), or use dual mapping, when other threads may be
+    running those neighbours.  Live patches are refused there (``UnsafePatchError``):
+    the atomic store would make the page briefly non-executable.
 Freeing
-    The text is refilled with traps and its chunks return to the pack, quarantined
-    until an epoch if the reservation is mapped.  A free while ``JitFunction`` calls
-    are in flight marks the text FREED at once and leaves refill and quarantine to
-    the last call that returns.
+    The text's chunks return to the pack, quarantined until an epoch if the
+    reservation is mapped; their trap refill comes in a batch later (``_packs``),
+    and never while another text in the same write unit may run.  A free while
+    calls through ``function()`` are in flight (their call gates count them,
+    ``_gates``) marks the text FREED at once and reclaims it at the first verb after
+    the last call has returned.  Inside ``batch()`` a free waits for the end of the
+    block like the publishes (and is cancelled with them).
+Lifetime
+    ``close()`` (or the ``with`` block) releases everything.  An allocator that
+    becomes unreachable without it is released by a finalizer, with a
+    ``ResourceWarning``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import itertools
+import operator
 import os
 import threading
+import weakref
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable
+from functools import partial
 from typing import Any, cast
 
-from execmem import _forks, _lookup, _publishing, _recipes, debuginfo
-from execmem._backend import Backend, Reservation
+from execmem import _checks, _forks, _gates, _lookup, _recipes, debuginfo
+from execmem._backend import Backend
+from execmem._batch import Batch, BatchBlock
 from execmem._errors import (
     AlignmentError,
     BadStateError,
@@ -62,41 +75,25 @@ from execmem._errors import (
     UnsupportedError,
     UseAfterFreeError,
 )
-from execmem._locks import OwnedLock, SetupLock
+from execmem._freeing import Freeing
+from execmem._gates import JitFunction
+from execmem._interrupts import uninterrupted
+from execmem._lifetime import Owned, finalize
+from execmem._locks import OwnedLock
 from execmem._names import check_name, check_names
-from execmem._packs import PackPool
-from execmem._text import JitFunction, JitText, TextState, check_bytes, check_int, make_cfunc
-from execmem.arch import ArchSpec, Recipe
+from execmem._packs import Pack, PackPool
+from execmem._publishing import Publisher, begin_inplace, end_inplace, offset_of, trap_at
+from execmem._stats import AllocatorStats, Totals
+from execmem._text import JitText, TextState
+from execmem.arch import ArchSpec
 
 DEFAULT_PACK_SIZE = 2 * 1024 * 1024
 DEFAULT_GRANULARITY = 64
 
-
-@dataclass
-class _Batch:
-    texts: list[JitText] = field(default_factory=list)
-    patches: list[tuple[JitText, int, bytes]] = field(default_factory=list)
-    overlay: dict[JitText, bytearray] = field(default_factory=dict)
-    depth: int = 0
-
-
-def _pow2(value: int) -> bool:
-    return value > 0 and value & (value - 1) == 0
-
-
-def _positive(size: object) -> int:
-    if check_int("size", size) <= 0:
-        raise AlignmentError(f"size must be positive, not {size}")
-    return cast(int, size)
-
-
-def _positive_sizes(sizes: Iterable[int]) -> list[int]:
-    """``sizes`` as a list, each checked as ``_positive`` does: as a whole first (two
-    passes in C), one by one only when that fails, to raise for the first bad one."""
-    wanted = list(sizes)
-    if set(map(type, wanted)) <= {int} and (not wanted or min(wanted) > 0):
-        return wanted
-    return [_positive(size) for size in wanted]
+_RESERVED, _WRITING, _LIVE, _FREED = TextState.RESERVED, TextState.WRITING, TextState.LIVE, TextState.FREED
+#: ``Allocator._undo`` when no verb is in progress (an empty tuple: falsy, shared).
+_DONE: tuple[()] = ()
+_shadow_of, _staged_of = operator.attrgetter("_shadow"), operator.attrgetter("_staged")
 
 
 class Allocator:
@@ -108,7 +105,8 @@ class Allocator:
     backend maps a pack only as far as its texts need and grows it in place.
     ``granularity``: the chunk size texts are rounded to (default 64, as
     bpf_prog_pack).  ``keep_empty``: how many empty packs stay mapped for reuse.
-    See the module docstring for the policies.
+    See the module docstring for the policies; use it as a context manager or
+    ``close()`` it.
 
     ``perf_map``, ``jitdump`` (a directory) and ``gdb`` tell profilers and debuggers
     about every published text, by name (``execmem.debuginfo``); all off by default.
@@ -124,11 +122,10 @@ class Allocator:
         perf_map: bool = False,
         jitdump: str | os.PathLike[str] | None = None,
         gdb: bool = False,
-        _recipes: Mapping[str, Recipe] | None = None,
-        _quarantine: bool = True,
     ) -> None:
-        for name, value in (("pack_size", pack_size), ("granularity", granularity), ("keep_empty", keep_empty)):
-            check_int(name, value)
+        pack_size = _checks.integer("pack_size", pack_size)
+        granularity = _checks.integer("granularity", granularity)
+        keep_empty = _checks.integer("keep_empty", keep_empty)
         owns = backend is None
         if backend is None:
             from execmem.native import NativeBackend
@@ -141,26 +138,23 @@ class Allocator:
         spec = backend.arch
         unit = backend.write_unit
         minimum = max(spec.insn_align, len(spec.trap_fill), spec.patch_rule.word)
+        pow2 = _checks.power_of_two
         problems = []
-        if not _pow2(granularity) or granularity < minimum:
+        if not pow2(granularity) or granularity < minimum:
             problems.append(f"granularity must be a power of two >= {minimum} on {spec.name}, not {granularity}")
-        if not _pow2(pack_size) or pack_size < max(backend.page_size, granularity, unit):
+        if not pow2(pack_size) or pack_size < max(backend.page_size, granularity, unit):
             problems.append(
                 f"pack_size must be a power of two >= the page size ({backend.page_size:#x}), "
                 f"the granularity and the write unit, not {pack_size:#x}"
             )
         if keep_empty < 0:
             problems.append(f"keep_empty must be >= 0, not {keep_empty}")
-        if _pow2(granularity) and unit > granularity and unit % granularity:
+        if pow2(granularity) and unit > granularity and unit % granularity:
             problems.append(f"the backend's write unit {unit} is not a multiple of granularity {granularity}")
-        recipes = dict(_recipes or {})
-        for key, recipe in recipes.items():
-            if key not in ("publish", "publish_fresh", "patch") or not isinstance(recipe, Recipe):
-                problems.append(f"_recipes: {key!r} is not a publish/publish_fresh/patch Recipe")
         # A backend may bound one reservation (the native one: the machine's RAM): a
         # pack it would refuse is a clear error now, not at the first allocation.
-        limit = getattr(backend, "max_reservation", None)
-        too_big = isinstance(limit, int) and pack_size > limit
+        limit = backend.max_reservation
+        too_big = limit is not None and pack_size > limit
         if problems or too_big:
             if owns:
                 backend.close()
@@ -172,22 +166,18 @@ class Allocator:
         self.pack_size = pack_size
         self.granularity = granularity
         self.keep_empty = keep_empty
-        self._owns_backend = owns
-        self._recipes = recipes
-        self._quarantine = bool(_quarantine)
         #: Chunks per write unit when the backend writes whole pages (mprotect), else 1.
         self._unit_chunks = unit // granularity if unit > granularity else 1
         self._lock = OwnedLock("the allocator")
-        #: Guards the texts' counts of calls in flight (JitFunction) against free() and
-        #: close().  Re-entrant: its sections are a few statements that a signal
-        #: handler's own call (which completes before they resume) cannot upset.  A
-        #: SetupLock, so a forked child calling an inherited function never waits for
-        #: a parent thread that was counting its own call at the fork.
-        self._calls_lock = SetupLock("the allocator's calls in flight")
         self._local = threading.local()
         self._generation = _forks.generation  # fork detection without a getpid per verb
         self._closed = False
+        #: Texts not freed (RESERVED, WRITING, LIVE).
         self._texts: set[JitText] = set()
+        #: Freed texts whose calls through ``function()`` have not all returned yet.
+        self._pinned: list[JitText] = []
+        #: How to take back the verb in progress (``_interrupts``); ``_DONE`` between verbs.
+        self._undo: list[Callable[[], None]] | tuple[()] = _DONE
         self._steps: Counter[str] = Counter()
         self._recipe_runs: Counter[str] = Counter()
         self._events: Counter[str] = Counter()
@@ -196,27 +186,49 @@ class Allocator:
             pack_size=pack_size,
             granularity=granularity,
             keep_empty=keep_empty,
-            quarantine=self._quarantine,
+            quarantine=spec.quarantine,
             unit_chunks=self._unit_chunks,
             events=self._events,
         )
         try:
-            self._debug = debuginfo.attach(spec, backend.mode, perf_map=perf_map, jitdump=jitdump, gdb=gdb)
+            #: Profilers' and debuggers' sinks (``debuginfo``), told after each commit.
+            self._debug = debuginfo.attach(spec, backend, perf_map=perf_map, jitdump=jitdump, gdb=gdb)
         except BaseException:
             if owns:
                 backend.close()
             raise
+        self._publisher = Publisher(backend, spec, self._pool, self._steps, self._recipe_runs, self._events)
+        self._freeing = Freeing(backend, self._pool, self._texts, self._pinned, self._events, self._debug)
+        self._owned = Owned(self._pool, backend if owns else None, self._debug)
+        finalizer = weakref.finalize(self, finalize, self._owned, self._generation)
+        finalizer.atexit = False  # at exit the process's memory goes anyway, and code may still run
         _lookup.register(self)
 
     # -- plumbing ---------------------------------------------------------------------------
 
-    def _check(self) -> None:
+    def _begin(self) -> None:
+        """First thing under the lock: refuse a forked child or a closed allocator, take
+        back a verb that an exception interrupted while it was being undone, and
+        reclaim pinned texts whose calls have returned."""
         if self._generation != _forks.generation:
             raise ForkedProcessError(
                 "this allocator belongs to the parent process; create a new one in the forked child"
             )
         if self._closed:
             raise BadStateError("the allocator is closed")
+        if self._undo:
+            self._rollback()
+        if self._pinned:
+            self._freeing.poll()
+
+    def _rollback(self) -> None:
+        """Run the undo actions of the verb in progress, newest first; each is removed
+        only once it has run, so an interrupted rollback is finished by the next verb."""
+        undo = self._undo
+        while undo:
+            undo[-1]()
+            undo.pop()
+        self._undo = _DONE
 
     def _own(self, text: object) -> JitText:
         if not isinstance(text, JitText):
@@ -229,32 +241,28 @@ class Allocator:
     def _expect(text: JitText, *states: TextState, verb: str) -> None:
         if text._state in states:
             return
-        if text._state is TextState.FREED:
+        if text._state is _FREED:
             raise UseAfterFreeError(f"{verb}: the text at {text.address:#x} has been freed")
         hint = {
-            TextState.RESERVED: "write it, then map() (or map_rw_inplace(), write, finalize())",
-            TextState.WRITING: "it is being written in place: finalize() it",
-            TextState.LIVE: "it is live: use update() for a live patch, or publish a new text",
+            _RESERVED: "write it, then map() (or map_rw_inplace(), write, finalize())",
+            _WRITING: "it is being written in place: finalize() it",
+            _LIVE: "it is live: use update() for a live patch, or publish a new text",
         }[text._state]
         raise BadStateError(f"{verb} is not allowed on a {text._state.name} text at {text.address:#x}: {hint}")
 
-    @staticmethod
-    def _not_pending(text: JitText, verb: str) -> None:
-        if text._pending is not None:
-            raise BadStateError(f"{verb}: the text at {text.address:#x} is queued for publishing in a batch")
+    def _not_pending(self, text: JitText, verb: str) -> None:
+        batch = self._batch()
+        if batch is not None and (text in batch.queued or text in batch.freeing):
+            what = "freeing" if text in batch.freeing else "publishing"
+            raise BadStateError(f"{verb}: the text at {text.address:#x} is queued for {what} in a batch")
 
-    def _recipe(self, name: str) -> Recipe:
-        return self._recipes.get(name) or self.arch.recipe(name)
-
-    def _batch(self) -> _Batch | None:
-        return getattr(self._local, "batch", None)
-
-    def _trap(self, res: Reservation, offset: int, size: int) -> bytes:
-        phase = offset % len(self.arch.trap_fill)
-        return self.arch.trap_bytes(phase + size)[phase:]
-
-    def _offset(self, text: JitText) -> int:
-        return text.address - text._pack.reservation.address
+    def _batch(self) -> Batch | None:
+        """This thread's open batch: None outside its block, which includes one left
+        without its end (``_batch``); such a batch is replaced by the next one.  (Its
+        ``__exit__`` may still be about to run it: a signal handler's verb there must
+        not drop it.)"""
+        batch: Batch | None = getattr(self._local, "batch", None)
+        return batch if batch is not None and batch.open() else None
 
     # -- allocation ---------------------------------------------------------------------------
 
@@ -263,26 +271,34 @@ class Allocator:
         ``name`` is what profilers and debuggers will call it (``JitText.name``)."""
         if name is not None:
             check_name(name)
-        check_int("size", size)
-        check_int("align", align)
-        if size <= 0:
-            raise AlignmentError(f"size must be positive, not {size}")
-        if not _pow2(align):
-            raise AlignmentError(f"align must be a power of two, not {align}")
+        size = _checks.positive_size(size)
+        align = _checks.alignment(align)
         with self._lock:
-            self._check()
-            text = self._alloc(size, align)
+            self._begin()
+            pack, starts, counts = self._pool.place(size, align)  # housekeeping only
+            start = starts[0]
+            address = pack.address + start * self.granularity
+            text = JitText(self, pack, start, counts[0], address, size, trap_at(self.arch, address - pack.address, size))
             if name is not None:
                 text._name = name
+            self._undo = [partial(self._untake, {pack: pack.chunks.snapshot()}, [text])]
+            try:
+                pack.chunks.take(start, counts[0])
+                self._texts.add(text)
+            except BaseException:
+                self._rollback()
+                raise
+            self._undo = _DONE  # the commit (after it, the lock's release: see _interrupts)
             return text
 
-    def _alloc(self, size: int, align: int) -> JitText:
-        pack, index, count = self._pool.place(size, align)
-        gran = self.granularity
-        trap = self._trap(pack.reservation, index * gran, size)
-        text = JitText(self, pack, index, count, pack.address + index * gran, size, trap)
-        self._texts.add(text)
-        return text
+    def _untake(self, snapshots: dict[Pack, tuple[object, ...]], texts: list[JitText]) -> None:
+        """Undo of an allocation: chunk maps back, the texts unusable."""
+        for pack, snapshot in snapshots.items():
+            pack.chunks.restore(snapshot)
+        self._texts.difference_update(texts)
+        for text in texts:
+            text._state = _FREED
+        self._pool.trim_quietly()  # a dedicated reservation made for it goes again
 
     def jit_text_alloc_many(
         self, sizes: Iterable[int], align: int = 16, *, names: Iterable[str | None] | None = None
@@ -292,19 +308,9 @@ class Allocator:
         JIT compiling a module of functions), and ``publish`` then writes adjacent
         texts with one store.  ``names``: one name (or ``None``) per size.  On any
         error nothing is allocated."""
-        wanted = _positive_sizes(sizes)
+        wanted = _checks.positive_sizes(sizes)
         given = None if names is None else check_names(names, len(wanted))
-        texts = self._alloc_many(wanted, align)
-        if given is not None:
-            for text, name in zip(texts, given, strict=True):
-                if name is not None:
-                    text._name = name
-        return texts
-
-    def _alloc_many(self, wanted: list[int], align: int) -> list[JitText]:
-        check_int("align", align)
-        if not _pow2(align):
-            raise AlignmentError(f"align must be a power of two, not {align}")
+        align = _checks.alignment(align)
         gran = self.granularity
         unit = max(align, gran)  # a text takes whole alignment steps in a run
         budget = self.pack_size // 2 // unit  # a run never exceeds what one text may take
@@ -312,74 +318,107 @@ class Allocator:
         counts = [-(-size // gran) for size in wanted]  # chunks per text
         steps = counts if unit == gran else [-(-size // unit) for size in wanted]
         out: list[JitText] = []
+        if not wanted:
+            return out
         with self._lock:
-            self._check()
+            self._begin()
+            snapshots: dict[Pack, tuple[object, ...]] = {}
+            self._undo = [partial(self._untake, snapshots, out)]
             try:
                 if shared and sum(steps) <= budget:  # the common case: one run
-                    return self._alloc_run(wanted, counts, align)
-                group: list[int] = []
-                group_counts: list[int] = []
-                used = 0
-                for size, count, n in zip(wanted, counts, steps, strict=True):
-                    if not shared or n > budget:
-                        out.append(self._alloc(size, align))  # a dedicated reservation
-                        continue
-                    if used + n > budget:
-                        out += self._alloc_run(group, group_counts, align)
-                        group, group_counts, used = [], [], 0
-                    group.append(size)
-                    group_counts.append(count)
-                    used += n
-                if group:
-                    out += self._alloc_run(group, group_counts, align)
+                    self._alloc_run(wanted, counts, align, snapshots, out)
+                else:
+                    group: list[int] = []
+                    group_counts: list[int] = []
+                    used = 0
+                    for size, count, n in zip(wanted, counts, steps, strict=True):
+                        if not shared or n > budget:
+                            self._alloc_run([size], [count], align, snapshots, out)  # a dedicated reservation
+                            continue
+                        if used + n > budget:
+                            self._alloc_run(group, group_counts, align, snapshots, out)
+                            group, group_counts, used = [], [], 0
+                        group.append(size)
+                        group_counts.append(count)
+                        used += n
+                    if group:
+                        self._alloc_run(group, group_counts, align, snapshots, out)
+                if given is not None:
+                    for text, name in zip(out, given, strict=True):
+                        if name is not None:
+                            text._name = name
             except BaseException:
-                for text in out:
-                    # Never published, so never fetched: free again without quarantine.
-                    text._pack.chunks.release(text._chunk)
-                    text._state = TextState.FREED
-                    self._texts.discard(text)
-                self._pool.trim_quietly()
+                self._rollback()
                 raise
-        return out
+            self._undo = _DONE
+            return out
 
-    def _alloc_run(self, sizes: list[int], counts: list[int], align: int) -> list[JitText]:
-        """Texts of ``sizes`` (``counts`` chunks each) side by side in one pack."""
-        # What each text takes may be more than asked (whole write units, mprotect mode).
-        pack, chunks, taken = self._pool.place_many(counts, max(1, align // self.granularity))
+    def _alloc_run(
+        self, sizes: list[int], counts: list[int], align: int, snapshots: dict[Pack, tuple[object, ...]], out: list[JitText]
+    ) -> None:
+        """Texts of ``sizes`` (``counts`` chunks each) side by side in one pack, added to
+        ``out`` (the undo's list) before anything is taken for them."""
+        gran = self.granularity
+        if len(sizes) == 1:
+            pack, chunks, taken = self._pool.place(sizes[0], align)
+        else:
+            # What each text takes may be more than asked (whole write units, mprotect mode).
+            pack, chunks, taken = self._pool.place_many(counts, max(1, align // gran))
         # Chunks start on a whole trap instruction (the granularity is a multiple of its
         # length), so a text's initial (trap) contents depend on its size only.
-        traps = {size: self._trap(pack.reservation, 0, size) for size in set(sizes)}
+        traps = {size: self.arch.trap_bytes(size) for size in set(sizes)}
         texts = JitText._run(self, pack, chunks, taken, sizes, traps)
+        snapshots.setdefault(pack, pack.chunks.snapshot())
+        out += texts
+        if len(chunks) == 1:
+            pack.chunks.take(chunks[0], taken[0])
+        else:
+            pack.chunks.take_many(chunks, taken)
         self._texts.update(texts)
-        return texts
 
     # -- writing ------------------------------------------------------------------------------
 
     def _write(self, text: JitText, offset: int, data: bytes) -> None:
         with self._lock:
-            self._check()
+            self._begin()
             self._own(text)
-            self._expect(text, TextState.RESERVED, TextState.WRITING, verb="write")
+            self._expect(text, _RESERVED, _WRITING, verb="write")
             self._not_pending(text, "write")
-            self._store(text, offset, data)
+            old = bytes(text._shadow[offset : offset + len(data)])
+            self._undo = [partial(self._unstore, text, text._shadow, text._staged, offset, old)]
+            try:
+                self._store(text, offset, data)
+            except BaseException:
+                self._rollback()
+                raise
+            self._undo = _DONE
 
     def _store(self, text: JitText, offset: int, data: bytes) -> None:
-        if text._state is TextState.WRITING and data:
-            self.backend.write(text._pack.reservation, self._offset(text) + offset, data)
-        shadow = text._shadow
-        if type(shadow) is not bytearray:  # shared immutable bytes: copy before writing
-            shadow = text._shadow = bytearray(shadow)
+        """``data`` at ``offset``: into memory (in place) and the shadow, which is only
+        ever replaced whole (a shared ``bytes`` is copied first)."""
+        if text._state is _WRITING and data:
+            self.backend.write(text._pack.reservation, offset_of(text) + offset, data)
+        shadow = bytearray(text._shadow) if type(text._shadow) is not bytearray else text._shadow
         shadow[offset : offset + len(data)] = data
-        text._staged = text._staged or bool(data)
+        text._shadow, text._staged = shadow, text._staged or bool(data)
+
+    def _unstore(self, text: JitText, shadow: bytes | bytearray, staged: bool, offset: int, old: bytes) -> None:
+        """Undo of a write: memory and shadow as they were (``shadow``, the shadow object
+        before the write, got ``old`` back if it is a bytearray written in place)."""
+        if text._state is _WRITING and old:
+            self.backend.write(text._pack.reservation, offset_of(text) + offset, old)
+        if type(shadow) is bytearray:
+            shadow[offset : offset + len(old)] = old
+        text._shadow, text._staged = shadow, staged
 
     def _map_rw_inplace(self, text: JitText) -> None:
         with self._lock:
-            self._check()
+            self._begin()
             self._own(text)
-            self._expect(text, TextState.RESERVED, verb="map_rw_inplace")
+            self._expect(text, _RESERVED, verb="map_rw_inplace")
             self._not_pending(text, "map_rw_inplace")
             pack, res = text._pack, text._pack.reservation
-            offset = self._offset(text)
+            offset = offset_of(text)
             claim: tuple[int, int] | None = None
             u = self._unit_chunks
             if u > 1:
@@ -397,34 +436,48 @@ class Allocator:
                         "and map(), or allocate with align equal to the write unit"
                     )
                 if not res.mapped and (first, last - first) != (text._chunk, text._nchunks):
+                    if pack.chunks.dirty & units:
+                        self._pool.refill(pack)  # unmapped: every freed chunk may be refilled
                     claim = (first, last - first)
-            self.backend.begin_inplace(res, offset, text.size)
+            begun: list[JitText] = []
+            self._undo = [partial(self._unbegin, text, begun, pack.chunks.snapshot(), (text._chunk, text._nchunks))]
             try:
+                uninterrupted(begin_inplace, self.backend, text, begun)
                 if text._staged:
                     self.backend.write(res, offset, bytes(text._shadow))
+                if claim is not None:
+                    pack.chunks.release(text._chunk, text._nchunks)
+                    pack.chunks.take(*claim)
+                    text._chunk, text._nchunks = claim
+                text._state = _WRITING
             except BaseException:
-                self.backend.end_inplace(res, offset, text.size)
+                self._rollback()
                 raise
-            if claim is not None:
-                pack.chunks.release(text._chunk)
-                pack.chunks.take(*claim)
-                text._chunk, text._nchunks = claim
-            text._state = TextState.WRITING
+            self._undo = _DONE
+
+    def _unbegin(self, text: JitText, begun: list[JitText], snapshot: tuple[object, ...], chunks: tuple[int, int]) -> None:
+        """Undo of ``map_rw_inplace``: RESERVED again, memory traps, not writable."""
+        text._state = _RESERVED
+        text._chunk, text._nchunks = chunks
+        text._pack.chunks.restore(snapshot)
+        if text._staged:
+            self.backend.write(text._pack.reservation, offset_of(text), self.arch.trap_bytes(text.size))
+        if begun:
+            uninterrupted(end_inplace, self.backend, text, begun)
 
     # -- publishing ---------------------------------------------------------------------------
 
     def _publish_one(self, text: JitText, *, inplace: bool) -> None:
         verb = "finalize" if inplace else "map"
-        state = TextState.WRITING if inplace else TextState.RESERVED
+        state = _WRITING if inplace else _RESERVED
         with self._lock:
-            self._check()
+            self._begin()
             self._own(text)
             self._expect(text, state, verb=verb)
             self._not_pending(text, verb)
             batch = self._batch()
             if batch is not None:
-                text._pending = "publish"
-                batch.texts.append(text)
+                batch.publish([text])
                 return
             self._sync([text], [])
 
@@ -436,52 +489,80 @@ class Allocator:
         """
         items, payloads = self._publishable(texts, codes)
         with self._lock:
-            self._check()
+            self._begin()
             self._check_publish(items, payloads)
-            if payloads is not None:
-                self._stage_codes(items, payloads)
             if not items:
                 return
             batch = self._batch()
-            if batch is not None:
-                for text in items:
-                    text._pending = "publish"
-                    batch.texts.append(text)
-                return
-            self._sync(items, [])
+            # What staging the codes changes, for the undo (in C: the hot path of a batch).
+            shadows = staged = inplace = None
+            if payloads is not None:
+                shadows, staged = list(map(_shadow_of, items)), list(map(_staged_of, items))
+                inplace = {t: bytes(t._shadow) for t in items if t._state is _WRITING}
+            undo = self._undo = [partial(self._unstage, items, shadows, staged, inplace)]
+            try:
+                if payloads is not None:
+                    self._stage_codes(items, payloads)
+                if batch is None:
+                    self._publisher.sync(items, [], undo)
+                else:
+                    batch.publish(items)
+            except BaseException:
+                self._rollback()
+                raise
+            self._undo = _DONE
+            if self._debug is not None and batch is None:
+                self._tell(self._debug, items, [], ())
 
     def _stage_codes(self, items: list[JitText], payloads: list[bytes]) -> None:
         """``text.write(0, code)`` for each text, checked already.  A RESERVED text's
         staging buffer becomes the (immutable) code itself, or the code and the rest of
         the buffer: no copy into a bytearray (the hot path of a batch)."""
-        reserved = TextState.RESERVED
         for text, code in zip(items, payloads, strict=True):
-            if text._state is not reserved:
+            if text._state is not _RESERVED:
                 self._store(text, 0, code)
             elif len(code) == text._size:
-                text._shadow = code
-                text._staged = True
+                text._shadow, text._staged = code, True
             elif code:
-                text._shadow = code + text._shadow[len(code) :]
-                text._staged = True
+                text._shadow, text._staged = code + text._shadow[len(code) :], True
+
+    def _unstage(
+        self,
+        items: list[JitText],
+        shadows: list[bytes | bytearray] | None,
+        staged: list[bool] | None,
+        inplace: dict[JitText, bytes] | None,
+    ) -> None:
+        """Undo of ``publish``'s staging: shadows (and in-place memory) as they were."""
+        if shadows is None or staged is None or inplace is None:
+            return
+        for text, shadow, was_staged in zip(items, shadows, staged, strict=True):
+            old = inplace.get(text)
+            if old is not None:  # an in-place text: its memory was written
+                self.backend.write(text._pack.reservation, offset_of(text), old)
+                if type(shadow) is bytearray:
+                    shadow[:] = old
+            text._shadow, text._staged = shadow, was_staged
 
     @staticmethod
     def _publishable(texts: Iterable[JitText], codes: Iterable[bytes] | None) -> tuple[list[JitText], list[bytes] | None]:
         items = list(texts)
-        payloads = None if codes is None else [c if type(c) is bytes else check_bytes(c) for c in codes]
+        payloads = None if codes is None else [c if type(c) is bytes else _checks.data(c) for c in codes]
         if payloads is not None and len(payloads) != len(items):
             raise AlignmentError(f"publish: {len(items)} texts but {len(payloads)} codes")
         return items, payloads
 
     def _check_publish(self, items: list[JitText], payloads: list[bytes] | None) -> None:
         """Raise unless every text may be published (with its code): under the lock."""
-        publishable = (TextState.RESERVED, TextState.WRITING)
+        publishable = (_RESERVED, _WRITING)
+        batch = self._batch()
+        queued = set() if batch is None else batch.queued | batch.freeing
         for text, code in zip(items, payloads or itertools.repeat(b""), strict=False):
             if (
                 type(text) is not JitText
                 or text._allocator is not self
                 or text._state not in publishable
-                or text._pending is not None
+                or text in queued
                 or len(code) > text._size
             ):
                 self._own(text)
@@ -493,44 +574,66 @@ class Allocator:
             raise BadStateError(f"{twice!r} is listed twice")
 
     def _sync(self, texts: list[JitText], patches: list[tuple[JitText, int, bytes]]) -> None:
-        """Run the recipes for ``texts`` (to LIVE) and ``patches`` (see ``_publishing``)."""
-        _publishing.sync(self, texts, patches)
+        """One verb's publish of ``texts`` and ``patches``, undone if it does not complete."""
+        undo = self._undo = []
+        try:
+            self._publisher.sync(texts, patches, undo)
+        except BaseException:
+            self._rollback()
+            raise
+        self._undo = _DONE
+        if self._debug is not None:
+            self._tell(self._debug, texts, patches, ())
+
+    def _tell(
+        self, debug: debuginfo.DebugInfo, texts: list[JitText], patches: list[tuple[JitText, int, bytes]], frees: Iterable[JitText]
+    ) -> None:
+        """Tell the debug sinks what a committed verb did (``debuginfo``): a pinned
+        text's free only once its last call has returned (``_freeing``)."""
+        if texts or patches:
+            debug.published(texts, list(dict.fromkeys(t for t, _, _ in patches)))
+        for text in frees:
+            if text not in self._pinned:
+                debug.freed(text)
 
     # -- batches ------------------------------------------------------------------------------
 
-    @contextlib.contextmanager
-    def batch(self) -> Iterator[Allocator]:
-        """Defer ``map``/``finalize``/``publish``/``update`` in this thread to one
-        synchronization when the block exits; an exception cancels them all (the
-        texts stay unpublished, the patches unapplied).  Nested blocks join the
-        outermost."""
+    def batch(self) -> BatchBlock:
+        """``with allocator.batch():`` defers ``map``/``finalize``/``publish``/``update``/
+        ``free`` in this thread to one synchronization when the block exits; an
+        exception cancels them all (the texts stay unpublished, the patches unapplied,
+        the texts to free allocated).  Nested blocks join the outermost.  The queued
+        work is this thread's: other threads do not see it."""
+        return BatchBlock(self)
+
+    def _finish_batch(self, batch: Batch) -> None:
+        """The end of a batch's block: its publishes, patches and frees, one verb."""
         with self._lock:
-            self._check()
-        current = self._batch()
-        if current is not None:
-            current.depth += 1
+            self._begin()
+            freeing = batch.freeing
+            texts = [t for t in batch.texts if t._state in (_RESERVED, _WRITING) and t not in freeing]
+            patches = [p for p in batch.patches if p[0]._state is _LIVE and p[0] not in freeing]
+            frees = [t for t in batch.frees if t._state is not _FREED]
+            undo = self._undo = []
+            pool = self._pool
             try:
-                yield self
+                # Frees first: the publishes' epoch then covers them (quarantine; the
+                # refill, made once they are committed: see PackPool.refill_at_epoch).
+                pool.refill_at_epoch = not frees
+                for text in frees:
+                    self._freeing.now(text, undo)
+                if texts or patches:
+                    self._publisher.sync(texts, patches, undo)
+            except BaseException:
+                self._rollback()
+                raise
             finally:
-                current.depth -= 1
-            return
-        batch = _Batch()
-        self._local.batch = batch
-        try:
-            yield self
-        except BaseException:
-            self._local.batch = None
-            with self._lock:
-                for text in batch.texts:
-                    text._pending = None
-            raise
-        self._local.batch = None
-        with self._lock:
-            self._check()
-            texts = [t for t in batch.texts if t._pending is not None and t._state is not TextState.FREED]
-            patches = [p for p in batch.patches if p[0]._state is TextState.LIVE]
-            if texts or patches:
-                self._sync(texts, patches)
+                pool.refill_at_epoch = True
+            self._undo = _DONE
+            if self._debug is not None:
+                self._tell(self._debug, texts, patches, frees)
+            if frees:
+                self._freeing.after({t._pack for t in frees}, refill=bool(texts or patches))
 
     # -- live patching ------------------------------------------------------------------------
 
@@ -539,16 +642,19 @@ class Allocator:
 
     def _update(self, text: JitText, offset: int, data: bytes) -> None:
         with self._lock:
-            self._check()
+            self._begin()
             self._own(text)
-            self._expect(text, TextState.LIVE, verb="update")
+            self._expect(text, _LIVE, verb="update")
+            self._not_pending(text, "update")
             batch = self._batch()
             if batch is None:
                 self._check_patch(text, text._shadow, offset, data)
                 self._sync([], [(text, offset, data)])
                 return
-            overlay = batch.overlay.setdefault(text, bytearray(text._shadow))
-            self._check_patch(text, overlay, offset, data)
+            overlay = batch.overlay.get(text)
+            self._check_patch(text, text._shadow if overlay is None else overlay, offset, data)
+            if overlay is None:
+                overlay = batch.overlay[text] = bytearray(text._shadow)
             overlay[offset : offset + len(data)] = data
             batch.patches.append((text, offset, data))
 
@@ -556,20 +662,24 @@ class Allocator:
 
     def _function(self, text: JitText, restype: Any, argtypes: tuple[Any, ...], offset: int) -> JitFunction:
         with self._lock:
-            self._check()
+            self._begin()
             self._own(text)
-            self._expect(text, TextState.LIVE, verb="function")
-            if self.backend.mode in ("emulated", "memory"):
+            self._expect(text, _LIVE, verb="function")
+            if not self.backend.callable_in_process:
                 raise UnsupportedError(
                     f"the {self.backend.mode} backend's memory is not executable in this process; "
                     f"run the code on the backend instead (execmem.emu.Machine.call(t.address, ...))"
                 )
-            return JitFunction(text, make_cfunc(restype, argtypes, text.address + offset), text.address + offset)
+            # Everything made here is owned by objects (slot, gate, callable) that give
+            # it back when they are collected: nothing to undo.
+            return _gates.make_function(text, restype, argtypes, text.address + offset)
 
     def _read(self, text: JitText) -> bytes:
         with self._lock:
             self._own(text)
-            if text._state is TextState.FREED:
+            if self._undo and not self._closed and self._generation == _forks.generation:
+                self._rollback()
+            if text._state is _FREED:
                 raise UseAfterFreeError(f"read: the text at {text.address:#x} has been freed")
             return bytes(text._shadow)
 
@@ -577,77 +687,31 @@ class Allocator:
 
     def _free(self, text: JitText) -> None:
         with self._lock:
-            self._check()
+            self._begin()
             self._own(text)
-            if text._state is TextState.FREED:
-                raise UseAfterFreeError(f"free: the text at {text.address:#x} has already been freed")
-            previous = text._state
-            with self._calls_lock:
-                deferred = text._inflight > 0
-                text._state = TextState.FREED
-                text._freed_from = previous
-                text._reclaim_pending = deferred
-            text._pending = None
             batch = self._batch()
-            if batch is not None:
-                batch.patches = [p for p in batch.patches if p[0] is not text]
-                batch.overlay.pop(text, None)
-            self._events["freed"] += 1
-            if deferred:
-                self._events["frees_deferred"] += 1
+            if text._state is _FREED or (batch is not None and text in batch.freeing):
+                raise UseAfterFreeError(f"free: the text at {text.address:#x} has already been freed")
+            if batch is not None:  # freed with the batch's publishes, or not at all if it raises
+                batch.free(text)
                 return
+            undo = self._undo = []
             try:
-                self._reclaim(text, previous)
+                self._freeing.now(text, undo)
             except BaseException:
-                text._state = previous
-                self._events["freed"] -= 1
+                self._rollback()
                 raise
+            self._undo = _DONE
             if self._debug is not None:
-                self._debug.freed(text)
-            self._pool.trim_quietly()
-
-    def _finish_deferred_free(self, text: JitText) -> None:
-        """The last in-flight call of a freed text returned: refill and quarantine now."""
-        with self._lock:
-            if self._closed or self._generation != _forks.generation or text not in self._texts:
-                return
-            try:
-                self._reclaim(text, text._freed_from)
-            except ExecmemError:
-                self._events["deferred_free_errors"] += 1
-                return
-            if self._debug is not None:
-                self._debug.freed(text)  # only now: the code ran until the last call returned
-            self._pool.trim_quietly()
-
-    def _reclaim(self, text: JitText, previous: TextState) -> None:
-        pack, res = text._pack, text._pack.reservation
-        offset = self._offset(text)
-        if previous is TextState.WRITING:
-            self.backend.end_inplace(res, offset, text.size)
-        if previous in (TextState.WRITING, TextState.LIVE):
-            try:
-                self.backend.write(res, offset, self._trap(res, offset, text.size))
-            except BaseException:
-                # The refill may have failed after storing the traps (mprotect mode:
-                # execute permission not restored): put the code back, best effort, so
-                # the text is still what its state says and its page executable again.
-                with contextlib.suppress(ExecmemError):
-                    self.backend.write(res, offset, bytes(text._shadow))
-                if previous is TextState.WRITING:
-                    self.backend.begin_inplace(res, offset, text.size)
-                raise
-        # Another CPU may hold instructions fetched from here: reuse after an epoch.
-        self._pool.free(pack, text._chunk)
-        self._texts.discard(text)
-        text._shadow = b""
+                self._tell(self._debug, [], [], (text,))
+            self._freeing.after((text._pack,))
 
     # -- reporting ----------------------------------------------------------------------------
 
     def text_at(self, address: int) -> JitText | None:
         """The text (in any state but FREED) whose bytes hold ``address``, or ``None``
         (also once closed); cheap, from any thread (``_lookup``)."""
-        check_int("address", address)
+        address = _checks.integer("address", address)
         if self._generation != _forks.generation:
             raise ForkedProcessError("this allocator belongs to the parent process")
         return self._text_at(address)
@@ -658,20 +722,26 @@ class Allocator:
                 return None
             return _lookup.find(self, address)
 
-    def stats(self) -> dict[str, object]:
+    def stats(self) -> AllocatorStats:
         """What the allocator holds and did (and ``backend.stats()`` under ``"backend"``)."""
         with self._lock:
             if self._generation != _forks.generation:
                 raise ForkedProcessError("this allocator belongs to the parent process")
+            if not self._closed:
+                self._begin()
             pool = self._pool
             packs = pool.describe()
-            keys = ("size", "capacity", "live_bytes", "free_bytes", "quarantined_bytes")
-            names = {"size": "reserved_bytes", "capacity": "capacity_bytes"}
-            totals: dict[str, object] = {"packs": len(packs)}
-            for key in keys:
-                totals[names.get(key, key)] = sum(cast(int, p[key]) for p in packs)
-            by_state = Counter(t.state.name for t in self._texts)
-            texts = {s.name: by_state[s.name] for s in TextState if s is not TextState.FREED}
+            totals: Totals = {
+                "packs": len(packs),
+                "reserved_bytes": sum(p["size"] for p in packs),
+                "capacity_bytes": sum(p["capacity"] for p in packs),
+                "live_bytes": sum(p["live_bytes"] for p in packs),
+                "free_bytes": sum(p["free_bytes"] for p in packs),
+                "quarantined_bytes": sum(p["quarantined_bytes"] for p in packs),
+                "unfilled_bytes": sum(p["unfilled_bytes"] for p in packs),
+            }
+            by_state = Counter(t._state.name for t in self._texts)
+            texts = {s.name: by_state[s.name] for s in TextState if s is not _FREED}
             texts["FREED"] = self._events["freed"]
             return {
                 "arch": self.arch.name,
@@ -680,7 +750,7 @@ class Allocator:
                 "pack_size": self.pack_size,
                 "write_unit": self.backend.write_unit,
                 "keep_empty": self.keep_empty,
-                "quarantine": self._quarantine,
+                "quarantine": pool.quarantine,
                 "closed": self._closed,
                 "packs": packs,
                 "totals": totals,
@@ -695,7 +765,9 @@ class Allocator:
 
     def occupancy(self) -> list[dict[str, object]]:
         """Per pack: address, size, granularity, flags and ``runs``, the chunk states
-        run-length encoded as ``[(state, chunks), ...]`` with states live/free/quarantined."""
+        run-length encoded as ``[(state, chunks), ...]`` with states live/free/quarantined
+        (freed chunks waiting for their trap refill count as quarantined; ``unfilled``
+        has a bit set for each of them)."""
         with self._lock:
             return self._pool.occupancy()
 
@@ -711,29 +783,37 @@ class Allocator:
             if self._generation != _forks.generation:
                 self._closed = True  # the parent owns the memory; touch nothing
                 return
-            with self._calls_lock:
-                running = sum(t._inflight for t in self._texts)
-                if running:
-                    raise BadStateError(
-                        f"close: {running} call(s) through function() are still running; close after they return"
-                    )
-                self._closed = True
-                for text in self._texts:
-                    text._state = TextState.FREED
-            self._texts.clear()
-            if self._debug is not None:
-                self._debug.close()  # before the memory goes: GDB forgets the texts first
-            first = self._pool.close()
-            if self._owns_backend:
-                try:
-                    self.backend.close()
-                except ExecmemError as exc:
-                    first = first or exc
+            self._begin()
+            running = sum(_gates.in_flight(t) for t in (*self._texts, *self._pinned))
+            if running:
+                raise BadStateError(
+                    f"close: {running} call(s) through function() are still running; close after they return"
+                )
+            first = uninterrupted(self._close_now)
             if first is not None:
                 raise first
 
+    def _close_now(self) -> ExecmemError | None:
+        self._closed = self._owned.closed = True
+        for text in (*self._texts, *self._pinned):
+            _gates.retire(text)
+            text._state = _FREED
+        self._texts.clear()
+        self._pinned.clear()
+        if self._debug is not None:
+            self._debug.close()  # before the memory goes: GDB forgets the texts first
+        first = self._pool.close()
+        backend = self._owned.backend
+        if backend is not None:
+            try:
+                backend.close()
+            except ExecmemError as exc:
+                first = first or exc
+        return first
+
     def __enter__(self) -> Allocator:
-        self._check()
+        with self._lock:
+            self._begin()
         return self
 
     def __exit__(self, *exc_info: object) -> None:
@@ -744,4 +824,4 @@ class Allocator:
         return f"<execmem.Allocator {self.arch.name} {self.backend.mode}: {state}>"
 
 
-__all__ = ["DEFAULT_GRANULARITY", "DEFAULT_PACK_SIZE", "Allocator"]
+__all__ = ["DEFAULT_GRANULARITY", "DEFAULT_PACK_SIZE", "Allocator", "AllocatorStats"]

@@ -75,7 +75,8 @@ class Backend(Protocol):
 
     @property
     def mode(self) -> str:
-        """Human-readable mode: "dual-mapping", "mprotect", "rwx", "emulated", "memory"."""
+        """Human-readable mode: "dual-mapping", "mprotect", "rwx", "emulated", "memory"
+        (for reports only: the core asks the capabilities below, never the mode)."""
         ...
 
     @property
@@ -90,6 +91,24 @@ class Backend(Protocol):
     @property
     def cache_features(self) -> frozenset[str]:
         """Cache-type features of the (host or modeled) CPU, e.g. ``{"idc"}`` on arm64."""
+        ...
+
+    @property
+    def max_reservation(self) -> int | None:
+        """The largest reservation :meth:`reserve` accepts (``None``: no bound), so that
+        an allocator refuses a pack size that can never be reserved up front."""
+        ...
+
+    @property
+    def concurrent_patch_safe(self) -> bool:
+        """Whether :meth:`atomic_store` is safe while other threads execute the same
+        write unit (not in mprotect mode, where the page is briefly not executable)."""
+        ...
+
+    @property
+    def callable_in_process(self) -> bool:
+        """Whether published code can be called from this process (``JitText.function``);
+        not on the modeled machine or plain bytes, which run code elsewhere or nowhere."""
         ...
 
     def reserve(self, size: int, align: int, capacity: int | None = None) -> Reservation:

@@ -9,11 +9,18 @@ A pack is carved into ``n`` chunks of the allocator's granularity.  As asmjit's
 
 A third vector, ``quarantined``, holds chunks that were freed but whose virtual
 addresses must not be handed out again before a synchronization epoch completes
-(see ``_allocator``: another CPU may still hold instructions fetched from them).
-Each quarantined span remembers the epoch stamp of its free.
+(see ``_packs``: another CPU may still hold instructions fetched from them).  They
+are grouped by the epoch stamp of their free, one mask per stamp, in stamp order, so
+a free and the maturing of a whole epoch's frees each cost one update.  A fourth,
+``dirty``, holds freed chunks whose memory has not been refilled with traps yet
+(``_packs`` refills them in batches, before they are handed out again).
 
-Free chunks are ``~(used | quarantined)``; neighbouring free chunks merge by
-construction.  Python integers serve as bit vectors: a first-fit search for ``k``
+Free chunks are ``~(used | quarantined | dirty)``; neighbouring free chunks merge by
+construction.
+
+Every update replaces the vectors it changes in one assignment statement, so an
+asynchronous exception (``_interrupts``) sees the map either before or after it;
+:meth:`ChunkMap.snapshot` and :meth:`ChunkMap.restore` let a verb undo its updates.  Python integers serve as bit vectors: a first-fit search for ``k``
 consecutive free chunks is ``O(log k)`` shifts and ands over the whole vector (the
 classic doubling trick), which for a 2 MiB pack of 64-byte chunks (32768 bits) is a
 few microseconds.
@@ -23,7 +30,6 @@ Everything here is pure: no I/O, no knowledge of addresses or architectures.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from functools import lru_cache
 
 #: Chunk states reported by :meth:`ChunkMap.states` / :meth:`ChunkMap.runs`.
@@ -32,7 +38,7 @@ _STATE_CHAR = {LIVE: "L", FREE: ".", QUARANTINED: "q"}
 
 
 @lru_cache(maxsize=256)
-def _every(step: int, nbits: int) -> int:
+def every(step: int, nbits: int) -> int:
     """Bits 0, step, 2*step, ... below ``nbits`` set."""
     if step <= 1:
         return (1 << nbits) - 1
@@ -45,6 +51,11 @@ def _every(step: int, nbits: int) -> int:
 def _bits(gap: int, count: int, stop: bool) -> str:
     """``gap`` clear bits, then ``count`` chunks: all set, or only the last (``stop``)."""
     return "0" * gap + ("0" * (count - 1) + "1" if stop else "1" * count)
+
+
+def _lowest(bits: int) -> int:
+    """Index of the lowest set bit of a non-zero ``bits``."""
+    return (bits & -bits).bit_length() - 1
 
 
 def run_starts(bits: int, length: int) -> int:
@@ -66,13 +77,6 @@ def run_starts(bits: int, length: int) -> int:
     return result
 
 
-@dataclass
-class _Span:
-    start: int
-    count: int
-    stamp: int
-
-
 class ChunkMap:
     """Allocation state of ``n`` chunks (see the module docstring)."""
 
@@ -84,39 +88,54 @@ class ChunkMap:
         self.used = 0
         self.stop = 0
         self.quarantined = 0
-        self._spans: list[_Span] = []
-        #: Every chunk below ``_hint`` is used or quarantined (a lower bound, as asmjit's
-        #: search hints): ``find`` first looks at ``window`` chunks from there, with
-        #: small integers, before it searches the whole vector.
+        self.dirty = 0
+        #: ``(stamp, mask)`` of quarantined chunks, one entry per stamp, oldest first.
+        self._stamps: tuple[tuple[int, int], ...] = ()
+        #: Every chunk below ``_hint`` is busy (a lower bound, as asmjit's search hints):
+        #: ``find`` first looks at ``window`` chunks from there, with small integers,
+        #: before it searches the whole vector.
         self._hint = 0
         self._window = window
 
     # -- queries -------------------------------------------------------------------------
 
     @property
+    def busy(self) -> int:
+        """Chunks that may not be handed out: used, quarantined or not yet refilled."""
+        return self.used | self.quarantined | self.dirty
+
+    @property
     def free(self) -> int:
-        return self._all & ~(self.used | self.quarantined)
+        return self._all & ~self.busy
+
+    @property
+    def held(self) -> int:
+        """Freed chunks not free yet: quarantined, or waiting for their refill."""
+        return (self.quarantined | self.dirty) & ~self.used
 
     def count(self, state: str) -> int:
+        """Chunks in a reported state (a chunk whose refill is pending is reported free:
+        it is handed out once refilled; only the quarantine holds chunks back)."""
         if state == LIVE:
             return self.used.bit_count()
         if state == QUARANTINED:
-            return self.quarantined.bit_count()
+            return (self.quarantined & ~self.used).bit_count()
         if state == FREE:
-            return self.free.bit_count()
+            return (self._all & ~(self.used | self.quarantined)).bit_count()
         raise ValueError(f"unknown chunk state {state!r}")
 
     @property
     def trailing_free(self) -> int:
-        """Free chunks after the last used or quarantined one."""
-        return self.n - (self.used | self.quarantined).bit_length()
+        """Free chunks after the last busy one."""
+        return self.n - self.busy.bit_length()
 
     @property
     def empty(self) -> bool:
-        """No chunk belongs to a text (quarantined chunks may remain)."""
+        """No chunk belongs to a text (freed chunks may remain)."""
         return self.used == 0
 
     def state(self, index: int) -> str:
+        """The reported state of chunk ``index`` (see :meth:`count`)."""
         bit = 1 << index
         if self.used & bit:
             return LIVE
@@ -139,7 +158,7 @@ class ChunkMap:
         bits = self.free if among is None else among & self._all
         if within is not None:
             bits &= within
-        starts = run_starts(bits, count) & _every(step, self.n)
+        starts = run_starts(bits, count) & every(step, self.n)
         # A run must end inside the map: starts beyond n - count are impossible anyway
         # because bits above n are clear, but keep the mask explicit.
         starts &= (1 << (self.n - count + 1)) - 1
@@ -154,13 +173,12 @@ class ChunkMap:
         width = max(self._window, 2 * (count + step))
         if lo + width > self.n:
             return None
-        busy = self.used | self.quarantined if self.quarantined else self.used
         mask = (1 << width) - 1
-        free = ~(busy >> lo) & mask
+        free = ~(self.busy >> lo) & mask
         if not free:
             self._hint = max(self._hint, lo + width)
             return None
-        starts = run_starts(free, count) & _every(step, width) & ((1 << (width - count + 1)) - 1)
+        starts = run_starts(free, count) & every(step, width) & ((1 << (width - count + 1)) - 1)
         if not starts:
             return None
         return lo + (starts & -starts).bit_length() - 1
@@ -180,19 +198,20 @@ class ChunkMap:
     def is_free(self, start: int, count: int) -> bool:
         if start < 0 or count < 0 or start + count > self.n:
             return False
-        busy = self.used | self.quarantined if self.quarantined else self.used
-        return not (busy >> start) & ((1 << count) - 1)
+        return not (self.busy >> start) & ((1 << count) - 1)
 
-    # -- updates -------------------------------------------------------------------------
+    # -- updates (each one assignment statement: see the module docstring) ---------------
 
     def take(self, start: int, count: int) -> None:
         """Mark ``count`` free chunks from ``start`` as one allocation."""
         if not self.is_free(start, count):
             raise ValueError(f"chunks [{start}, {start + count}) are not all free")
-        self.used |= ((1 << count) - 1) << start
-        self.stop |= 1 << (start + count - 1)
-        if start <= self._hint < start + count:
-            self._hint = start + count
+        hint = start + count if start <= self._hint < start + count else self._hint
+        self.used, self.stop, self._hint = (
+            self.used | ((1 << count) - 1) << start,
+            self.stop | 1 << (start + count - 1),
+            hint,
+        )
 
     def take_many(self, starts: list[int], counts: list[int]) -> None:
         """Mark several allocations (``starts[i]``, ``counts[i]``) at once, sorted and
@@ -208,8 +227,7 @@ class ChunkMap:
             raise ValueError(f"chunks [{lo}, {hi}) are not all free")
         if len(starts) == hi - lo and counts.count(1) == len(counts):
             mask = ((1 << (hi - lo)) - 1) << lo  # one chunk each, no gaps: every bit set
-            self.used |= mask
-            self.stop |= mask
+            self.used, self.stop = self.used | mask, self.stop | mask
             return
         used: list[str] = []
         stop: list[str] = []
@@ -221,58 +239,129 @@ class ChunkMap:
             stop.append(_bits(start - pos, count, True))
             pos = start + count
         # Built as text in chunk order, read back reversed: bit i is character i.
-        self.used |= int("".join(used)[::-1], 2) << lo
-        self.stop |= int("".join(stop)[::-1], 2) << lo
+        self.used, self.stop = (
+            self.used | int("".join(used)[::-1], 2) << lo,
+            self.stop | int("".join(stop)[::-1], 2) << lo,
+        )
 
-    def release(self, start: int) -> int:
-        """Free the allocation starting at ``start``; returns its length in chunks."""
-        count = self.span_of(start)
-        self.used &= ~(((1 << count) - 1) << start)
-        self.stop &= ~(1 << (start + count - 1))
-        self._hint = min(self._hint, start)
+    def release(self, start: int, count: int | None = None, *, stamp: int | None = None, dirty: bool = False) -> int:
+        """Free the allocation starting at ``start``, ``count`` chunks long (looked up
+        when not given: the lookup is half the cost on a 2 MiB pack's bit vectors);
+        returns its length in chunks.
+
+        ``stamp``: quarantine the chunks until an epoch started after it completes.
+        ``dirty``: their memory still holds code (``refilled`` clears it)."""
+        if count is None:
+            count = self.span_of(start)
+        mask = ((1 << count) - 1) << start
+        last = 1 << (start + count - 1)
+        if self.used & mask != mask or not self.stop & last:
+            raise ValueError(f"chunks [{start}, {start + count}) are not one allocation")
+        stamps = self._stamps
+        if stamp is not None:
+            if stamps and stamps[-1][0] == stamp:
+                stamps = (*stamps[:-1], (stamp, stamps[-1][1] | mask))
+            else:
+                stamps = (*stamps, (stamp, mask))
+        self.used, self.stop, self.quarantined, self.dirty, self._stamps, self._hint = (
+            self.used ^ mask,  # the bits are set (checked above): XOR clears them, and costs a tenth of & ~
+            self.stop ^ last,
+            self.quarantined | mask if stamp is not None else self.quarantined,
+            self.dirty | mask if dirty else self.dirty,
+            stamps,
+            min(self._hint, start),
+        )
         return count
 
     def quarantine(self, start: int, count: int, stamp: int) -> None:
         """Hold free chunks back until an epoch started after ``stamp`` completes."""
         mask = ((1 << count) - 1) << start
-        if (self.used | self.quarantined) & mask:
+        if self.busy & mask:
             raise ValueError(f"chunks [{start}, {start + count}) are not free")
-        self.quarantined |= mask
-        self._spans.append(_Span(start, count, stamp))
+        stamps = self._stamps
+        if stamps and stamps[-1][0] == stamp:
+            stamps = (*stamps[:-1], (stamp, stamps[-1][1] | mask))
+        else:
+            stamps = (*stamps, (stamp, mask))
+        self.quarantined, self._stamps = self.quarantined | mask, stamps
 
     def mature(self, completed: int) -> int:
-        """Return to the free pool every span whose stamp is below ``completed``.
+        """Return to the free pool every quarantined chunk whose stamp is below
+        ``completed`` (stamps are in order: only the oldest entries are looked at).
 
-        Returns the number of chunks released.
-        """
+        Returns the number of chunks released from quarantine."""
+        stamps = self._stamps
+        done = 0
+        for stamp, _ in stamps:
+            if completed <= stamp:
+                break
+            done += 1
+        if not done:
+            return 0
         released = 0
-        kept: list[_Span] = []
-        for span in self._spans:
-            if completed > span.stamp:
-                self.quarantined &= ~(((1 << span.count) - 1) << span.start)
-                released += span.count
-                self._hint = min(self._hint, span.start)
-            else:
-                kept.append(span)
-        self._spans = kept
-        return released
+        for _, mask in stamps[:done]:
+            released |= mask
+        self.quarantined, self._stamps, self._hint = (
+            self.quarantined & ~released,
+            stamps[done:],
+            min(self._hint, _lowest(released)),
+        )
+        return released.bit_count()
+
+    def dirty_runs(self, *, clean_units: int | None = None) -> list[tuple[int, int]]:
+        """Runs ``(start, count)`` of chunks between which nothing is in use and that
+        hold dirty chunks at both ends: what one refill write each may cover (free and
+        quarantined chunks in between already hold traps).  ``clean_units``, a mask
+        of chunks, limits them to where a write may go."""
+        dirty = self.dirty if clean_units is None else self.dirty & clean_units
+        runs: list[tuple[int, int]] = []
+        used = self.used
+        while dirty:
+            start = (dirty & -dirty).bit_length() - 1
+            above = used >> start
+            # The run ends at the next used chunk (or the end of the map).
+            limit = (above & -above).bit_length() - 1 + start if above else self.n
+            inside = dirty & ((1 << limit) - 1)
+            end = inside.bit_length()
+            runs.append((start, end - start))
+            dirty &= ~((1 << end) - 1)
+        return runs
+
+    def refilled(self, start: int, count: int) -> None:
+        """The memory of ``count`` chunks from ``start`` holds traps again."""
+        mask = ((1 << count) - 1) << start
+        self.dirty, self._hint = self.dirty & ~mask, min(self._hint, start)
 
     def quarantine_stamps(self) -> list[tuple[int, int, int]]:
-        """``(start, count, stamp)`` of every quarantined span."""
-        return [(s.start, s.count, s.stamp) for s in self._spans]
+        """``(start, count, stamp)`` of every run of quarantined chunks of one stamp."""
+        out: list[tuple[int, int, int]] = []
+        for stamp, mask in self._stamps:
+            while mask:
+                start = (mask & -mask).bit_length() - 1
+                above = ~(mask >> start)
+                count = (above & -above).bit_length() - 1
+                out.append((start, count, stamp))
+                mask &= ~(((1 << count) - 1) << start)
+        return out
 
     def grow(self, n: int) -> None:
         """Add free chunks at the end, up to ``n`` in all (the pack grew in place)."""
         if n < self.n:
             raise ValueError(f"a chunk map cannot shrink from {self.n} to {n} chunks")
-        self.n = n
-        self._all = (1 << n) - 1
+        self.n, self._all = n, (1 << n) - 1
 
     def reset(self) -> None:
-        """Everything free, no quarantine (a pack reused after an epoch)."""
-        self.used = self.stop = self.quarantined = 0
-        self._spans = []
-        self._hint = 0
+        """Everything free, no quarantine (a pack reused after an epoch and refilled)."""
+        self.used, self.stop, self.quarantined, self.dirty, self._stamps, self._hint = 0, 0, 0, 0, (), 0
+
+    def snapshot(self) -> tuple[object, ...]:
+        """The allocation state, for :meth:`restore` (undoing a verb's updates)."""
+        return (self.used, self.stop, self.quarantined, self.dirty, self._stamps, self._hint)
+
+    def restore(self, snapshot: tuple[object, ...]) -> None:
+        """Back to ``snapshot`` (idempotent).  Growth is not undone: chunks added since
+        are free in the snapshot, as they were when they were added."""
+        self.used, self.stop, self.quarantined, self.dirty, self._stamps, self._hint = snapshot  # type: ignore[assignment]
 
     # -- reporting -----------------------------------------------------------------------
 
@@ -291,7 +380,7 @@ class ChunkMap:
             elif state == QUARANTINED:
                 vec = self.quarantined & ~self.used
             else:
-                vec = self.free
+                vec = self._all & ~(self.used | self.quarantined)
             # Length of the run of set bits from index.
             above = ~(vec >> index)
             length = min((above & -above).bit_length() - 1, self.n - index)
@@ -300,4 +389,4 @@ class ChunkMap:
         return out
 
 
-__all__ = ["FREE", "LIVE", "QUARANTINED", "ChunkMap", "run_starts"]
+__all__ = ["FREE", "LIVE", "QUARANTINED", "ChunkMap", "every", "run_starts"]

@@ -10,6 +10,7 @@ from collections.abc import Iterable
 
 from execmem import _forks, debuginfo
 from execmem._allocator import Allocator
+from execmem._errors import BadStateError
 from execmem._locks import OwnedLock
 from execmem._text import JitText
 
@@ -45,24 +46,24 @@ def jit_text_alloc_many(sizes: Iterable[int], align: int = 16, *, names: Iterabl
 
 
 def publish(texts: Iterable[JitText], codes: Iterable[bytes] | None = None) -> None:
-    """Publish texts (of one or more allocators) with one synchronization per allocator;
-    ``codes`` as in ``Allocator.publish``."""
-    items, payloads = Allocator._publishable(texts, codes)
-    groups: dict[Allocator, tuple[list[JitText], list[bytes]]] = {}
-    for i, text in enumerate(items):
+    """``Allocator.publish`` on the allocator the texts belong to (one synchronization;
+    ``codes`` as there).  Texts of several allocators are refused up front
+    (``BadStateError``): publishing them could not be all-or-nothing, since each
+    allocator synchronizes on its own."""
+    items = list(texts)
+    for text in items:
         if not isinstance(text, JitText):
             raise TypeError(f"expected a JitText, not {type(text).__name__}")
-        group = groups.setdefault(text.allocator, ([], []))
-        group[0].append(text)
-        if payloads is not None:
-            group[1].append(payloads[i])
-    # Every group is checked before any is published: refused input changes nothing.
-    for allocator, (group_texts, group_codes) in groups.items():
-        with allocator._lock:
-            allocator._check()
-            allocator._check_publish(group_texts, None if payloads is None else group_codes)
-    for allocator, (group_texts, group_codes) in groups.items():
-        allocator.publish(group_texts, None if payloads is None else group_codes)
+    owners = {id(text._allocator): text._allocator for text in items}
+    if len(owners) > 1:
+        raise BadStateError(
+            f"publish: the texts belong to {len(owners)} allocators; publish each allocator's texts with "
+            "its own publish() (or batch()), which is all-or-nothing for that allocator"
+        )
+    if owners:
+        next(iter(owners.values())).publish(items, codes)
+    elif codes is not None:
+        Allocator._publishable(items, codes)  # a length mismatch is still an error
 
 
 __all__ = ["default_allocator", "jit_text_alloc", "jit_text_alloc_many", "jit_text_free", "publish"]

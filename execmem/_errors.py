@@ -25,6 +25,10 @@ class AlignmentError(ExecmemError, ValueError):
     """An alignment, size or offset is not acceptable (not a power of two, misaligned...)."""
 
 
+class SizeError(AlignmentError):
+    """A size is zero or negative (``jit_text_alloc(0)``): a ``ValueError`` too."""
+
+
 class BadNameError(ExecmemError, ValueError):
     """A text name is not acceptable (not printable, empty or too long): names end up
     in perf maps, jitdump records and ELF symbol tables, one line or string each."""
@@ -81,6 +85,7 @@ __all__ = [
     "ModelError",
     "OutOfBoundsError",
     "OutOfMemoryError",
+    "SizeError",
     "SystemCallError",
     "UnsafePatchError",
     "UnsupportedError",

@@ -29,8 +29,16 @@ thread that no longer exists.  The state such a lock guarded may be half-updated
 the child; the backend refuses every operation there but ``close``/``release``/
 ``stats`` (``ForkedProcessError``), which only drop what the parent made.
 
-Not covered: a signal handler that *raises* interrupts the operation where it stood
-(like ``KeyboardInterrupt``); what that operation had created may then leak.
+A signal handler that *raises* (``KeyboardInterrupt``) can never leave one of these
+locks held: ``with lock:`` takes and releases it in C.  ``__enter__`` and ``__exit__``
+are properties that return the underlying ``RLock``'s own (C) methods, after the
+re-entry check: CPython looks both up before it calls ``__enter__``, and no bytecode
+runs between the acquisition and the start of the block that would release it, so
+there is no point at which an asynchronous exception finds the lock taken and its
+release not yet arranged.  (A Python ``__enter__`` that called ``acquire()`` had such
+a point: right after the call, where CPython runs pending signal handlers.)  Waiting
+for the lock is interruptible and then leaves it untaken.  What the operations
+*inside* the block do about asynchronous exceptions is ``_interrupts``'s subject.
 """
 
 from __future__ import annotations
@@ -38,6 +46,7 @@ from __future__ import annotations
 import os
 import threading
 import weakref
+from collections.abc import Callable
 
 from execmem._errors import BadStateError
 
@@ -62,15 +71,18 @@ class OwnedLock:
         self._lock = threading.RLock()
         _registry.add(self)
 
-    def __enter__(self) -> OwnedLock:
+    @property
+    def __enter__(self) -> Callable[[], bool]:
+        """The ``RLock``'s own ``__enter__`` (C), once re-entry is ruled out (see the
+        module docstring: the lock is taken by C code only)."""
         lock = self._lock
         if lock._is_owned():  # type: ignore[attr-defined]
             raise BadStateError(f"{REENTERED} ({self.what} is held by this thread)")
-        lock.acquire()
-        return self
+        return lock.__enter__
 
-    def __exit__(self, *exc_info: object) -> None:
-        self._lock.release()
+    @property
+    def __exit__(self) -> Callable[..., None]:
+        return self._lock.__exit__
 
     def held_here(self) -> bool:
         """True when the calling thread holds this lock."""
@@ -93,12 +105,14 @@ class SetupLock:
         self._lock = threading.RLock()
         _registry.add(self)
 
-    def __enter__(self) -> SetupLock:
-        self._lock.acquire()
-        return self
+    @property
+    def __enter__(self) -> Callable[[], bool]:
+        """The ``RLock``'s own methods (C), as for :class:`OwnedLock`."""
+        return self._lock.__enter__
 
-    def __exit__(self, *exc_info: object) -> None:
-        self._lock.release()
+    @property
+    def __exit__(self) -> Callable[..., None]:
+        return self._lock.__exit__
 
     def _reinit(self) -> None:
         self._lock = threading.RLock()

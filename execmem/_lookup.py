@@ -19,18 +19,15 @@ import bisect
 import weakref
 from typing import TYPE_CHECKING, TypeGuard
 
+from execmem import _checks
 from execmem._locks import SetupLock
-from execmem._text import JitText, TextState, check_int
+from execmem._text import JitText, TextState
 
 if TYPE_CHECKING:
     from execmem._allocator import Allocator
     from execmem._packs import Pack
 
 _FREED = TextState.FREED
-
-#: Backend modes whose addresses are not this process's (the modeled machine's, a
-#: plain buffer's): ``execmem.text_at`` skips them, and profilers cannot see them.
-ELSEWHERE = frozenset({"emulated", "memory"})
 
 #: Every allocator of the process, weakly (an allocator registers itself when made).
 _allocators: weakref.WeakSet[Allocator] = weakref.WeakSet()
@@ -110,7 +107,7 @@ def find(allocator: Allocator, address: int) -> JitText | None:
     index = _indexes[allocator] = _Index(_sorted(allocator))
     text = index.candidate(address)
     # A used chunk no unfreed text covers belongs to a text whose free waits for its
-    # last call to return (JitFunction): it holds nothing any more.
+    # last call to return (``_freeing``'s pinned texts): it holds nothing any more.
     return _answer(text, address) if _covers(text, allocator, address) else None
 
 
@@ -119,9 +116,9 @@ def text_at(address: int) -> JitText | None:
     in any of its allocators, or ``None``.  Allocators that are closed, belong to the
     parent of a forked process, or whose addresses are not this process's (the
     modeled machine's) hold nothing here: ask them with ``Allocator.text_at``."""
-    check_int("address", address)
+    address = _checks.integer("address", address)
     with _allocators_lock:
-        allocators = [a for a in _allocators if a.backend.mode not in ELSEWHERE]
+        allocators = [a for a in _allocators if a.backend.callable_in_process]
     for allocator in allocators:
         found = allocator._text_at(address)
         if found is not None:
@@ -129,4 +126,4 @@ def text_at(address: int) -> JitText | None:
     return None
 
 
-__all__ = ["ELSEWHERE", "find", "register", "text_at", "texts_of"]
+__all__ = ["find", "register", "text_at", "texts_of"]

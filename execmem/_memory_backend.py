@@ -45,6 +45,8 @@ class MemoryBackend:
     """A pure-Python :class:`~execmem._backend.Backend` (mode ``"memory"``)."""
 
     mode = "memory"
+    #: Nothing here is executable in this process.
+    callable_in_process = False
 
     def __init__(
         self,
@@ -68,6 +70,14 @@ class MemoryBackend:
         self._live: dict[int, Reservation] = {}
         self._failures: dict[str, ExecmemError] = {}
         self.closed = False
+
+    @property
+    def max_reservation(self) -> int | None:
+        return self.limit
+
+    @property
+    def concurrent_patch_safe(self) -> bool:
+        return self.write_unit == 1
 
     # -- test helpers ------------------------------------------------------------------------
 

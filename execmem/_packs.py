@@ -1,8 +1,9 @@
-"""Packs of executable address space: placement, quarantine epochs, retirement.
+"""Packs of executable address space: placement, refill, quarantine epochs, retirement.
 
 :class:`PackPool` owns every reservation of one allocator and the two epoch
-counters.  It knows nothing about texts' contents or states; the allocator
-(``_allocator``) calls it under its lock.
+counters.  It knows nothing about texts' states; the allocator (``_allocator``)
+calls it under its lock, finds a place here and takes the chunks itself (so that it
+can undo the taking, ``_interrupts``).
 
 Placement
     First fit over the packs in the order they were reserved, honouring the
@@ -11,27 +12,50 @@ Placement
     would mostly hold one text anyway, and a big text would keep a whole pack from
     ever returning to the system.  With a coarse write unit (``unit_chunks > 1``,
     mprotect mode) a request placed in a *mapped* pack takes whole write units.
+    When nothing free fits, the remedies are tried in order of cost: refill freed
+    chunks (below), grow a pack in place, adopt a retired pack, force one epoch
+    (when quarantined space would do), reserve a new pack.
 Growth
     A pack is a ``pack_size`` slot (2 MiB: PMD-aligned, so a full pack can be a
     large page) of which only a prefix is mapped at first: what the first request
-    needs, rounded up to ``COMMIT_STEP``.  When nothing fits, a pack that can still
-    grow is extended in place just enough (``Backend.grow``: fresh trap-filled
-    addresses joined to the same VMA) before any other remedy, so N small texts cost
-    about N chunks of address space and memory, not a whole pack from the first
-    one.  If the addresses after a pack are taken, it keeps its size.
+    needs, rounded up to ``COMMIT_STEP``.  A pack that can still grow is extended in
+    place just enough (``Backend.grow``: fresh trap-filled addresses joined to the
+    same VMA), so N small texts cost about N chunks of address space and memory,
+    not a whole pack from the first one.  If the addresses after a pack are taken,
+    it keeps its size.
+Refill
+    A free does not write: its chunks are marked *dirty* (their memory holds the freed
+    code) in the same update that frees them.  :meth:`PackPool.refill` writes traps
+    over a pack's dirty chunks, one write per run of chunks that holds no text (free
+    and quarantined chunks between dirty ones already hold traps), in batches: at
+    every epoch, for every free since the last one, and before any dirty chunk is
+    handed out again (first fit counts dirty chunks as free and refills the pack when
+    it picks one).  This keeps the design's promise at the granularity it already
+    has: until the epoch after a free, another CPU may still run instructions it
+    fetched from the freed text (seeds/000, the reason for the quarantine); the
+    memory holding them until then adds nothing a raw pointer could not already
+    meet.  From that epoch on, the freed address holds traps until it is reused;
+    ``function()`` callables never enter a freed text (their call gate refuses).
+    With a coarse write unit, a dirty chunk is refilled only while no text is in its
+    write unit (the write makes the unit briefly non-executable): a free never stops
+    a neighbour that is running, and its chunks keep the code until the unit's last
+    text is gone.
 Epochs
     ``started``/``completed`` count the ``remote_cse`` steps run through
     :meth:`PackPool.remote_cse`.  Chunks freed from a mapped reservation are stamped
     with ``started`` and become free again once ``completed > stamp``: every thread
     has then taken a context-synchronization event since the free (seeds/000: stale
-    in-flight instructions survive TLB and cache maintenance until a CSE).  When a
-    request fits only in quarantined space, one epoch is forced rather than a new
-    pack reserved.
+    in-flight instructions survive TLB and cache maintenance until a CSE).  An epoch
+    interrupted after it started leaves ``started > completed``; the next completes
+    both.
 Retirement
     At most ``keep_empty`` empty packs stay.  An extra empty pack that is mapped is
     unmapped (the VA stays reserved) and quarantined as a whole; after an epoch it
     is reused as a fresh pack, and released at the next epoch if nobody needed it.
     Unmapped empty packs are released at once (nothing could have fetched from them).
+
+Every step that calls the backend to create, map, unmap or release memory runs with
+its bookkeeping under :func:`~execmem._interrupts.uninterrupted`.
 """
 
 from __future__ import annotations
@@ -39,10 +63,12 @@ from __future__ import annotations
 import itertools
 from collections import Counter
 from dataclasses import dataclass
+from typing import TypedDict
 
 from execmem._backend import Backend, Range, Reservation
-from execmem._chunks import LIVE, QUARANTINED, ChunkMap
+from execmem._chunks import QUARANTINED, ChunkMap, every
 from execmem._errors import ExecmemError
+from execmem._interrupts import uninterrupted
 
 #: How much a pack is mapped at a time (rounded up to the backend's page size): as
 #: asmjit's default block size; small enough that a few texts cost little, large
@@ -63,6 +89,27 @@ class Pack:
     @property
     def address(self) -> int:
         return self.reservation.address
+
+
+#: Where a request goes: the pack, each allocation's first chunk and chunk count.
+Placement = tuple[Pack, list[int], list[int]]
+
+
+class PackStats(TypedDict):
+    """One pack in ``Allocator.stats()["packs"]``."""
+
+    address: int
+    size: int
+    capacity: int
+    mapped: bool
+    dedicated: bool
+    retired: bool
+    live_bytes: int
+    free_bytes: int
+    #: Freed bytes waiting for an epoch.
+    quarantined_bytes: int
+    #: Of the free bytes, those freed whose trap refill comes before they are handed out.
+    unfilled_bytes: int
 
 
 class PackPool:
@@ -92,6 +139,10 @@ class PackPool:
         self.started = 0
         self.completed = 0
         self.forced = 0
+        #: False while a verb's frees are not committed (a batch's frees, before its
+        #: synchronization): an epoch then leaves the refills to the verb's end, as an
+        #: undone free must find its code where it was.
+        self.refill_at_epoch = True
 
     # -- placement ------------------------------------------------------------------------
 
@@ -118,7 +169,9 @@ class PackPool:
             offset += n
         return offsets, shaped, offset, s
 
-    def _find(self, counts: list[int], step: int, packs: list[Pack]) -> tuple[Pack, list[int], list[int]] | None:
+    def _find(self, counts: list[int], step: int, packs: list[Pack]) -> Placement | None:
+        """First fit, over free chunks and freed ones whose refill may be written now
+        (which it then is, for the whole pack: one batch)."""
         shapes: dict[bool, tuple[list[int], list[int], int, int]] = {}
         for pack in packs:
             if pack.dedicated:
@@ -127,8 +180,14 @@ class PackPool:
             if key not in shapes:
                 shapes[key] = self.layout(key, counts, step)
             offsets, shaped, total, s = shapes[key]
-            index = pack.chunks.find(total, s)
+            chunks = pack.chunks
+            among = None
+            if chunks.dirty:
+                among = chunks.free | chunks.dirty & ~chunks.quarantined & self._refillable(pack)
+            index = chunks.find(total, s, among=among)
             if index is not None:
+                if among is not None and chunks.dirty & (((1 << total) - 1) << index):
+                    self.refill(pack)
                 return pack, list(map(index.__add__, offsets)), shaped
         return None
 
@@ -139,11 +198,11 @@ class PackPool:
             if pack.dedicated or not pack.chunks.quarantined:
                 continue
             _, _, total, s = self.layout(pack.reservation.mapped, counts, step)
-            if pack.chunks.find(total, s, among=pack.chunks.free | pack.chunks.quarantined) is not None:
+            if pack.chunks.find(total, s, among=pack.chunks.free | pack.chunks.held) is not None:
                 return True
         return False
 
-    def _grow_into(self, counts: list[int], step: int) -> tuple[Pack, list[int], list[int]] | None:
+    def _grow_into(self, counts: list[int], step: int) -> Placement | None:
         """Extend a pack that has room to grow just enough (in steps of ``COMMIT_STEP``) for
         the run after its last allocation, and place the run there."""
         gran = self.granularity
@@ -157,49 +216,60 @@ class PackPool:
             want = (first + total) * gran
             if want > res.capacity:
                 continue
-            if not self.backend.grow(res, min(res.capacity, -(-want // self.commit_step) * self.commit_step)):
+            if not uninterrupted(self._grow, pack, min(res.capacity, -(-want // self.commit_step) * self.commit_step)):
                 continue  # the addresses after the pack are taken: it keeps its size
-            chunks.grow(res.size // gran)
-            self.events["packs_grown"] += 1
             hit = self._find(counts, step, [pack])
             if hit is not None:
                 return hit
         return None
 
+    def _grow(self, pack: Pack, size: int) -> bool:
+        res = pack.reservation
+        if not self.backend.grow(res, size):
+            return False
+        pack.chunks.grow(res.size // self.granularity)
+        self.events["packs_grown"] += 1
+        return True
+
     def _adopt_retired(self) -> Pack | None:
-        """A matured retired pack, made a fresh (unmapped, empty) pack again."""
+        """A matured retired pack, refilled and made a fresh (unmapped, empty) pack again."""
         for pack in self.retired:
             if not pack.dedicated and pack.matured_at is not None:
-                self.retired.remove(pack)
-                pack.retired_stamp = pack.matured_at = None
-                pack.chunks.reset()
-                self.packs.append(pack)
-                self.events["packs_reused"] += 1
+                uninterrupted(self._adopt, pack)
                 return pack
         return None
+
+    def _adopt(self, pack: Pack) -> None:
+        self.refill(pack)  # unmapped: nothing can run there, every dirty chunk goes
+        self.retired.remove(pack)
+        pack.retired_stamp = pack.matured_at = None
+        pack.chunks.reset()
+        self.packs.append(pack)
+        self.events["packs_reused"] += 1
 
     def fits_in_a_pack(self, size: int, align: int) -> bool:
         """Whether ``size`` bytes at ``align`` share packs (else: a dedicated reservation)."""
         return -(-size // self.granularity) * self.granularity <= self.pack_size // 2 and align <= self.pack_size
 
-    def place(self, size: int, align: int) -> tuple[Pack, int, int]:
-        """Take chunks for ``size`` bytes at ``align``: (pack, first chunk, chunk count)."""
+    def place(self, size: int, align: int) -> Placement:
+        """Where ``size`` bytes at ``align`` go (nothing is taken: see the module docstring)."""
         gran = self.granularity
         count = -(-size // gran)
         if not self.fits_in_a_pack(size, align):
-            res = self.backend.reserve(count * gran, max(align, gran))
-            pack = Pack(res, ChunkMap(res.size // gran), dedicated=True)
-            self.packs.append(pack)
-            self.events["dedicated_reserved"] += 1
-            pack.chunks.take(0, count)
-            return pack, 0, count
-        pack, starts, counts = self.place_many([count], max(1, align // gran))
-        return pack, starts[0], counts[0]
+            return uninterrupted(self._new_dedicated, count, max(align, gran)), [0], [count]
+        return self.place_many([count], max(1, align // gran))
 
-    def place_many(self, counts: list[int], step: int) -> tuple[Pack, list[int], list[int]]:
-        """Take side-by-side chunks in one pack for allocations of ``counts`` chunks, each
-        aligned to ``step`` chunks: (pack, first chunks, chunk counts).  The caller
-        keeps the run within half a pack (``fits_in_a_pack``)."""
+    def _new_dedicated(self, count: int, align: int) -> Pack:
+        res = self.backend.reserve(count * self.granularity, align)
+        pack = Pack(res, ChunkMap(res.size // self.granularity), dedicated=True)
+        self.packs.append(pack)
+        self.events["dedicated_reserved"] += 1
+        return pack
+
+    def place_many(self, counts: list[int], step: int) -> Placement:
+        """Where side-by-side allocations of ``counts`` chunks go, each aligned to
+        ``step`` chunks.  The caller keeps the run within half a pack
+        (``fits_in_a_pack``) and takes the chunks."""
         hit = self._find(counts, step, self.packs) or self._grow_into(counts, step)
         if hit is None:
             adopted = self._adopt_retired()
@@ -214,24 +284,61 @@ class PackPool:
         if hit is None:
             total = self.layout(False, counts, step)[2] * self.granularity
             first = min(self.pack_size, -(-total // self.commit_step) * self.commit_step)
-            res = self.backend.reserve(first, self.pack_size, self.pack_size)
-            pack = Pack(res, ChunkMap(res.size // self.granularity), dedicated=False)
-            self.packs.append(pack)
-            self.events["packs_reserved"] += 1
+            pack = uninterrupted(self._new_pack, first)
             hit = self._find(counts, step, [pack])
             assert hit is not None
-        pack, starts, taken = hit
-        if len(starts) == 1:
-            pack.chunks.take(starts[0], taken[0])
-        else:
-            pack.chunks.take_many(starts, taken)
         return hit
 
-    def free(self, pack: Pack, first: int) -> None:
-        """Return an allocation; quarantined if its reservation may have been executed."""
-        count = pack.chunks.release(first)
-        if self.quarantine and pack.reservation.mapped:
-            pack.chunks.quarantine(first, count, self.started)
+    def _new_pack(self, size: int) -> Pack:
+        res = self.backend.reserve(size, self.pack_size, self.pack_size)
+        pack = Pack(res, ChunkMap(res.size // self.granularity), dedicated=False)
+        self.packs.append(pack)
+        self.events["packs_reserved"] += 1
+        return pack
+
+    # -- freeing and refilling ----------------------------------------------------------------
+
+    def free(self, pack: Pack, first: int, count: int, *, dirty: bool) -> None:
+        """Return an allocation of ``count`` chunks (``dirty``: its memory holds code);
+        quarantined if its reservation may have been executed.  One update of the
+        chunk map."""
+        stamp = self.started if self.quarantine and pack.reservation.mapped else None
+        pack.chunks.release(first, count, stamp=stamp, dirty=dirty)
+
+    def _refillable(self, pack: Pack) -> int:
+        """Chunks whose refill may be written now: all, except with a coarse write unit
+        in a mapped pack, where only units without a text qualify (the write makes its
+        unit briefly non-executable)."""
+        chunks = pack.chunks
+        u = self.unit_chunks
+        if u == 1 or not pack.reservation.mapped:
+            return -1
+        # Spread "the unit has a used chunk" over the unit: fold each unit's bits into
+        # its first, keep the firsts, multiply them back across the unit.
+        folded = chunks.used
+        shift = 1
+        while shift < u:
+            folded |= folded >> shift
+            shift *= 2
+        return ~((folded & every(u, chunks.n)) * ((1 << u) - 1))
+
+    def refill(self, pack: Pack) -> bool:
+        """Write traps over ``pack``'s dirty chunks that may be written (see the module
+        docstring); True if there were any."""
+        chunks = pack.chunks
+        res = pack.reservation
+        refillable = self._refillable(pack)
+        runs = chunks.dirty_runs(clean_units=None if refillable == -1 else refillable)
+        gran = self.granularity
+        trap = self.backend.arch.trap_bytes
+        for start, count in runs:
+            # Chunks start on a whole trap instruction: the filler depends on the length only.
+            self.backend.write(res, start * gran, trap(count * gran))
+            chunks.refilled(start, count)
+        if runs:
+            self.events["refills"] += 1
+            self.events["refill_writes"] += len(runs)
+        return bool(runs)
 
     # -- epochs -----------------------------------------------------------------------------
 
@@ -248,6 +355,8 @@ class PackPool:
         for pack in self.packs:
             if pack.chunks.quarantined:
                 pack.chunks.mature(completed)
+            if pack.chunks.dirty and self.refill_at_epoch:
+                self.refill_quietly(pack)
         for pack in list(self.retired):
             if pack.matured_at is None:
                 if pack.retired_stamp is not None and completed > pack.retired_stamp:
@@ -257,6 +366,14 @@ class PackPool:
             elif completed > pack.matured_at:
                 # Matured one epoch ago and not reused since: return it to the system.
                 self._release_quietly(pack)
+
+    def refill_quietly(self, pack: Pack) -> None:
+        """The epoch's batch of refills: a refused write must not fail the publish or
+        allocation that ran the epoch (the chunks wait for the next epoch or their reuse)."""
+        try:
+            self.refill(pack)
+        except ExecmemError:
+            self.events["refill_errors"] += 1
 
     def _release_quietly(self, pack: Pack) -> None:
         """Housekeeping inside an epoch: a refused release must not fail the publish or
@@ -270,6 +387,9 @@ class PackPool:
     # -- retirement -------------------------------------------------------------------------
 
     def release(self, pack: Pack) -> None:
+        uninterrupted(self._release, pack)
+
+    def _release(self, pack: Pack) -> None:
         if pack in self.retired:
             self.retired.remove(pack)
         if pack in self.packs:
@@ -300,14 +420,15 @@ class PackPool:
             self.events["trim_errors"] += 1
 
     def _retire(self, pack: Pack) -> None:
-        res = pack.reservation
-        if not res.mapped:
+        if not pack.reservation.mapped:
             self.release(pack)  # never executable (or already unmapped): nothing to wait for
             return
-        self.backend.unmap(res)
+        uninterrupted(self._unmap_and_retire, pack)
+
+    def _unmap_and_retire(self, pack: Pack) -> None:
+        self.backend.unmap(pack.reservation)
         self.events["packs_unmapped"] += 1
         self.packs.remove(pack)
-        pack.chunks.reset()
         pack.retired_stamp = self.started
         # Without quarantine the VA may be mapped again at once (verification mutation).
         pack.matured_at = None if self.quarantine else self.completed
@@ -315,6 +436,9 @@ class PackPool:
 
     def close(self) -> ExecmemError | None:
         """Release every reservation; returns the first error (after trying them all)."""
+        return uninterrupted(self._close)
+
+    def _close(self) -> ExecmemError | None:
         first: ExecmemError | None = None
         for pack, _ in self.rows():
             try:
@@ -332,16 +456,18 @@ class PackPool:
         rows = [(p, False) for p in self.packs] + [(p, True) for p in self.retired]
         return sorted(rows, key=lambda row: row[0].address)
 
-    def describe(self) -> list[dict[str, object]]:
+    def describe(self) -> list[PackStats]:
         gran = self.granularity
-        out: list[dict[str, object]] = []
+        out: list[PackStats] = []
         for pack, retired in self.rows():
-            size = pack.chunks.n * gran
-            if retired:
-                live, quarantined = 0, size
+            chunks = pack.chunks
+            size = chunks.n * gran
+            if retired:  # the whole pack waits for its epoch
+                live, quarantined, unfilled = 0, size, 0
             else:
-                live = pack.chunks.count(LIVE) * gran
-                quarantined = pack.chunks.count(QUARANTINED) * gran
+                live = chunks.used.bit_count() * gran
+                quarantined = (chunks.quarantined & ~chunks.used).bit_count() * gran
+                unfilled = (chunks.dirty & ~chunks.quarantined & ~chunks.used).bit_count() * gran
             out.append(
                 {
                     "address": pack.address,
@@ -353,11 +479,13 @@ class PackPool:
                     "live_bytes": live,
                     "free_bytes": size - live - quarantined,
                     "quarantined_bytes": quarantined,
+                    "unfilled_bytes": unfilled,
                 }
             )
         return out
 
     def occupancy(self) -> list[dict[str, object]]:
+        """See ``Allocator.occupancy``."""
         out: list[dict[str, object]] = []
         for pack, retired in self.rows():
             out.append(
@@ -370,9 +498,11 @@ class PackPool:
                     "dedicated": pack.dedicated,
                     "retired": retired,
                     "runs": [(QUARANTINED, pack.chunks.n)] if retired else pack.chunks.runs(),
+                    # Chunks (bits) freed whose memory still holds code: refill pending.
+                    "unfilled": pack.chunks.dirty,
                 }
             )
         return out
 
 
-__all__ = ["COMMIT_STEP", "Pack", "PackPool"]
+__all__ = ["COMMIT_STEP", "Pack", "PackPool", "PackStats", "Placement"]

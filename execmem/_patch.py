@@ -73,7 +73,7 @@ def check_patch(spec: ArchSpec, backend: Backend, address: int, shadow: bytes | 
     where = f"patch of {len(new)} bytes at {at:#x}"
     if not new:
         raise UnsafePatchError(f"{where}: nothing to patch")
-    if not getattr(backend, "concurrent_patch_safe", backend.write_unit == 1):
+    if not backend.concurrent_patch_safe:
         raise UnsafePatchError(
             f"{where}: in {backend.mode} mode an atomic store makes the page briefly "
             f"non-executable, so threads running it would fault; {SAFE_ALTERNATIVE}"

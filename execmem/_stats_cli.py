@@ -35,8 +35,8 @@ LIVE, FREE, QUARANTINED, NOT_TRAP = "live", "free", "quarantined", "not-trap"
 LEGEND = (
     ("#", "live (allocated to a text)"),
     (".", "free (trap-filled)"),
-    ("q", "quarantined (freed and trap-filled; its VA is reused after the next epoch)"),
-    ("!", "a free or quarantined chunk that does NOT hold trap bytes (a bug)"),
+    ("q", "quarantined (freed; its VA is reused after the next epoch and its trap refill)"),
+    ("!", "a free or quarantined chunk that does NOT hold trap bytes, refill not pending (a bug)"),
 )
 #: Picture colours (RGB) per chunk state; a cell of several chunks blends them.
 COLOURS = {
@@ -79,8 +79,9 @@ def chunk_states(allocator: execmem.Allocator) -> list[tuple[dict[str, Any], lis
         if read is not None and pack["mapped"] and not pack["retired"]:
             image = read(cast(int, pack["address"]), len(states) * gran)
             pattern = trap * (gran // len(trap))
+            unfilled = cast(int, pack["unfilled"])  # freed chunks whose refill is pending
             for i, state in enumerate(states):
-                if state != LIVE and image[i * gran : (i + 1) * gran] != pattern:
+                if state != LIVE and not unfilled >> i & 1 and image[i * gran : (i + 1) * gran] != pattern:
                     states[i] = NOT_TRAP
         out.append((pack, states))
     return out
@@ -164,8 +165,8 @@ def text_map(allocator: execmem.Allocator, packs: list[tuple[dict[str, Any], lis
             bad = states.count(NOT_TRAP)
             check = f"; {bad} chunk(s) NOT trap-filled" if bad else ""
             lines.append("  " + ", ".join(parts) + check)
-    texts = cast(dict[str, int], stats["texts"])
-    epochs = cast(dict[str, int], stats["epochs"])
+    texts = stats["texts"]
+    epochs = stats["epochs"]
     lines.append(
         "texts: " + ", ".join(f"{k} {v}" for k, v in texts.items())
         + f"; epochs completed {epochs['completed']} (forced {epochs['forced']})"
@@ -213,7 +214,7 @@ def picture(allocator: execmem.Allocator, path: str, packs: list[tuple[dict[str,
         ax.set_ylabel("line start (KiB)", fontsize=8)
         ax.tick_params(labelsize=7)
     axes[-1, 0].set_xlabel(f"offset within the line (KiB); one pixel per chunk, {GRID_WIDTH} chunks a line", fontsize=8)
-    names = {LIVE: "live", FREE: "free (traps)", QUARANTINED: "quarantined (traps)", NOT_TRAP: "not trap-filled!"}
+    names = {LIVE: "live", FREE: "free (traps)", QUARANTINED: "quarantined", NOT_TRAP: "not trap-filled!"}
     fig.legend(
         handles=[Patch(color=COLOURS[k], label=v) for k, v in names.items()],
         loc="outside upper right", ncol=4, fontsize=8, frameon=False,

@@ -1,4 +1,4 @@
-"""Handles: :class:`JitText` (one allocation) and :class:`JitFunction` (a call into it).
+"""Handles: :class:`JitText`, one allocation (calls into it: ``_gates``).
 
 A ``JitText`` is a thin handle; every verb takes its allocator's lock and runs in
 ``_allocator`` (the handle only validates its own arguments first).  States::
@@ -9,21 +9,23 @@ A ``JitText`` is a thin handle; every verb takes its allocator's lock and runs i
 
 An illegal transition raises ``BadStateError`` (``UseAfterFreeError`` after
 ``free``) and changes nothing.  ``read()`` returns the shadow copy the allocator
-keeps outside executable memory (the staged bytes while RESERVED).
+keeps outside executable memory (the staged bytes while RESERVED).  A text is a
+context manager: ``with allocator.jit_text_alloc(64) as t:`` frees it at the end of the
+block (unless it was freed already).
 """
 
 from __future__ import annotations
 
-import ctypes
 import enum
 from typing import TYPE_CHECKING, Any
 
-from execmem import _patch
-from execmem._errors import AlignmentError, OutOfBoundsError, UseAfterFreeError
+from execmem import _checks, _patch
+from execmem._errors import AlignmentError, OutOfBoundsError
 from execmem._names import default_name
 
 if TYPE_CHECKING:
     from execmem._allocator import Allocator
+    from execmem._gates import Gate, JitFunction, Slot
     from execmem._packs import Pack as _Pack
 
 
@@ -40,20 +42,7 @@ class TextState(enum.Enum):
     FREED = "freed"
 
 
-_FREED = TextState.FREED
 _RESERVED = TextState.RESERVED
-
-
-def check_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be int, not {type(value).__name__}")
-    return value
-
-
-def check_bytes(data: object) -> bytes:
-    if isinstance(data, (bytes, bytearray, memoryview)):
-        return bytes(data)
-    raise TypeError(f"data must be bytes-like, not {type(data).__name__}")
 
 
 class JitText:
@@ -65,40 +54,42 @@ class JitText:
         "_allocator",
         "_chunk",
         "_freed_from",
-        "_inflight",
+        "_gates",
         "_name",
         "_nchunks",
         "_pack",
-        "_pending",
-        "_reclaim_pending",
         "_shadow",
         "_size",
+        "_slot",
         "_staged",
         "_state",
     )
 
     # Set by free(), and read only after it (not in __init__: bulk allocation is hot).
     _freed_from: TextState
-    _reclaim_pending: bool
     #: Set only for a text given a name at allocation (see ``name``).
     _name: str
     #: Staging buffer while RESERVED; afterwards the shadow of what is in memory.  Immutable
     #: ``bytes`` may be shared (the initial traps of every text of one size, the code given
     #: to ``publish``); the first partial ``write`` replaces it with a private bytearray.
     _shadow: bytes | bytearray
+    #: The call-gate slot counting calls in flight (``_gates``), once ``function()`` was called.
+    _slot: Slot | None
+    #: Call gates made for this text, by (offset, stack bytes, holds the GIL).
+    _gates: dict[tuple[int, int, bool], Gate] | None
 
     def __init__(self, allocator: Allocator, pack: _Pack, chunk: int, nchunks: int, address: int, size: int, trap: bytes) -> None:
+        self._state = _RESERVED
         self._allocator = allocator
         self._pack = pack
         self._chunk = chunk  # first chunk of the allocation (may precede the address: padding)
         self._nchunks = nchunks
         self._address = address
         self._size = size
-        self._state = _RESERVED
         self._shadow = trap
         self._staged = False  # whether write() touched the staging buffer
-        self._pending: str | None = None  # "publish" while queued in a batch
-        self._inflight = 0
+        self._slot = None
+        self._gates = None
 
     @classmethod
     def _run(
@@ -118,17 +109,17 @@ class JitText:
         new = object.__new__
         out = [new(cls) for _ in sizes]
         for t, size, chunk, nchunks in zip(out, sizes, chunks, counts, strict=True):
+            t._state = _RESERVED
             t._allocator = allocator
             t._pack = pack
             t._chunk = chunk
             t._nchunks = nchunks
             t._address = base + chunk * gran
             t._size = size
-            t._state = _RESERVED
             t._shadow = traps[size]
             t._staged = False
-            t._pending = None
-            t._inflight = 0
+            t._slot = None
+            t._gates = None
         return out
 
     @property
@@ -156,8 +147,13 @@ class JitText:
     def allocator(self) -> Allocator:
         return self._allocator
 
+    @property
+    def _inflight(self) -> int:
+        """Calls through ``function()`` running now (read from the call gates' counter)."""
+        return 0 if self._slot is None else self._slot.inflight()
+
     def _range(self, offset: object, length: int) -> int:
-        off = check_int("offset", offset)
+        off = _checks.integer("offset", offset)
         if off < 0 or off + length > self._size:
             raise OutOfBoundsError(
                 f"[{off:#x}, {off + length:#x}) is outside the text of {self._size:#x} bytes at {self._address:#x}"
@@ -166,7 +162,7 @@ class JitText:
 
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         """Store ``data`` at ``offset``: staged while RESERVED, in place while WRITING."""
-        payload = check_bytes(data)
+        payload = _checks.data(data)
         off = self._range(offset, len(payload))
         self._allocator._write(self, off, payload)
 
@@ -188,7 +184,7 @@ class JitText:
         Anything the architecture does not allow while other threads may run the
         code raises ``UnsafePatchError`` naming the safe alternative.
         """
-        payload = check_bytes(data)
+        payload = _checks.data(data)
         off = self._range(offset, len(payload))
         self._allocator._update(self, off, payload)
 
@@ -202,11 +198,15 @@ class JitText:
         else at ``offset``, raises ``UnsafePatchError``.
         """
         off = self._range(offset, 1)
-        new = _patch.retargeted(self._allocator.arch, self.read(), self._address, off, check_int("target", target))
+        new = _patch.retargeted(self._allocator.arch, self.read(), self._address, off, _checks.integer("target", target))
         self.update(off, new)
 
     def function(self, restype: Any, *argtypes: Any, offset: int = 0) -> JitFunction:
-        """A ctypes callable for the code at ``offset`` (LIVE only, native backends only)."""
+        """A ctypes callable for the code at ``offset`` (LIVE only, native backends only).
+
+        The call goes through a call gate (``_gates``): machine code that counts it in
+        flight, so that ``free()`` defers reclaiming the text while it runs, and raises
+        ``UseAfterFreeError`` for a call made after ``free()``."""
         off = self._range(offset, 1)
         if off % self._allocator.arch.insn_align:
             raise AlignmentError(f"offset {off:#x} is not instruction-aligned ({self._allocator.arch.insn_align})")
@@ -220,63 +220,17 @@ class JitText:
         """The text's bytes as the allocator knows them (a copy kept outside executable memory)."""
         return self._allocator._read(self)
 
+    def __enter__(self) -> JitText:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._state is not TextState.FREED:
+            self.free()
+
     def __repr__(self) -> str:
         named = getattr(self, "_name", None)
         label = f"{named!r} " if named else ""
         return f"<JitText {label}{self._state.name} at {self._address:#x}, {self._size} bytes>"
 
 
-class JitFunction:
-    """A ctypes function pointer into a LIVE text that counts calls in flight.
-
-    ``free()`` while calls are in flight marks the text FREED at once (new calls
-    raise ``UseAfterFreeError``) and leaves trap refill and quarantine to the last
-    call that returns.  The pointer is made with ``CFUNCTYPE(...)(address)``: no
-    libffi closure (those need writable+executable trampolines) is ever created.
-    """
-
-    __slots__ = ("_cfunc", "_entry", "_text")
-
-    def __init__(self, text: JitText, cfunc: Any, entry: int) -> None:
-        self._text = text
-        self._cfunc = cfunc
-        self._entry = entry
-
-    @property
-    def address(self) -> int:
-        return self._entry
-
-    @property
-    def text(self) -> JitText:
-        return self._text
-
-    def __call__(self, *args: Any) -> Any:
-        text = self._text
-        calls_lock = text._allocator._calls_lock
-        with calls_lock:
-            if text._state is _FREED:
-                raise UseAfterFreeError(f"the text at {text._address:#x} has been freed")
-            text._inflight += 1
-        try:
-            return self._cfunc(*args)
-        finally:
-            with calls_lock:
-                text._inflight -= 1
-                # close() frees texts without a deferred reclaim: no _reclaim_pending.
-                finish = text._inflight == 0 and text._state is _FREED and getattr(text, "_reclaim_pending", False)
-                if finish:
-                    text._reclaim_pending = False
-            if finish:
-                text._allocator._finish_deferred_free(text)
-
-    def __repr__(self) -> str:
-        return f"<JitFunction at {self._entry:#x} in {self._text!r}>"
-
-
-def make_cfunc(restype: Any, argtypes: tuple[Any, ...], address: int) -> Any:
-    """``CFUNCTYPE(restype, *argtypes)(address)``: a plain pointer, no closure."""
-    prototype = ctypes.CFUNCTYPE(restype, *argtypes)
-    return prototype(address)
-
-
-__all__ = ["JitFunction", "JitText", "TextState", "check_bytes", "check_int", "make_cfunc"]
+__all__ = ["JitText", "TextState"]

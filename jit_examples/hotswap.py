@@ -109,7 +109,7 @@ def run(
         "versions_seen": len(total),
         "bad": bad,
         "seconds": seconds,
-        "packs": len(stats["packs"]),  # type: ignore[arg-type]
+        "packs": len(stats["packs"]),
     }
 
 

@@ -32,10 +32,11 @@ MakeAllocator = Callable[..., tuple[MemoryBackend, execmem.Allocator]]
 @pytest.fixture
 def make_allocator() -> Iterator[MakeAllocator]:
     """``make_allocator(arch=None, write_unit=1, cache_features=(), **allocator_kw)``
+    (``arch`` a name or an ``ArchSpec``, e.g. a mutation built with ``with_recipes``)
     -> (MemoryBackend, Allocator); everything is closed at teardown."""
     made: list[tuple[MemoryBackend, execmem.Allocator]] = []
 
-    def make(arch: str | None = "x86_64", *, write_unit: int = 1, cache_features: tuple[str, ...] = (),
+    def make(arch: str | execmem.arch.ArchSpec | None = "x86_64", *, write_unit: int = 1, cache_features: tuple[str, ...] = (),
              **kw: Any) -> tuple[MemoryBackend, execmem.Allocator]:
         backend = MemoryBackend(arch, write_unit=write_unit, cache_features=cache_features)
         allocator = execmem.Allocator(backend=backend, **kw)

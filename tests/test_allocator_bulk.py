@@ -127,7 +127,7 @@ def test_a_run_is_written_with_trap_filler_in_phase_between_the_texts(make_alloc
     a.publish(texts, codes)
     assert len([c for c in backend.calls[mark:] if c[0] == "write"]) == 1
     start, end = texts[0].address, texts[-1].address + texts[-1].size
-    res_start = start - a._offset(texts[0])
+    res_start = texts[0]._pack.address
     expected = bytearray(a.arch.trap_bytes(end - res_start))[start - res_start :]  # the pack's own traps
     for t, code in zip(texts, codes, strict=True):
         expected[t.address - start : t.address - start + len(code)] = code
@@ -208,12 +208,18 @@ def test_codes_in_a_batch_are_staged_then_published_together(make_allocator: Any
     assert backend.read(texts[1].address, 6) == RET[4]
 
 
-def test_module_level_publish_groups_codes_by_allocator(make_allocator: Any) -> None:
+def test_module_level_publish_refuses_texts_of_several_allocators(make_allocator: Any) -> None:
+    """One allocator's publish is all-or-nothing; two allocators' could not be."""
     b1, a1 = make_allocator("x86_64")
     b2, a2 = make_allocator("x86_64")
     t1, t2, t3 = a1.jit_text_alloc(8), a2.jit_text_alloc(8), a1.jit_text_alloc(8)
-    execmem.publish([t1, t2, t3], [RET[1], RET[2], RET[3]])
-    assert (b1.read(t1.address, 6), b2.read(t2.address, 6), b1.read(t3.address, 6)) == (RET[1], RET[2], RET[3])
+    before = (b1.snapshot(), b2.snapshot(), len(b1.calls), len(b2.calls))
+    with pytest.raises(BadStateError, match="2 allocators"):
+        execmem.publish([t1, t2, t3], [RET[1], RET[2], RET[3]])
+    assert (b1.snapshot(), b2.snapshot(), len(b1.calls), len(b2.calls)) == before
+    assert (t1.read()[:6], t2.read()[:6]) == (b"\xcc" * 6, b"\xcc" * 6)
+    execmem.publish([t1, t3], [RET[1], RET[3]])  # one allocator's texts: as Allocator.publish
+    assert (b1.read(t1.address, 6), b1.read(t3.address, 6)) == (RET[1], RET[3])
     with pytest.raises(AlignmentError):
         execmem.publish([a1.jit_text_alloc(8)], [])
 

@@ -91,11 +91,11 @@ def test_cache_features_remove_steps(make_allocator: Any) -> None:
 
 def test_recipes_overridable(make_allocator: Any) -> None:
     spec = execmem.arch.get("x86_64")
-    backend, a = make_allocator("x86_64", _recipes={"publish": spec.publish.without("remote_cse")})
+    backend, a = make_allocator(spec.with_recipes(publish=spec.publish.without("remote_cse")))
     a.jit_text_alloc(8).map()
     a.jit_text_alloc(8).map()
     assert backend.remote_cse_count == 0
-    backend2, b = make_allocator("x86_64", _recipes={"publish_fresh": spec.publish_fresh.moved_before("map", "write")})
+    backend2, b = make_allocator(spec.with_recipes(publish_fresh=spec.publish_fresh.moved_before("map", "write")))
     t = b.jit_text_alloc(8)
     t.write(0, X86_RET42)
     t.map()
@@ -212,14 +212,70 @@ def test_inplace_flow(make_allocator: Any) -> None:
     assert backend.inplace_units(backend.reservations[0]) == {}
 
 
-def test_free_while_writing_ends_inplace_and_refills(make_allocator: Any) -> None:
+def test_free_while_writing_ends_inplace_and_refills_before_reuse(make_allocator: Any) -> None:
     backend, a = make_allocator("x86_64")
     t = a.jit_text_alloc(16)
     t.map_rw_inplace()
     t.write(0, X86_RET42)
     t.free()
-    assert backend.read(t.address, 16) == b"\xcc" * 16
     assert backend.inplace_units(backend.reservations[0]) == {}
+    assert backend.read(t.address, len(X86_RET42)) == X86_RET42  # no write at the free
+    assert S(a)["totals"]["unfilled_bytes"] == 64
+    u = a.jit_text_alloc(16)  # first fit picks the freed chunk (never mapped: no quarantine)
+    assert u.address == t.address and backend.read(t.address, 16) == b"\xcc" * 16  # refilled first
+
+
+def test_frees_are_refilled_at_the_next_epoch_one_write_per_run(make_allocator: Any) -> None:
+    backend, a = make_allocator("x86_64")
+    texts = a.jit_text_alloc_many([64] * 8)
+    a.publish(texts, [X86_RET42] * 8)
+    mark = len(backend.calls)
+    for t in texts[1:4] + texts[5:7]:
+        t.free()
+    assert verbs(backend, mark) == []  # a free makes no call at all
+    assert S(a)["totals"]["quarantined_bytes"] == 5 * 64
+    fresh = a.jit_text_alloc(64)
+    fresh.write(0, X86_RET42)
+    fresh.map()  # a publish into the mapped pack: its epoch refills the two runs
+    assert verbs(backend, mark) == ["write", "local_cse", "remote_cse", "write", "write"]
+    for t in texts[1:4] + texts[5:7]:
+        assert backend.read(t.address, 64) == b"\xcc" * 64
+    assert S(a)["events"]["refill_writes"] == 2 and S(a)["totals"]["quarantined_bytes"] == 0
+
+
+def test_frees_in_a_batch_share_its_one_synchronization(make_allocator: Any) -> None:
+    backend, a = make_allocator("x86_64")
+    texts = a.jit_text_alloc_many([64] * 4)
+    a.publish(texts, [X86_RET42] * 4)
+    mark = len(backend.calls)
+    with a.batch():
+        new = a.jit_text_alloc(64)
+        new.write(0, X86_RET42)
+        new.map()
+        texts[1].free()
+        texts[2].free()
+        assert verbs(backend, mark) == []  # nothing happens before the block ends
+    # One remote_cse: it publishes the new text and ends the freed texts' quarantine; their
+    # refill follows once the batch is committed (an undone free finds its code in place).
+    assert verbs(backend, mark) == ["write", "local_cse", "remote_cse", "write"]
+    assert backend.read(texts[1].address, 128) == b"\xcc" * 128
+    assert S(a)["totals"]["quarantined_bytes"] == 0  # the epoch started after the frees
+
+
+def test_a_refused_refill_is_made_before_the_chunks_are_reused(make_allocator: Any) -> None:
+    backend, a = make_allocator("x86_64", pack_size=4096)
+    t = a.jit_text_alloc(16)
+    t.write(0, X86_RET42)
+    t.map()
+    t.free()
+    backend.fail("write")
+    with a._lock:
+        a._pool.remote_cse([])  # the epoch's refill is refused: not an error of the epoch
+    assert S(a)["events"]["refill_errors"] == 1 and S(a)["totals"]["unfilled_bytes"] == 64
+    assert backend.read(t.address, len(X86_RET42)) == X86_RET42
+    u = a.jit_text_alloc(16)  # first fit picks it: refilled first
+    assert u.address == t.address and backend.read(t.address, 16) == b"\xcc" * 16
+    assert S(a)["totals"]["unfilled_bytes"] == 0
 
 
 # -- quarantine, epochs, packs ---------------------------------------------------------------
@@ -262,7 +318,7 @@ def test_no_quarantine_before_the_pack_was_ever_mapped(make_allocator: Any) -> N
 
 
 def test_quarantine_disabled_reuses_at_once(make_allocator: Any) -> None:
-    _backend, a = make_allocator("x86_64", _quarantine=False)
+    _backend, a = make_allocator(execmem.arch.get("x86_64").without_quarantine())
     a.jit_text_alloc(64).map()
     t = a.jit_text_alloc(64)
     t.map()
@@ -276,14 +332,14 @@ def test_empty_packs_beyond_keep_empty_are_unmapped_then_reused_after_an_epoch(m
     t.map()
     pack = backend.reservations[0]
     t.free()
-    assert verbs(backend)[-2:] == ["write", "unmap"]
+    assert verbs(backend)[-2:] == ["map", "unmap"]  # no refill at the free
     assert not pack.mapped
     (row,) = S(a)["packs"]
     assert row["retired"] and row["quarantined_bytes"] == 4096
     mark = len(backend.calls)
     u = a.jit_text_alloc(64)
     assert u.address == t.address  # the same reservation, reused as a fresh pack
-    assert verbs(backend, mark) == ["remote_cse"]
+    assert verbs(backend, mark) == ["remote_cse", "write"]  # the epoch, then the refill
     assert S(a)["epochs"]["forced"] == 1
     u.write(0, X86_RET42)
     u.map()
@@ -526,7 +582,7 @@ def test_bad_write_arguments_change_nothing(make_allocator: Any) -> None:
         ({"pack_size": 1024}, AlignmentError),
         ({"keep_empty": -1}, AlignmentError),
         ({"granularity": 64.0}, TypeError),
-        ({"_recipes": {"bogus": None}}, AlignmentError),
+        ({"granularity": True}, TypeError),
     ],
 )
 def test_bad_allocator_arguments(kw: dict[str, Any], error: type[Exception]) -> None:
@@ -626,3 +682,101 @@ def test_stats_and_occupancy(make_allocator: Any) -> None:
     (occ,) = a.occupancy()
     assert occ["runs"] == [("live", 2), ("quarantined", 1), ("live", 1), ("free", 60)]
     del t3
+
+
+# -- interrupted verbs (the enumeration is tests/test_reliability_interrupts.py) ------------
+
+
+def test_an_interrupted_rollback_is_finished_by_the_next_verb(make_allocator: Any) -> None:
+    """The undo of a verb stays registered until it has run to its end: here the
+    publish fails (a refused step), and its rollback is stopped too (a refused trap
+    write, as an exception would stop it); the next verb finishes the rollback first."""
+    backend, a = make_allocator("x86_64", pack_size=4096)
+    a.jit_text_alloc(64).map()  # a mapped pack: publish runs local_cse
+    t = a.jit_text_alloc(64)
+    t.write(0, X86_RET42)
+    before = backend.snapshot()
+    backend.fail("run_step:local_cse")
+    real_write = backend.write
+    writes = [0]
+
+    def write_then_fail(res: Any, offset: int, data: bytes) -> None:
+        writes[0] += 1
+        if writes[0] == 2:  # the first write publishes; the second is the rollback's
+            raise execmem.OutOfMemoryError("the rollback is interrupted")
+        real_write(res, offset, data)
+
+    backend.write = write_then_fail  # type: ignore[method-assign]
+    with pytest.raises(execmem.OutOfMemoryError, match="rollback is interrupted"):
+        t.map()
+    assert a._undo  # still registered: the rollback did not finish
+    backend.write = real_write  # type: ignore[method-assign]
+    assert S(a)["texts"]["LIVE"] == 1  # any verb finishes the rollback first
+    assert not a._undo and t.state is TextState.RESERVED and backend.snapshot() == before
+    t.map()
+    assert t.state is TextState.LIVE and backend.read(t.address, len(X86_RET42)) == X86_RET42
+
+
+def test_integers_are_plain_integers_before_any_bounds_check(make_allocator: Any) -> None:
+    """An int subclass that lies in its comparisons and arithmetic cannot slip past a
+    bounds check (issue 10): every size, offset and alignment is taken with operator.index."""
+
+    class Liar(int):
+        def __lt__(self, other: object) -> bool:
+            return False
+
+        def __le__(self, other: object) -> bool:
+            return True
+
+        def __gt__(self, other: object) -> bool:
+            return False
+
+        def __ge__(self, other: object) -> bool:
+            return True
+
+        def __add__(self, other: object) -> int:
+            return 0
+
+        __radd__ = __add__
+
+    _backend, a = make_allocator("x86_64")
+    t, u = a.jit_text_alloc(16), a.jit_text_alloc(16)
+    with pytest.raises(execmem.OutOfBoundsError):
+        t.write(Liar(40), b"\x90" * 8)  # would land in u
+    with pytest.raises(execmem.OutOfBoundsError):
+        t.write(Liar(-8), b"\x90" * 8)
+    with pytest.raises(execmem.SizeError):
+        a.jit_text_alloc(Liar(0))
+    with pytest.raises(execmem.SizeError):
+        a.jit_text_alloc(Liar(-64))
+    assert a.jit_text_alloc(Liar(8), align=Liar(64)).address % 64 == 0
+    assert (t.read(), u.read()) == (b"\xcc" * 16, b"\xcc" * 16)
+
+
+@pytest.mark.parametrize("size", [0, -1, -4096])
+def test_sizes_below_one_are_size_errors(make_allocator: Any, size: int) -> None:
+    backend, a = make_allocator("x86_64")
+    with pytest.raises(execmem.SizeError) as info:
+        a.jit_text_alloc(size)
+    assert isinstance(info.value, ValueError) and isinstance(info.value, execmem.ExecmemError)
+    with pytest.raises(execmem.SizeError):
+        a.jit_text_alloc_many([16, size])
+    assert a.jit_text_alloc_many([]) == [] and backend.calls == []
+
+
+def test_numpy_like_integers_are_accepted(make_allocator: Any) -> None:
+    class Index:  # what numpy integers are to Python: __index__, not int
+        def __init__(self, value: int) -> None:
+            self.value = value
+
+        def __index__(self) -> int:
+            return self.value
+
+    _, a = make_allocator("x86_64")
+    t = a.jit_text_alloc(Index(32), align=Index(32))  # type: ignore[arg-type]
+    t.write(Index(4), b"\x90")  # type: ignore[arg-type]
+    assert t.size == 32 and type(t.size) is int and t.read()[4] == 0x90
+    with pytest.raises(TypeError):
+        a.jit_text_alloc(32.0)  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        a.jit_text_alloc(True)

@@ -1,18 +1,25 @@
 """Hypothesis state machine over the allocator core on the MemoryBackend.
 
-Random alloc / write / map / map_rw_inplace / finalize / update / free / batches /
-forced epochs, against a small model.  After every step:
+Random alloc / write / map / map_rw_inplace / finalize / update / free / batches
+(with frees, cancelled or not) / texts used as context managers / forced epochs /
+calls through ``function()`` entering and leaving (their gate's counter moved by hand,
+as the gate does it: the MemoryBackend's code cannot run here), against a small model.
+After every step:
 
 * no two texts overlap, every text is aligned and inside a live reservation;
 * every byte of every reservation that is not in a LIVE or WRITING text reads as
-  the architecture's trap filler, and those texts read as their shadow copies;
+  the architecture's trap filler, or, in a chunk freed and not refilled yet, as what
+  the freed text left there; those texts read as their shadow copies;
 * quarantined space is not reused before an epoch completed after its free;
+* a text freed while calls are in flight keeps its chunks and its code until the
+  first verb after the last call returned; a call into a freed text is refused;
 * the accounting adds up (per pack, in total, texts by state, reservations);
 * an illegal transition raised and changed nothing (backend memory, calls, stats).
 """
 
 from __future__ import annotations
 
+import ctypes
 import itertools
 from typing import Any
 
@@ -22,7 +29,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import Bundle, RuleBasedStateMachine, initialize, invariant, rule
 
 import execmem
-from execmem import JitText, TextState
+from execmem import JitText, TextState, _gates
 from execmem._errors import BadStateError, UnsafePatchError, UnsupportedError, UseAfterFreeError
 from execmem._memory_backend import MemoryBackend
 
@@ -53,6 +60,11 @@ class AllocatorMachine(RuleBasedStateMachine):
         self.state: dict[JitText, TextState] = {}
         #: (start, end, epoch stamp) of text footprints freed from a mapped reservation.
         self.freed: list[tuple[int, int, int]] = []
+        #: Chunk address -> what a freed text left in it (until its refill).
+        self.leftover: dict[int, bytes] = {}
+        #: Calls in flight per text, and the freed texts they keep (pinned).
+        self.calls: dict[JitText, int] = {}
+        self.pinned: set[JitText] = set()
 
     @initialize(pack_shift=st.sampled_from([12, 13, 14]), keep_empty=st.integers(0, 2))
     def setup(self, pack_shift: int, keep_empty: int) -> None:
@@ -62,6 +74,11 @@ class AllocatorMachine(RuleBasedStateMachine):
 
     def teardown(self) -> None:
         if hasattr(self, "a"):
+            if any(self.calls.values()):
+                with pytest.raises(BadStateError, match="still running"):
+                    self.a.close()
+                for t, n in self.calls.items():
+                    ctypes.c_int64.from_address(t._slot.address).value -= n  # type: ignore[union-attr]
             self.a.close()
             assert self.backend.reservations == []
 
@@ -171,6 +188,53 @@ class AllocatorMachine(RuleBasedStateMachine):
             return
         assert t.read() == shadow[:offset] + new + shadow[offset + len(new) :]
 
+    def will_free(self, t: JitText) -> None:
+        """Note what ``t`` leaves behind, just before it is freed."""
+        lo, hi = self.footprint(t)
+        gran = self.a.granularity
+        for chunk in range(lo, hi, gran):
+            self.leftover[chunk] = self.backend.read(chunk, gran)
+
+    def freed_now(self, t: JitText, mapped: bool, span: tuple[int, int], started: int) -> None:
+        self.state[t] = TextState.FREED
+        if self.calls.get(t):
+            assert t in self.a._pinned  # its chunks go back once the calls have returned
+            self.pinned.add(t)
+            return
+        if mapped:
+            self.freed.append((*span, started))
+
+    @rule(t=texts)
+    def call_enters(self, t: JitText) -> None:
+        """A call through ``function()`` enters the gate: counter up, then the retired
+        flag read (a retired text: counter down, the call refused)."""
+        if t._slot is None:
+            if self.state[t] is not TextState.LIVE:
+                return
+            t._slot = _gates.gate_pool().slot(t)  # what function() does first
+        counter = ctypes.c_int64.from_address(t._slot.address)
+        counter.value += 1
+        if ctypes.c_uint64.from_address(t._slot.address + 8).value:
+            counter.value -= 1
+            assert self.state[t] is TextState.FREED
+            return
+        assert self.state[t] is TextState.LIVE
+        self.calls[t] = self.calls.get(t, 0) + 1
+
+    @rule(t=texts)
+    def call_returns(self, t: JitText) -> None:
+        if not self.calls.get(t):
+            return
+        assert t._slot is not None
+        ctypes.c_int64.from_address(t._slot.address).value -= 1
+        self.calls[t] -= 1
+        if self.calls[t] == 0 and t in self.pinned:
+            self.pinned.discard(t)
+            mapped, span = t._pack.reservation.mapped, self.footprint(t)
+            started, _ = self.stamp()  # stats(): the first verb after the last return reclaims it
+            assert t not in self.a._pinned
+            self.freed_now(t, mapped, span, started)
+
     @rule(t=texts)
     def free(self, t: JitText) -> None:
         if self.state[t] is TextState.FREED:
@@ -179,18 +243,44 @@ class AllocatorMachine(RuleBasedStateMachine):
         mapped = t._pack.reservation.mapped
         span = self.footprint(t)
         started, _ = self.stamp()
+        self.will_free(t)
         t.free()
-        self.state[t] = TextState.FREED
-        if mapped:
-            self.freed.append((*span, started))
+        self.freed_now(t, mapped, span, started)
 
-    @rule(ts=st.lists(texts, max_size=4, unique=True), fail=st.booleans(), data=st.data())
-    def batch(self, ts: list[JitText], fail: bool, data: st.DataObject) -> None:
+    @rule(t=texts)
+    def free_while_running(self, t: JitText) -> None:
+        """``free()`` with a call in flight: FREED now, its chunks back after the return."""
+        if self.state[t] is not TextState.LIVE:
+            return
+        if not self.calls.get(t):
+            self.call_enters(t)
+        self.free(t)
+
+    @rule(size=st.integers(1, 300), data=st.data())
+    def context_manager(self, size: int, data: st.DataObject) -> None:
+        """A text used as a context manager is freed when the block ends."""
+        with self.a.jit_text_alloc(size) as t:
+            self.align[t] = 16
+            self.state[t] = TextState.RESERVED
+            t.write(0, self.code(data, size))
+            t.map()
+            self.state[t] = TextState.LIVE
+            mapped, span, started = t._pack.reservation.mapped, self.footprint(t), self.stamp()[0]
+            self.will_free(t)
+        assert t.state is TextState.FREED
+        self.freed_now(t, mapped, span, started)
+
+    @rule(ts=st.lists(texts, max_size=4, unique=True), frees=st.lists(st.booleans(), min_size=4, max_size=4),
+          fail=st.booleans(), data=st.data())
+    def batch(self, ts: list[JitText], frees: list[bool], fail: bool, data: st.DataObject) -> None:
+        """Publishes, patches and frees deferred to the end of the block (or cancelled)."""
         before = self.fingerprint()
+        started, _ = self.stamp()
         done: dict[JitText, TextState] = {}
+        freeing: list[tuple[JitText, bool]] = []
         try:
             with self.a.batch():
-                for t in ts:
+                for t, free in zip(ts, frees, strict=False):
                     state = self.state[t]
                     if state is TextState.RESERVED:
                         t.map()
@@ -200,6 +290,12 @@ class AllocatorMachine(RuleBasedStateMachine):
                         done[t] = TextState.LIVE
                     elif state is TextState.LIVE and self.spec.insn_align == 1 and self.WRITE_UNIT == 1:
                         t.update(0, data.draw(st.sampled_from(X86_BYTES)))
+                    if free and state is not TextState.FREED:
+                        self.will_free(t)
+                        t.free()
+                        freeing.append((t, t._pack.reservation.mapped))
+                        with pytest.raises(UseAfterFreeError):
+                            t.free()  # queued for freeing already
                     assert t.state is state  # deferred
                 if fail:
                     raise Boom
@@ -207,6 +303,9 @@ class AllocatorMachine(RuleBasedStateMachine):
             assert self.fingerprint() == before
             return
         self.state.update(done)
+        for t, mapped in freeing:  # before the batch's publishes: their epoch covers them
+            assert t.state is TextState.FREED
+            self.freed_now(t, mapped, self.footprint(t), started)
 
     @rule()
     def forced_epoch(self) -> None:
@@ -229,14 +328,14 @@ class AllocatorMachine(RuleBasedStateMachine):
         live = {r.address: r for r in self.backend.reservations}
         spans = []
         for t, state in self.state.items():
-            if state is TextState.FREED:
+            if state is TextState.FREED and t not in self.pinned:
                 continue
             res = t._pack.reservation
             assert live.get(res.address) is res
             lo, hi = self.footprint(t)
             assert res.address <= lo <= t.address and t.address + t.size <= hi <= res.address + res.size
             assert t.address % self.align[t] == 0
-            if state is TextState.LIVE:
+            if state is TextState.LIVE or t in self.pinned:
                 assert res.mapped
             spans.append((lo, hi))
         spans.sort()
@@ -247,9 +346,20 @@ class AllocatorMachine(RuleBasedStateMachine):
     def memory_is_trap_except_published_code(self) -> None:
         if not hasattr(self, "a"):
             return
+        gran = self.a.granularity
+        packs = {pack.reservation.address: pack for pack, _ in self.a._pool.rows()}
         for res in self.backend.reservations:
             expected = bytearray(self.spec.trap_bytes(res.size))
+            chunks = packs[res.address].chunks
+            assert not chunks.dirty & chunks.used, "a chunk not refilled was handed out"
+            for i in range(chunks.n):
+                if chunks.dirty >> i & 1:  # freed, not refilled yet: what the text left
+                    expected[i * gran : (i + 1) * gran] = self.leftover[res.address + i * gran]
             for t, state in self.state.items():
+                if t in self.pinned and t._pack.reservation is res:  # its code until reclaimed
+                    lo, hi = self.footprint(t)
+                    for chunk in range(lo, hi, gran):
+                        expected[chunk - res.address : chunk - res.address + gran] = self.leftover[chunk]
                 if state in (TextState.LIVE, TextState.WRITING) and t._pack.reservation is res:
                     offset = t.address - res.address
                     expected[offset : offset + t.size] = t.read()
@@ -264,8 +374,11 @@ class AllocatorMachine(RuleBasedStateMachine):
         total = 0
         for pack in stats["packs"]:
             assert pack["live_bytes"] + pack["free_bytes"] + pack["quarantined_bytes"] == pack["size"]
+            assert pack["unfilled_bytes"] <= pack["free_bytes"]
             total += pack["live_bytes"]
-        footprints = sum(self.footprint(t)[1] - self.footprint(t)[0] for t, s in self.state.items() if s is not TextState.FREED)
+        footprints = sum(
+            self.footprint(t)[1] - self.footprint(t)[0] for t, s in self.state.items() if s is not TextState.FREED or t in self.pinned
+        )
         assert total == footprints == stats["totals"]["live_bytes"]
         assert footprints % gran == 0
         for state in (TextState.RESERVED, TextState.WRITING, TextState.LIVE):

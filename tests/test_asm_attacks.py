@@ -360,18 +360,19 @@ def test_fork_while_another_thread_holds_the_assembler_lock() -> None:
 
 @needs_programs
 def test_fork_while_other_threads_hold_every_lock_of_the_library() -> None:
-    """Issue 10 item 4: the assembler's, the allocator's, its calls-in-flight and the
+    """Issue 10 item 4: the assembler's, the allocator's, the call gates' and the
     default allocator's locks, each held by another thread at the fork; the child
     assembles, decodes, calls an inherited function and gets a default allocator of
-    its own.  (With the calls-in-flight lock a plain RLock, the child's call waited.)"""
+    its own."""
     script = textwrap.dedent(
         f"""
         import ctypes, os, signal, threading, execmem, execmem._asm_engine as engine, execmem._default as default
+        from execmem import _gates
         a = execmem.Allocator()
         t = a.jit_text_alloc(64); t.write(0, bytes.fromhex({const(7).hex()!r})); t.map()
         fn = t.function(ctypes.c_int)
         parent_default = execmem.default_allocator()
-        locks = [engine._lock, a._lock, a._calls_lock, default._default_lock]
+        locks = [engine._lock, a._lock, _gates.gate_pool().lock, _gates._pools_lock, default._default_lock]
         holding, release = threading.Barrier(len(locks) + 1), threading.Event()
         def hold(lock):
             with lock:

@@ -203,7 +203,8 @@ def test_jitdump_file_is_shared_by_the_allocators_of_a_process(tmp_path: Path, r
     a = execmem.Allocator(pack_size=PACK, jitdump=tmp_path)
     b = execmem.Allocator(pack_size=PACK, jitdump=str(tmp_path) + "/.")  # the same directory
     ta, tb = a.jit_text_alloc(16, name="a"), b.jit_text_alloc(16, name="b")
-    execmem.publish([ta, tb], codes(rng, [ta, tb]))
+    execmem.publish([ta], codes(rng, [ta]))
+    execmem.publish([tb], codes(rng, [tb]))  # (texts of two allocators: one publish each)
     a.close()
     _, records = read_jitdump(path)
     assert [r["id"] for r in records] == [0, 0]  # b still writes: no close record yet

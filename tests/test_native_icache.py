@@ -9,8 +9,8 @@ does not snoop it (Arm ARM D7.5.2).  So on arm64 under QEMU, code published over
 old code at the same address runs the old translation unless the recipe invalidates
 it: the native counterpart of the verification catalog's ``no-ic`` mutation.
 
-The mutated recipe reaches the allocator only through its private ``_recipes``
-argument (as in the verification catalog), never through a public option.
+The mutated recipe is data (``ArchSpec.with_recipes``) handed to the backend, as the
+verification catalog hands it to the modeled machine: no allocator option reaches it.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import pytest
 from programs import HOST, const, needs_programs
 
 import execmem
-from execmem.arch import Recipe
+from execmem.arch import ArchSpec
 from execmem.native import NativeBackend
 
 pytestmark = [
@@ -52,12 +52,12 @@ def cpu_implementers() -> set[str]:
 EMULATED = cpu_implementers() == {"0x00"}
 
 
-def republish_rounds(recipes: dict[str, Recipe]) -> list[tuple[int, int]]:
+def republish_rounds(spec: ArchSpec) -> list[tuple[int, int]]:
     """``ROUNDS`` times: publish ``return old`` and call it (so it is translated), free
     it, publish ``return new`` at the same address (it comes back after the quarantine
     epoch) and call it.  Returns (old, got) for each round where ``got`` is not ``new``."""
-    backend = NativeBackend("dual")
-    a = execmem.Allocator(backend=backend, pack_size=1 << 16, _recipes=recipes)
+    backend = NativeBackend("dual", arch=spec)
+    a = execmem.Allocator(backend=backend, pack_size=1 << 16)
     wrong: list[tuple[int, int]] = []
     try:
         anchor = a.jit_text_alloc(64)
@@ -93,13 +93,13 @@ def republish_rounds(recipes: dict[str, Recipe]) -> list[tuple[int, int]]:
 
 
 def test_the_full_recipe_never_runs_stale_code() -> None:
-    assert republish_rounds({}) == []
+    assert republish_rounds(HOST) == []
 
 
 @pytest.mark.skipif("invalidate_icache" in HOST.publish.names and not EMULATED, reason="stale code is certain only on an emulator's instruction "
                     "cache (QEMU); this CPU's may drop the old line by itself")
 def test_without_ic_ivau_the_old_code_runs() -> None:
-    mutated = {"publish": HOST.publish.without("invalidate_icache")}
+    mutated = HOST.with_recipes(publish=HOST.publish.without("invalidate_icache"))
     stale = republish_rounds(mutated)
     assert stale, f"{ROUNDS} republications without IC IVAU all ran the new code"
     print(f"\n[icache] without IC IVAU: {len(stale)} of {ROUNDS} republications ran the old code")

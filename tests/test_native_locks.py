@@ -17,7 +17,7 @@ import textwrap
 import threading
 
 import pytest
-from programs import ADD, needs_programs
+from programs import ADD, const, needs_programs
 
 from execmem._errors import BadStateError
 from execmem._locks import REENTERED, OwnedLock, SetupLock
@@ -275,5 +275,56 @@ def test_fork_while_other_threads_hold_every_native_lock() -> None:
         b.close()
         print("ok")
         """)
+    )
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-3000:]
+
+
+@needs_programs
+def test_fork_while_other_threads_hold_the_allocators_locks() -> None:
+    """The allocator's, the default allocator's and the call gates' locks (issue 10,
+    item 4): a child forked while other threads hold them is refused by the parent's
+    allocator (never deadlocks) and gets allocators and call gates of its own."""
+    r = run_script(
+        _SIGNAL_PRELUDE
+        + textwrap.dedent("""
+        from execmem import _default, _gates
+        RET7 = bytes.fromhex("{ret7}")  # return 7
+        a = execmem.default_allocator()
+        t = a.jit_text_alloc(16); t.write(0, RET7); t.map()
+        fn = t.function(ctypes.c_int)
+        assert fn() == 7
+        locks = [a._lock, _default._default_lock, _gates.gate_pool().lock, _gates._pools_lock]
+        holding, release = threading.Barrier(len(locks) + 1), threading.Event()
+        def hold(lock):
+            with lock:
+                holding.wait(10)
+                release.wait(30)
+        threads = [threading.Thread(target=hold, args=(lk,), daemon=True) for lk in locks]
+        for th in threads: th.start()
+        holding.wait(10)  # every lock is held by another thread now
+        pid = os.fork()
+        if pid == 0:
+            signal.alarm(10)  # a deadlocked child dies of SIGALRM
+            code = 1
+            try:
+                try:
+                    a.jit_text_alloc(16)
+                except execmem.ForkedProcessError:
+                    pass
+                assert fn() == 7  # the inherited callable and its gate still run
+                u = execmem.jit_text_alloc(16)  # the child's own default allocator
+                assert u.allocator is not a
+                u.write(0, RET7); u.map()
+                assert u.function(ctypes.c_int)() == 7  # the child's own call gates
+                code = 0
+            except BaseException:
+                import traceback; traceback.print_exc()
+            os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        release.set()
+        for th in threads: th.join(10)
+        assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, f"child status {status:#x}"
+        print("ok")
+        """).replace("{ret7}", const(7).hex())
     )
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-3000:]

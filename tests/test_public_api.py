@@ -36,6 +36,7 @@ def test_public_names_are_pinned() -> None:
             "ModelError",
             "OutOfBoundsError",
             "OutOfMemoryError",
+            "SizeError",
             "SystemCallError",
             "TextState",
             "UnsafePatchError",
@@ -112,9 +113,12 @@ def test_free_during_a_call_defers_refill_and_quarantine() -> None:
         flag.value = 1
         caller.join(5)
         assert results == [7]
-        # The last call returned: trap refill and quarantine happened then.
-        assert ctypes.string_at(t.address, len(code)) == P.traps(len(code))
+        # The last call returned: the next verb reclaims the text into quarantine, and
+        # the next epoch refills it.
         assert S(a)["totals"]["quarantined_bytes"] == 64
+        anchor.free()
+        a.jit_text_alloc(16).map()  # a publish into the mapped pack: an epoch
+        assert ctypes.string_at(t.address, len(code)) == P.traps(len(code))
     finally:
         flag.value = 1
         a.close()
@@ -163,3 +167,25 @@ def test_allocator_runs_on_the_modeled_machine() -> None:
     stats = a.stats()
     assert stats["recipes"] == {"publish_fresh": 1, "publish": 1}
     assert stats["mode"] == "emulated"
+
+
+def test_a_native_backend_runs_the_recipes_of_the_spec_it_is_given() -> None:
+    """Mutations are data handed to a backend (``ArchSpec.with_recipes``), as the
+    verification catalog hands them to the modeled machine; no allocator option
+    reaches them.  A spec of another architecture is refused."""
+    from execmem.native import NativeBackend
+
+    step = P.HOST.publish.names[-1]
+    mutated = P.HOST.with_recipes(publish=P.HOST.publish.without(step))
+    backend = NativeBackend("dual", arch=mutated)
+    try:
+        with execmem.Allocator(backend=backend, pack_size=1 << 16) as a:
+            for _ in range(2):  # the second publishes into the mapped pack: ``publish``
+                a.jit_text_alloc(16).map()
+            assert S(a)["recipes"] == {"publish_fresh": 1, f"publish-without-{step}": 1}
+            assert step not in S(a)["steps"] or step in P.HOST.publish_fresh.names
+    finally:
+        backend.close()
+    other = next(name for name in ("x86_64", "arm64") if name != P.HOST.name)
+    with pytest.raises(execmem.UnsupportedError, match=r"runs \w+ code only"):
+        NativeBackend("dual", arch=execmem.arch.get(other))

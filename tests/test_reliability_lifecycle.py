@@ -29,7 +29,7 @@ import pytest
 from programs import const, traps
 
 import execmem
-from execmem import JitText, TextState
+from execmem import JitText, TextState, _gates
 from execmem._errors import ForkedProcessError, UseAfterFreeError
 from execmem.native import NativeBackend, _procmaps
 
@@ -204,9 +204,11 @@ def test_free_during_many_concurrent_calls_waits_for_the_last() -> None:
                 threads[k].join(10)
                 assert not threads[k].is_alive()
             assert results == [7] * callers
-            assert ctypes.string_at(t.address, 64) == traps(64)
+            # The next verb reclaims it into quarantine; the next epoch refills it.
             assert S(a)["events"]["frees_deferred"] == 1
             assert S(a)["totals"]["quarantined_bytes"] >= 64
+            live(a, 99)  # a publish into the mapped pack: an epoch
+            assert ctypes.string_at(t.address, 64) == traps(64)
             assert all(o.function(ctypes.c_int)() == 10 + k for k, o in enumerate(others))
         finally:
             for f in flags:
@@ -228,13 +230,15 @@ def test_a_failing_call_does_not_leak_an_in_flight_count() -> None:
 
 
 def test_jumping_into_freed_text_executes_only_traps() -> None:
-    """A raw pointer (not tracked) into a freed text: the child that calls it dies
-    with SIGTRAP at the first byte (never-written filler is covered in test_native_fork)."""
+    """A raw pointer (not tracked) into a freed text, from the epoch after the free on:
+    the child that calls it dies with SIGTRAP at the first byte (never-written filler is
+    covered in test_native_fork)."""
     with allocator() as a:
         live(a, 1)
         t = live(a, 4, size=64)
         raw = t.address
         t.free()
+        live(a, 2)  # a publish into the mapped pack: the epoch that refills the freed text
         assert ctypes.string_at(raw, 64) == traps(64)
         status = _fork(lambda: ctypes.CFUNCTYPE(ctypes.c_int)(raw)() and 0)
         assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGTRAP
@@ -305,7 +309,17 @@ class Closures:
 
             return Watched
 
+        def pyfunctype(restype: Any, *argtypes: Any) -> Any:  # the call gates' prototypes
+            return cfunctype(restype, *argtypes, _pyfunctype=True)
+
+        real_py = ctypes.PYFUNCTYPE
+        real_c = real
+        real = lambda restype, *argtypes, _pyfunctype=False, **kw: (  # noqa: E731
+            real_py(restype, *argtypes) if _pyfunctype else real_c(restype, *argtypes, **kw)
+        )
         monkeypatch.setattr(ctypes, "CFUNCTYPE", cfunctype)
+        monkeypatch.setattr(ctypes, "PYFUNCTYPE", pyfunctype)
+        monkeypatch.setattr(_gates, "_classes", {})  # prototypes made before the spy
         yield self
 
 
@@ -637,3 +651,175 @@ def test_signal_handler_calling_asm_during_asm() -> None:
         """
     )
     assert r.returncode == 0, r.stderr[-2000:]
+
+
+# --- lifetimes ------------------------------------------------------------------------------
+
+
+def _fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def _execmem_vmas() -> int:
+    gates = _gates.allocator_of_gates()
+    kept = [] if gates is None else gates.backend.owned_ranges()  # type: ignore[attr-defined]
+    return sum(1 for v in _procmaps.read_maps() if "execmem" in v.path and not any(v.overlaps(s, n) for s, n in kept))
+
+
+def _drop_one(with_text: bool) -> None:
+    a = execmem.Allocator(backend=None, pack_size=SMALL)
+    t = a.jit_text_alloc(16)
+    if with_text:
+        t.write(0, const(5))
+        t.map()
+
+
+def test_an_unreachable_allocator_releases_its_memory_with_a_resource_warning() -> None:
+    import gc
+    import warnings
+
+    gc.collect()
+    fds, vmas = _fds(), _execmem_vmas()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ResourceWarning)
+        _drop_one(with_text=True)
+        gc.collect()
+    assert (_fds(), _execmem_vmas()) == (fds, vmas)
+    messages = [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)]
+    assert len(messages) == 1 and "never closed" in messages[0] and "64 bytes of texts" in messages[0], messages
+    with warnings.catch_warnings(record=True) as caught:  # closed: nothing to say
+        warnings.simplefilter("always", ResourceWarning)
+        with execmem.Allocator() as a:
+            live(a, 1)
+        del a
+        gc.collect()
+    assert not [w for w in caught if issubclass(w.category, ResourceWarning)]
+
+
+@pytest.mark.parametrize("count", [pytest.param(300, id="300"), pytest.param(10_000, id="10000", marks=pytest.mark.slow)])
+def test_dropped_allocators_leave_descriptors_and_vmas_flat(count: int) -> None:
+    """Issue 11: 3,000 dropped allocators used to hold 6,006 descriptors."""
+    import gc
+    import warnings
+
+    gc.collect()
+    fds, vmas = _fds(), _execmem_vmas()
+    peak = 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ResourceWarning)
+        for i in range(count):
+            _drop_one(with_text=i % 2 == 0)
+            if i % 100 == 99:
+                gc.collect()
+                peak = max(peak, _fds() - fds)
+        gc.collect()
+    print(f"\n[lifetimes] {count} dropped allocators: descriptors {fds} -> {_fds()} (peak +{peak}), "
+          f"execmem VMAs {vmas} -> {_execmem_vmas()}")
+    assert (_fds(), _execmem_vmas()) == (fds, vmas)
+    assert peak <= 2 * 100 + 4  # at most what the allocators between two collections hold
+
+
+def test_texts_and_allocators_are_context_managers() -> None:
+    with allocator() as a:
+        with a.jit_text_alloc(16) as t:
+            t.write(0, const(3))
+            t.map()
+            assert t.function(ctypes.c_int)() == 3
+        assert t.state is TextState.FREED
+        with a.jit_text_alloc(16) as u:
+            u.free()  # freed inside the block: nothing left to do at its end
+        assert u.state is TextState.FREED
+    assert a.stats()["closed"]
+
+
+def test_mprotect_free_never_stops_a_text_running_on_the_same_page() -> None:
+    """Issue 11: freeing texts that share a page with a running text killed it
+    (SIGSEGV: the refill made the page non-executable).  Now the refill of their chunks
+    waits until no text is left in the page; the running text completes."""
+
+    def child() -> int:
+        with allocator("mprotect") as a:
+            texts = a.jit_text_alloc_many([64] * 8)  # densely packed: one page
+            codes = [P.SPIN] + [const(10 + k) for k in range(1, 8)]
+            a.publish(texts, codes)
+            fn = texts[0].function(ctypes.c_int, ctypes.c_void_p)
+            flag = ctypes.c_uint64(0)
+            out: list[int] = []
+            th = threading.Thread(target=lambda: out.append(fn(ctypes.addressof(flag))), daemon=True)
+            th.start()
+            _wait(lambda: texts[0]._inflight == 1)
+            for t in texts[1:]:
+                t.free()  # same page as the running text
+            kept = ctypes.string_at(texts[1].address, 6) == const(11)  # its refill waits
+            flag.value = 1
+            th.join(5)
+            texts[0].free()  # the last text of the page: at the next epoch, all refilled
+            u = a.jit_text_alloc(4096, 4096)
+            u.write(0, const(1))
+            u.map()  # a publish into the mapped pack (its own page): an epoch
+            refilled = ctypes.string_at(texts[0].address, 64 * 8) == traps(64 * 8)
+            return 0 if out == [7] and kept and refilled else 3
+
+    assert _exited(_fork(child))
+
+
+def test_keyboard_interrupts_at_random_points_leave_the_allocator_consistent() -> None:
+    """Real signals (not the enumeration of tests/test_reliability_interrupts.py): a timer
+    raises KeyboardInterrupt every 50-250 us in a child running alloc/write/map/update/
+    free/batch in a loop; afterwards the allocator audits clean and still works."""
+    script = textwrap.dedent("""
+        import ctypes, random, signal, sys, threading
+        sys.path[:0] = [".", "tests"]
+        import execmem
+        from execmem.native import NativeBackend
+        from programs import Switch, const
+        from tests.test_reliability_faults import audit_allocator
+        threading.Thread(target=threading.Event().wait, daemon=True).start()
+        b = NativeBackend("dual"); a = execmem.Allocator(backend=b, pack_size=1 << 16)
+        for _ in range(2):  # the membarrier probe (a child process) and mechanism chosen first
+            a.jit_text_alloc(16).map()
+        rng = random.Random(1); live = []; interrupted = done = 0
+        armed = [False]  # the handler raises only while a verb may be running
+        def tick(*_):
+            if armed[0]:
+                armed[0] = False
+                raise KeyboardInterrupt
+        signal.signal(signal.SIGALRM, tick)
+        for i in range(4000):
+            try:
+                armed[0] = True
+                signal.setitimer(signal.ITIMER_REAL, rng.uniform(50e-6, 250e-6))
+                op = rng.random()
+                if op < 0.4 or not live:
+                    t = a.jit_text_alloc(rng.choice([32, 64, 200]), 8); sw = Switch((i, i + 1))
+                    t.write(0, sw.code(t.address)); t.map(); live.append((t, sw))
+                elif op < 0.55:
+                    t, sw = rng.choice(live)
+                    if t.state.name == "LIVE":
+                        t.update(0, sw.patch(rng.randrange(2), t.address))
+                elif op < 0.65:
+                    with a.batch():
+                        u = a.jit_text_alloc(32, 8); sw = Switch((i, i + 1)); u.write(0, sw.code(u.address)); u.map()
+                        if live: live.pop()[0].free()
+                    live.append((u, sw))
+                else:
+                    t, _ = live.pop(rng.randrange(len(live)))
+                    t.free()
+                armed[0] = False
+                done += 1
+            except KeyboardInterrupt:
+                interrupted += 1
+        signal.signal(signal.SIGALRM, signal.SIG_IGN)
+        problems = audit_allocator(a)
+        assert problems == [], problems[:5]
+        t = a.jit_text_alloc(16); t.write(0, const(77)); t.map()
+        assert t.function(ctypes.c_int)() == 77
+        a.close(); b.close()
+        print(f"ok {done} completed, {interrupted} interrupted")
+    """)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.startswith("ok"), r.stderr[-3000:]
+    print(f"\n[signals] {r.stdout.strip()}")
+    done, interrupted = int(r.stdout.split()[1]), int(r.stdout.split()[3])
+    assert done > 100 and interrupted > 100  # both happened, many times

@@ -140,15 +140,18 @@ class Run:
     def __init__(self, arch: str, keep_empty: int, ops: list[Op], cleanup: bool, *,
                  recipes: dict[str, _arch.Recipe] | None = None, quarantine: bool = True) -> None:
         self.arch = arch
-        self.m = m = Machine(arch, cpus=2)
-        self.a = execmem.Allocator(backend=m, pack_size=0x1000, granularity=64, keep_empty=keep_empty,
-                                   _recipes=recipes or {}, _quarantine=quarantine)
+        spec = _arch.get(arch).with_recipes(**(recipes or {}))
+        self.m = m = Machine(spec if quarantine else spec.without_quarantine(), cpus=2)
+        self.a = execmem.Allocator(backend=m, pack_size=0x1000, granularity=64, keep_empty=keep_empty)
         self.host = m.host()
         self.slot, self.go, self.done = m.alloc(8), m.alloc(8), m.alloc(8)
         self.texts: list[_Text] = []
         self.next_value = 0x101
         #: (start, end, epochs started when freed) of footprints freed from mapped packs
         self.freed: list[tuple[int, int, int]] = []
+        #: (pack, chunk) -> the chunk's bytes when its text was freed: a free writes nothing,
+        #: the chunk keeps them until the refill (next epoch, or before reuse)
+        self.unfilled: dict[tuple[int, int], bytes] = {}
         self.current: _Text | None = None  # what the slot holds
         self.round = 1
         #: per round: texts CPU1 may call, and every value it may legitimately get
@@ -196,8 +199,10 @@ class Run:
         size = 200 if big else 32
         h = self.a.jit_text_alloc(size)
         span = self._footprint(h)
+        for chunk in range(h._chunk, h._chunk + h._nchunks):
+            self.unfilled.pop((id(h._pack), chunk), None)
         _, completed = self._stamp()
-        for start, end, stamp in self.freed if self.a._quarantine else ():
+        for start, end, stamp in self.freed if self.a.arch.quarantine else ():
             if start < span[1] and span[0] < end:
                 assert completed > stamp, "quarantined space reused before its epoch"
         t = _Text(h, values, second=how in (1, 4), state=TextState.RESERVED, span=span)
@@ -249,6 +254,12 @@ class Run:
         self.log.append(f"free {t.handle.address:#x} ({t.state.name})")
         mapped = t.handle._pack.reservation.mapped
         started, _ = self._stamp()
+        h, g = t.handle, self.a.granularity
+        if t.state is not TextState.RESERVED:  # its memory holds code (all of it once WRITING)
+            data = h.read()
+            data += self.a.arch.trap_bytes(h._nchunks * g - len(data))
+            for i in range(h._nchunks):
+                self.unfilled[id(h._pack), h._chunk + i] = data[i * g : (i + 1) * g]
         t.handle.free()
         t.state = TextState.FREED
         if mapped:
@@ -357,11 +368,19 @@ class Run:
             assert pack["live_bytes"] + pack["free_bytes"] + pack["quarantined_bytes"] == pack["size"]
 
     def _expected_memory(self) -> list[tuple[int, bytes]]:
-        """(frame alias, bytes) of every reservation still held: traps except live code."""
+        """(frame alias, bytes) of every reservation still held: traps except live code
+        and chunks still to be refilled (the bookkeeping's ``dirty``), which keep the bytes
+        their freed text left."""
         out = []
+        g = self.a.granularity
         for pack, _retired in self.a._pool.rows():
             res = pack.reservation
             data = bytearray(self.a.arch.trap_bytes(res.size))
+            dirty = pack.chunks.dirty
+            while dirty:
+                chunk = (dirty & -dirty).bit_length() - 1
+                dirty &= dirty - 1
+                data[chunk * g : (chunk + 1) * g] = self.unfilled.get((id(pack), chunk), data[chunk * g : (chunk + 1) * g])
             for t in self.texts:
                 if t.state in (TextState.LIVE, TextState.WRITING) and t.handle._pack is pack:
                     off = t.handle.address - res.address

@@ -28,9 +28,9 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Protocol, TypedDict
 
 from execmem._errors import ExecmemError, UnsupportedError
-from execmem._lookup import ELSEWHERE
 
 if TYPE_CHECKING:
+    from execmem._backend import Backend
     from execmem._text import JitText
     from execmem.arch import ArchSpec
 
@@ -116,8 +116,8 @@ def _flag(name: str, value: object) -> bool:
     return value
 
 
-def attach(spec: ArchSpec, mode: str, *, perf_map: object, jitdump: object, gdb: object) -> DebugInfo | None:
-    """The sinks asked for (``None`` when none is), opened; ``mode`` is the backend's.
+def attach(spec: ArchSpec, backend: Backend, *, perf_map: object, jitdump: object, gdb: object) -> DebugInfo | None:
+    """The sinks asked for (``None`` when none is), opened for code on ``backend``.
     On error nothing stays open."""
     on_perf_map, on_gdb = _flag("perf_map", perf_map), _flag("gdb", gdb)
     directory = os.fspath(jitdump) if isinstance(jitdump, (str, os.PathLike)) else jitdump
@@ -125,9 +125,9 @@ def attach(spec: ArchSpec, mode: str, *, perf_map: object, jitdump: object, gdb:
         raise TypeError(f"jitdump must be a directory path (str) or None, not {type(jitdump).__name__}")
     if not (on_perf_map or on_gdb or directory is not None):
         return None
-    if mode in ELSEWHERE:
+    if not backend.callable_in_process:
         raise UnsupportedError(
-            f"perf_map, jitdump and gdb describe code that runs in this process; the {mode} backend's does not"
+            f"perf_map, jitdump and gdb describe code that runs in this process; the {backend.mode} backend's does not"
         )
     elf = spec.elf
     if elf is None and (on_gdb or directory is not None):

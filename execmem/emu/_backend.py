@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from execmem._backend import Range, Reservation
 from execmem._errors import AlignmentError, BadStateError, ModelError, UnsupportedError
-from execmem.emu._layout import PAGE
+from execmem.emu._layout import DYNAMIC_BASE, DYNAMIC_LIMIT, PAGE
 
 if TYPE_CHECKING:
     from execmem.arch import ArchSpec
@@ -76,6 +76,12 @@ class EmulatedBackend:
     mode = "emulated"
     page_size = PAGE
     write_unit = 1
+    #: Stores are single-copy atomic in the model and pages never lose execute permission.
+    concurrent_patch_safe = True
+    #: The code runs on the modeled CPUs (``Machine.call``), not in this process.
+    callable_in_process = False
+    #: One reservation may take the whole dynamic address range.
+    max_reservation = DYNAMIC_LIMIT - DYNAMIC_BASE
 
     def __init__(self, machine: ModeledMachine) -> None:
         self._m = machine

@@ -87,7 +87,7 @@ class Machine(EmulatedBackend):
 
     def __init__(
         self,
-        arch: str = "arm64",
+        arch: str | _arch.ArchSpec = "arm64",
         cpus: int = 2,
         *,
         idc: bool = False,
@@ -104,7 +104,9 @@ class Machine(EmulatedBackend):
             raise ModelError(f"line_size must be an integer or None, not {type(line_size).__name__}")
         if isinstance(host_cpu, bool) or not isinstance(host_cpu, int):
             raise ModelError(f"host_cpu must be an integer, not {type(host_cpu).__name__}")
-        self.spec = _arch.get(arch)
+        # An ArchSpec is taken as given: the verification mutations hand one over
+        # (``spec.with_recipes(...)``) for the allocator on this machine to run.
+        self.spec = arch if isinstance(arch, _arch.ArchSpec) else _arch.get(arch)
         self.isa: ModuleType = _arch.isa(self.spec)
         self.ncpus = cpus
         if (idc or dic) and "idc" not in self.spec.cache_features:

@@ -53,7 +53,10 @@ class NativeBackend:
     ``mode``: ``"dual"`` (default, W^X by a read+execute view of a file written with
     ``pwrite``), ``"mprotect"``
     (W^X by toggling page protections) or ``"rwx"`` (writable and executable at once;
-    only when asked for by name).  ``arch`` must be the host's (``None``).
+    only when asked for by name).  ``arch`` must be the host's (``None``), or the
+    host's ``ArchSpec`` itself: a copy with recipes replaced
+    (``ArchSpec.with_recipes``) makes the allocator on this backend run those (the
+    tests that show a recipe step is necessary).
     ``huge_pages`` aligns reservations of 2 MiB or more to 2 MiB and asks for large
     pages (``MFD_HUGETLB``, else ``MADV_HUGEPAGE``); :meth:`stats` says what the kernel
     actually gave.  ``directories`` pins the file fallbacks of dual mapping (tests);
@@ -84,7 +87,7 @@ class NativeBackend:
     def __init__(
         self,
         mode: str = "dual",
-        arch: str | None = None,
+        arch: str | ArchSpec | None = None,
         *,
         huge_pages: bool = True,
         directories: Sequence[str] | None = None,
@@ -94,8 +97,8 @@ class NativeBackend:
         key = mode.strip().lower() if isinstance(mode, str) else mode
         if key not in MAPPERS:
             raise UnsupportedError(f"unknown native mode {mode!r}; choose dual, mprotect or rwx")
-        spec = host() if arch is None else get(arch)
-        if spec is not host():
+        spec = host() if arch is None else arch if isinstance(arch, ArchSpec) else get(arch)
+        if spec.name != host().name:
             raise UnsupportedError(
                 f"the native backend runs {host().name} code only, not {spec.name}; "
                 "use execmem.emu.Machine for other architectures"
@@ -166,6 +169,9 @@ class NativeBackend:
     def forked(self) -> bool:
         """True in a child forked after this backend was created (it may only close)."""
         return self._generation != _forks.generation
+
+    #: Published code runs in this process (``JitText.function``).
+    callable_in_process = True
 
     @property
     def concurrent_patch_safe(self) -> bool:

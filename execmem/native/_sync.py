@@ -151,8 +151,10 @@ class _MprotectIpi:
             self._sys.mprotect(self._page, self._size, rw)
             self._writable = True
         ctypes.memset(self._page, 1, 1)  # present and dirty: the downgrade needs a flush
-        self._sys.mprotect(self._page, self._size, _libc.PROT_READ)
+        # Not writable from before the downgrade: an exception (KeyboardInterrupt) just
+        # after it must not leave the next run writing to a read-only page.
         self._writable = False
+        self._sys.mprotect(self._page, self._size, _libc.PROT_READ)
         self._sys.mprotect(self._page, self._size, rw)
         self._writable = True
 
@@ -261,8 +263,9 @@ class RemoteCse:
         passed: list[str] = []
         while self._index < len(self._candidates):
             name = self._candidates[self._index]
-            self._index += 1
             mechanism = self._make(name)
+            # The index moves on only once a candidate is judged: an exception that
+            # stops the judging (KeyboardInterrupt in the probe) leaves it to retry.
             try:
                 if isinstance(mechanism, _Membarrier):
                     if mask is None:
@@ -273,13 +276,16 @@ class RemoteCse:
                         raise _Unavailable(f"{name}: likewise")
                 mechanism.prepare(mask or 0)
             except _Unavailable as exc:
+                self._index += 1
                 passed.append(str(exc))
                 continue
             except ExecmemError as exc:
                 if _libc.errno_of(exc) not in _FALLBACK_ERRNOS:
                     raise
+                self._index += 1
                 passed.append(f"{name}: {exc}")
                 continue
+            self._index += 1
             for note in passed:
                 self._note(note)
             self._current = mechanism

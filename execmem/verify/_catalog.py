@@ -1,7 +1,7 @@
 """The verification catalog: every scenario, in one explicit tuple.
 
 Each entry names a hazard from the seed texts and the function building its variants
-(in ``_jit``, ``_reuse``, ``_tlb`` and ``_update``, over the guest helpers of
+(in ``_jit``, ``_gate``, ``_reuse``, ``_tlb`` and ``_update``, over the guest helpers of
 ``_guest``).  Nothing registers itself on import: a scenario is in the catalog
 because it is listed here.
 """
@@ -9,7 +9,7 @@ because it is listed here.
 from __future__ import annotations
 
 from execmem._errors import ExecmemError
-from execmem.verify import _jit, _reuse, _tlb, _update
+from execmem.verify import _gate, _jit, _reuse, _tlb, _update
 from execmem.verify._framework import Scenario, Variant
 
 SCENARIOS: tuple[Scenario, ...] = (
@@ -19,6 +19,7 @@ SCENARIOS: tuple[Scenario, ...] = (
              _jit.jit_finalize_inplace),
     Scenario("rox-cache-trap-fill", "new code in a trap-filled ROX pack while another CPU runs its neighbour", "001",
              _jit.rox_cache_trap_fill),
+    Scenario("call-gate", "a free while a call through function() may be entering the text", "000", _gate.call_gate),
     Scenario("va-reuse", "free and reuse of a virtual address for different code", "000", _reuse.va_reuse),
     Scenario("tlb-batch-remote-dsb",
              "arm64 batched TLB flush: a TLBI completes only at a DSB on the CPU that issued it", "002",

@@ -5,7 +5,9 @@ natively; its recipe steps become model actions).  Other CPUs run guest code tha
 reaches the JIT'd code the way a program would: through a published function
 pointer (:data:`CALLER`).  A *mutation* is the same flow with one recipe step
 removed or moved (``Recipe.without`` / ``Recipe.moved_before``, see :func:`mutated`)
-or the quarantine disabled.
+or the quarantine disabled, built as data (``ArchSpec.with_recipes`` /
+``without_quarantine``) and handed to the machine, whose allocator runs what its
+spec says.
 """
 
 from __future__ import annotations
@@ -33,12 +35,9 @@ CALLED_REG = {"arm64": "x1", "x86_64": "rsi"}
 RESULT_REG = {"arm64": "x0", "x86_64": "rax"}
 
 
-def allocator(m: Machine, *, recipes: dict[str, _arch.Recipe] | None = None, quarantine: bool = True, keep_empty: int = 1) -> execmem.Allocator:
+def allocator(m: Machine, *, keep_empty: int = 1) -> execmem.Allocator:
     """An allocator on ``m`` with one-page packs of 64-byte chunks (few model steps)."""
-    return execmem.Allocator(
-        backend=m, pack_size=0x1000, granularity=64, keep_empty=keep_empty,
-        _recipes=recipes or {}, _quarantine=quarantine,
-    )
+    return execmem.Allocator(backend=m, pack_size=0x1000, granularity=64, keep_empty=keep_empty)
 
 
 def text(a: execmem.Allocator, arch: str, value: int) -> execmem.JitText:
@@ -66,8 +65,9 @@ def caller_hazard(m: Machine, arch: str, cpus: tuple[int, ...], expected: int, *
     return hazard
 
 
-def mutated(arch: str, recipe: str, *, without: str = "", moved: tuple[str, str] | None = None) -> dict[str, _arch.Recipe]:
-    """``arch``'s ``recipe`` with steps removed (``a+b``) or one moved before another."""
+def mutated(arch: str, recipe: str, *, without: str = "", moved: tuple[str, str] | None = None) -> _arch.ArchSpec:
+    """``arch``'s spec with one recipe mutated: steps removed (``a+b``) or one moved
+    before another."""
     spec = _arch.get(arch)
     r = spec.recipe(recipe)
     if without:
@@ -75,7 +75,7 @@ def mutated(arch: str, recipe: str, *, without: str = "", moved: tuple[str, str]
             r = r.without(name)
     if moved:
         r = r.moved_before(*moved)
-    return {recipe: r}
+    return spec.with_recipes(**{recipe: r})
 
 
 __all__ = [

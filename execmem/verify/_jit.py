@@ -22,7 +22,7 @@ from execmem.verify._guest import (
 )
 
 
-def _publish_flow(arch: str, *, flow: str, recipes: dict[str, _arch.Recipe] | None = None, cpus: int = 2, **machine: object) -> Case:
+def _publish_flow(arch: str, *, flow: str, spec: _arch.ArchSpec | None = None, cpus: int = 2, **machine: object) -> Case:
     """alloc / write / map, publish a pointer; other CPUs call through it.
 
     flow "live": the pack already holds a live text (its pages are mapped), so the
@@ -31,8 +31,8 @@ def _publish_flow(arch: str, *, flow: str, recipes: dict[str, _arch.Recipe] | No
     flow "inplace": map_rw_inplace / write / finalize instead of write / map.
     The writer also calls the new function itself.
     """
-    m = Machine(arch, cpus=cpus, **machine)  # type: ignore[arg-type]
-    a = allocator(m, recipes=recipes)
+    m = Machine(spec or arch, cpus=cpus, **machine)  # type: ignore[arg-type]
+    a = allocator(m)
     slot = m.alloc(8)
     if flow == "live":
         warm = text(a, arch, 7)
@@ -65,37 +65,37 @@ def jit_publish() -> list[Variant]:
         _v(sc, "arm64", "execmem", SAFE, "DC CVAU, DSB, IC IVAU, DSB, ISB, membarrier before the pointer is published",
            lambda: _publish_flow("arm64", flow="live")),
         _v(sc, "arm64", "no-dc", UNSAFE, "without the clean, the invalidated I-cache refills the trap filler from the point of unification",
-           lambda: _publish_flow("arm64", flow="live", recipes=mutated("arm64", "publish", without="clean_dcache")), "no-dc"),
+           lambda: _publish_flow("arm64", flow="live", spec=mutated("arm64", "publish", without="clean_dcache")), "no-dc"),
         _v(sc, "arm64", "no-dc-idc", SAFE, "CTR_EL0.IDC=1: the data cache needs no clean to the point of unification, so the DC step is not required",
-           lambda: _publish_flow("arm64", flow="live", recipes=mutated("arm64", "publish", without="clean_dcache"), idc=True), "no-dc"),
+           lambda: _publish_flow("arm64", flow="live", spec=mutated("arm64", "publish", without="clean_dcache"), idc=True), "no-dc"),
         _v(sc, "arm64", "no-ic", UNSAFE, "without the invalidate, instruction caches keep the trap filler",
-           lambda: _publish_flow("arm64", flow="live", recipes=mutated("arm64", "publish", without="invalidate_icache")), "no-ic"),
+           lambda: _publish_flow("arm64", flow="live", spec=mutated("arm64", "publish", without="invalidate_icache")), "no-ic"),
         _v(sc, "arm64", "no-ic-dic", SAFE, "CTR_EL0.DIC=1: instruction caches are coherent, so the IC step is not required",
-           lambda: _publish_flow("arm64", flow="live", recipes=mutated("arm64", "publish", without="invalidate_icache"), dic=True), "no-ic"),
+           lambda: _publish_flow("arm64", flow="live", spec=mutated("arm64", "publish", without="invalidate_icache"), dic=True), "no-ic"),
         _v(sc, "arm64", "no-dsb", UNSAFE, "without DSB the IC never completes and the code stores may still be buffered",
-           lambda: _publish_flow("arm64", flow="live", recipes=mutated("arm64", "publish", without="barrier")), "no-dsb"),
+           lambda: _publish_flow("arm64", flow="live", spec=mutated("arm64", "publish", without="barrier")), "no-dsb"),
         _v(sc, "arm64", "no-isb-1cpu", UNSAFE,
            "single-threaded (membarrier skipped): the writer's only context synchronization is the ISB; without it it may run fetched trap filler",
-           lambda: _publish_flow("arm64", flow="live", cpus=1, recipes=mutated("arm64", "publish", without="local_cse")), "no-isb"),
+           lambda: _publish_flow("arm64", flow="live", cpus=1, spec=mutated("arm64", "publish", without="local_cse")), "no-isb"),
         _v(sc, "arm64", "no-isb", SAFE,
            "with other threads the recipe's membarrier returns to the writer through an exception return, itself context-synchronizing (EOS=1, as Linux configures): the ISB is not required",
-           lambda: _publish_flow("arm64", flow="live", recipes=mutated("arm64", "publish", without="local_cse")), "no-isb"),
+           lambda: _publish_flow("arm64", flow="live", spec=mutated("arm64", "publish", without="local_cse")), "no-isb"),
         _v(sc, "arm64", "execmem-1cpu", SAFE, "single-threaded: DC, DSB, IC, DSB, ISB", lambda: _publish_flow("arm64", flow="live", cpus=1)),
         _v(sc, "arm64", "no-remote-cse", UNSAFE,
            "another CPU may have fetched the trap filler before the maintenance and run it after reading the pointer (miniJit01)",
-           lambda: _publish_flow("arm64", flow="live", recipes=mutated("arm64", "publish", without="remote_cse")), "no-remote-cse"),
+           lambda: _publish_flow("arm64", flow="live", spec=mutated("arm64", "publish", without="remote_cse")), "no-remote-cse"),
         _v(sc, "arm64", "fresh", SAFE, "first text of a new pack: maintenance, then map; nothing could be fetched from the unmapped VA, so no membarrier",
            lambda: _publish_flow("arm64", flow="fresh")),
         _v(sc, "arm64", "map-before-write", UNSAFE, "mapped before the code is written: other CPUs may fetch trap filler or partial code and nothing synchronizes them",
-           lambda: _publish_flow("arm64", flow="fresh", recipes=mutated("arm64", "publish_fresh", moved=("map", "write"))), "map-before-write"),
+           lambda: _publish_flow("arm64", flow="fresh", spec=mutated("arm64", "publish_fresh", moved=("map", "write"))), "map-before-write"),
         _v(sc, "x86_64", "execmem", SAFE, "serialize locally, membarrier SYNC_CORE before publishing",
            lambda: _publish_flow("x86_64", flow="live")),
         _v(sc, "x86_64", "no-serialize", UNSAFE, "cross-modifying code without serialization: another CPU may run trap filler it fetched earlier (SDM 9.1.3)",
-           lambda: _publish_flow("x86_64", flow="live", recipes=mutated("x86_64", "publish", without="local_cse+remote_cse")), "no-serialize"),
+           lambda: _publish_flow("x86_64", flow="live", spec=mutated("x86_64", "publish", without="local_cse+remote_cse")), "no-serialize"),
         _v(sc, "x86_64", "fresh", SAFE, "first text of a new pack: written, then mapped; no membarrier needed",
            lambda: _publish_flow("x86_64", flow="fresh")),
         _v(sc, "x86_64", "map-before-write", UNSAFE, "mapped before written: another CPU may fetch trap filler and nothing serializes it",
-           lambda: _publish_flow("x86_64", flow="fresh", recipes=mutated("x86_64", "publish_fresh", moved=("map", "write"))), "map-before-write"),
+           lambda: _publish_flow("x86_64", flow="fresh", spec=mutated("x86_64", "publish_fresh", moved=("map", "write"))), "map-before-write"),
     ]
     return out
 
@@ -105,20 +105,20 @@ def jit_finalize_inplace() -> list[Variant]:
     return [
         _v(sc, "arm64", "execmem", SAFE, "finalize runs the same recipe as map", lambda: _publish_flow("arm64", flow="inplace")),
         _v(sc, "arm64", "no-dc", UNSAFE, "written in place but not cleaned",
-           lambda: _publish_flow("arm64", flow="inplace", recipes=mutated("arm64", "publish_fresh", without="clean_dcache")), "no-dc"),
+           lambda: _publish_flow("arm64", flow="inplace", spec=mutated("arm64", "publish_fresh", without="clean_dcache")), "no-dc"),
         _v(sc, "arm64", "no-ic", UNSAFE, "written in place but stale instruction cache lines remain",
-           lambda: _publish_flow("arm64", flow="inplace", recipes=mutated("arm64", "publish_fresh", without="invalidate_icache")), "no-ic"),
+           lambda: _publish_flow("arm64", flow="inplace", spec=mutated("arm64", "publish_fresh", without="invalidate_icache")), "no-ic"),
         _v(sc, "arm64", "map-before-maintenance", UNSAFE,
            "mapped executable before the clean and invalidate of the in-place writes",
-           lambda: _publish_flow("arm64", flow="inplace", recipes=mutated("arm64", "publish_fresh", moved=("map", "clean_dcache"))), "map-before-write"),
+           lambda: _publish_flow("arm64", flow="inplace", spec=mutated("arm64", "publish_fresh", moved=("map", "clean_dcache"))), "map-before-write"),
         _v(sc, "x86_64", "execmem", SAFE, "finalize maps the written code", lambda: _publish_flow("x86_64", flow="inplace")),
     ]
 
 
-def _trap_fill(arch: str, *, recipes: dict[str, _arch.Recipe] | None = None, **machine: object) -> Case:
+def _trap_fill(arch: str, *, spec: _arch.ArchSpec | None = None, **machine: object) -> Case:
     """CPU1 keeps calling a function in a ROX pack while new code lands next to it."""
-    m = Machine(arch, cpus=2, **machine)  # type: ignore[arg-type]
-    a = allocator(m, recipes=recipes)
+    m = Machine(spec or arch, cpus=2, **machine)  # type: ignore[arg-type]
+    a = allocator(m)
     neighbour = text(a, arch, 7)
     neighbour.map()
     slot = m.alloc(8)
@@ -146,10 +146,10 @@ def rox_cache_trap_fill() -> list[Variant]:
     return [
         _v(sc, "arm64", "execmem", SAFE, "maintenance and membarrier before the pointer is published", lambda: _trap_fill("arm64")),
         _v(sc, "arm64", "no-remote-cse", UNSAFE, "CPU1 may run trap filler it prefetched from the pack",
-           lambda: _trap_fill("arm64", recipes=mutated("arm64", "publish", without="remote_cse")), "no-remote-cse"),
+           lambda: _trap_fill("arm64", spec=mutated("arm64", "publish", without="remote_cse")), "no-remote-cse"),
         _v(sc, "arm64", "no-ic", UNSAFE, "CPU1's instruction cache may keep the trap filler",
-           lambda: _trap_fill("arm64", recipes=mutated("arm64", "publish", without="invalidate_icache")), "no-ic"),
+           lambda: _trap_fill("arm64", spec=mutated("arm64", "publish", without="invalidate_icache")), "no-ic"),
         _v(sc, "x86_64", "execmem", SAFE, "membarrier before the pointer is published", lambda: _trap_fill("x86_64")),
         _v(sc, "x86_64", "no-serialize", UNSAFE, "CPU1 may run trap filler fetched before the stores",
-           lambda: _trap_fill("x86_64", recipes=mutated("x86_64", "publish", without="local_cse+remote_cse")), "no-serialize"),
+           lambda: _trap_fill("x86_64", spec=mutated("x86_64", "publish", without="local_cse+remote_cse")), "no-serialize"),
     ]

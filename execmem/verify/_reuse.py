@@ -12,9 +12,10 @@ serialized (an epoch).
 from __future__ import annotations
 
 import execmem
+from execmem import arch as _arch
 from execmem.emu import Machine, MachineState
 from execmem.verify._framework import SAFE, UNSAFE, Case, Variant, first_fault
-from execmem.verify._guest import FUNCTION, allocator
+from execmem.verify._guest import FUNCTION
 
 #: CPU1: wait for a pointer, call it (f), wait for "go", call through the pointer again.
 _READER = {
@@ -29,8 +30,11 @@ _REGS = {"arm64": ("x3", "x5", "x6", "x0"), "x86_64": ("rbx", "rbp", "r12", "rax
 
 
 def _reuse(arch: str, tlb: str, quarantine: bool) -> Case:
-    m = Machine(arch, cpus=2, tlb=tlb)
-    a = allocator(m, quarantine=quarantine, keep_empty=0)
+    spec = _arch.get(arch)
+    m = Machine(spec if quarantine else spec.without_quarantine(), cpus=2, tlb=tlb)
+    # Chunks of the text's size: the trap refill of f's chunk (made before its reuse)
+    # is then two stores, as few host steps as the explorer can afford.
+    a = execmem.Allocator(backend=m, pack_size=0x1000, granularity=16, keep_empty=0)
     slot, go, called = m.alloc(8), m.alloc(8), m.alloc(8)
     f = a.jit_text_alloc(16)
     f.write(0, execmem.asm(FUNCTION[arch].format(value=1), arch, f.address))

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import execmem
+from execmem import arch as _arch
 from execmem.emu import Machine, MachineState
 from execmem.verify._framework import SAFE, UNSAFE, Case, Variant, first_fault
 from execmem.verify._guest import (
@@ -103,7 +104,10 @@ def torn_update() -> list[Variant]:
 
 def _alias(arch: str, path: str) -> Case:
     """Code written through a writable alias, then called by another CPU."""
-    m = Machine(arch, cpus=2)
+    # (x86-64's recipe has no maintenance steps to remove.)
+    maintained = "clean_dcache" in _arch.get(arch).publish.names
+    no_maintenance = path == "no-maintenance" and maintained
+    m = Machine(mutated(arch, "publish", without="clean_dcache+invalidate_icache") if no_maintenance else arch, cpus=2)
     slot = m.alloc(8)
     hazard: Callable[[MachineState], str]
     if path == "mprotect":
@@ -131,14 +135,7 @@ def _alias(arch: str, path: str) -> Case:
             host.fence(name)
         target = page
     else:
-        # (x86-64's recipe has no maintenance steps to remove.)
-        maintained = "clean_dcache" in m.spec.publish.names
-        recipes = (
-            mutated(arch, "publish", without="clean_dcache+invalidate_icache")
-            if path == "no-maintenance" and maintained
-            else None
-        )
-        a = allocator(m, recipes=recipes)
+        a = allocator(m)
         warm = text(a, arch, 7)
         warm.map()
         t = text(a, arch, ANSWER)
