@@ -14,6 +14,8 @@ from execmem._default import (
     jit_text_alloc_many,
     jit_text_free,
     publish,
+    serialize_all_threads,
+    sync_code,
 )
 from execmem._errors import (
     AlignmentError,
@@ -63,4 +65,6 @@ __all__ = [
     "jit_text_alloc_many",
     "jit_text_free",
     "publish",
+    "serialize_all_threads",
+    "sync_code",
 ]

@@ -61,7 +61,7 @@ from collections.abc import Callable, Iterable
 from functools import partial
 from typing import Any, cast
 
-from execmem import _checks, _gates, _recipes
+from execmem import _checks, _foreign, _gates, _recipes
 from execmem._backend import Backend
 from execmem._batch import Batch, BatchBlock
 from execmem._errors import (
@@ -658,6 +658,19 @@ class Allocator:
             self._undo = _DONE
             self._freeing.after((text._pack,))
 
+
+    # -- code written by others ---------------------------------------------------------------
+
+    def sync_code(self, address: int, length: int) -> None:
+        """Run the architecture's publish recipe over ``[address, address+length)``, code
+        that something else wrote (``_foreign``): cache maintenance, local and remote
+        context synchronization.  ``OutOfBoundsError`` unless the range is mapped readable."""
+        _foreign.sync_code(self, address, length)
+
+    def serialize_all_threads(self) -> None:
+        """Every thread (every modeled CPU) takes a context-synchronization event: the
+        ``remote_cse`` step alone (one epoch)."""
+        _foreign.serialize_all_threads(self)
 
     # -- reporting ----------------------------------------------------------------------------
 

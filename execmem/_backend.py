@@ -162,6 +162,12 @@ class Backend(Protocol):
         """Undo :meth:`begin_inplace` (mprotect mode: back to read+execute)."""
         ...
 
+    def readable(self, address: int, size: int) -> bool:
+        """Whether every byte of ``[address, address+size)`` is mapped readable in the
+        address space the recipes run on (``sync_code``: cache maintenance by address
+        faults elsewhere).  Raises ``SystemCallError`` when the backend cannot tell."""
+        ...
+
     def run_step(self, step: str, ranges: Sequence[Range]) -> None:
         """Execute one synchronization recipe step over the batch's ranges.
 

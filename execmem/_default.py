@@ -63,4 +63,23 @@ def publish(texts: Iterable[JitText], codes: Iterable[bytes] | None = None) -> N
         Allocator._publishable(items, codes)  # a length mismatch is still an error
 
 
-__all__ = ["default_allocator", "jit_text_alloc", "jit_text_alloc_many", "jit_text_free", "publish"]
+def sync_code(address: int, length: int) -> None:
+    """``Allocator.sync_code`` on the default (native) allocator: the host's publish
+    recipe over code that another library wrote at ``[address, address+length)``."""
+    default_allocator().sync_code(address, length)
+
+
+def serialize_all_threads() -> None:
+    """``Allocator.serialize_all_threads`` on the default (native) allocator."""
+    default_allocator().serialize_all_threads()
+
+
+__all__ = [
+    "default_allocator",
+    "jit_text_alloc",
+    "jit_text_alloc_many",
+    "jit_text_free",
+    "publish",
+    "serialize_all_threads",
+    "sync_code",
+]

@@ -253,6 +253,17 @@ class MemoryBackend:
         """Write units of ``reservation`` currently held writable by ``begin_inplace``."""
         return dict(self._backing(reservation).inplace)
 
+    def readable(self, address: int, size: int) -> bool:
+        """Inside mapped live reservations (the fake address space has nothing else)."""
+        self._usable()
+        end = address + size
+        while address < end:
+            res = next((r for r in self._live.values() if r.mapped and r.address <= address < r.address + r.size), None)
+            if res is None:
+                return False
+            address = res.address + res.size
+        return True
+
     def run_step(self, step: str, ranges: Sequence[Range]) -> None:
         self._usable()
         self._maybe_fail(f"run_step:{step}")

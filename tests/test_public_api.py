@@ -52,6 +52,8 @@ def test_public_names_are_pinned() -> None:
             "jit_text_alloc_many",
             "jit_text_free",
             "publish",
+            "serialize_all_threads",
+            "sync_code",
         ]
     )
     for name in execmem.__all__:

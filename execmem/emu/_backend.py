@@ -199,7 +199,21 @@ class EmulatedBackend:
         for res in self._reservations:
             if res.address <= va < res.address + res.size:
                 return self._frames(res).alias + va - res.address
+        static = self._m._static.get(va - va % PAGE)
+        if static is not None:  # code the machine was built with (``sync_code``)
+            return static[0] + va % PAGE
         raise ModelError(f"{va:#x} is not in any reservation")
+
+    def readable(self, address: int, size: int) -> bool:
+        """Statically mapped readable pages, or pages of live mapped reservations."""
+        for page in range(address - address % PAGE, address + size, PAGE):
+            static = self._m._static.get(page)
+            if static is not None and "r" in static[1]:
+                continue
+            res = next((r for r in self._reservations if r.address <= page < r.address + r.size), None)
+            if res is None or self._released(res) or not res.mapped:
+                return False
+        return True
 
     def _lines(self, ranges: Sequence[Range]) -> list[int]:
         line = self._m.line_size

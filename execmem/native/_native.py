@@ -21,6 +21,7 @@ from execmem._errors import (
     ForkedProcessError,
     OutOfBoundsError,
     OutOfMemoryError,
+    SystemCallError,
     UnsupportedError,
 )
 from execmem._locks import OwnedLock
@@ -312,6 +313,15 @@ class NativeBackend:
         region = self._region(reservation)
         self._bounds(reservation, offset, size)
         self._mapper.end_inplace(region, offset, size)
+
+    def readable(self, address: int, size: int) -> bool:
+        """Asks ``/proc/self/maps`` (read after the check: a range unmapped meanwhile
+        by another thread is the caller's race, as with any pointer)."""
+        try:
+            vmas = _procmaps.read_maps()
+        except OSError as exc:
+            raise SystemCallError(f"cannot read /proc/self/maps to check [{address:#x}, {address + size:#x}): {exc}") from None
+        return _procmaps.covered(vmas, address, size)
 
     def run_step(self, step: str, ranges: Sequence[Range]) -> None:
         if self._closed:
