@@ -80,6 +80,7 @@ from execmem._interrupts import uninterrupted
 from execmem._lifetime import Owned, finalize
 from execmem._locks import OwnedLock
 from execmem._packs import Pack, PackPool
+from execmem._placement import Window, window_near
 from execmem._publishing import Publisher, begin_inplace, end_inplace, offset_of, trap_at
 from execmem._stats import AllocatorStats, Totals
 from execmem._text import JitText, TextState
@@ -249,13 +250,17 @@ class Allocator:
 
     # -- allocation ---------------------------------------------------------------------------
 
-    def jit_text_alloc(self, size: int, align: int = 16) -> JitText:
-        """Reserve ``size`` bytes of executable address space aligned to ``align``."""
+    def jit_text_alloc(self, size: int, align: int = 16, *, near: int | None = None) -> JitText:
+        """Reserve ``size`` bytes of executable address space aligned to ``align``;
+        with ``near``, where a direct call reaches it from ``near`` and ``near`` from
+        every byte of it (``ArchSpec.branch_reach``; ``OutOfMemoryError`` if no such
+        place can be had)."""
         size = _checks.positive_size(size)
         align = _checks.alignment(align)
+        window = window_near(near, self.arch.branch_reach, self.arch.name)
         with self._lock:
             self._begin()
-            pack, starts, counts = self._pool.place(size, align)  # housekeeping only
+            pack, starts, counts = self._pool.place(size, align, window)  # housekeeping only
             start = starts[0]
             address = pack.address + start * self.granularity
             text = JitText(self, pack, start, counts[0], address, size, trap_at(self.arch, address - pack.address, size))
@@ -278,13 +283,15 @@ class Allocator:
             text._state = _FREED
         self._pool.trim_quietly()  # a dedicated reservation made for it goes again
 
-    def jit_text_alloc_many(self, sizes: Iterable[int], align: int = 16) -> list[JitText]:
+    def jit_text_alloc_many(self, sizes: Iterable[int], align: int = 16, *, near: int | None = None) -> list[JitText]:
         """One text per size, as ``jit_text_alloc`` would give, but placed side by side:
         one placement and one bookkeeping update per pack instead of one per text (a
         JIT compiling a module of functions), and ``publish`` then writes adjacent
-        texts with one store.  On any error nothing is allocated."""
+        texts with one store.  ``near`` as for ``jit_text_alloc``, for every text.  On
+        any error nothing is allocated."""
         wanted = _checks.positive_sizes(sizes)
         align = _checks.alignment(align)
+        window = window_near(near, self.arch.branch_reach, self.arch.name)
         gran = self.granularity
         unit = max(align, gran)  # a text takes whole alignment steps in a run
         budget = self.pack_size // 2 // unit  # a run never exceeds what one text may take
@@ -300,23 +307,23 @@ class Allocator:
             self._undo = [partial(self._untake, snapshots, out)]
             try:
                 if shared and sum(steps) <= budget:  # the common case: one run
-                    self._alloc_run(wanted, counts, align, snapshots, out)
+                    self._alloc_run(wanted, counts, align, snapshots, out, window)
                 else:
                     group: list[int] = []
                     group_counts: list[int] = []
                     used = 0
                     for size, count, n in zip(wanted, counts, steps, strict=True):
                         if not shared or n > budget:
-                            self._alloc_run([size], [count], align, snapshots, out)  # a dedicated reservation
+                            self._alloc_run([size], [count], align, snapshots, out, window)  # a dedicated reservation
                             continue
                         if used + n > budget:
-                            self._alloc_run(group, group_counts, align, snapshots, out)
+                            self._alloc_run(group, group_counts, align, snapshots, out, window)
                             group, group_counts, used = [], [], 0
                         group.append(size)
                         group_counts.append(count)
                         used += n
                     if group:
-                        self._alloc_run(group, group_counts, align, snapshots, out)
+                        self._alloc_run(group, group_counts, align, snapshots, out, window)
             except BaseException:
                 self._rollback()
                 raise
@@ -324,16 +331,22 @@ class Allocator:
             return out
 
     def _alloc_run(
-        self, sizes: list[int], counts: list[int], align: int, snapshots: dict[Pack, tuple[object, ...]], out: list[JitText]
+        self,
+        sizes: list[int],
+        counts: list[int],
+        align: int,
+        snapshots: dict[Pack, tuple[object, ...]],
+        out: list[JitText],
+        window: Window | None,
     ) -> None:
         """Texts of ``sizes`` (``counts`` chunks each) side by side in one pack, added to
         ``out`` (the undo's list) before anything is taken for them."""
         gran = self.granularity
         if len(sizes) == 1:
-            pack, chunks, taken = self._pool.place(sizes[0], align)
+            pack, chunks, taken = self._pool.place(sizes[0], align, window)
         else:
             # What each text takes may be more than asked (whole write units, mprotect mode).
-            pack, chunks, taken = self._pool.place_many(counts, max(1, align // gran))
+            pack, chunks, taken = self._pool.place_many(counts, max(1, align // gran), window)
         # Chunks start on a whole trap instruction (the granularity is a multiple of its
         # length), so a text's initial (trap) contents depend on its size only.
         traps = {size: self.arch.trap_bytes(size) for size in set(sizes)}

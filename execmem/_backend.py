@@ -111,13 +111,15 @@ class Backend(Protocol):
         not on the modeled machine or plain bytes, which run code elsewhere or nowhere."""
         ...
 
-    def reserve(self, size: int, align: int, capacity: int | None = None) -> Reservation:
+    def reserve(self, size: int, align: int, capacity: int | None = None, *, window: Range | None = None) -> Reservation:
         """Reserve ``size`` bytes of VA aligned to ``align`` with trap-filled backing.
 
         ``capacity`` (at least ``size``) asks for room to :meth:`grow` in place up to
         that many bytes; the backend may instead give all of it at once (the returned
-        ``size`` says what it gave).  Raises ``OutOfMemoryError`` /
-        ``SystemCallError`` and leaves nothing behind on failure.
+        ``size`` says what it gave).  ``window`` (``(low, high)``, ``near=``) asks for
+        the whole capacity inside ``[low, high)``.  Raises ``OutOfMemoryError`` (also
+        when no free place lies in the window) / ``SystemCallError`` and leaves
+        nothing behind on failure.
         """
         ...
 

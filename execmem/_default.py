@@ -25,9 +25,9 @@ def default_allocator() -> Allocator:
         return _default
 
 
-def jit_text_alloc(size: int, align: int = 16) -> JitText:
+def jit_text_alloc(size: int, align: int = 16, *, near: int | None = None) -> JitText:
     """Reserve executable address space from the default (native) allocator."""
-    return default_allocator().jit_text_alloc(size, align)
+    return default_allocator().jit_text_alloc(size, align, near=near)
 
 
 def jit_text_free(text: JitText) -> None:
@@ -37,9 +37,9 @@ def jit_text_free(text: JitText) -> None:
     text.free()
 
 
-def jit_text_alloc_many(sizes: Iterable[int], align: int = 16) -> list[JitText]:
+def jit_text_alloc_many(sizes: Iterable[int], align: int = 16, *, near: int | None = None) -> list[JitText]:
     """``Allocator.jit_text_alloc_many`` on the default (native) allocator."""
-    return default_allocator().jit_text_alloc_many(sizes, align)
+    return default_allocator().jit_text_alloc_many(sizes, align, near=near)
 
 
 def publish(texts: Iterable[JitText], codes: Iterable[bytes] | None = None) -> None:

@@ -27,6 +27,7 @@ from execmem._errors import (
     OutOfBoundsError,
     OutOfMemoryError,
 )
+from execmem._placement import find_gap, intersect
 from execmem.arch import ArchSpec, get
 
 #: Where the fake address space starts and ends (a 47-bit user space, like Linux x86-64).
@@ -132,7 +133,7 @@ class MemoryBackend:
 
     # -- the Backend contract ------------------------------------------------------------------
 
-    def reserve(self, size: int, align: int, capacity: int | None = None) -> Reservation:
+    def reserve(self, size: int, align: int, capacity: int | None = None, *, window: Range | None = None) -> Reservation:
         self._usable()
         if size <= 0 or align <= 0 or align & (align - 1):
             raise AlignmentError("reserve needs a positive size and a power-of-two alignment")
@@ -142,16 +143,29 @@ class MemoryBackend:
         capacity += -capacity % self.page_size
         align = max(align, self.page_size)
         self._within_limit(size)
-        address = self._next + (-self._next % align)
-        if address + capacity > LIMIT:
-            raise OutOfMemoryError("the fake address space is exhausted")
-        self._next = address + capacity + self.page_size  # room to grow, then a guard gap
+        if window is not None:
+            address = self._in_window(capacity, align, window)
+        else:
+            address = self._next + (-self._next % align)
+            if address + capacity > LIMIT:
+                raise OutOfMemoryError("the fake address space is exhausted")
+            self._next = address + capacity + self.page_size  # room to grow, then a guard gap
         token = _Backing(bytearray(self.arch.trap_bytes(size)))
         res = Reservation(address, size, mapped=False, token=token, capacity=capacity)
         self._live[address] = res
         self.calls.append(("reserve", address, size, align))
         self.counts["reserve"] += 1
         return res
+
+    def _in_window(self, capacity: int, align: int, window: Range) -> int:
+        """A free place in ``window`` (guard gaps kept around every reservation)."""
+        guard = self.page_size
+        taken = [(r.address - guard, r.capacity + 2 * guard) for r in self._live.values()]
+        bounds = intersect(window, (BASE, LIMIT))
+        address = None if bounds is None else find_gap(taken, capacity, align, bounds)
+        if address is None:
+            raise OutOfMemoryError(f"no free {capacity:#x} bytes in [{window[0]:#x}, {window[1]:#x})")
+        return address
 
     def _within_limit(self, more: int) -> None:
         if self.limit is not None and sum(r.size for r in self._live.values()) + more > self.limit:

@@ -27,7 +27,14 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from execmem._backend import Range, Reservation
-from execmem._errors import AlignmentError, BadStateError, ModelError, UnsupportedError
+from execmem._errors import (
+    AlignmentError,
+    BadStateError,
+    ModelError,
+    OutOfMemoryError,
+    UnsupportedError,
+)
+from execmem._placement import find_gap, intersect
 
 if TYPE_CHECKING:
     from execmem.arch import ArchSpec
@@ -92,19 +99,23 @@ class EmulatedBackend:
             host.fence(name, note=f"{what}: {name}")
 
     # Reservations -------------------------------------------------------------
-    def reserve(self, size: int, align: int, capacity: int | None = None) -> Reservation:
+    def reserve(self, size: int, align: int, capacity: int | None = None, *, window: Range | None = None) -> Reservation:
         """The whole ``capacity`` at once: the model's frames cost nothing, and a
-        reservation that never grows keeps the modeled page tables simple."""
+        reservation that never grows keeps the modeled page tables simple.  With a
+        ``window``, the free place of the dynamic range nearest its middle."""
         m = self._m
         if size <= 0 or align <= 0 or align & (align - 1):
             raise AlignmentError("reserve needs a positive size and a power-of-two alignment")
         size = max(size, capacity or 0)
         size += -size % PAGE
         align = max(align, PAGE)
-        va = self._next_va + (-self._next_va % align)
-        if va + size > DYNAMIC_LIMIT:
-            raise ModelError("the modeled machine's executable address space is exhausted")
-        self._next_va = va + size + PAGE  # a guard page between reservations
+        if window is not None:
+            va = self._in_window(size, align, window)
+        else:
+            va = self._next_va + (-self._next_va % align)
+            if va + size > DYNAMIC_LIMIT:
+                raise ModelError("the modeled machine's executable address space is exhausted")
+        self._next_va = max(self._next_va, va + size + PAGE)  # a guard page between reservations
         alias = self._next_frame
         self._next_frame += size
         pages = tuple(range(va, va + size, PAGE))
@@ -120,6 +131,17 @@ class EmulatedBackend:
         self._reservations.append(res)
         self._counts["reserve"] += 1
         return res
+
+    def _in_window(self, size: int, align: int, window: Range) -> int:
+        taken = [(r.address - PAGE, r.size + 2 * PAGE) for r in self._reservations if not self._released(r)]
+        bounds = intersect(window, (DYNAMIC_BASE, DYNAMIC_LIMIT))
+        va = None if bounds is None else find_gap([*taken, *self._m._regions], size, align, bounds)
+        if va is None:
+            raise OutOfMemoryError(
+                f"no free {size:#x} bytes of the modeled machine's dynamic range "
+                f"[{DYNAMIC_BASE:#x}, {DYNAMIC_LIMIT:#x}) lie in [{window[0]:#x}, {window[1]:#x})"
+            )
+        return va
 
     def grow(self, reservation: Reservation, size: int) -> bool:
         """Reservations get their capacity at once: growing is never needed."""

@@ -25,6 +25,7 @@ from execmem._errors import (
     UnsupportedError,
 )
 from execmem._locks import OwnedLock
+from execmem._placement import intersect
 from execmem.arch import ArchSpec, get, host
 from execmem.native import _libc, _procmaps
 from execmem.native._mapping import MAPPERS, DualMapper, Mapper, Region
@@ -213,7 +214,7 @@ class NativeBackend:
     def _pages(self, size: int) -> int:
         return -(-size // self.page_size) * self.page_size
 
-    def reserve(self, size: int, align: int, capacity: int | None = None) -> Reservation:
+    def reserve(self, size: int, align: int, capacity: int | None = None, *, window: Range | None = None) -> Reservation:
         self._usable()
         self._not_reentered()
         if size <= 0:
@@ -228,9 +229,11 @@ class NativeBackend:
                 f"({self.max_reservation:#x} bytes: {self._limit_source}); nothing was reserved"
             )
         align = self._mapper.alignment(capacity, align)
+        if window is not None and intersect(window, (0, self._address_space)) is None:
+            raise OutOfMemoryError(f"[{window[0]:#x}, {window[1]:#x}) lies outside the user address space")
         if capacity + align > self._address_space:
             raise OutOfMemoryError(f"{capacity:#x} bytes aligned to {align:#x} cannot fit in the address space")
-        region = self._mapper.reserve(size, align, capacity)
+        region = self._mapper.reserve(size, align, capacity, window)
         try:
             with self._lock:
                 self._regions[region.address] = region
