@@ -8,8 +8,10 @@ from __future__ import annotations
 from execmem import arch
 from execmem._allocator import Allocator
 from execmem._asm import asm
+from execmem._data import JitData
 from execmem._default import (
     default_allocator,
+    jit_data_alloc,
     jit_text_alloc,
     jit_text_alloc_many,
     jit_text_free,
@@ -45,6 +47,7 @@ __all__ = [
     "BadStateError",
     "ExecmemError",
     "ForkedProcessError",
+    "JitData",
     "JitFunction",
     "JitText",
     "LitmusError",
@@ -61,6 +64,7 @@ __all__ = [
     "arch",
     "asm",
     "default_allocator",
+    "jit_data_alloc",
     "jit_text_alloc",
     "jit_text_alloc_many",
     "jit_text_free",

@@ -61,7 +61,7 @@ from collections.abc import Callable, Iterable
 from functools import partial
 from typing import Any, cast
 
-from execmem import _checks, _foreign, _gates, _recipes
+from execmem import _checks, _data, _foreign, _gates, _recipes
 from execmem._backend import Backend
 from execmem._batch import Batch, BatchBlock
 from execmem._errors import (
@@ -184,6 +184,7 @@ class Allocator:
         )
         self._publisher = Publisher(backend, spec, self._pool, self._steps, self._recipe_runs, self._events)
         self._freeing = Freeing(backend, self._pool, self._texts, self._pinned, self._events)
+        self._data = _data.DataPool(backend, pack_size)
         self._owned = Owned(self._pool, backend if owns else None)
         finalizer = weakref.finalize(self, finalize, self._owned, self._pid)
         finalizer.atexit = False  # at exit the process's memory goes anyway, and code may still run
@@ -672,6 +673,14 @@ class Allocator:
             self._freeing.after((text._pack,))
 
 
+    # -- data regions -------------------------------------------------------------------------
+
+    def jit_data_alloc(self, size: int, *, near: int | None = None, align: int = 16) -> _data.JitData:
+        """``size`` zeroed bytes of read+write memory that is never executable, in reach
+        (``ArchSpec.branch_reach``) of every pack of this allocator, or of ``near``
+        (``_data``).  ``OutOfMemoryError`` if no such place can be had."""
+        return _data.jit_data_alloc(self, size, near, align)
+
     # -- code written by others ---------------------------------------------------------------
 
     def sync_code(self, address: int, length: int) -> None:
@@ -724,6 +733,7 @@ class Allocator:
                 "steps": dict(self._steps),
                 "recipes": dict(self._recipe_runs),
                 "events": dict(self._events),
+                "data": self._data.totals(),
                 "backend": dict(self.backend.stats()),
             }
 
@@ -764,7 +774,8 @@ class Allocator:
             text._state = _FREED
         self._texts.clear()
         self._pinned.clear()
-        first = self._pool.close()
+        first = self._data.close()
+        first = self._pool.close() or first
         backend = self._owned.backend
         if backend is not None:
             try:

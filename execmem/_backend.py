@@ -133,6 +133,17 @@ class Backend(Protocol):
         """
         ...
 
+    def reserve_data(self, size: int, align: int, window: Range | None = None) -> Reservation:
+        """Zero-filled read+write memory that is never executable (``jit_data_alloc``),
+        in ``window`` if given.  :meth:`write` and :meth:`release` take it (and
+        :meth:`map` refuses it); raises like :meth:`reserve`."""
+        ...
+
+    def read_data(self, reservation: Reservation, offset: int, size: int) -> bytes:
+        """The current bytes of a data region (``UnsupportedError`` where they live
+        elsewhere than in this process's view, as on the modeled machine)."""
+        ...
+
     def map(self, reservation: Reservation) -> None:
         """Install the executable (read+execute, never writable) view."""
         ...

@@ -7,6 +7,7 @@ import os
 from collections.abc import Iterable
 
 from execmem._allocator import Allocator
+from execmem._data import JitData
 from execmem._errors import BadStateError
 from execmem._locks import OwnedLock
 from execmem._text import JitText
@@ -40,6 +41,11 @@ def jit_text_free(text: JitText) -> None:
 def jit_text_alloc_many(sizes: Iterable[int], align: int = 16, *, near: int | None = None) -> list[JitText]:
     """``Allocator.jit_text_alloc_many`` on the default (native) allocator."""
     return default_allocator().jit_text_alloc_many(sizes, align, near=near)
+
+
+def jit_data_alloc(size: int, *, near: int | None = None, align: int = 16) -> JitData:
+    """``Allocator.jit_data_alloc`` on the default (native) allocator."""
+    return default_allocator().jit_data_alloc(size, near=near, align=align)
 
 
 def publish(texts: Iterable[JitText], codes: Iterable[bytes] | None = None) -> None:
@@ -76,6 +82,7 @@ def serialize_all_threads() -> None:
 
 __all__ = [
     "default_allocator",
+    "jit_data_alloc",
     "jit_text_alloc",
     "jit_text_alloc_many",
     "jit_text_free",

@@ -27,7 +27,7 @@ from execmem._errors import (
     OutOfBoundsError,
     OutOfMemoryError,
 )
-from execmem._placement import find_gap, intersect
+from execmem._placement import find_gap, intersect, middle
 from execmem.arch import ArchSpec, get
 
 #: Where the fake address space starts and ends (a 47-bit user space, like Linux x86-64).
@@ -39,6 +39,8 @@ LIMIT = 0x7FFF_0000_0000
 class _Backing:
     data: bytearray
     released: bool = False
+    #: A data region (``reserve_data``): never mapped executable.
+    is_data: bool = False
     inplace: Counter[int] = field(default_factory=Counter)  # write-unit index -> holds
 
 
@@ -93,7 +95,15 @@ class MemoryBackend:
 
     @property
     def reservations(self) -> list[Reservation]:
-        """Live reservations in address order."""
+        """Live reservations of executable memory in address order (not data regions)."""
+        return [r for r in self._sorted() if not self._backing(r).is_data]
+
+    @property
+    def data_regions(self) -> list[Reservation]:
+        """Live data regions (``reserve_data``) in address order."""
+        return [r for r in self._sorted() if self._backing(r).is_data]
+
+    def _sorted(self) -> list[Reservation]:
         return [self._live[a] for a in sorted(self._live)]
 
     @property
@@ -157,12 +167,25 @@ class MemoryBackend:
         self.counts["reserve"] += 1
         return res
 
+    def reserve_data(self, size: int, align: int, window: Range | None = None) -> Reservation:
+        res = self.reserve(size, align, window=window)
+        res.token = _Backing(bytearray(res.size), is_data=True)
+        self.calls[-1] = ("reserve_data", res.address, res.size, align)
+        return res
+
+    def read_data(self, reservation: Reservation, offset: int, size: int) -> bytes:
+        backing = self._backing(reservation)
+        self._bounds(reservation, offset, size)
+        if not backing.is_data:
+            raise BadStateError(f"reservation at {reservation.address:#x} is not a data region")
+        return bytes(backing.data[offset : offset + size])
+
     def _in_window(self, capacity: int, align: int, window: Range) -> int:
         """A free place in ``window`` (guard gaps kept around every reservation)."""
         guard = self.page_size
         taken = [(r.address - guard, r.capacity + 2 * guard) for r in self._live.values()]
         bounds = intersect(window, (BASE, LIMIT))
-        address = None if bounds is None else find_gap(taken, capacity, align, bounds)
+        address = None if bounds is None else find_gap(taken, capacity, align, bounds, toward=middle(window))
         if address is None:
             raise OutOfMemoryError(f"no free {capacity:#x} bytes in [{window[0]:#x}, {window[1]:#x})")
         return address
@@ -189,7 +212,8 @@ class MemoryBackend:
 
     def map(self, reservation: Reservation) -> None:
         self._usable()
-        self._backing(reservation)
+        if self._backing(reservation).is_data:
+            raise BadStateError(f"the data region at {reservation.address:#x} is never made executable")
         if reservation.mapped:
             raise BadStateError(f"reservation at {reservation.address:#x} is already mapped")
         self._maybe_fail("map")

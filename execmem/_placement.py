@@ -40,6 +40,11 @@ def window_near(near: object, reach: int, arch: str) -> Window | None:
     return reach_window(address, reach)
 
 
+def middle(window: Window) -> int:
+    """The address a window was made around (``near``)."""
+    return (window[0] + window[1]) // 2
+
+
 def intersect(a: Window, b: Window) -> Window | None:
     low, high = max(a[0], b[0]), min(a[1], b[1])
     return (low, high) if low < high else None
@@ -71,7 +76,7 @@ def find_gap(occupied: Iterable[Range], size: int, align: int, window: Window, *
     """An ``align``-aligned start of ``size`` free bytes inside ``window``, the one
     closest to ``toward`` (default: the window's middle, the address asked to be near,
     so later placements keep room on both sides); ``None`` if there is none."""
-    target = (window[0] + window[1]) // 2 if toward is None else toward
+    target = middle(window) if toward is None else toward
     best: int | None = None
     for start, length in gaps(occupied, window):
         first = -(-start // align) * align
@@ -84,4 +89,4 @@ def find_gap(occupied: Iterable[Range], size: int, align: int, window: Window, *
     return best
 
 
-__all__ = ["Window", "find_gap", "gaps", "inside", "intersect", "reach_window", "window_near"]
+__all__ = ["Window", "find_gap", "gaps", "inside", "intersect", "middle", "reach_window", "window_near"]

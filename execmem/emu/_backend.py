@@ -34,7 +34,7 @@ from execmem._errors import (
     OutOfMemoryError,
     UnsupportedError,
 )
-from execmem._placement import find_gap, intersect
+from execmem._placement import find_gap, intersect, middle
 
 if TYPE_CHECKING:
     from execmem.arch import ArchSpec
@@ -54,6 +54,7 @@ class _Frames:
     alias: int  # physical address of the first frame == its writable alias VA
     pages: tuple[int, ...]  # virtual pages
     released: bool = False
+    data: bool = False  # a data region (``reserve_data``): its entries are never executable
 
 
 class EmulatedBackend:
@@ -135,13 +136,34 @@ class EmulatedBackend:
     def _in_window(self, size: int, align: int, window: Range) -> int:
         taken = [(r.address - PAGE, r.size + 2 * PAGE) for r in self._reservations if not self._released(r)]
         bounds = intersect(window, (DYNAMIC_BASE, DYNAMIC_LIMIT))
-        va = None if bounds is None else find_gap([*taken, *self._m._regions], size, align, bounds)
+        va = None if bounds is None else find_gap([*taken, *self._m._regions], size, align, bounds, toward=middle(window))
         if va is None:
             raise OutOfMemoryError(
                 f"no free {size:#x} bytes of the modeled machine's dynamic range "
                 f"[{DYNAMIC_BASE:#x}, {DYNAMIC_LIMIT:#x}) lie in [{window[0]:#x}, {window[1]:#x})"
             )
         return va
+
+    def reserve_data(self, size: int, align: int, window: Range | None = None) -> Reservation:
+        """Frames mapped read+write (never executable) by page-table entries the host
+        CPU writes, zero-filled before anything can see them."""
+        res = self.reserve(size, align, window=window)
+        frames = self._frames(res)
+        self._m.poke(frames.alias, bytes(res.size))
+        host = self._host()
+        for i, page in enumerate(frames.pages):
+            host.pte(page, frames.alias + i * PAGE, "rw", note=f"map data {page:#x} rw-")
+        self._fences("after_map")
+        res.mapped = True  # readable; the allocator never maps a data region
+        frames.data = True
+        self._counts["reserve_data"] += 1
+        return res
+
+    def read_data(self, reservation: Reservation, offset: int, size: int) -> bytes:
+        raise UnsupportedError(
+            "a modeled data region's bytes depend on the schedule: read them from a state, "
+            "machine.read(state, address, size)"
+        )
 
     def grow(self, reservation: Reservation, size: int) -> bool:
         """Reservations get their capacity at once: growing is never needed."""
@@ -156,6 +178,8 @@ class EmulatedBackend:
 
     def map(self, reservation: Reservation) -> None:
         frames = self._frames(reservation)
+        if frames.data:
+            raise BadStateError(f"the data region at {reservation.address:#x} is never made executable")
         host = self._host()
         for i, page in enumerate(frames.pages):
             host.pte(page, frames.alias + i * PAGE, "rx", note=f"map {page:#x} r-x")

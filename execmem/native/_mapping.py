@@ -51,7 +51,7 @@ from dataclasses import dataclass, field
 from execmem._backend import Range
 from execmem._errors import ExecmemError, OutOfMemoryError
 from execmem._locks import OwnedLock
-from execmem._placement import Window, find_gap, inside
+from execmem._placement import Window, find_gap, inside, middle
 from execmem.arch import ArchSpec
 from execmem.native import _libc, _procmaps
 from execmem.native._backing import PMD_SIZE, RX, Backing
@@ -105,6 +105,8 @@ class Region:
     #: The most ``size`` may grow to (the pack's slot); ``size`` when it cannot grow.
     capacity: int = 0
     hugetlb: bool = False
+    #: A data region (``jit_data_alloc``): read+write anonymous memory, never executable.
+    data: bool = False
     mapped: bool = False
     released: bool = False
     #: mprotect mode: pages (indices) currently read+write, and in-place nesting counts.
@@ -206,15 +208,14 @@ class Mapper:
                 vmas = _procmaps.read_maps()
             except OSError:
                 break
-            address = find_gap([(v.start, v.end - v.start) for v in vmas], slot, align, bounds)
+            address = find_gap([(v.start, v.end - v.start) for v in vmas], slot, align, bounds, toward=middle(window))
             if address is None:
                 raise OutOfMemoryError(
                     f"no free {slot:#x} bytes aligned to {align:#x} in [{window[0]:#x}, {window[1]:#x})"
                 )
             if self.claim(address, size, prot, flags):
                 return address
-        middle = (low + window[1]) // 2
-        for hint in (middle, low, window[1] - slot):
+        for hint in (middle(window), low, window[1] - slot):
             hint = hint // align * align
             got = self._sys.mmap(hint, size, prot, flags)  # a hint: the kernel may move it
             if got % align == 0 and inside(bounds, got, slot):
@@ -322,6 +323,14 @@ class Mapper:
 
     def unmap(self, region: Region) -> None:
         raise NotImplementedError
+
+    def reserve_data(self, size: int, align: int, window: Window | None) -> Region:
+        """Zero-filled read+write memory that is never made executable (a data region)."""
+        address = self.reserve_va(size, align, RW, MAP_PRIVATE | MAP_ANONYMOUS, 0, window)
+        return Region(address, size, write_base=address, data=True)
+
+    def release_data(self, region: Region) -> None:
+        Mapper.release(self, region, forked=False)
 
     def release(self, region: Region, *, forked: bool) -> None:
         if "view" not in region.released_parts:

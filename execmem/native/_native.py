@@ -7,6 +7,7 @@ the modes in ``_mapping``, the host synchronization in ``_sync``.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import mmap
 import os
 import sys
@@ -244,6 +245,40 @@ class NativeBackend:
             raise
         return Reservation(region.address, region.size, mapped=False, token=region, capacity=region.capacity)
 
+    def reserve_data(self, size: int, align: int, window: Range | None = None) -> Reservation:
+        """Zero-filled read+write anonymous memory, never executable (``jit_data_alloc``),
+        in ``window`` if given; whole pages."""
+        self._usable()
+        self._not_reentered()
+        size = self._pages(max(size, 1))
+        align = max(align, self.page_size)
+        if size > self.max_reservation:
+            raise OutOfMemoryError(f"a data region of {size:#x} bytes is larger than this backend allows ({self.max_reservation:#x})")
+        if window is not None and intersect(window, (0, self._address_space)) is None:
+            raise OutOfMemoryError(f"[{window[0]:#x}, {window[1]:#x}) lies outside the user address space")
+        region = self._mapper.reserve_data(size, align, window)
+        try:
+            with self._lock:
+                self._regions[region.address] = region
+        except BaseException:
+            with contextlib.suppress(ExecmemError):
+                self._mapper.release_data(region)
+            raise
+        return Reservation(region.address, region.size, mapped=False, token=region)
+
+    def read_data(self, reservation: Reservation, offset: int, size: int) -> bytes:
+        region = self._region(reservation)
+        self._bounds(reservation, offset, size)
+        if not region.data:
+            raise BadStateError(f"reservation at {reservation.address:#x} is not a data region")
+        return ctypes.string_at(region.address + offset, size)
+
+    def _release_region(self, region: Region) -> None:
+        if region.data:
+            self._mapper.release_data(region)
+        else:
+            self._mapper.release(region, forked=self.forked)
+
     def _note_peak(self) -> None:
         self._peak_reserved = max(self._peak_reserved, sum(r.size for r in self._regions.values()))
 
@@ -260,6 +295,8 @@ class NativeBackend:
 
     def map(self, reservation: Reservation) -> None:
         region = self._region(reservation)
+        if region.data:
+            raise BadStateError(f"the data region at {reservation.address:#x} is never made executable")
         if region.mapped:
             raise BadStateError(f"reservation at {reservation.address:#x} is already mapped")
         self._mapper.map(region)
@@ -282,7 +319,7 @@ class NativeBackend:
             del self._regions[region.address]
         region.released, region.mapped, reservation.mapped = True, False, False
         try:
-            self._mapper.release(region, forked=self.forked)
+            self._release_region(region)
         except ExecmemError:
             with self._lock:
                 self._unreleased.append(region)
@@ -292,7 +329,9 @@ class NativeBackend:
         region = self._region(reservation)
         payload = data if isinstance(data, bytes) else bytes(data)
         self._bounds(reservation, offset, len(payload))
-        if payload:
+        if payload and region.data:
+            ctypes.memmove(region.address + offset, payload, len(payload))
+        elif payload:
             self._mapper.write(region, offset, payload)
 
     def atomic_store(self, reservation: Reservation, offset: int, data: bytes) -> None:
@@ -405,7 +444,7 @@ class NativeBackend:
         for region in regions:
             region.released = True
             try:
-                self._mapper.release(region, forked=self.forked)
+                self._release_region(region)
             except ExecmemError as exc:
                 first = first or exc
                 with self._lock:
