@@ -144,5 +144,5 @@ def test_data_regions_on_the_modeled_machine() -> None:
     assert any(action.note.startswith("map data") and "rw-" in action.note for action in m._cpus[0].host)
     with pytest.raises(execmem.ModelError, match="faulted"):
         m.call(d.address)  # never executable
-    with pytest.raises(execmem.UnsupportedError, match="machine.read"):
+    with pytest.raises(execmem.UnsupportedError, match=r"machine\.read"):
         d.read()
