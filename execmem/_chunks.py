@@ -267,6 +267,32 @@ class ChunkMap:
         )
         return count
 
+    def shrink(self, start: int, keep: int, *, stamp: int | None = None, dirty: bool = False) -> int:
+        """Keep the first ``keep`` chunks of the allocation at ``start`` and free the
+        rest as :meth:`release` would; returns how many were freed."""
+        count = self.span_of(start)
+        if not 0 < keep <= count:
+            raise ValueError(f"cannot keep {keep} of the {count} chunks at {start}")
+        gone = count - keep
+        if not gone:
+            return 0
+        mask = ((1 << gone) - 1) << (start + keep)
+        stamps = self._stamps
+        if stamp is not None:
+            if stamps and stamps[-1][0] == stamp:
+                stamps = (*stamps[:-1], (stamp, stamps[-1][1] | mask))
+            else:
+                stamps = (*stamps, (stamp, mask))
+        self.used, self.stop, self.quarantined, self.dirty, self._stamps, self._hint = (
+            self.used & ~mask,
+            self.stop & ~(1 << (start + count - 1)) | 1 << (start + keep - 1),
+            self.quarantined | mask if stamp is not None else self.quarantined,
+            self.dirty | mask if dirty else self.dirty,
+            stamps,
+            min(self._hint, start + keep),
+        )
+        return gone
+
     def quarantine(self, start: int, count: int, stamp: int) -> None:
         """Hold free chunks back until an epoch started after ``stamp`` completes."""
         mask = ((1 << count) - 1) << start

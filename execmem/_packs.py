@@ -325,6 +325,12 @@ class PackPool:
         stamp = self.started if self.quarantine and pack.reservation.mapped else None
         pack.chunks.release(first, stamp=stamp, dirty=dirty)
 
+    def free_tail(self, pack: Pack, first: int, keep: int, *, dirty: bool) -> None:
+        """Free all but the first ``keep`` chunks of an allocation (``JitText.shrink``),
+        under the rules of :meth:`free`."""
+        stamp = self.started if self.quarantine and pack.reservation.mapped else None
+        pack.chunks.shrink(first, keep, stamp=stamp, dirty=dirty)
+
     def _refillable(self, pack: Pack) -> int:
         """Chunks whose refill may be written now: all, except with a coarse write unit
         in a mapped pack, where only units without a text qualify (the write makes its
