@@ -121,6 +121,21 @@ class EngineModes:
 
 
 @dataclass(frozen=True)
+class ElfIdentity:
+    """What an ELF file for this architecture carries, for the files execmem writes
+    for debuggers and profilers (``execmem.debuginfo``: jitdump, GDB's JIT interface).
+
+    ``machine`` is ``e_machine`` (System V gABI, ``<elf.h>``); ``flags`` the
+    ``e_flags`` the host's dynamic loader accepts (its psABI); ``ret`` one return
+    instruction, the whole body of the hook function GDB sets its breakpoint on.
+    """
+
+    machine: int
+    ret: bytes
+    flags: int = 0
+
+
+@dataclass(frozen=True)
 class ArchSpec:
     """The frozen description of one architecture (see the module docstring)."""
 
@@ -162,7 +177,9 @@ class ArchSpec:
     #: as ``(name, source)``: Keystone assembly, or only ``.word`` directives where
     #: Keystone has no assembler.  Names: ``store1/2/4/8`` (``(address, value)``: one
     #: single-copy-atomic store), ``local_cse``, ``barrier``, ``clean_dcache`` /
-    #: ``invalidate_icache`` (``(start, end, line)``), ``read_cache_type``.
+    #: ``invalidate_icache`` (``(start, end, line)``), ``read_cache_type``; optional
+    #: ``serialize`` and ``has_serialize`` (a cheaper ``local_cse`` and the test for it)
+    #: and ``probe_membarrier`` (fork a child that tries membarrier; pid or -errno).
     host_routines: tuple[tuple[str, str], ...] = ()
     #: The call gate of ``function()`` callables (``execmem._gates``), one per process:
     #: entered from a stub holding the GIL, with the caller's arguments and the
@@ -181,6 +198,8 @@ class ArchSpec:
     gate_retire: str = ""
     #: One line per row for the README's synchronization table.
     summary: str = ""
+    #: How ELF files describe code of this architecture (``None``: no ELF support).
+    elf: ElfIdentity | None = None
     #: Extra per-architecture hooks used by the modeled machine (decoders etc.).
     extras: dict[str, object] = field(default_factory=dict, compare=False, hash=False)
 
@@ -307,6 +326,7 @@ def isa(spec: ArchSpec) -> ModuleType:
 __all__ = [
     "STEP_DOCS",
     "ArchSpec",
+    "ElfIdentity",
     "EngineModes",
     "PatchRule",
     "Recipe",

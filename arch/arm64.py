@@ -11,7 +11,7 @@ import capstone
 import keystone
 import unicorn
 
-from execmem.arch import ArchSpec, EngineModes, PatchRule, Recipe, RecipeStep
+from execmem.arch import ArchSpec, ElfIdentity, EngineModes, PatchRule, Recipe, RecipeStep
 
 _WRITE = RecipeStep("write", "code is stored through the writable side (a file write, a write window or a writable page), never through an executable mapping (W^X)")
 _CLEAN = RecipeStep(
@@ -215,6 +215,31 @@ SPEC = ArchSpec(
         ),
         ("barrier", "dsb ish; ret"),
         ("local_cse", "isb; ret"),
+        # Is membarrier safe here?  As on x86-64 (see there): a plain fork whose child
+        # runs only this code, signals blocked around clone, exit status = the QUERY
+        # mask's low 7 bits or 0x80 | errno; x0 = clone's flags (0 or SIGCHLD); returns
+        # the pid or -errno.  Linux arm64 (asm-generic) numbers: rt_sigprocmask 135,
+        # clone 220, exit_group 94, membarrier 283; svc preserves every register but x0.
+        (
+            "probe_membarrier",
+            "mov x10, x0; sub sp, sp, #16; mov x9, #-1; str x9, [sp, #8]; "
+            "mov x0, #0; add x1, sp, #8; mov x2, sp; mov x3, #8; mov x8, #135; svc #0; "
+            "mov x0, x10; mov x1, #0; mov x2, #0; mov x3, #0; mov x4, #0; mov x8, #220; svc #0; "
+            "cbz x0, child; mov x9, x0; "
+            "mov x0, #2; mov x1, sp; mov x2, #0; mov x3, #8; mov x8, #135; svc #0; "
+            "mov x0, x9; add sp, sp, #16; ret; "
+            "child: mov x0, #0; mov x1, #0; mov x2, #0; mov x8, #283; svc #0; "
+            "tbnz x0, #63, failed; mov x9, x0; "
+            "tbz x9, #5, skip1; "
+            "mov x0, #64; mov x1, #0; mov x2, #0; mov x8, #283; svc #0; "
+            "mov x0, #32; mov x1, #0; mov x2, #0; mov x8, #283; svc #0; "
+            "skip1: tbz x9, #3, skip2; "
+            "mov x0, #16; mov x1, #0; mov x2, #0; mov x8, #283; svc #0; "
+            "mov x0, #8; mov x1, #0; mov x2, #0; mov x8, #283; svc #0; "
+            "skip2: and x0, x9, #0x7f; b exit; "
+            "failed: neg x0, x0; and x0, x0, #0x7f; orr x0, x0, #0x80; "
+            "exit: mov x8, #94; svc #0",
+        ),
     ),
     call_gate=_CALL_GATE,
     gate_stub=_GATE_STUB,
@@ -222,4 +247,6 @@ SPEC = ArchSpec(
     gate_retire="mov x1, #1; str x1, [x0, #8]; dmb ish; ldr x0, [x0]; ret",
     summary="write via RW alias; DC CVAU lines (unless IDC); DSB ISH; IC IVAU lines (unless DIC); "
     "DSB ISH; ISB; membarrier(SYNC_CORE) once per batch; fresh packs: maintenance then map",
+    # EM_AARCH64 (183); RET (X30) is 0xd65f03c0 (Arm ARM C6.2 "RET").
+    elf=ElfIdentity(machine=183, ret=(0xD65F03C0).to_bytes(4, "little")),
 )

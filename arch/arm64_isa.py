@@ -19,13 +19,14 @@ po-scl-ob) into the view discipline of Pulte et al.'s Promising-ARM (PLDI 2019).
 from __future__ import annotations
 
 import functools
+import re
 
 import capstone
 from capstone import arm64_const as cs
 from unicorn import arm64_const as uc
 
 from execmem._errors import ModelError
-from execmem.arch._model import Decoded, FenceRule, ModelRules
+from execmem.arch._model import Decoded, DescriptorFormat, FenceRule, ModelRules
 
 #: Unicorn registers that make up a CPU's architectural state in the model, in the
 #: order of the packed register file.  Indices 0..30 are X0..X30.
@@ -45,6 +46,8 @@ REGISTER_NAMES = (*(f"X{i}" for i in range(31)), "SP", "NZCV", "PC", "ELR_EL1", 
 GENERAL = tuple(range(32))
 #: Reset value of PSTATE: EL1h with interrupts masked (Unicorn's default).
 RESET = {PSTATE: 0x3C5}
+#: Unicorn's CPU model: "max" implements the Armv8.1 atomics (FEAT_LSE) the default lacks.
+UNICORN_CPU = uc.UC_CPU_ARM64_MAX
 
 
 def register_index(name: str) -> int | None:
@@ -72,11 +75,20 @@ _FLAG_READERS = {
 }
 _COMPARES = {"cmp", "cmn", "tst", "ccmp", "ccmn"}
 _READ_DEST = {"movk", "bfi", "bfxil", "bfm", "bfc"}
+#: Barrier options: (access types, shareability domain).  Every modeled CPU is in one
+#: inner shareable domain, so ISH, OSH and SY (full system) reach all of them alike;
+#: NSH reaches only the issuing CPU (the ``.nsh`` rules below).
 _FENCES = {
-    "sy": "full", "ish": "full", "osh": "full", "nsh": "full",
-    "ld": "ld", "ishld": "ld", "oshld": "ld", "nshld": "ld",
-    "st": "st", "ishst": "st", "oshst": "st", "nshst": "st",
+    "sy": "full", "ish": "full", "osh": "full", "nsh": "full.nsh",
+    "ld": "ld", "ishld": "ld", "oshld": "ld", "nshld": "ld.nsh",
+    "st": "st", "ishst": "st", "oshst": "st", "nshst": "st.nsh",
 }
+
+_LSE = re.compile(r"(ld|st)(add|clr|eor|set|smax|smin|umax|umin)(a|al|l)?([bh]?)")
+_SWP_CAS = re.compile(r"(swp|cas)(a|al|l)?([bh]?)")
+_LOAD_EXCLUSIVE = re.compile(r"ld(a?)xr([bh]?)")
+_STORE_EXCLUSIVE = re.compile(r"st(l?)xr([bh]?)")
+_TLBI_ALL = ("vmall", "alle", "aside")
 
 _md = capstone.Cs(capstone.CS_ARCH_ARM64, capstone.CS_MODE_ARM)
 _md.detail = True
@@ -142,7 +154,10 @@ def decode(word: int) -> Decoded:
             return Decoded(m, text, "dc", reads=va, addr_regs=va, va_reg=va_reg)
         if m == "ic":
             return Decoded(m, text, "ic", reads=va, addr_regs=va, va_reg=va_reg)
-        return Decoded(m, text, "tlbi", reads=va, addr_regs=va, va_reg=va_reg, broadcast=what.endswith("is"))
+        return Decoded(
+            m, text, "tlbi", reads=va, addr_regs=va, va_reg=va_reg,
+            broadcast=what.endswith(("is", "os")), all_pages=what.startswith(_TLBI_ALL),
+        )
     if m == "msr":
         return Decoded(m, text, "alu", reads=_real(regs))
     if m == "mrs":
@@ -163,11 +178,11 @@ def decode(word: int) -> Decoded:
 
     # Loads and stores.
     if mems:
-        if any(m.startswith(p) for p in ("ldadd", "ldclr", "ldeor", "ldset", "ldsmax", "ldsmin",
-                                           "ldumax", "ldumin", "swp", "cas", "stadd", "stclr",
-                                           "steor", "stset", "ldxr", "ldaxr", "stxr", "stlxr",
-                                           "ldxp", "ldaxp", "stxp", "stlxp", "prfm", "ld1", "st1")):
-            raise ModelError(f"{text!r}: atomic, exclusive, prefetch and vector accesses are not modelled")
+        atomic = _atomic(m, text, insn, regs, mems)
+        if atomic is not None:
+            return atomic
+        if m.startswith(("ldxp", "ldaxp", "stxp", "stlxp", "prfm", "ld1", "st1")):
+            raise ModelError(f"{text!r}: exclusive pairs, prefetch and vector accesses are not modelled")
         base, index = mems[0]
         addr = tuple(r for r in (base, index) if r is not None)
         writeback = (base,) if insn.writeback and base is not None else ()
@@ -205,6 +220,55 @@ def decode(word: int) -> Decoded:
     return Decoded(m, text, "alu", reads=reads, writes=writes)
 
 
+def _atomic(
+    m: str, text: str, insn: capstone.CsInsn, regs: list[int], mems: list[tuple[int | None, int | None]]
+) -> Decoded | None:
+    """The Armv8.1 atomics (LD<op>, ST<op>, SWP, CAS) and the exclusives, or None.
+
+    Arm ARM C6.2: the A forms load with acquire semantics unless the destination is
+    the zero register, the L forms store with release semantics; CAS compares Rs
+    with memory and stores Rt if they are equal, returning the old value in Rs.
+    """
+    base = mems[0][0]
+    if base is None:
+        return None
+    lse, swp_cas = _LSE.fullmatch(m), _SWP_CAS.fullmatch(m)
+    if lse or swp_cas:
+        match = lse or swp_cas
+        assert match is not None
+        order = match.group(3) if lse else match.group(2)
+        order = order or ""
+        release = "l" in order
+        if swp_cas and match.group(1) == "cas":
+            rs, rt = regs[0], regs[1]
+            acquire = "A" if "a" in order else ""
+            return Decoded(m, text, "rmw", reads=_real([rs, rt, base]), writes=_real([rs]), addr_regs=(base,),
+                           data_regs=_real([rt]), acquire=acquire, release=release, compare_reg=rs if rs >= 0 else None)
+        rs = regs[0]
+        rt = regs[1] if len(regs) > 1 else -1  # ST<op> is LD<op> to the zero register
+        acquire = "A" if "a" in order and rt >= 0 else ""
+        return Decoded(m, text, "rmw", reads=_real([rs, base]), writes=_real([rt]), addr_regs=(base,),
+                       data_regs=_real([rs]), acquire=acquire, release=release)
+    load = _LOAD_EXCLUSIVE.fullmatch(m)
+    if load:
+        return Decoded(m, text, "load", reads=(base,), writes=_real(regs), addr_regs=(base,),
+                       acquire="A" if load.group(1) else "", exclusive=True)
+    store = _STORE_EXCLUSIVE.fullmatch(m)
+    if store:
+        status, rt = regs[0], regs[1]
+        width = {"b": 1, "h": 2}.get(store.group(2), 8 if insn.op_str.split(",")[1].strip().startswith("x") else 4)
+        return Decoded(m, text, "store_exclusive", reads=_real([rt, base]), writes=_real([status]),
+                       addr_regs=(base,), data_regs=_real([rt]), release=bool(store.group(1)),
+                       status_reg=status, size=width)
+    return None
+
+
+def tlbi_page(operand: int) -> int:
+    """The page a TLBI by VA names: its operand holds VA[55:12] in bits 43:0 (and
+    the ASID in bits 63:48, which the model's single address space ignores)."""
+    return (operand & ((1 << 44) - 1)) << 12
+
+
 # ---------------------------------------------------------------------------
 # Memory-model rules (interpreted by execmem.emu).  Views named here:
 #   rold   post-views of po-earlier explicit reads
@@ -222,6 +286,8 @@ def decode(word: int) -> Decoded:
 
 
 _ALL_OLD = ("rold", "wold", "dcold", "icold")
+#: a full DSB also orders the hardware's page-table updates (DSB-ob: [M]; po; [dsb])
+_DSB_OLD = (*_ALL_OLD, "hwold")
 _M_OLD = ("rold", "wold", "dcold")
 
 RULES: dict[str, FenceRule] = {
@@ -235,7 +301,8 @@ RULES: dict[str, FenceRule] = {
     "dsb.full": FenceRule(
         drain=True,
         complete=True,
-        joins=(("rnew", _ALL_OLD), ("dcnew", _ALL_OLD), ("icnew", _ALL_OLD), ("dsb", _ALL_OLD)),
+        implicit=True,
+        joins=(("rnew", _DSB_OLD), ("dcnew", _DSB_OLD), ("icnew", _DSB_OLD), ("dsb", _DSB_OLD)),
     ),
     "dsb.ld": FenceRule(joins=(("rnew", ("rold",)), ("dcnew", ("rold",)), ("icnew", ("rold",)), ("dsb", ("rold",)))),
     "dsb.st": FenceRule(
@@ -256,6 +323,39 @@ RULES: dict[str, FenceRule] = {
 #: Exception entry and return are IFBs in Arm's model (unless FEAT_ExS says otherwise).
 RULES["exception"] = RULES["isb"]
 
+# Non-shareable barriers (Arm ARM B2.3.12, C6.2.81 DMB, C6.2.83 DSB): a barrier orders
+# accesses only as observed by the PEs in its shareability domain, and NSH's domain is
+# the issuing PE alone, so DMB NSH (any access type) orders nothing another CPU can
+# observe.  DSB NSH waits only for what completes for the issuing PE: its earlier
+# stores to page-table entries reach its own table walker (which is why Linux's
+# local_flush_tlb_all is DSB NSHST; TLBI; DSB NSH; ISB), and the maintenance it issued
+# completes for the issuer (a broadcast IC IVAU or TLBI ...IS reaches the other CPUs
+# only with a later DSB of a domain that contains them, D7.5.9.3 and D8.13.5).  So it
+# orders later maintenance and (with an ISB) later fetches and walks after those, and
+# orders no explicit access for other observers.  herd7 treats every domain as the
+# full system (aarch64fences.cat): it never forbids more than this does.
+_LOCAL = ("wold", "dcold", "icold")
+for _kind in ("full", "ld", "st"):
+    RULES[f"dmb.{_kind}.nsh"] = FenceRule()
+RULES["dsb.full.nsh"] = FenceRule(
+    complete=True,
+    local=True,
+    drain_tables=True,
+    joins=(("dcnew", _LOCAL), ("icnew", _LOCAL), ("dsb", _LOCAL)),
+)
+RULES["dsb.ld.nsh"] = FenceRule()
+RULES["dsb.st.nsh"] = FenceRule(drain_tables=True, joins=(("icnew", ("wold",)), ("dsb", ("wold",))))
+
+
+#: Stage 1 page descriptors (Arm ARM D8.3): valid is bit 0 (herd's model ignores the
+#: table/page bit 1), AP[1] (bit 6) grants EL0 access, AP[2] (bit 7) makes the page
+#: read-only (herd's db:0), AF is bit 10, DBM bit 51, UXN bit 54 (herd's x:0); the
+#: output address is bits 47:12.  herd7 uses the same bits (lib/AArch64PteVal.ml).
+DESCRIPTOR = DescriptorFormat(
+    oa=0x0000_FFFF_FFFF_F000,
+    bits=(("valid", 1 << 0, False), ("el0", 1 << 6, False), ("db", 1 << 7, True),
+          ("af", 1 << 10, False), ("dbm", 1 << 51, False), ("x", 1 << 54, True)),
+)
 
 MODEL = ModelRules(
     granule=4,
@@ -265,11 +365,18 @@ MODEL = ModelRules(
     ordered_reads=False,
     track_dependencies=True,
     fences=RULES,
+    descriptor=DESCRIPTOR,
+    barriers_order_walks=False,
 )
 
 
 #: Bytes fetched per instruction.
 FETCH_SIZE = 4
+
+#: A register-only counted loop of ``{n}`` iterations (``{lo}``/``{hi}``: its 16-bit
+#: halves) ending at label ``end``: what ``execmem bench`` runs on the model and on
+#: raw Unicorn to compare their speed.
+BENCH_LOOP = "movz x1, #{lo}\nmovk x1, #{hi}, lsl #16\nloop: add x0, x0, x1\neor x3, x0, x1\nsubs x1, x1, #1\nb.ne loop\nend: nop"
 
 
 def decode_bytes(insn: bytes) -> Decoded:

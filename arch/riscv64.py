@@ -7,7 +7,7 @@ from __future__ import annotations
 import capstone
 import unicorn
 
-from execmem.arch import ArchSpec, EngineModes, PatchRule, Recipe, RecipeStep
+from execmem.arch import ArchSpec, ElfIdentity, EngineModes, PatchRule, Recipe, RecipeStep
 
 _WRITE = RecipeStep("write", "code is stored through the writable side, never through an executable mapping (W^X)")
 _FENCE = RecipeStep("barrier", "fence rw,rw orders the code stores before the fetch fences (Zifencei)")
@@ -64,4 +64,7 @@ SPEC = ArchSpec(
         ("local_cse", ".word 0x0000100f; .word 0x00008067"),  # fence.i
     ),
     summary="write via RW alias; fence; riscv_flush_icache(all threads) once per batch",
+    # EM_RISCV (243); e_flags RVC | double-float ABI, which glibc's loader checks
+    # against its own (RISC-V ELF psABI, "e_flags"); ret = jalr x0, 0(ra) = 0x00008067.
+    elf=ElfIdentity(machine=243, ret=(0x00008067).to_bytes(4, "little"), flags=0x5),
 )

@@ -8,7 +8,7 @@ import capstone
 import keystone
 import unicorn
 
-from execmem.arch import ArchSpec, EngineModes, PatchRule, Recipe, RecipeStep
+from execmem.arch import ArchSpec, ElfIdentity, EngineModes, PatchRule, Recipe, RecipeStep
 
 _WRITE = RecipeStep("write", "code is stored through the writable side (a file write, a write window or a writable page), never through an executable mapping (W^X)")
 _LOCAL = RecipeStep(
@@ -173,8 +173,58 @@ SPEC = ArchSpec(
         ("store2", "mov word ptr [rdi], si; ret"),
         ("store4", "mov dword ptr [rdi], esi; ret"),
         ("store8", "mov qword ptr [rdi], rsi; ret"),
-        # CPUID is serializing on every x86-64 CPU (SERIALIZE is newer); rbx is callee-saved.
-        ("local_cse", "push rbx; xor eax, eax; cpuid; pop rbx; ret"),
+        # IRET to the next instruction: serializing on every x86-64 CPU (SDM Vol. 3,
+        # 10.3 "Serializing Instructions") and, unlike CPUID, no VM exit under a
+        # hypervisor.  The frame (ss, rsp, rflags, cs, rip) is built by hand, as Linux
+        # sync_core() does (arch/x86/include/asm/sync_core.h, iret_to_self); rsp after
+        # the IRET is rsp before the first push.
+        (
+            "local_cse",
+            "mov eax, ss; push rax; lea rax, [rsp + 8]; push rax; pushfq; mov eax, cs; push rax; "
+            "lea rax, [rip + done]; push rax; iretq; done: ret",
+        ),
+        # SERIALIZE (0F 01 E8; SDM Vol. 2B), where CPUID.(EAX=7,ECX=0):EDX[14] says the CPU
+        # has it: the cheapest serializing instruction.  Keystone 0.9.2 lacks the mnemonic.
+        ("serialize", ".byte 0x0f, 0x01, 0xe8; ret"),
+        # 1 if SERIALIZE exists: leaf 7 only when the highest basic leaf (CPUID.0:EAX) is
+        # at least 7 (a CPU answers a higher leaf with its highest one's data).  CPUID
+        # is a VM exit under a hypervisor: run once per process, to choose local_cse.
+        (
+            "has_serialize",
+            "push rbx; xor eax, eax; cpuid; cmp eax, 7; jb none; mov eax, 7; xor ecx, ecx; cpuid; "
+            "mov eax, edx; shr eax, 14; and eax, 1; jmp out; none: xor eax, eax; out: pop rbx; ret",
+        ),
+        # Is membarrier safe here (a seccomp profile may kill on first use)?  Forks a
+        # child that runs only this code: no Python, no libc, its own address space
+        # (a plain fork: a CLONE_VM child killed with a core dump would take this
+        # process with it on kernels before 5.16).  Signals are blocked around clone so
+        # the child never runs an inherited handler.  The child calls membarrier(QUERY),
+        # registers and runs PRIVATE_EXPEDITED_SYNC_CORE and PRIVATE_EXPEDITED when
+        # offered, and exits with the mask's low 7 bits, or 0x80 | errno when QUERY
+        # failed.  Its argument is clone's flags: 0 (no exit signal, so wait with
+        # __WALL) or SIGCHLD (see execmem/native/_probe.py).  Returns the child's pid,
+        # or -errno.  Linux x86-64 numbers: rt_sigprocmask 14, clone 56, exit_group 231,
+        # membarrier 324; syscall clobbers rcx and r11.
+        (
+            "probe_membarrier",
+            "mov r9, rdi; sub rsp, 24; mov qword ptr [rsp + 8], -1; "
+            "mov eax, 14; xor edi, edi; lea rsi, [rsp + 8]; mov rdx, rsp; mov r10d, 8; syscall; "
+            "mov eax, 56; mov rdi, r9; xor esi, esi; xor edx, edx; xor r10d, r10d; xor r8d, r8d; syscall; "
+            "test rax, rax; jz child; mov r9, rax; "
+            "mov eax, 14; mov edi, 2; mov rsi, rsp; xor edx, edx; mov r10d, 8; syscall; "
+            "mov rax, r9; add rsp, 24; ret; "
+            "child: mov eax, 324; xor edi, edi; xor esi, esi; xor edx, edx; syscall; "
+            "test rax, rax; js failed; mov rbx, rax; "
+            "test ebx, 32; jz skip1; "
+            "mov eax, 324; mov edi, 64; xor esi, esi; xor edx, edx; syscall; "
+            "mov eax, 324; mov edi, 32; xor esi, esi; xor edx, edx; syscall; "
+            "skip1: test ebx, 8; jz skip2; "
+            "mov eax, 324; mov edi, 16; xor esi, esi; xor edx, edx; syscall; "
+            "mov eax, 324; mov edi, 8; xor esi, esi; xor edx, edx; syscall; "
+            "skip2: mov edi, ebx; and edi, 0x7f; jmp exit; "
+            "failed: neg rax; mov edi, eax; and edi, 0x7f; or edi, 0x80; "
+            "exit: mov eax, 231; syscall",
+        ),
     ),
     call_gate=_CALL_GATE,
     gate_stub=_GATE_STUB,
@@ -183,4 +233,6 @@ SPEC = ArchSpec(
     gate_retire="mov qword ptr [rdi + 8], 1; mfence; mov rax, qword ptr [rdi]; ret",
     summary="write via RW alias; membarrier(PRIVATE_EXPEDITED_SYNC_CORE) once per batch "
     "(fallback: mprotect-induced TLB-shootdown IPI); fresh packs: map after write, no membarrier",
+    # EM_X86_64 (62); RET is C3 (SDM Vol. 2B, "RET").
+    elf=ElfIdentity(machine=62, ret=b"\xc3"),
 )

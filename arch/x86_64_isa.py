@@ -19,7 +19,7 @@ import capstone
 from capstone import x86_const as cs
 from unicorn import x86_const as uc
 
-from execmem.arch._model import Decoded, FenceRule, ModelRules
+from execmem.arch._model import Decoded, DescriptorFormat, FenceRule, ModelRules
 
 REGISTERS: tuple[int, ...] = (
     uc.UC_X86_REG_RAX, uc.UC_X86_REG_RBX, uc.UC_X86_REG_RCX, uc.UC_X86_REG_RDX,
@@ -38,6 +38,9 @@ GENERAL = tuple(range(16))
 RESET = {17: 0x2}
 #: Longest instruction; fetch continues word by word until the instruction is complete.
 FETCH_SIZE = 15
+#: A register-only counted loop of ``{n}`` iterations ending at label ``end``: what
+#: ``execmem bench`` runs on the model and on raw Unicorn to compare their speed.
+BENCH_LOOP = "mov rcx, {n}\nloop: add rax, rcx\nxor rdx, rax\ndec rcx\njnz loop\nend: nop"
 #: The return register of the calling convention (for ``Machine.call`` results).
 RETURN_REGISTER = 0
 ARGUMENT_REGISTERS = (5, 4, 3, 2, 8, 9)  # rdi, rsi, rdx, rcx, r8, r9
@@ -130,6 +133,16 @@ STEP_FENCES: dict[str, tuple[str, ...]] = {
     "syscall_return": ("mfence",),
 }
 
+#: 4-level paging entries (SDM Vol. 3, 4.5, table 4-19): P (bit 0), R/W (bit 1: herd's
+#: db), U/S (bit 2), A (bit 5: the hardware sets it, it never faults), XD (bit 63);
+#: the frame is bits 51:12.  x86 has no dirty-bit modifier: a write to a read-only
+#: page faults.
+DESCRIPTOR = DescriptorFormat(
+    oa=0x000F_FFFF_FFFF_F000,
+    bits=(("valid", 1 << 0, False), ("db", 1 << 1, False), ("el0", 1 << 2, False),
+          ("af", 1 << 5, False), ("x", 1 << 63, True)),
+)
+
 MODEL = ModelRules(
     granule=8,
     coherent_fetch=True,
@@ -138,6 +151,8 @@ MODEL = ModelRules(
     ordered_reads=True,
     track_dependencies=False,
     fences=RULES,
+    descriptor=DESCRIPTOR,
+    hardware_access_flag=True,
 )
 
 

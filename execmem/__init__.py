@@ -22,6 +22,7 @@ from execmem._default import (
 from execmem._errors import (
     AlignmentError,
     AssemblyError,
+    BadNameError,
     BadStateError,
     ExecmemError,
     ForkedProcessError,
@@ -36,6 +37,7 @@ from execmem._errors import (
     UseAfterFreeError,
 )
 from execmem._gates import JitFunction
+from execmem._lookup import text_at
 from execmem._text import JitText, TextState
 
 __version__ = "0.1.0"
@@ -44,6 +46,7 @@ __all__ = [
     "AlignmentError",
     "Allocator",
     "AssemblyError",
+    "BadNameError",
     "BadStateError",
     "ExecmemError",
     "ForkedProcessError",
@@ -71,4 +74,5 @@ __all__ = [
     "publish",
     "serialize_all_threads",
     "sync_code",
+    "text_at",
 ]

@@ -61,7 +61,7 @@ from collections.abc import Callable, Iterable
 from functools import partial
 from typing import Any, cast
 
-from execmem import _checks, _data, _foreign, _gates, _recipes
+from execmem import _checks, _data, _foreign, _forks, _gates, _lookup, _recipes, debuginfo
 from execmem._backend import Backend
 from execmem._batch import Batch, BatchBlock
 from execmem._errors import (
@@ -79,6 +79,7 @@ from execmem._gates import JitFunction
 from execmem._interrupts import uninterrupted
 from execmem._lifetime import Owned, finalize
 from execmem._locks import OwnedLock
+from execmem._names import check_name, check_names
 from execmem._packs import Pack, PackPool
 from execmem._placement import Window, window_near
 from execmem._publishing import Publisher, begin_inplace, end_inplace, offset_of, trap_at
@@ -106,6 +107,9 @@ class Allocator:
     bpf_prog_pack).  ``keep_empty``: how many empty packs stay mapped for reuse.
     See the module docstring for the policies; use it as a context manager or
     ``close()`` it.
+
+    ``perf_map``, ``jitdump`` (a directory) and ``gdb`` tell profilers and debuggers
+    about every published text, by name (``execmem.debuginfo``); all off by default.
     """
 
     def __init__(
@@ -114,6 +118,10 @@ class Allocator:
         pack_size: int = DEFAULT_PACK_SIZE,
         granularity: int = DEFAULT_GRANULARITY,
         keep_empty: int = 1,
+        *,
+        perf_map: bool = False,
+        jitdump: str | os.PathLike[str] | None = None,
+        gdb: bool = False,
     ) -> None:
         pack_size = _checks.integer("pack_size", pack_size)
         granularity = _checks.integer("granularity", granularity)
@@ -162,7 +170,7 @@ class Allocator:
         self._unit_chunks = unit // granularity if unit > granularity else 1
         self._lock = OwnedLock("the allocator")
         self._local = threading.local()
-        self._pid = os.getpid()
+        self._generation = _forks.generation  # fork detection without a getpid per verb
         self._closed = False
         #: Texts not freed (RESERVED, WRITING, LIVE).
         self._texts: set[JitText] = set()
@@ -182,12 +190,20 @@ class Allocator:
             unit_chunks=self._unit_chunks,
             events=self._events,
         )
+        try:
+            #: Profilers' and debuggers' sinks (``debuginfo``), told after each commit.
+            self._debug = debuginfo.attach(spec, backend, perf_map=perf_map, jitdump=jitdump, gdb=gdb)
+        except BaseException:
+            if owns:
+                backend.close()
+            raise
         self._publisher = Publisher(backend, spec, self._pool, self._steps, self._recipe_runs, self._events)
-        self._freeing = Freeing(backend, self._pool, self._texts, self._pinned, self._events)
+        self._freeing = Freeing(backend, self._pool, self._texts, self._pinned, self._events, self._debug)
         self._data = _data.DataPool(backend, pack_size)
-        self._owned = Owned(self._pool, backend if owns else None)
-        finalizer = weakref.finalize(self, finalize, self._owned, self._pid)
+        self._owned = Owned(self._pool, backend if owns else None, self._debug)
+        finalizer = weakref.finalize(self, finalize, self._owned, self._generation)
         finalizer.atexit = False  # at exit the process's memory goes anyway, and code may still run
+        _lookup.register(self)
 
     # -- plumbing ---------------------------------------------------------------------------
 
@@ -195,7 +211,7 @@ class Allocator:
         """First thing under the lock: refuse a forked child or a closed allocator, take
         back a verb that an exception interrupted while it was being undone, and
         reclaim pinned texts whose calls have returned."""
-        if self._pid != os.getpid():
+        if self._generation != _forks.generation:
             raise ForkedProcessError(
                 "this allocator belongs to the parent process; create a new one in the forked child"
             )
@@ -251,11 +267,14 @@ class Allocator:
 
     # -- allocation ---------------------------------------------------------------------------
 
-    def jit_text_alloc(self, size: int, align: int = 16, *, near: int | None = None) -> JitText:
+    def jit_text_alloc(self, size: int, align: int = 16, *, name: str | None = None, near: int | None = None) -> JitText:
         """Reserve ``size`` bytes of executable address space aligned to ``align``;
-        with ``near``, where a direct call reaches it from ``near`` and ``near`` from
-        every byte of it (``ArchSpec.branch_reach``; ``OutOfMemoryError`` if no such
-        place can be had)."""
+        ``name`` is what profilers and debuggers will call it (``JitText.name``).  With
+        ``near``, where a direct call reaches it from ``near`` and ``near`` from every
+        byte of it (``ArchSpec.branch_reach``; ``OutOfMemoryError`` if no such place
+        can be had)."""
+        if name is not None:
+            check_name(name)
         size = _checks.positive_size(size)
         align = _checks.alignment(align)
         window = window_near(near, self.arch.branch_reach, self.arch.name)
@@ -265,6 +284,8 @@ class Allocator:
             start = starts[0]
             address = pack.address + start * self.granularity
             text = JitText(self, pack, start, counts[0], address, size, trap_at(self.arch, address - pack.address, size))
+            if name is not None:
+                text._name = name
             self._undo = [partial(self._untake, {pack: pack.chunks.snapshot()}, [text])]
             try:
                 pack.chunks.take(start, counts[0])
@@ -284,13 +305,21 @@ class Allocator:
             text._state = _FREED
         self._pool.trim_quietly()  # a dedicated reservation made for it goes again
 
-    def jit_text_alloc_many(self, sizes: Iterable[int], align: int = 16, *, near: int | None = None) -> list[JitText]:
+    def jit_text_alloc_many(
+        self,
+        sizes: Iterable[int],
+        align: int = 16,
+        *,
+        names: Iterable[str | None] | None = None,
+        near: int | None = None,
+    ) -> list[JitText]:
         """One text per size, as ``jit_text_alloc`` would give, but placed side by side:
         one placement and one bookkeeping update per pack instead of one per text (a
         JIT compiling a module of functions), and ``publish`` then writes adjacent
-        texts with one store.  ``near`` as for ``jit_text_alloc``, for every text.  On
-        any error nothing is allocated."""
+        texts with one store.  ``names``: one name (or ``None``) per size; ``near`` as
+        for ``jit_text_alloc``, for every text.  On any error nothing is allocated."""
         wanted = _checks.positive_sizes(sizes)
+        given = None if names is None else check_names(names, len(wanted))
         align = _checks.alignment(align)
         window = window_near(near, self.arch.branch_reach, self.arch.name)
         gran = self.granularity
@@ -325,6 +354,10 @@ class Allocator:
                         used += n
                     if group:
                         self._alloc_run(group, group_counts, align, snapshots, out, window)
+                if given is not None:
+                    for text, name in zip(out, given, strict=True):
+                        if name is not None:
+                            text._name = name
             except BaseException:
                 self._rollback()
                 raise
@@ -495,6 +528,8 @@ class Allocator:
                 self._rollback()
                 raise
             self._undo = _DONE
+            if self._debug is not None and batch is None:
+                self._debug.published(items, [])
 
     def _stage_codes(self, items: list[JitText], payloads: list[bytes]) -> None:
         """``text.write(0, code)`` for each text, checked already.  A RESERVED text's
@@ -564,6 +599,19 @@ class Allocator:
             self._rollback()
             raise
         self._undo = _DONE
+        if self._debug is not None:
+            self._tell(texts, patches, ())
+
+    def _tell(self, texts: Iterable[JitText], patches: list[tuple[JitText, int, bytes]], frees: Iterable[JitText]) -> None:
+        """Tell the debug sinks what a committed verb did (``debuginfo``): a pinned
+        text's free only once its last call has returned (``_freeing``)."""
+        debug = cast(debuginfo.DebugInfo, self._debug)
+        texts = list(texts)
+        if texts or patches:
+            debug.published(texts, list(dict.fromkeys(t for t, _, _ in patches)))
+        for text in frees:
+            if text not in self._pinned:
+                debug.freed(text)
 
     # -- batches ------------------------------------------------------------------------------
 
@@ -599,6 +647,8 @@ class Allocator:
             finally:
                 pool.refill_at_epoch = True
             self._undo = _DONE
+            if self._debug is not None:
+                self._tell(texts, patches, frees)
             if frees:
                 self._freeing.after({t._pack for t in frees}, refill=bool(texts or patches))
 
@@ -645,7 +695,7 @@ class Allocator:
     def _read(self, text: JitText) -> bytes:
         with self._lock:
             self._own(text)
-            if self._undo and not self._closed and self._pid == os.getpid():
+            if self._undo and not self._closed and self._generation == _forks.generation:
                 self._rollback()
             if text._state is _FREED:
                 raise UseAfterFreeError(f"read: the text at {text.address:#x} has been freed")
@@ -670,6 +720,8 @@ class Allocator:
                 self._rollback()
                 raise
             self._undo = _DONE
+            if self._debug is not None:
+                self._tell((), [], (text,))
             self._freeing.after((text._pack,))
 
 
@@ -696,10 +748,24 @@ class Allocator:
 
     # -- reporting ----------------------------------------------------------------------------
 
+    def text_at(self, address: int) -> JitText | None:
+        """The text (in any state but FREED) whose bytes hold ``address``, or ``None``
+        (also once closed); cheap, from any thread (``_lookup``)."""
+        address = _checks.integer("address", address)
+        if self._generation != _forks.generation:
+            raise ForkedProcessError("this allocator belongs to the parent process")
+        return self._text_at(address)
+
+    def _text_at(self, address: int) -> JitText | None:
+        with self._lock:
+            if self._closed or self._generation != _forks.generation:
+                return None
+            return _lookup.find(self, address)
+
     def stats(self) -> AllocatorStats:
         """What the allocator holds and did (and ``backend.stats()`` under ``"backend"``)."""
         with self._lock:
-            if self._pid != os.getpid():
+            if self._generation != _forks.generation:
                 raise ForkedProcessError("this allocator belongs to the parent process")
             if not self._closed:
                 self._begin()
@@ -735,6 +801,7 @@ class Allocator:
                 "events": dict(self._events),
                 "data": self._data.totals(),
                 "backend": dict(self.backend.stats()),
+                "debuginfo": {} if self._debug is None else self._debug.describe(),
             }
 
     def occupancy(self) -> list[dict[str, object]]:
@@ -754,7 +821,7 @@ class Allocator:
         with self._lock:
             if self._closed:
                 return
-            if self._pid != os.getpid():
+            if self._generation != _forks.generation:
                 self._closed = True  # the parent owns the memory; touch nothing
                 return
             self._begin()
@@ -774,6 +841,8 @@ class Allocator:
             text._state = _FREED
         self._texts.clear()
         self._pinned.clear()
+        if self._debug is not None:
+            self._debug.close()  # before the memory goes: GDB forgets the texts first
         first = self._data.close()
         first = self._pool.close() or first
         backend = self._owned.backend

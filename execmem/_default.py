@@ -1,11 +1,14 @@
 """The module-level API: ``execmem.jit_text_alloc`` and friends over one default
-(native) allocator, created on first use; a forked child gets its own."""
+(native) allocator, created on first use; a forked child gets its own.  The
+``EXECMEM_PERF_MAP``, ``EXECMEM_JITDUMP`` and ``EXECMEM_GDB`` environment variables
+turn on its profiler and debugger support (``execmem.debuginfo``)."""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Iterable
 
+from execmem import _forks, debuginfo
 from execmem._allocator import Allocator
 from execmem._data import JitData
 from execmem._errors import BadStateError
@@ -21,14 +24,14 @@ def default_allocator() -> Allocator:
     a forked child gets its own)."""
     global _default
     with _default_lock:
-        if _default is None or _default._closed or _default._pid != os.getpid():
-            _default = Allocator()
+        if _default is None or _default._closed or _default._generation != _forks.generation:
+            _default = Allocator(**debuginfo.options_from_env(os.environ))
         return _default
 
 
-def jit_text_alloc(size: int, align: int = 16, *, near: int | None = None) -> JitText:
+def jit_text_alloc(size: int, align: int = 16, *, name: str | None = None, near: int | None = None) -> JitText:
     """Reserve executable address space from the default (native) allocator."""
-    return default_allocator().jit_text_alloc(size, align, near=near)
+    return default_allocator().jit_text_alloc(size, align, name=name, near=near)
 
 
 def jit_text_free(text: JitText) -> None:
@@ -38,9 +41,11 @@ def jit_text_free(text: JitText) -> None:
     text.free()
 
 
-def jit_text_alloc_many(sizes: Iterable[int], align: int = 16, *, near: int | None = None) -> list[JitText]:
+def jit_text_alloc_many(
+    sizes: Iterable[int], align: int = 16, *, names: Iterable[str | None] | None = None, near: int | None = None
+) -> list[JitText]:
     """``Allocator.jit_text_alloc_many`` on the default (native) allocator."""
-    return default_allocator().jit_text_alloc_many(sizes, align, near=near)
+    return default_allocator().jit_text_alloc_many(sizes, align, names=names, near=near)
 
 
 def jit_data_alloc(size: int, *, near: int | None = None, align: int = 16) -> JitData:

@@ -234,12 +234,8 @@ def _print(
     if "hugetlb" in huge:
         huge_text += f"; hugetlb: {huge['hugetlb']}"
     runs = cast(dict[str, int], sync.get("remote_cse_runs", {}))
-    ran = sum(v for k, v in runs.items() if not k.startswith("skipped"))
-    skipped = sum(v for k, v in runs.items() if k.startswith("skipped"))
     mechanism = sync.get("remote_cse") or "none selected (never needed)"
-    remote = f"{mechanism}: ran {ran} time(s)"
-    if skipped:
-        remote += f", skipped {skipped} time(s) while this process had a single thread"
+    remote = f"{mechanism}: ran {sum(runs.values())} time(s)"
     trap = spec.trap_fill
     trap_bytes = image.count(trap) * len(trap)
     texts = cast(dict[str, int], s["texts"])

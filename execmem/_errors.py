@@ -29,6 +29,11 @@ class SizeError(AlignmentError):
     """A size is zero or negative (``jit_text_alloc(0)``): a ``ValueError`` too."""
 
 
+class BadNameError(ExecmemError, ValueError):
+    """A text name is not acceptable (not printable, empty or too long): names end up
+    in perf maps, jitdump records and ELF symbol tables, one line or string each."""
+
+
 class OutOfMemoryError(ExecmemError, MemoryError):
     """The system refused memory, or a configured limit was reached."""
 
@@ -72,6 +77,7 @@ class ModelError(ExecmemError):
 __all__ = [
     "AlignmentError",
     "AssemblyError",
+    "BadNameError",
     "BadStateError",
     "ExecmemError",
     "ForkedProcessError",

@@ -17,7 +17,7 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from functools import partial
 
-from execmem import _gates
+from execmem import _gates, debuginfo
 from execmem._backend import Backend
 from execmem._interrupts import uninterrupted
 from execmem._packs import Pack, PackPool
@@ -37,6 +37,9 @@ class Freeing:
     texts: set[JitText]
     pinned: list[JitText]
     events: Counter[str]
+    #: Told of a pinned text's free once its last call has returned (the allocator
+    #: tells it of the others when their free commits).
+    debug: debuginfo.DebugInfo | None
 
     def now(self, text: JitText, undo: list[Callable[[], None]]) -> None:
         """``text`` FREED, its undo appended to ``undo`` first; its chunks given back
@@ -84,6 +87,8 @@ class Freeing:
             previous = text._freed_from
             self._reclaim(text, previous, [text] if previous is _WRITING else [])
             self.pinned.remove(text)
+            if self.debug is not None:
+                self.debug.freed(text)  # only now: the code ran until the last call returned
             self.after((text._pack,))
 
     def _undo(self, text: JitText, previous: TextState, snapshot: tuple[object, ...], freed: int, writable: list[JitText]) -> None:

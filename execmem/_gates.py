@@ -49,10 +49,10 @@ from __future__ import annotations
 
 import ctypes
 import mmap
-import os
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
+from execmem import _forks
 from execmem._errors import UnsupportedError, UseAfterFreeError
 from execmem._locks import OwnedLock
 
@@ -318,19 +318,20 @@ class GatePool:
         return Gate(self, stub, slot)
 
 
+#: By fork generation (``_forks``): a forked child makes its own.
 _pools: dict[int, GatePool] = {}
 _pools_lock = OwnedLock("the call gate pool")
 
 
 def gate_pool() -> GatePool:
     """This process's gate pool (a forked child makes its own)."""
-    pid = os.getpid()
-    pool = _pools.get(pid)
+    generation = _forks.generation
+    pool = _pools.get(generation)
     if pool is None:
         with _pools_lock:
-            pool = _pools.get(pid)
+            pool = _pools.get(generation)
             if pool is None:
-                pool = _pools[pid] = GatePool()
+                pool = _pools[generation] = GatePool()
     return pool
 
 
@@ -383,7 +384,7 @@ def prepare(count: int) -> None:
 
 def allocator_of_gates() -> Allocator | None:
     """The allocator the gates of this process live in, if there is one yet (tests)."""
-    pool = _pools.get(os.getpid())
+    pool = _pools.get(_forks.generation)
     return None if pool is None else pool.allocator
 
 

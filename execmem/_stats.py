@@ -45,6 +45,8 @@ class AllocatorStats(TypedDict):
     #: Data regions (``jit_data_alloc``): packs, reserved_bytes, regions, live_bytes.
     data: dict[str, int]
     backend: dict[str, object]
+    #: Per debug sink (``execmem.debuginfo``): where it writes, how much, whether on.
+    debuginfo: dict[str, object]
 
 
 __all__ = ["AllocatorStats", "Epochs", "Totals"]

@@ -1,10 +1,12 @@
-"""``execmem stats [--png FILE] [--workload demo|random] [--seed S]``: pack occupancy.
+"""``execmem stats [--png FILE] [--workload demo|random] [--seed S] [--texts N|all]``:
+pack occupancy and the texts by name.
 
 Runs a workload on a native allocator and shows its packs chunk by chunk, from
 ``Allocator.occupancy()`` (chunk states) and ``Allocator.stats()`` (totals): as a
 compact text map and, with ``--png``, as a picture (matplotlib).  Free and
 quarantined chunks must hold the architecture's trap instruction; on native packs
 that are mapped the map reads them back and marks any chunk that does not (``!``).
+Then the texts, in address order, with their names (:func:`text_table`).
 
 :func:`render_occupancy` does the same for any allocator::
 
@@ -22,6 +24,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, cast
 
 import execmem
+from execmem import _lookup
 from execmem._errors import ExecmemError
 
 LIVE, FREE, QUARANTINED, NOT_TRAP = "live", "free", "quarantined", "not-trap"
@@ -170,6 +173,20 @@ def text_map(allocator: execmem.Allocator, packs: list[tuple[dict[str, Any], lis
     return "\n".join(lines)
 
 
+def text_table(allocator: execmem.Allocator, limit: int | None = None) -> str:
+    """The allocator's texts (any state but FREED) in address order: address, size,
+    state and name, at most ``limit`` of them (``None``: all)."""
+    texts = _lookup.texts_of(allocator)
+    shown = texts if limit is None else texts[:limit]
+    lines = [f"texts by name ({len(texts)}, in address order):"]
+    if texts:
+        lines.append(f"  {'address':<18} {'size':>7}  {'state':<8}  name")
+    lines += [f"  {t.address:#018x} {t.size:>7}  {t.state.name:<8}  {t.name}" for t in shown]
+    if len(shown) < len(texts):
+        lines.append(f"  ... {len(texts) - len(shown)} more (--texts all lists them)")
+    return "\n".join(lines)
+
+
 def picture(allocator: execmem.Allocator, path: str, packs: list[tuple[dict[str, Any], list[str]]] | None = None) -> None:
     """A PNG: one panel row per pack, one pixel per chunk, ``GRID_WIDTH`` chunks a line."""
     try:
@@ -210,11 +227,18 @@ def picture(allocator: execmem.Allocator, path: str, packs: list[tuple[dict[str,
     stats = allocator.stats()
     fig.suptitle(f"execmem packs: {stats['arch']} {stats['mode']}, chunk {gran} B", fontsize=10, x=0.02, ha="left")
     try:
-        fig.savefig(path, dpi=100)
+        fig.savefig(path, dpi=100, format="png")
     except OSError as exc:
         raise ExecmemError(f"cannot write {path}: {exc.strerror or exc}") from None
     finally:
         plt.close(fig)
+
+
+def check_png(path: str) -> None:
+    """Refuse a picture name that is not ``*.png``: matplotlib picks the format from the
+    suffix, so ``x.svg`` would quietly be SVG (and ``x`` an error after the work)."""
+    if not path.lower().endswith(".png"):
+        raise ExecmemError(f"--png {path!r}: the picture is a PNG file; give a name ending in .png")
 
 
 def render_occupancy(allocator: execmem.Allocator, path: str | None = None) -> str:
@@ -222,6 +246,8 @@ def render_occupancy(allocator: execmem.Allocator, path: str | None = None) -> s
     also as a PNG picture written there (needs matplotlib)."""
     if not isinstance(allocator, execmem.Allocator):
         raise TypeError(f"expected an execmem.Allocator, not {type(allocator).__name__}")
+    if path is not None:
+        check_png(path)
     packs = chunk_states(allocator)
     if path is not None:
         picture(allocator, path, packs)
@@ -231,10 +257,10 @@ def render_occupancy(allocator: execmem.Allocator, path: str | None = None) -> s
 # -- workloads ------------------------------------------------------------------------------
 
 
-def _publish_some(allocator: execmem.Allocator, sizes: Sequence[int], code: bytes) -> list[execmem.JitText]:
+def _publish_some(allocator: execmem.Allocator, sizes: Sequence[int], code: bytes, prefix: str) -> list[execmem.JitText]:
     texts = []
-    for size in sizes:
-        text = allocator.jit_text_alloc(size)
+    for k, size in enumerate(sizes):
+        text = allocator.jit_text_alloc(size, name=f"{prefix}{k}")
         text.write(0, code[:size])
         texts.append(text)
     execmem.publish(texts)
@@ -259,15 +285,15 @@ def workload(allocator: execmem.Allocator, name: str, seed: int) -> None:
         return [int(math.exp(rng.uniform(math.log(16), math.log(top)))) for _ in range(n)]
 
     if name == "demo":
-        live = _publish_some(allocator, sizes(400, 2048), code)
+        live = _publish_some(allocator, sizes(400, 2048), code, "first_")
         _free_some(rng, live, 0.35)  # quarantined until the next epoch...
-        live += _publish_some(allocator, sizes(200, 2048), code)  # ...which this publish completes
-        _publish_some(allocator, [1280 * 1024], code)  # more than half a pack: a dedicated one
+        live += _publish_some(allocator, sizes(200, 2048), code, "second_")  # ...which this publish completes
+        _publish_some(allocator, [1280 * 1024], code, "big")  # more than half a pack: a dedicated one
         _free_some(rng, live, 0.2)  # quarantined: no epoch since
     elif name == "random":
         live = []
-        for _ in range(12):
-            live += _publish_some(allocator, sizes(rng.randint(50, 300), 4096), code)
+        for round_ in range(12):
+            live += _publish_some(allocator, sizes(rng.randint(50, 300), 4096), code, f"round{round_}_")
             _free_some(rng, live, rng.uniform(0.1, 0.6))
     else:
         raise ExecmemError(f"unknown workload {name!r}; choose demo or random")
@@ -278,18 +304,33 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workload", choices=("demo", "random"), default="demo", help="what to run first (default: demo)")
     parser.add_argument("--seed", type=int, default=1, help="seed of the workload (default: 1)")
     parser.add_argument("--mode", choices=("dual", "mprotect", "rwx"), default="dual", help="native mapping mode")
+    parser.add_argument(
+        "--texts", type=_count, default=20, metavar="N|all", help="list at most N texts by name (default: 20)"
+    )
+
+
+def _count(value: str) -> int | None:
+    if value == "all":
+        return None
+    if not value.isdigit():
+        raise argparse.ArgumentTypeError(f"expected a number of texts or 'all', not {value!r}")
+    return int(value)
 
 
 def run(args: argparse.Namespace) -> int:
     from execmem.native import NativeBackend
 
+    if args.png:
+        check_png(args.png)  # before the workload: a refused name changes nothing
     with NativeBackend(args.mode) as backend, execmem.Allocator(backend=backend) as allocator:
         workload(allocator, args.workload, args.seed)
         print(f"execmem stats: workload {args.workload}, seed {args.seed}")
         print(render_occupancy(allocator, args.png))
+        if args.texts != 0:
+            print(text_table(allocator, args.texts))
         if args.png:
             print(f"picture: {args.png}")
     return 0
 
 
-__all__ = ["LEGEND", "chunk_states", "configure", "render_occupancy", "run", "text_map", "workload"]
+__all__ = ["LEGEND", "chunk_states", "configure", "render_occupancy", "run", "text_map", "text_table", "workload"]

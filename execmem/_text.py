@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from execmem import _checks
 from execmem._errors import AlignmentError, OutOfBoundsError
+from execmem._names import default_name
 
 if TYPE_CHECKING:
     from execmem._allocator import Allocator
@@ -54,6 +55,7 @@ class JitText:
         "_chunk",
         "_freed_from",
         "_gates",
+        "_name",
         "_nchunks",
         "_pack",
         "_shadow",
@@ -65,6 +67,8 @@ class JitText:
 
     # Set by free(), and read only after it (not in __init__: bulk allocation is hot).
     _freed_from: TextState
+    #: Set only for a text given a name at allocation (see ``name``).
+    _name: str
     #: Staging buffer while RESERVED; afterwards the shadow of what is in memory.  Immutable
     #: ``bytes`` may be shared (the initial traps of every text of one size, the code given
     #: to ``publish``); the first partial ``write`` replaces it with a private bytearray.
@@ -127,6 +131,13 @@ class JitText:
     def size(self) -> int:
         """The size asked for (the footprint may be rounded up to chunks or pages)."""
         return self._size
+
+    @property
+    def name(self) -> str:
+        """What profilers and debuggers call this text: the name given at allocation,
+        else ``jit_<address in hex>`` (``_names``)."""
+        # Set only when a name is given: the slot stays empty otherwise (hot allocation).
+        return getattr(self, "_name", None) or default_name(self._address)
 
     @property
     def state(self) -> TextState:
@@ -211,7 +222,9 @@ class JitText:
             self.free()
 
     def __repr__(self) -> str:
-        return f"<JitText {self._state.name} at {self._address:#x}, {self._size} bytes>"
+        named = getattr(self, "_name", None)
+        label = f"{named!r} " if named else ""
+        return f"<JitText {label}{self._state.name} at {self._address:#x}, {self._size} bytes>"
 
 
 __all__ = ["JitText", "TextState"]

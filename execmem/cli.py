@@ -3,7 +3,8 @@
 Each subcommand lives in its own module exposing ``configure(parser)`` and
 ``run(args) -> int``; modules are imported only when their subcommand runs, so
 ``execmem --help`` stays fast.  Errors are one line on stderr and a non-zero exit
-code; ``--debug`` shows the traceback.
+code; ``--debug`` shows the traceback.  The global options (``--debug``,
+``--quiet``) are accepted before or after the subcommand.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from collections.abc import Sequence
 #: (name, module, one-line help)
 SUBCOMMANDS: tuple[tuple[str, str, str], ...] = (
     ("demo", "execmem._demo", "assemble, publish and call a few functions on this host"),
-    ("example", "jit_examples._cli", "run one of the JIT examples (calc, bf, hotswap, bpf)"),
+    ("example", "execmem.examples._cli", "run one of the JIT examples (calc, bf, hotswap, bpf)"),
     ("litmus", "execmem.litmus._cli", "run herd7 AArch64 litmus tests on the machine model"),
     ("verify", "execmem.verify._cli", "run the seed scenario catalog and its mutations"),
     ("bench", "execmem.bench._cli", "benchmark execmem against mmap+mprotect per function"),
@@ -29,12 +30,24 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
         prog="execmem",
         description="Put machine code into executable memory safely, and prove it on a modeled machine.",
     )
-    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    from execmem import __version__
+
+    parser.add_argument("--version", action="version", version=f"execmem {__version__}")
+    _global_options(parser, argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     children: dict[str, argparse.ArgumentParser] = {}
     for name, _module, help_text in SUBCOMMANDS:
         children[name] = sub.add_parser(name, help=help_text, description=help_text)
+        # Accepted after the subcommand too; SUPPRESS keeps a value given before it.
+        _global_options(children[name], argparse.SUPPRESS)
     return parser, children
+
+
+def _global_options(parser: argparse.ArgumentParser, default: object) -> None:
+    parser.add_argument("--debug", action="store_true", default=default, help="show tracebacks on errors")
+    parser.add_argument(
+        "--quiet", action="store_true", default=default, help="no progress line on stderr for long commands"
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -50,6 +63,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             module.configure(children[chosen])
             children[chosen].set_defaults(_run=module.run)
         args = parser.parse_args(argv)
+        args.debug = getattr(args, "debug", False)
+        args.quiet = getattr(args, "quiet", False)
+        if args.quiet:
+            from execmem import _progress
+
+            _progress.set_quiet(True)
         if args.command is None:
             parser.print_help()
             return 2

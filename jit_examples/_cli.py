@@ -6,7 +6,7 @@ import argparse
 import importlib
 
 from execmem._errors import ExecmemError
-from jit_examples import EXAMPLES
+from execmem.examples import EXAMPLES
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -17,5 +17,5 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.name not in EXAMPLES:
         raise ExecmemError(f"no example {args.name!r}; choose from {', '.join(EXAMPLES)}")
-    module = importlib.import_module(f"jit_examples.{args.name}")
+    module = importlib.import_module(f"execmem.examples.{args.name}")
     return int(module.main(args.args) or 0)

@@ -1,7 +1,7 @@
 """bf: a Brainfuck JIT for x86-64, with loops and I/O through callbacks.
 
-    python -m jit_examples.bf            # run the bundled programs, JIT vs interpreter
-    python -m jit_examples.bf prog.b     # run a file (input from stdin)
+    python -m execmem.examples.bf            # run the bundled programs, JIT vs interpreter
+    python -m execmem.examples.bf prog.b     # run a file (input from stdin)
 
 The compiled program is one function ``run(ctx)``.  Input and output go through
 two callbacks, ``getc(ctx)`` and ``putc(ctx, byte)``, reached by indirect calls.
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -183,17 +184,18 @@ class JIT:
             raise execmem.UnsupportedError("the bf example generates x86-64 code")
         self.allocator = allocator or execmem.default_allocator()
         self._callbacks = []
-        for src in (_GETC, _PUTC):
+        for name, src in (("bf_getc", _GETC), ("bf_putc", _PUTC)):
             size = len(execmem.asm(src, address=0))
-            t = self.allocator.jit_text_alloc(size)
+            t = self.allocator.jit_text_alloc(size, name=name)
             t.write(0, execmem.asm(src, address=t.address))
             self._callbacks.append(t)
         self.allocator.publish(self._callbacks)
 
-    def compile(self, source: str) -> Program:
+    def compile(self, source: str, name: str = "bf_program") -> Program:
+        """``source`` as machine code; ``name`` is what profilers and debuggers show."""
         text_src = compile_x86(parse(source))
         size = len(execmem.asm(text_src, address=0))
-        t = self.allocator.jit_text_alloc(size)
+        t = self.allocator.jit_text_alloc(size, name=name)
         try:
             t.write(0, execmem.asm(text_src, address=t.address))
             t.map()
@@ -235,20 +237,20 @@ def _time(fn: object, repeats: int = 3) -> float:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jit_examples.bf", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m execmem.examples.bf", description=__doc__.splitlines()[0])
     parser.add_argument("file", nargs="?", help="a Brainfuck program (default: the bundled ones)")
     parser.add_argument("--input", default="hello, world", help="input for the bundled programs")
     args = parser.parse_args(argv)
     jit = JIT()
     if args.file:
         with open(args.file) as fh:
-            program = jit.compile(fh.read())
+            program = jit.compile(fh.read(), name=f"bf_{os.path.basename(args.file)}")
         sys.stdout.buffer.write(program(sys.stdin.buffer.read()))
         return 0
     print(f"{'program':10} {'output':34} {'JIT':>10} {'interpreter':>12} {'speed-up':>9}")
     for name, source in PROGRAMS.items():
         data = args.input.encode()
-        program = jit.compile(source)
+        program = jit.compile(source, name=f"bf_{name}")
         out = program(data)
         expected = interpret(source, data)
         if out != expected:

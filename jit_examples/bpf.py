@@ -1,6 +1,6 @@
 """bpf: a classic BPF (cBPF, the tcpdump / SO_ATTACH_FILTER language) JIT for x86-64.
 
-    python -m jit_examples.bpf            # compile the bundled filters, run on sample packets
+    python -m execmem.examples.bpf            # compile the bundled filters, run on sample packets
 
 A cBPF program is a list of (code, jt, jf, k) instructions over an accumulator A,
 an index register X and 16 scratch words M[]; it returns how many bytes of the
@@ -271,7 +271,7 @@ def packet(proto: int, sport: int, dport: int, *, ethertype: int = 0x800, frag: 
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jit_examples.bpf", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m execmem.examples.bpf", description=__doc__.splitlines()[0])
     parser.parse_args(argv)
     samples = {
         "tcp 1234->80": packet(6, 1234, 80),

@@ -1,7 +1,7 @@
 """calc: compile integer arithmetic expressions to machine code.
 
-    python -m jit_examples.calc "a*b + 3*(c - a)" a=2 b=5 c=7
-    python -m jit_examples.calc --arch arm64 "x*x - 1" x=12
+    python -m execmem.examples.calc "a*b + 3*(c - a)" a=2 b=5 c=7
+    python -m execmem.examples.calc --arch arm64 "x*x - 1" x=12
 
 Expressions use + - * & | ^ << >> and unary minus over 64-bit integers (two's
 complement wrap-around, like C; ``>>`` is arithmetic) and variables a..z.  The
@@ -221,7 +221,7 @@ class CompiledExpression:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jit_examples.calc", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m execmem.examples.calc", description=__doc__.splitlines()[0])
     parser.add_argument("--arch", help="target architecture (default: host; others run on the modeled machine)")
     parser.add_argument("--show", action="store_true", help="print the generated assembly")
     parser.add_argument("expression")

@@ -1,6 +1,6 @@
 """hotswap: replace a function while other threads keep calling it.
 
-    python -m jit_examples.hotswap --workers 4 --versions 2000
+    python -m execmem.examples.hotswap --workers 4 --versions 2000
 
 Worker threads call ``dispatch(cell)``, a JIT'd trampoline that loads the current
 function pointer from ``cell`` and jumps to it.  The main thread compiles version
@@ -140,7 +140,7 @@ def explore_on_machine(*, runs: int = 300, seed: int = 0) -> tuple[set[int], int
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jit_examples.hotswap", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m execmem.examples.hotswap", description=__doc__.splitlines()[0])
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument("--versions", type=int, default=2000)
     parser.add_argument("--machine", action="store_true", help="explore the protocol on the modeled arm64 machine")

@@ -51,7 +51,7 @@ def make_allocator() -> Iterator[MakeAllocator]:
 
 @pytest.fixture
 def other_thread() -> Iterator[None]:
-    """A second, idle thread: remote_cse is skipped in a single-threaded process, and
-    tests that use this exercise the real one."""
+    """A second, idle thread: membarrier then has another thread to serialize, as in
+    a real JIT (a single-threaded process returns from it at once)."""
     with idle_thread():
         yield

@@ -4,10 +4,10 @@ synchronization, and bad input that changes nothing."""
 from __future__ import annotations
 
 import ctypes
-import platform
 from typing import Any
 
 import pytest
+from programs import CONST_SIZE, const, needs_programs
 
 import execmem
 from execmem import TextState
@@ -224,16 +224,16 @@ def test_module_level_publish_refuses_texts_of_several_allocators(make_allocator
         execmem.publish([a1.jit_text_alloc(8)], [])
 
 
-@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"), reason="x86-64 code")
+@needs_programs
 @pytest.mark.parametrize("mode", ["dual", "mprotect"])
 def test_native_many_functions_return_their_values(mode: str) -> None:
     from execmem.native import NativeBackend
 
     with NativeBackend(mode) as backend, execmem.Allocator(backend=backend) as a:
         first = a.jit_text_alloc_many([16] * 3)
-        a.publish(first, RET[:3])  # the pack is mapped now: the next run is placed in it
-        texts = a.jit_text_alloc_many([6, 16, 64, 33] * 100)
-        a.publish(texts, [RET[i % 256] for i in range(len(texts))])
+        a.publish(first, [const(k) for k in range(3)])  # the pack is mapped now: the next run is placed in it
+        texts = a.jit_text_alloc_many([CONST_SIZE, 16, 64, 33] * 100)
+        a.publish(texts, [const(i % 256) for i in range(len(texts))])
         got = [t.function(ctypes.c_int)() for t in first + texts]
         assert got == [0, 1, 2] + [i % 256 for i in range(len(texts))]
         assert a.stats()["epochs"]["started"] == 1

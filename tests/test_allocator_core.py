@@ -626,7 +626,7 @@ def test_function_needs_an_executing_backend(make_allocator: Any) -> None:
 def test_forked_process_is_refused(make_allocator: Any) -> None:
     backend, a = make_allocator("x86_64")
     t = a.jit_text_alloc(8)
-    a._pid = -1  # as if this were a forked child
+    a._generation = -1  # as if this were a forked child
     for action in (lambda: a.jit_text_alloc(8), lambda: t.write(0, b"\x90"), t.map, t.free, a.stats):
         with pytest.raises(ForkedProcessError):
             action()

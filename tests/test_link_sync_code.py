@@ -103,12 +103,13 @@ def _foreign_code_run(*, sync: bool) -> set[tuple[int, int]]:
     sets a flag; CPU1 reads the flag, then calls X: (flag, which version ran)."""
     m = Machine("arm64", cpus=2)
     a = execmem.Allocator(backend=m, pack_size=4096)
-    x, frame = m.page("rx", value=execmem.asm("mov w9, #1\nret", "arm64", 0))
+    # Another JIT's read+write+execute mapping (as many JITs make them).
+    x = m.place(0, execmem.asm("mov w9, #1\nret", "arm64", 0), 0x30_0000, start=False, exit_at_end=False, perms="rwx").address
     flag = m.alloc(4)
     m.load(1, "ldr w2, [x3]\nblr x1")
     m.set_reg(1, "x1", x)
     m.set_reg(1, "x3", flag)
-    m.host().store(frame, execmem.asm("mov w9, #2", "arm64", 0), 4, note="another library writes X")
+    m.host().store(x, execmem.asm("mov w9, #2", "arm64", 0), 4, note="another library writes X")
     if sync:
         a.sync_code(x, 8)
     else:
@@ -130,7 +131,7 @@ def test_sync_code_on_the_modeled_arm64_machine_runs_its_cache_maintenance() -> 
 def test_sync_code_on_the_model_names_its_steps() -> None:
     m = Machine("arm64", cpus=2)
     a = execmem.Allocator(backend=m, pack_size=4096)
-    x, _ = m.page("rx", value=bytes(8))
+    x = m.place(0, bytes(8), 0x30_0000, start=False, exit_at_end=False).address
     a.sync_code(x, 8)
     notes = [action.note for action in m._cpus[0].host]
     assert notes[0] == f"DC CVAU {x:#x}" and f"IC IVAU {x:#x}" in notes

@@ -13,8 +13,7 @@ from execmem.litmus import parse_file
 from execmem.litmus._cli import read_kinds, run_all
 from execmem.litmus._run import run_test, setup
 
-SUITE = Path(__file__).resolve().parents[2] / "shared" / "litmus" / "aarch64-ifetch"
-pytestmark = pytest.mark.skipif(not SUITE.is_dir(), reason="../shared/litmus is not present")
+SUITE = Path(__file__).parent / "data" / "herd" / "aarch64-ifetch"  # vendored, see its NOTICE
 
 
 @pytest.mark.slow
@@ -23,7 +22,7 @@ def test_every_catalogue_test_agrees_with_herd() -> None:
     files = sorted(str(p) for p in SUITE.glob("*.litmus"))
     assert len(files) == len(kinds) == 106
     results = run_all(files, jobs=2)
-    disagreements = {r.name: (kinds[r.name], r.verdict, r.detail) for r in results if r.verdict != kinds[r.name]}
+    disagreements = {r.name: (kinds[r.name], r.verdict, r.detail) for r in results if not r.agrees(kinds[r.name])}
     assert disagreements == {}
     assert all(r.complete for r in results)
 

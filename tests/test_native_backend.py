@@ -5,14 +5,14 @@ with ctypes (which releases the GIL, so threads really run JIT'd code in paralle
 from __future__ import annotations
 
 import ctypes
-import platform
 import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-import keystone
+import programs as P
 import pytest
+from programs import ADD, FIB, SUM, traps
 
 import execmem.arch
 from execmem._backend import Backend, Reservation
@@ -31,7 +31,7 @@ def S(backend: NativeBackend) -> dict[str, Any]:
 
 
 pytestmark = [
-    pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"), reason="test programs are x86-64 code"),
+    P.needs_programs,
     pytest.mark.usefixtures("other_thread"),
 ]
 
@@ -42,30 +42,6 @@ C = ctypes.c_int64
 BINARY = ctypes.CFUNCTYPE(C, C, C)
 UNARY = ctypes.CFUNCTYPE(C, C)
 NULLARY = ctypes.CFUNCTYPE(C)
-
-
-def asm(source: str, address: int = 0) -> bytes:
-    ks = keystone.Ks(keystone.KS_ARCH_X86, keystone.KS_MODE_64)
-    encoding, _ = ks.asm(source, address)
-    return bytes(encoding)
-
-
-ADD = "lea rax, [rdi + rsi]; ret"
-FIB = """
-    xor eax, eax
-    mov ecx, 1
-    test rdi, rdi
-    jz done
-again:
-    lea rdx, [rax + rcx]
-    mov rax, rcx
-    mov rcx, rdx
-    dec rdi
-    jnz again
-done:
-    ret
-"""
-SUM = "mov rcx, rdi; xor eax, eax; l: add rax, rcx; dec rcx; jnz l; ret"  # 1 + ... + n
 
 
 def fib(n: int) -> int:
@@ -95,16 +71,16 @@ def test_is_a_backend() -> None:
         assert isinstance(b, Backend)
         assert b.arch is execmem.arch.host()
         assert b.mode == "dual-mapping" and b.write_unit == 1
-        assert b.cache_features == frozenset()
+        assert b.cache_features <= frozenset(b.arch.cache_features)  # what CTR_EL0 says
 
 
 def test_call_with_arguments(backend: NativeBackend) -> None:
     r = backend.reserve(1 << 16, 16)
     add_at, fib_at, caller_at = 0, 64, 128
-    backend.write(r, add_at, asm(ADD))
-    backend.write(r, fib_at, asm(FIB))
+    backend.write(r, add_at, ADD)
+    backend.write(r, fib_at, FIB)
     # A function calling another JIT'd function by absolute address.
-    caller = asm(f"mov rax, {r.address + add_at}; push rbp; call rax; pop rbp; add rax, 1; ret")
+    caller = P.call_plus_one(r.address + add_at, r.address + caller_at)
     backend.write(r, caller_at, caller)
     backend.map(r)
     add = BINARY(r.address + add_at)
@@ -117,18 +93,18 @@ def test_call_with_arguments(backend: NativeBackend) -> None:
 
 def test_trap_fill_everywhere_but_code(backend: NativeBackend) -> None:
     size = 3 * backend.page_size
-    code = asm(ADD)
+    code = ADD
     r = publish(backend, code, size)
     image = ctypes.string_at(r.address, size)
     assert image[: len(code)] == code
-    assert image[len(code) :] == b"\xcc" * (size - len(code))
+    assert image[len(code) :] == traps(size - len(code))
     # "Free": the core writes traps back; the bytes read back as traps.
     backend.write(r, 0, backend.arch.trap_bytes(len(code)))
-    assert ctypes.string_at(r.address, size) == b"\xcc" * size
+    assert ctypes.string_at(r.address, size) == traps(size)
 
 
 def test_unmapped_view_is_inaccessible_and_va_kept(backend: NativeBackend) -> None:
-    r = publish(backend, asm(ADD))
+    r = publish(backend, ADD)
     backend.unmap(r)
     vmas = [v for v in _procmaps.read_maps() if v.overlaps(r.address, r.size)]
     assert vmas, "the VA must stay reserved"
@@ -148,17 +124,17 @@ def test_wx_audit_throughout(mode: str) -> None:
 
         r = b.reserve(1 << 16, 16)
         audit()
-        b.write(r, 0, asm(ADD))
+        b.write(r, 0, ADD)
         audit()
         b.map(r)
         audit()
-        b.write(r, 4096, asm(ADD))
+        b.write(r, 4096, ADD)
         audit()
-        b.atomic_store(r, 8, b"\xcc" * 8)
+        b.atomic_store(r, 8, traps(8))
         audit()
         b.begin_inplace(r, 8192, 100)
         audit()
-        b.write(r, 8192, asm(ADD))
+        b.write(r, 8192, ADD)
         b.end_inplace(r, 8192, 100)
         audit()
         big = b.reserve(4 << 20, 16)
@@ -174,7 +150,7 @@ def test_wx_audit_throughout(mode: str) -> None:
 
 def test_rwx_mode_is_detected_by_the_audit() -> None:
     with NativeBackend("rwx") as b:
-        r = publish(b, asm(ADD))
+        r = publish(b, ADD)
         assert _procmaps.wx_violations(b.owned_ranges()), "the audit must see RWX when there is RWX"
         assert BINARY(r.address)(3, 4) == 7
 
@@ -184,7 +160,7 @@ def test_dual_mode_maps_code_nowhere_writable() -> None:
     read+execute view, so no stray store of this process can change it (hugetlbfs,
     which has no write, keeps an alias: not asked for here)."""
     with NativeBackend("dual", huge_pages=False) as b:
-        r = publish(b, asm(ADD))
+        r = publish(b, ADD)
         execs = [v for v in _procmaps.read_maps() if v.overlaps(r.address, r.size)]
         assert [v.perms for v in execs] == ["r-xs"]
         assert b.owned_ranges() == [(r.address, r.size)]
@@ -196,13 +172,13 @@ def test_dual_mode_maps_code_nowhere_writable() -> None:
 
 def test_mprotect_inplace_toggles_only_those_pages() -> None:
     with NativeBackend("mprotect") as b:
-        r = publish(b, asm(ADD), 4 * b.page_size)
+        r = publish(b, ADD, 4 * b.page_size)
         b.begin_inplace(r, b.page_size + 10, 20)
         prot = {v.start: v.perms for v in _procmaps.read_maps() if v.overlaps(r.address, r.size)}
         assert prot[r.address] == "r-xp"
         assert prot[r.address + b.page_size] == "rw-p"
         assert prot[r.address + 2 * b.page_size] == "r-xp"
-        b.write(r, b.page_size, asm(FIB))
+        b.write(r, b.page_size, FIB)
         b.end_inplace(r, b.page_size + 10, 20)
         assert all(v.perms == "r-xp" for v in _procmaps.read_maps() if v.overlaps(r.address, r.size))
         assert UNARY(r.address + b.page_size)(10) == 55
@@ -261,7 +237,7 @@ def test_constructor_refusals() -> None:
 
 def test_close_is_idempotent_and_returns_everything() -> None:
     b = NativeBackend()
-    rs = [publish(b, asm(ADD)) for _ in range(3)]
+    rs = [publish(b, ADD) for _ in range(3)]
     owned = b.owned_ranges()
     b.close()
     b.close()
@@ -284,7 +260,7 @@ def test_alignment_and_large_page_alignment(backend: NativeBackend) -> None:
 
 
 def test_run_step_x86_and_stats(backend: NativeBackend) -> None:
-    r = publish(backend, asm(ADD))
+    r = publish(backend, ADD)
     ranges = [(r.address, 5)]
     for step in ("clean_dcache", "barrier", "invalidate_icache", "local_cse", "remote_cse", "remote_cse"):
         backend.run_step(step, ranges)
@@ -308,11 +284,11 @@ def test_run_step_x86_and_stats(backend: NativeBackend) -> None:
 def test_syscalls_per_publish_into_mapped_dual_pack() -> None:
     """Publishing into an already mapped pack: one pwrite per write, one membarrier."""
     with NativeBackend("dual") as b:
-        r = publish(b, asm(ADD))
+        r = publish(b, ADD)
         b.run_step("remote_cse", [(r.address, 5)])  # selection happens on first use
         before = dict(S(b)["syscalls"])
         for i in range(10):
-            b.write(r, 64 * (i + 1), asm(ADD))
+            b.write(r, 64 * (i + 1), ADD)
         b.run_step("local_cse", [])
         b.run_step("remote_cse", [(r.address, 64 * 11)])
         after = S(b)["syscalls"]
@@ -326,9 +302,9 @@ def test_syscalls_per_publish_into_mapped_dual_pack() -> None:
 def test_threads_execute_while_others_change(backend: NativeBackend) -> None:
     """Four threads run JIT'd code (GIL released) while the main thread reserves,
     writes, maps, unmaps and releases other reservations and synchronizes."""
-    r = publish(backend, asm(SUM) + b"\xcc" * 16 + asm(FIB))
+    r = publish(backend, SUM + traps(16) + FIB)
     sum_fn = UNARY(r.address)
-    fib_fn = UNARY(r.address + len(asm(SUM)) + 16)
+    fib_fn = UNARY(r.address + len(SUM) + 16)
     stop = threading.Event()
     errors: list[str] = []
     counts = [0] * 4
@@ -349,7 +325,7 @@ def test_threads_execute_while_others_change(backend: NativeBackend) -> None:
         cycles = 0
         while time.monotonic() < deadline or cycles < 20:
             other = backend.reserve(1 << 16, 16)
-            backend.write(other, 0, asm(ADD))
+            backend.write(other, 0, ADD)
             backend.map(other)
             backend.run_step("local_cse", [(other.address, 4)])
             backend.run_step("remote_cse", [(other.address, 4)])
@@ -367,15 +343,16 @@ def test_threads_execute_while_others_change(backend: NativeBackend) -> None:
 
 @pytest.mark.parametrize("mode", ("dual", "rwx"))
 def test_live_patch_while_threads_run(mode: str) -> None:
-    """An aligned 8-byte ``mov eax, imm32; ret`` replaced by one atomic store: every
-    call returns the old or the new value, and after the patch recipe (atomic_store,
-    local_cse, remote_cse) every thread sees the new one."""
+    """The aligned word holding a live-patchable instruction (x86-64: ``mov eax,
+    imm32``; arm64: a ``B`` to one of many ``return value`` blocks) replaced by one
+    atomic store, again and again: every call returns the old or the new value, and
+    after the patch recipe every thread sees the last one."""
     with NativeBackend(mode) as b:
         assert b.concurrent_patch_safe
-        def slot(v: int) -> bytes:
-            return asm(f"mov eax, {v}; ret").ljust(8, b"\xcc")
-
-        r = publish(b, slot(1))
+        switch = P.Switch(tuple(range(1, 200)))
+        r = b.reserve(1 << 16, 16)
+        b.write(r, 0, switch.code(r.address))
+        b.map(r)
         fn: Callable[[], int] = NULLARY(r.address)
         seen: list[set[int]] = [set() for _ in range(4)]
         after_sync: list[list[int]] = [[] for _ in range(4)]
@@ -395,10 +372,11 @@ def test_live_patch_while_threads_run(mode: str) -> None:
             t.start()
         try:
             time.sleep(0.05)
-            for v in range(2, 200):
-                b.atomic_store(r, 0, slot(v))
-            b.run_step("local_cse", [(r.address, 8)])
-            b.run_step("remote_cse", [(r.address, 8)])
+            for index in range(1, len(switch.values)):
+                b.atomic_store(r, 0, switch.word(index, r.address))
+            for step in b.arch.patch.effective(b.cache_features):  # the rest of the patch recipe
+                if step.name != "atomic_store":
+                    b.run_step(step.name, [(r.address, 8)])
             patched.set()
             time.sleep(0.05)
         finally:
@@ -415,20 +393,3 @@ def test_reservation_token_is_private() -> None:
         fake = Reservation(r.address, r.size)
         with pytest.raises(BadStateError):
             b.map(fake)
-
-
-def test_remote_cse_is_skipped_in_a_single_threaded_process() -> None:
-    """With no other thread, membarrier has nothing to synchronize (run in a child
-    process: the test runner itself may have threads)."""
-    import subprocess
-    import sys
-
-    code = (
-        "from execmem.native import NativeBackend\n"
-        "b = NativeBackend()\n"
-        "b.run_step('remote_cse', [])\n"
-        "print(dict(b.stats()['sync']['remote_cse_runs']))\n"
-        "b.close()\n"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert "skipped: single thread" in out

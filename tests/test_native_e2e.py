@@ -5,28 +5,24 @@ pack, and a W^X audit throughout."""
 from __future__ import annotations
 
 import ctypes
-import platform
 import random
 import threading
 import time
 from typing import Any
 
 import pytest
+from programs import CONST_SIZE, needs_programs
+from programs import const as const_fn
 
 import execmem
 from execmem.native import NativeBackend, _procmaps
 
 pytestmark = [
-    pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"), reason="x86-64 code"),
+    needs_programs,
     pytest.mark.skipif(not hasattr(execmem, "Allocator"), reason="the allocator core has not landed"),
 ]
 
 PACK = 2 << 20
-
-
-def const_fn(value: int) -> bytes:
-    """``mov eax, value; ret`` (6 bytes)."""
-    return b"\xb8" + (value & 0xFFFFFFFF).to_bytes(4, "little") + b"\xc3"
 
 
 def audit(backend: NativeBackend) -> None:
@@ -96,7 +92,7 @@ def test_threads_call_while_others_alloc_publish_free(mode: str) -> None:
                     t.free()
                 else:
                     v = rng.randrange(1 << 30)
-                    t = allocator.jit_text_alloc(rng.choice((8, 16, 100, 300)))
+                    t = allocator.jit_text_alloc(rng.choice((CONST_SIZE, 16, 100, 300)))
                     t.write(0, const_fn(v))
                     t.map()
                     live.append((t, v))

@@ -11,22 +11,19 @@ new one.  Everything that could deadlock runs in a child process with a timeout.
 from __future__ import annotations
 
 import os
-import platform
 import subprocess
 import sys
 import textwrap
 import threading
 
 import pytest
+from programs import ADD, const, needs_programs
 
 from execmem._errors import BadStateError
 from execmem._locks import REENTERED, OwnedLock, SetupLock
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-x86_only = pytest.mark.skipif(
-    platform.machine().lower() not in ("x86_64", "amd64"), reason="test programs are x86-64 code"
-)
 
 
 def run_script(body: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
@@ -67,12 +64,12 @@ def test_setup_lock_is_reentrant() -> None:
 
 # --- signal handlers ---------------------------------------------------------------------------
 
-_SIGNAL_PRELUDE = """
+_SIGNAL_PRELUDE = f"""
 import ctypes, errno, os, signal, threading, time
 import execmem
 from execmem.native import NativeBackend, _libc, _sync
 SAFE = lambda: _sync.ProbeResult(True, "test")
-ADD = bytes.fromhex("488d0437c3")  # lea rax, [rdi + rsi]; ret
+ADD = bytes.fromhex({ADD.hex()!r})  # add(a, b) for this host
 stop = threading.Event()
 threading.Thread(target=stop.wait, daemon=True).start()  # remote_cse is real with 2 threads
 
@@ -112,7 +109,7 @@ def use(b, pending=None):
 """
 
 
-@x86_only
+@needs_programs
 @pytest.mark.parametrize("mode", ["dual", "mprotect"])
 def test_signal_handler_reentering_a_held_backend_is_refused_cleanly(mode: str) -> None:
     r = run_script(
@@ -156,7 +153,7 @@ def test_signal_handler_reentering_a_held_backend_is_refused_cleanly(mode: str) 
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-3000:]
 
 
-@x86_only
+@needs_programs
 def test_signal_handler_inside_setup_locks_proceeds() -> None:
     """Accounting (_libc) and one-time setup (probe, routines) are re-entrant: a handler
     that needs them while the interrupted code holds them completes its own call."""
@@ -166,7 +163,8 @@ def test_signal_handler_inside_setup_locks_proceeds() -> None:
         from execmem.native import _routines
         b = NativeBackend("dual", probe=SAFE)
         assert interrupt_inside(_libc._lock, lambda: use(b)) == 42
-        assert interrupt_inside(_sync._probe_lock, _sync.probe_membarrier).safe
+        from execmem.native import _probe
+        assert interrupt_inside(_probe.PROBE._lock, _probe.PROBE).safe
         # The routines page built inside a build in progress: the first one wins.
         _routines._routines = None
         def nested():
@@ -181,7 +179,7 @@ def test_signal_handler_inside_setup_locks_proceeds() -> None:
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-3000:]
 
 
-@x86_only
+@needs_programs
 def test_signal_storm_on_one_backend_never_deadlocks() -> None:
     """A timer handler hammers the backend the main thread is using: each handler call
     either completes or is refused with BadStateError; no deadlock, no leak."""
@@ -228,18 +226,19 @@ def test_signal_storm_on_one_backend_never_deadlocks() -> None:
 # --- fork ---------------------------------------------------------------------------------------
 
 
-@x86_only
+@needs_programs
 def test_fork_while_other_threads_hold_every_native_lock() -> None:
     r = run_script(
         _SIGNAL_PRELUDE
         + textwrap.dedent("""
-        from execmem.native import _routines
+        from execmem.native import _probe, _routines
         b = NativeBackend("dual", probe=SAFE)
         assert use(b) == 42
         keep = b.reserve(4096, 16); b.write(keep, 0, ADD); b.map(keep)
+        # b._gate too: fork gives up on it after _fork.GATE_WAIT (the child copies).
         locks = [
             b._lock, b._mapper.backing._lock, b._synchronizer().remote._lock,
-            _libc._lock, _sync._probe_lock, _routines._routines_lock,
+            _libc._lock, _probe.PROBE._lock, _routines._routines_lock, b._gate,
         ]
         holding, release = threading.Barrier(len(locks) + 1), threading.Event()
         def hold(lock):
@@ -280,7 +279,7 @@ def test_fork_while_other_threads_hold_every_native_lock() -> None:
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-3000:]
 
 
-@x86_only
+@needs_programs
 def test_fork_while_other_threads_hold_the_allocators_locks() -> None:
     """The allocator's, the default allocator's and the call gates' locks (issue 10,
     item 4): a child forked while other threads hold them is refused by the parent's
@@ -289,7 +288,7 @@ def test_fork_while_other_threads_hold_the_allocators_locks() -> None:
         _SIGNAL_PRELUDE
         + textwrap.dedent("""
         from execmem import _default, _gates
-        RET7 = bytes.fromhex("b807000000c3")  # mov eax, 7; ret
+        RET7 = bytes.fromhex("{ret7}")  # return 7
         a = execmem.default_allocator()
         t = a.jit_text_alloc(16); t.write(0, RET7); t.map()
         fn = t.function(ctypes.c_int)
@@ -326,6 +325,6 @@ def test_fork_while_other_threads_hold_the_allocators_locks() -> None:
         for th in threads: th.join(10)
         assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, f"child status {status:#x}"
         print("ok")
-        """)
+        """).replace("{ret7}", const(7).hex())
     )
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-3000:]

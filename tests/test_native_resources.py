@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import ctypes
 import os
-import platform
 import resource
 from typing import Any
 
 import pytest
+from programs import RET, needs_programs
 
 from execmem.native import NativeBackend, _procmaps
 
@@ -19,11 +19,8 @@ def S(backend: NativeBackend) -> dict[str, Any]:
     return dict(backend.stats())
 
 
-pytestmark = pytest.mark.skipif(
-    platform.machine().lower() not in ("x86_64", "amd64"), reason="test programs are x86-64 code"
-)
+pytestmark = needs_programs
 
-RET = b"\xc3"
 HUGE_FIELDS = ("AnonHugePages:", "ShmemPmdMapped:", "FilePmdMapped:", "Shared_Hugetlb:", "Private_Hugetlb:")
 
 

@@ -10,12 +10,12 @@ taken, it keeps its size and a new pack follows.
 from __future__ import annotations
 
 import ctypes
-import platform
 import subprocess
 import sys
 from typing import Any
 
 import pytest
+from programs import const, mappings_over, needs_programs, traps
 
 import execmem
 from execmem._errors import OutOfMemoryError
@@ -102,17 +102,7 @@ def test_the_modeled_machine_gives_whole_packs() -> None:
 
 # --- native -----------------------------------------------------------------------------------
 
-native = pytest.mark.skipif(
-    platform.machine().lower() not in ("x86_64", "amd64"), reason="test programs are x86-64 code"
-)
-
-
-def ret(value: int) -> bytes:
-    return b"\xb8" + value.to_bytes(4, "little") + b"\xc3"  # mov eax, value; ret
-
-
-def vmas_over(address: int, size: int) -> list[_procmaps.Vma]:
-    return [v for v in _procmaps.read_maps() if v.overlaps(address, size)]
+native = needs_programs
 
 
 @native
@@ -120,21 +110,21 @@ def vmas_over(address: int, size: int) -> list[_procmaps.Vma]:
 def test_native_growth_keeps_one_mapping_of_traps(mode: str, other_thread: None) -> None:
     with NativeBackend(mode, probe=SAFE, huge_pages=False) as b, execmem.Allocator(backend=b) as a:
         texts = a.jit_text_alloc_many([64] * 2500)  # 160,000 bytes: three steps
-        a.publish(texts, [ret(i) for i in range(len(texts))])
+        a.publish(texts, [const(i) for i in range(len(texts))])
         res = texts[0]._pack.reservation
         assert res.size == 3 * COMMIT_STEP
         # Past the end: grows while mapped (mprotect mode: a page a text, its write unit).
         size = max(64, b.write_unit)
         more = a.jit_text_alloc_many([size] * (2 * COMMIT_STEP // size))
-        a.publish(more, [ret(10_000 + i) for i in range(len(more))])
+        a.publish(more, [const(10_000 + i) for i in range(len(more))])
         assert more[-1]._pack.reservation is res and res.size == 5 * COMMIT_STEP
         calls = [t.function(ctypes.c_int)() for t in (texts[0], texts[-1], more[0], more[-1])]
         assert calls == [0, 2499, 10_000, 10_000 + len(more) - 1]
-        (vma,) = vmas_over(res.address, res.size)
-        assert (vma.start, vma.end) == (res.address, res.address + res.size)
-        assert vma.perms.startswith("r-x" if mode != "rwx" else "rwx")
+        ((start, end, perms),) = mappings_over(res.address, res.size)
+        assert (start, end) == (res.address, res.address + res.size)
+        assert perms.startswith("r-x" if mode != "rwx" else "rwx")
         tail = more[-1].address + size - res.address
-        assert ctypes.string_at(res.address + tail, res.size - tail) == b"\xcc" * (res.size - tail)
+        assert ctypes.string_at(res.address + tail, res.size - tail) == traps(res.size - tail)
         assert mode == "rwx" or not _procmaps.wx_violations(b.owned_ranges())
 
 
@@ -143,7 +133,7 @@ def test_native_growth_keeps_one_mapping_of_traps(mode: str, other_thread: None)
 def test_native_pack_blocked_from_growing_is_followed_by_a_new_pack(mode: str) -> None:
     with NativeBackend(mode, probe=SAFE, huge_pages=False) as b, execmem.Allocator(backend=b) as a:
         first = a.jit_text_alloc(16)
-        first.write(0, ret(1))
+        first.write(0, const(1))
         first.map()
         res = first._pack.reservation
         sys_ = _libc.Syscalls()
@@ -152,7 +142,7 @@ def test_native_pack_blocked_from_growing_is_followed_by_a_new_pack(mode: str) -
         try:
             assert obstacle == res.address + res.size
             big = a.jit_text_alloc(COMMIT_STEP)
-            big.write(0, ret(2))
+            big.write(0, const(2))
             big.map()
             assert big._pack.reservation is not res and res.size == COMMIT_STEP
             assert a.stats()["events"].get("packs_grown", 0) == 0
@@ -173,8 +163,6 @@ def test_native_packs_are_placed_next_to_each_other(other_thread: None) -> None:
 
 
 def test_growth_beyond_capacity_is_refused_without_a_system_call() -> None:
-    if platform.machine().lower() not in ("x86_64", "amd64"):
-        pytest.skip("x86-64 host")
     with NativeBackend("dual", probe=SAFE, huge_pages=False) as b:
         r = b.reserve(COMMIT_STEP, 2 * MIB, 2 * MIB)
         before = dict(b.stats()["syscalls"])  # type: ignore[arg-type]
@@ -195,7 +183,7 @@ def test_a_tight_address_space_limit_gives_up_the_room_to_grow_not_the_pack() ->
         "resource.setrlimit(resource.RLIMIT_AS, (vsz + (64 << 20),) * 2)\n"
         "a = execmem.Allocator()\n"
         "texts = a.jit_text_alloc_many([64] * 100)\n"
-        "a.publish(texts, [bytes.fromhex('b803000000c3')] * 100)\n"
+        f"a.publish(texts, [bytes.fromhex({const(3).hex()!r})] * 100)\n"
         "print(texts[5].function(ctypes.c_int)())\n"
     )
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)

@@ -4,12 +4,13 @@ free during a call on real memory, and a smoke run on the modeled machine."""
 from __future__ import annotations
 
 import ctypes
-import platform
 import threading
 import time
 from typing import Any
 
+import programs as P
 import pytest
+from programs import needs_programs
 
 import execmem
 from execmem._errors import UseAfterFreeError
@@ -19,16 +20,13 @@ def S(a: execmem.Allocator) -> dict[str, Any]:
     return a.stats()
 
 
-X86 = platform.machine().lower() in ("x86_64", "amd64")
-x86_only = pytest.mark.skipif(not X86, reason="x86-64 machine code")
-
-
 def test_public_names_are_pinned() -> None:
     assert sorted(execmem.__all__) == sorted(
         [
             "AlignmentError",
             "Allocator",
             "AssemblyError",
+            "BadNameError",
             "BadStateError",
             "ExecmemError",
             "ForkedProcessError",
@@ -56,6 +54,7 @@ def test_public_names_are_pinned() -> None:
             "publish",
             "serialize_all_threads",
             "sync_code",
+            "text_at",
         ]
     )
     for name in execmem.__all__:
@@ -63,20 +62,21 @@ def test_public_names_are_pinned() -> None:
     assert [s.name for s in execmem.TextState] == ["RESERVED", "WRITING", "LIVE", "FREED"]
 
 
-@x86_only
+@needs_programs
 def test_module_level_default_allocator() -> None:
     t = execmem.jit_text_alloc(16)
     assert t.address % 16 == 0 and t.state is execmem.TextState.RESERVED
-    t.write(0, execmem.asm("lea rax, [rdi + rsi]\nret"))
+    t.write(0, P.ADD)
     execmem.publish([t])
     add = t.function(ctypes.c_int64, ctypes.c_int64, ctypes.c_int64)
     assert add(40, 2) == 42
-    u = execmem.jit_text_alloc(16)
+    switch = P.Switch((7, 9))
+    u = execmem.jit_text_alloc(len(switch.code(0)))
     u.map_rw_inplace()
-    u.write(0, execmem.asm("mov eax, 7\nret", address=u.address))
+    u.write(0, switch.code(u.address))
     u.finalize()
     assert u.function(ctypes.c_int)() == 7
-    u.update(0, execmem.asm("mov eax, 9", address=u.address))  # whole 5-byte instruction in one word
+    u.update(0, switch.patch(1, u.address))  # one whole patchable instruction in one word
     assert u.function(ctypes.c_int)() == 9
     execmem.jit_text_free(t)
     execmem.jit_text_free(u)
@@ -84,11 +84,7 @@ def test_module_level_default_allocator() -> None:
         add(1, 2)
 
 
-# Spins until the 8 bytes at rdi are non-zero, then returns 7.
-SPIN = "spin: pause\ncmp qword ptr [rdi], 0\nje spin\nmov eax, 7\nret"
-
-
-@x86_only
+@needs_programs
 def test_free_during_a_call_defers_refill_and_quarantine() -> None:
     from execmem.native import NativeBackend
 
@@ -98,7 +94,7 @@ def test_free_during_a_call_defers_refill_and_quarantine() -> None:
         anchor = a.jit_text_alloc(16)
         anchor.map()  # the pack is mapped: frees are quarantined
         t = a.jit_text_alloc(32)
-        code = execmem.asm(SPIN, address=t.address)
+        code = P.SPIN  # spins until the 8 bytes at its argument are non-zero, returns 7
         t.write(0, code)
         t.map()
         fn = t.function(ctypes.c_int, ctypes.c_void_p)
@@ -126,7 +122,7 @@ def test_free_during_a_call_defers_refill_and_quarantine() -> None:
         assert S(a)["totals"]["quarantined_bytes"] == 64
         anchor.free()
         a.jit_text_alloc(16).map()  # a publish into the mapped pack: an epoch
-        assert ctypes.string_at(t.address, len(code)) == b"\xcc" * len(code)
+        assert ctypes.string_at(t.address, len(code)) == P.traps(len(code))
     finally:
         flag.value = 1
         a.close()
@@ -175,3 +171,25 @@ def test_allocator_runs_on_the_modeled_machine() -> None:
     stats = a.stats()
     assert stats["recipes"] == {"publish_fresh": 1, "publish": 1}
     assert stats["mode"] == "emulated"
+
+
+def test_a_native_backend_runs_the_recipes_of_the_spec_it_is_given() -> None:
+    """Mutations are data handed to a backend (``ArchSpec.with_recipes``), as the
+    verification catalog hands them to the modeled machine; no allocator option
+    reaches them.  A spec of another architecture is refused."""
+    from execmem.native import NativeBackend
+
+    step = P.HOST.publish.names[-1]
+    mutated = P.HOST.with_recipes(publish=P.HOST.publish.without(step))
+    backend = NativeBackend("dual", arch=mutated)
+    try:
+        with execmem.Allocator(backend=backend, pack_size=1 << 16) as a:
+            for _ in range(2):  # the second publishes into the mapped pack: ``publish``
+                a.jit_text_alloc(16).map()
+            assert S(a)["recipes"] == {"publish_fresh": 1, f"publish-without-{step}": 1}
+            assert step not in S(a)["steps"] or step in P.HOST.publish_fresh.names
+    finally:
+        backend.close()
+    other = next(name for name in ("x86_64", "arm64") if name != P.HOST.name)
+    with pytest.raises(execmem.UnsupportedError, match=r"runs \w+ code only"):
+        NativeBackend("dual", arch=execmem.arch.get(other))

@@ -11,7 +11,7 @@ import pytest
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
-@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"), reason="the examples assemble x86-64 code")
+@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"), reason="the README's examples are written in x86-64 assembly")
 def test_readme_python_blocks_run() -> None:
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
     assert len(blocks) >= 2

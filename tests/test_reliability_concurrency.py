@@ -3,7 +3,8 @@
 Each worker runs a fixed number of seeded random operations: allocate (16 bytes to
 12 KiB), write, ``map``, ``map_rw_inplace`` + ``write`` + ``finalize``,
 ``execmem.publish([...])``, ``with allocator.batch():``, live ``update`` of the
-``mov eax, imm32`` at offset 0 (dual mode only: mprotect mode refuses live patches),
+instruction at offset 0 that selects the returned value (``programs.Switch``: x86-64
+``mov eax, imm32``, arm64 a ``B``; dual mode only: mprotect mode refuses live patches),
 ``free`` (published or not), and calls, to its own texts and to other threads' texts
 found in a shared registry.  The owner may free a text while another thread is
 calling it (some texts spin a few microseconds to widen that window): the call must
@@ -31,7 +32,6 @@ from __future__ import annotations
 import ctypes
 import json
 import os
-import platform
 import random
 import subprocess
 import sys
@@ -41,6 +41,7 @@ import traceback
 from collections import Counter
 from dataclasses import dataclass, field
 
+import programs as P
 import pytest
 
 import execmem
@@ -48,33 +49,32 @@ from execmem import JitFunction, JitText, TextState, UnsafePatchError, UseAfterF
 from execmem.native import NativeBackend, _procmaps
 from tests.test_reliability_faults import audit_allocator, gate_ranges
 
-pytestmark = pytest.mark.skipif(
-    platform.machine().lower() not in ("x86_64", "amd64"), reason="test programs are x86-64 code"
-)
+pytestmark = P.needs_programs
 
 PAGE = 4096
 SPIN_LOOPS = 30_000  # iterations of the spinning variant (some 10 microseconds)
-
-
-def mov_eax(value: int) -> bytes:
-    """``mov eax, value`` (5 bytes): the instruction a live update replaces."""
-    return b"\xb8" + (value & 0xFFFFFFFF).to_bytes(4, "little")
-
-
-def code(value: int, spin: bool) -> bytes:
-    """``mov eax, value; ret``, or ``mov eax, value; mov ecx, N; l: dec ecx; jnz l; ret``."""
-    if not spin:
-        return mov_eax(value) + b"\xc3"
-    return mov_eax(value) + b"\xb9" + SPIN_LOOPS.to_bytes(4, "little") + b"\xff\xc9\x75\xfc\xc3"
+VERSIONS = 6  # values a text's live updates cycle through (each a unique serial)
 
 
 @dataclass
 class Entry:
     text: JitText
     fn: JitFunction
-    current: int
+    switch: P.Switch
+    index: int = 0  # of the value in switch.values the text returns
     #: Every value ever published for the text; a value is added before its store.
     values: set[int] = field(default_factory=set)
+
+    @property
+    def current(self) -> int:
+        return self.switch.values[self.index]
+
+    def next_patch(self) -> tuple[int, bytes]:
+        """The next version: its index and the bytes ``update(0, ...)`` stores for it
+        (its value is in ``values`` from now on)."""
+        index = (self.index + 1) % len(self.switch.values)
+        self.values.add(self.switch.values[index])
+        return index, self.switch.patch(index, self.text.address)
 
 
 @dataclass
@@ -109,22 +109,24 @@ class Worker:
         self.serial += 1
         return self.serial
 
-    def fresh(self, n: int) -> list[tuple[JitText, int]]:
+    def fresh(self, n: int) -> list[tuple[JitText, P.Switch]]:
         out = []
         for _ in range(n):
-            value = self.next_value()
-            t = self.s.allocator.jit_text_alloc(size_for(self.rng), self.s.align)
-            t.write(0, code(value, spin=self.rng.random() < 0.3))
-            out.append((t, value))
+            size = size_for(self.rng)
+            spin = self.rng.random() < 0.3
+            switch = P.Switch(tuple(self.next_value() for _ in range(VERSIONS)), SPIN_LOOPS if spin else 0)
+            t = self.s.allocator.jit_text_alloc(max(size, len(switch.code(0))), self.s.align)
+            t.write(0, switch.code(t.address))
+            out.append((t, switch))
         return out
 
-    def register(self, made: list[tuple[JitText, int]]) -> None:
-        for t, value in made:
+    def register(self, made: list[tuple[JitText, P.Switch]]) -> None:
+        for t, switch in made:
             assert t.state is TextState.LIVE
-            entry = Entry(t, t.function(ctypes.c_int), value, {value})
+            entry = Entry(t, t.function(ctypes.c_int), switch, values={switch.values[0]})
             with self.s.lock:
-                self.s.registry[value] = entry
-            self.mine.append(value)
+                self.s.registry[entry.current] = entry
+            self.mine.append(entry.current)
             self.check(entry, own=True)
 
     def check(self, entry: Entry, *, own: bool) -> None:
@@ -156,10 +158,9 @@ class Worker:
                     c["calls_after_free_refused"] += 1
         elif r < 0.45 and self.mine and s.patchable:
             entry = self.pick_own()
-            value = self.next_value()
-            entry.values.add(value)
-            entry.text.update(0, mov_eax(value))
-            entry.current = value
+            index, patch_bytes = entry.next_patch()
+            entry.text.update(0, patch_bytes)
+            entry.index = index
             c["updates"] += 1
             self.check(entry, own=True)
         elif r < 0.48:
@@ -171,7 +172,7 @@ class Worker:
             if kind < 0.35:
                 made[0][0].map()
             elif kind < 0.5:
-                t, value = made[0]
+                t = made[0][0]
                 t.map_rw_inplace()
                 t.write(0, t.read()[:16])
                 t.finalize()
@@ -181,15 +182,14 @@ class Worker:
                 c["publish_lists"] += 1
             else:
                 patch = self.pick_own() if self.mine and s.patchable and rng.random() < 0.5 else None
-                value = self.next_value()
                 with s.allocator.batch():
                     for t, _ in made:
                         t.map()
                     if patch is not None:
-                        patch.values.add(value)
-                        patch.text.update(0, mov_eax(value))
+                        index, patch_bytes = patch.next_patch()
+                        patch.text.update(0, patch_bytes)
                 if patch is not None:
-                    patch.current = value
+                    patch.index = index
                     c["updates"] += 1
                     self.check(patch, own=True)
                 c["batch_blocks"] += 1
@@ -319,7 +319,7 @@ def run_concurrency(mode: str, threads: int, ops: int, seed: int) -> None:
     if not s.patchable:
         entry = next(iter(s.registry.values()))
         with pytest.raises(UnsafePatchError):
-            entry.text.update(0, mov_eax(1))
+            entry.text.update(0, entry.switch.patch(1, entry.text.address))
     for entry in s.registry.values():
         assert entry.fn() == entry.current
         entry.text.free()

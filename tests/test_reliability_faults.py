@@ -40,8 +40,8 @@ import contextlib
 import ctypes
 import errno
 import gc
+import json
 import os
-import platform
 import threading
 import time
 from collections import Counter
@@ -49,19 +49,18 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import programs as P
 import pytest
 
 import execmem
 from execmem import JitFunction, JitText, TextState, _gates
 from execmem._errors import ExecmemError
 from execmem.bench._measure import idle_thread
-from execmem.native import NativeBackend, _libc, _procmaps, _sync
+from execmem.native import NativeBackend, _fork, _libc, _probe, _procmaps, _sync
 from execmem.native._mapping import Region
 from execmem.native._routines import host_routines
 
-pytestmark = pytest.mark.skipif(
-    platform.machine().lower() not in ("x86_64", "amd64"), reason="test programs are x86-64 code"
-)
+pytestmark = P.needs_programs
 
 #: The default pack size: the large-page paths (hugetlb, MADV_HUGEPAGE) are taken.
 LARGE = 2 << 20
@@ -90,16 +89,12 @@ ERRNOS: dict[str, tuple[int, ...]] = {
     "fcntl": (errno.EINVAL, errno.EPERM),  # EINVAL: F_SEAL_FUTURE_WRITE unknown (< 5.1)
     "membarrier": (errno.EPERM, errno.EINVAL, errno.ENOSYS),
     "pwrite": (errno.ENOSPC, errno.EIO),
+    "mremap": (errno.ENOMEM, errno.EINVAL),
+    "clone": (errno.EAGAIN, errno.ENOMEM, errno.EPERM),  # transient, transient, final
+    # The probe polls its child: how many waitpids depends on timing, so it has no fixed
+    # k-th call to fail here; its failures are tested in test_native_probe.py.
+    "waitpid": (),
 }
-
-
-def const_fn(value: int) -> bytes:
-    """``mov eax, value; ret``."""
-    return b"\xb8" + (value & 0xFFFFFFFF).to_bytes(4, "little") + b"\xc3"
-
-
-#: Spins until the 8 bytes at rdi are non-zero, then returns 7.
-SPIN = execmem.asm("spin: pause\ncmp qword ptr [rdi], 0\nje spin\nmov eax, 7\nret", "x86_64")
 
 
 def _exec_with_fd(args: tuple[object, ...]) -> bool:
@@ -326,8 +321,21 @@ def audit_allocator(a: execmem.Allocator) -> list[str]:
 class Keeper:
     text: JitText
     fn: JitFunction
-    code: bytes
-    value: int
+    switch: P.Switch  # its versions: live updates cycle through them
+    index: int = 0
+
+    @property
+    def value(self) -> int:
+        return self.switch.values[self.index]
+
+    @property
+    def code(self) -> bytes:
+        return self.switch.image(self.index, self.text.address)
+
+    def next_patch(self) -> tuple[int, bytes]:
+        """The index of the next version and the bytes ``update(0, ...)`` stores for it."""
+        index = (self.index + 1) % len(self.switch.values)
+        return index, self.switch.patch(index, self.text.address)
 
     def check(self) -> str:
         if self.text.state is not TextState.LIVE:
@@ -339,28 +347,29 @@ class Keeper:
 
 
 def publish_keepers(a: execmem.Allocator, values: list[int], *, one_batch: bool = True) -> list[Keeper]:
+    switches = [P.Switch(tuple(v + (j << 20) for j in range(4))) for v in values]
     texts = []
-    for v in values:
-        t = a.jit_text_alloc(16)
-        t.write(0, const_fn(v))
+    for switch in switches:
+        t = a.jit_text_alloc(max(16, len(switch.code(0))))
+        t.write(0, switch.code(t.address))
         texts.append(t)
     if one_batch:
         a.publish(texts)
     else:
         for t in texts:
             t.map()
-    return [Keeper(t, t.function(ctypes.c_int), const_fn(v), v) for t, v in zip(texts, values, strict=True)]
+    return [Keeper(t, t.function(ctypes.c_int), switch) for t, switch in zip(texts, switches, strict=True)]
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _warm_and_threaded() -> Iterator[None]:
-    """A second thread (remote_cse is skipped in a single-threaded process), the helper
+    """A second thread (so that membarrier has someone to serialize), the helper
     page and lazy imports in place before anything is counted."""
     host_routines()
     execmem.asm("ret")
     with execmem.Allocator() as a:  # the process's call gates exist from now on
         t = a.jit_text_alloc(16)
-        t.write(0, const_fn(1))
+        t.write(0, P.const(1))
         t.map()
         assert t.function(ctypes.c_int)() == 1
     with idle_thread():
@@ -425,6 +434,8 @@ class Env:
     #: Backends a flow made of its own (closed again at the end, as a user would after
     #: an error: ``close`` retries what a refused call kept from being released).
     others: list[NativeBackend] = field(default_factory=list)
+    #: remote_cse choosers a flow made of its own (closed with the backends).
+    remotes: list[_sync.RemoteCse] = field(default_factory=list)
     closed: bool = False
     next_value: int = 100
 
@@ -444,7 +455,7 @@ class Env:
     def text(self, size: int = 16, *, value: int | None = None) -> tuple[JitText, int]:
         v = self.value() if value is None else value
         t = self.a.jit_text_alloc(size)
-        t.write(0, const_fn(v))
+        t.write(0, P.const(v))
         return t, v
 
     def backends(self) -> list[NativeBackend]:
@@ -455,6 +466,10 @@ class Env:
         pages = gate_pages()
         for b in self.backends():
             pages |= backend_pages(b)
+        for remote in self.remotes:  # their mprotect-IPI helper pages
+            page = getattr(remote._current, "_page", 0)
+            if page:
+                pages.add(page // PAGE)
         return pages
 
     def close(self) -> None:
@@ -462,6 +477,8 @@ class Env:
         self.closed = True
         with contextlib.suppress(ExecmemError):
             self.a.close()
+        for remote in self.remotes:
+            remote.close()
         for b in self.backends():
             try:
                 b.close()
@@ -516,14 +533,14 @@ def _remote_runs(env: Env) -> int:
     assert isinstance(sync, dict)
     runs = sync.get("remote_cse_runs") or {}
     assert isinstance(runs, dict)
-    return sum(n for k, n in runs.items() if not k.startswith("skipped"))
+    return sum(runs.values())
 
 
 def flow_inplace_mapped(env: Env) -> Callable[[], None]:
     t = env.a.jit_text_alloc(16)
     v = env.value()
     t.map_rw_inplace()
-    t.write(0, const_fn(v))
+    t.write(0, P.const(v))
     t.finalize()
     return _calls(t, v)
 
@@ -533,16 +550,16 @@ def flow_inplace_fresh(env: Env) -> Callable[[], None]:
     t = env.a.jit_text_alloc(env.pack // 2)
     v = env.value()
     t.map_rw_inplace()
-    t.write(0, const_fn(v))
+    t.write(0, P.const(v))
     t.finalize()
     return _calls(t, v)
 
 
 def flow_update(env: Env) -> Callable[[], None]:
     k = env.keepers[0]
-    v = env.value()
-    k.text.update(0, const_fn(v)[:5])  # mov eax, v: one whole instruction in one word
-    k.code, k.value = const_fn(v), v
+    index, patch = k.next_patch()
+    k.text.update(0, patch)  # one whole patchable instruction in one word
+    k.index = index
     return lambda: None
 
 
@@ -554,7 +571,7 @@ def flow_free_neighbour(env: Env) -> Callable[[], None]:
         # The refill comes with the next epoch (the audit checks the chunks are not
         # handed out before it).
         pending = k.text._pack.chunks.dirty >> k.text._chunk & 1
-        assert ctypes.string_at(k.text.address, 16) == b"\xcc" * 16 or pending
+        assert ctypes.string_at(k.text.address, 16) == P.traps(16) or pending
         with pytest.raises(execmem.UseAfterFreeError):
             k.fn()
 
@@ -603,8 +620,8 @@ def flow_batch(env: Env) -> Callable[[], None]:
     patch = env.backend.mode == "dual-mapping"
     with env.a.batch():
         if patch:
-            v0 = env.value()
-            k.text.update(0, const_fn(v0)[:5])
+            index, patch_bytes = k.next_patch()
+            k.text.update(0, patch_bytes)
         t1, v1 = env.text()
         t1.map()
         env.a.jit_text_alloc(env.pack // 2)
@@ -612,10 +629,10 @@ def flow_batch(env: Env) -> Callable[[], None]:
         t3 = env.a.jit_text_alloc(16)
         v3 = env.value()
         t3.map_rw_inplace()
-        t3.write(0, const_fn(v3))
+        t3.write(0, P.const(v3))
         execmem.publish([t2, t3])
     if patch:
-        k.code, k.value = const_fn(v0), v0
+        k.index = index
 
     def check() -> None:
         for t, v in ((t1, v1), (t2, v2), (t3, v3)):
@@ -630,7 +647,7 @@ def flow_many(env: Env) -> Callable[[], None]:
     sizes = [16] * 20 + [env.pack // 2 - 64, env.pack // 2 + 64] + [16] * 4
     texts = env.a.jit_text_alloc_many(sizes)
     values = [env.value() for _ in texts]
-    env.a.publish(texts, [const_fn(v) for v in values])
+    env.a.publish(texts, [P.const(v) for v in values])
 
     def check() -> None:
         for t, v in zip(texts, values, strict=True):
@@ -650,7 +667,7 @@ def flow_grow(env: Env) -> Callable[[], None]:
 
     def check() -> None:
         _calls(t, v)()
-        assert len([v for v in _procmaps.read_maps() if v.overlaps(res.address, res.size)]) == 1
+        assert len(P.mappings_over(res.address, res.size)) == 1
 
     return check
 
@@ -687,7 +704,7 @@ def flow_fresh_allocator(env: Env) -> Callable[[], None]:
 def flow_deferred_free(env: Env) -> Callable[[], None]:
     """A text freed while another thread runs it: reclaimed when the call returns."""
     t = env.a.jit_text_alloc(32)
-    t.write(0, SPIN)
+    t.write(0, P.SPIN)  # spins until the 8 bytes at its argument are non-zero, then returns 7
     t.map()
     fn = t.function(ctypes.c_int, ctypes.c_void_p)
     flag = ctypes.c_uint64(0)
@@ -711,6 +728,91 @@ def flow_stats(env: Env) -> Callable[[], None]:
     env.a.occupancy()
     env.backend.stats()
     return lambda: None
+
+
+#: Calls that, in the fork flow, only the forked child makes: their injected faults
+#: fire there, and the child reports its counts back to the parent's counters.
+CHILD_CALLS = ("mremap", "close")
+
+
+def _still_open(fds: set[int]) -> list[int]:
+    out = []
+    for fd in sorted(fds):
+        with contextlib.suppress(OSError):
+            os.fstat(fd)
+            out.append(fd)
+    return out
+
+
+def flow_fork(env: Env) -> Callable[[], None]:
+    """``os.fork()`` with texts live: the parent copies each view (mmap, mprotect) and
+    unmaps the copy after the fork; the child moves the copies over its views (mremap),
+    closes the parent's descriptors and calls what it inherited.  (The bystander
+    allocator sits this flow out: its copies would not be this point's.)"""
+    others = [b for b in list(_fork._backends) if b not in env.backends()]
+    for b in others:
+        _fork._backends.discard(b)
+    parents = {fd for r in env.backend._fork_regions() for fd in (r.fd, r.rw_fd) if fd >= 0}
+    try:
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child
+            code = 1
+            try:
+                os.close(read)
+                report = {
+                    "values": [k.fn() for k in env.keepers],
+                    "fork": env.backend.stats()["fork"],
+                    "wx": len(_procmaps.wx_violations(env.backend.owned_ranges())),
+                    "fds": _still_open(parents),
+                    "faults": [(f.name, f.seen, f.fired) for f in _libc._faults],
+                }
+                os.write(write, json.dumps(report).encode())
+                code = 0
+            finally:
+                os._exit(code)
+        os.close(write)
+        data = b""
+        while chunk := os.read(read, 65536):
+            data += chunk
+        os.close(read)
+        _, status = os.waitpid(pid, 0)
+    finally:
+        for b in others:
+            _fork.register(b)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, f"child status {status:#x}"
+    report = json.loads(data)
+    for fault, (name, seen, fired) in zip(list(_libc._faults), report["faults"], strict=True):
+        if name in CHILD_CALLS:  # the parent made none of these during the flow
+            fault.seen += seen
+            fault.fired += fired
+    views = len(_fork.shared_views(env.backend))
+
+    def check() -> None:
+        assert report["values"] == [k.value for k in env.keepers], report
+        fork = report["fork"]
+        assert fork["views"] == views and fork["moved"] + len(fork["left_shared"]) == views, fork
+        assert report["wx"] == 0 and report["fds"] == [], report
+
+    return check
+
+
+def flow_probe(env: Env) -> Callable[[], None]:
+    """The membarrier probe from scratch (a probe of its own, not the process's): fork
+    the machine-code child, wait for it, then choose a remote_cse with the verdict."""
+    verdict = _probe.MembarrierProbe(_probe._host_routine).probe_once()
+    remote = _sync.RemoteCse(env.backend._sys, _sync.REMOTE_CANDIDATES[env.backend.arch.name], page_size=PAGE,
+                             probe=lambda: verdict)
+    env.remotes.append(remote)
+    remote.run([])
+
+    def check() -> None:
+        if verdict.safe:  # membarrier, unless a membarrier call was refused
+            assert remote.mechanism in _sync.REMOTE_CANDIDATES[env.backend.arch.name], remote.notes
+        else:
+            assert remote.mechanism == "mprotect-ipi", remote.notes
+
+    return check
 
 
 @dataclass(frozen=True)
@@ -744,6 +846,8 @@ FLOWS = [
     FlowSpec("fresh-allocator", flow_fresh_allocator),
     FlowSpec("deferred-free", flow_deferred_free),
     FlowSpec("stats", flow_stats),
+    FlowSpec("fork", flow_fork),
+    FlowSpec("probe", flow_probe, modes=("dual",)),  # the backend's mode plays no part
 ]
 
 
@@ -759,7 +863,7 @@ class Outcome:
 
 def usable(a: execmem.Allocator, value: int) -> None:
     t = a.jit_text_alloc(16)
-    t.write(0, const_fn(value))
+    t.write(0, P.const(value))
     t.map()
     assert t.function(ctypes.c_int)() == value
     t.free()
@@ -905,8 +1009,21 @@ def test_every_injection_point(spec: FlowSpec, mode: str, base: Base, bystander:
 _BASE_FLOWS = ("new-pack-large", "publish-mapped-cold", "fresh-allocator", "retire-release", "close")
 
 
+def _membarrier_only() -> bool:
+    """True where remote_cse has no mechanism but membarrier: on arm64 an mprotect
+    shootdown is a broadcast TLBI that interrupts no one, so without membarrier a
+    multi-threaded publish is a clear error (test_native_faults), not a fallback."""
+    with NativeBackend(probe=SAFE) as b:
+        return all(c.startswith("membarrier") for c in b._synchronizer().remote._candidates)
+
+
+_NO_MEMBARRIER = ("no-membarrier", "seccomp-probe")
+_NO_FALLBACK = pytest.mark.skip(reason=f"{P.HOST.name} has no remote_cse without membarrier")
+
+
 def _base_cases() -> list[Any]:
     cases = []
+    only = _membarrier_only()
     for spec in FLOWS:
         if spec.name not in _BASE_FLOWS:
             continue
@@ -916,7 +1033,8 @@ def _base_cases() -> list[Any]:
             for mode in spec.modes:
                 if mode == "mprotect" and "memfd" in name:
                     continue  # no shared-memory backing in mprotect mode
-                cases.append(pytest.param(spec, mode, base, id=f"{spec.name}-{mode}-{name}"))
+                marks = [_NO_FALLBACK] if only and name in _NO_MEMBARRIER else []
+                cases.append(pytest.param(spec, mode, base, id=f"{spec.name}-{mode}-{name}", marks=marks))
     return cases
 
 
@@ -936,6 +1054,10 @@ def test_base_conditions_take_the_documented_fallbacks(bystander: Any) -> None:
         "seccomp-probe": ("memfd", "mprotect-ipi"),
     }
     for name, base in BASES.items():
+        if name in _NO_MEMBARRIER and _membarrier_only():
+            with base.active(), pytest.raises(ExecmemError, match="no way to make other threads"):
+                Env("dual", base, warm_sync=True)
+            continue
         with base.active():
             env = Env("dual", base, warm_sync=True)
             try:

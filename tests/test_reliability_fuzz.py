@@ -20,7 +20,6 @@ import contextlib
 import ctypes
 import io
 import os
-import platform
 import re
 import subprocess
 import sys
@@ -32,14 +31,13 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from programs import CONST_SIZE, const, needs_programs
 
 import execmem
 from execmem import ExecmemError, JitText, TextState
 from execmem.native import NativeBackend
 
-pytestmark = pytest.mark.skipif(
-    platform.machine().lower() not in ("x86_64", "amd64"), reason="test programs are x86-64 code"
-)
+pytestmark = needs_programs
 
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = 1 << 16
@@ -47,10 +45,6 @@ FUZZ = settings(
     max_examples=100, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck)
 )
 TRIED: Counter[str] = Counter()
-
-
-def const(value: int) -> bytes:
-    return b"\xb8" + (value & 0xFFFFFFFF).to_bytes(4, "little") + b"\xc3"
 
 
 # --- the world: two allocators with bystander texts ----------------------------------------
@@ -82,7 +76,7 @@ class World:
     def check_bystanders(self) -> None:
         for t, v, fn in self.bystanders:
             assert t.state is TextState.LIVE
-            assert ctypes.string_at(t.address, 6) == const(v)
+            assert ctypes.string_at(t.address, CONST_SIZE) == const(v)
             assert fn() == v
 
     def victim(self, state: str) -> JitText:

@@ -1,5 +1,5 @@
 """Reliability of a text's whole life: use after free, free during calls, W^X for the
-whole process, fork and signals (native backend, x86-64).
+whole process, fork and signals (native backend).
 
 What is already covered elsewhere and not repeated here:
 ``test_public_api.py::test_free_during_a_call_defers_refill_and_quarantine`` (one caller),
@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
-import platform
 import signal
 import subprocess
 import sys
@@ -25,26 +24,19 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import programs as P
 import pytest
+from programs import const, traps
 
 import execmem
 from execmem import JitText, TextState, _gates
 from execmem._errors import ForkedProcessError, UseAfterFreeError
 from execmem.native import NativeBackend, _procmaps
 
-pytestmark = pytest.mark.skipif(
-    platform.machine().lower() not in ("x86_64", "amd64"), reason="test programs are x86-64 code"
-)
+pytestmark = P.needs_programs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = 1 << 16
-#: Spins until the 8 bytes at rdi are non-zero, then returns 7.
-SPIN = "spin: pause\ncmp qword ptr [rdi], 0\nje spin\nmov eax, 7\nret"
-
-
-def const(value: int) -> bytes:
-    """``mov eax, value; ret``."""
-    return b"\xb8" + (value & 0xFFFFFFFF).to_bytes(4, "little") + b"\xc3"
 
 
 def S(a: execmem.Allocator) -> dict[str, Any]:
@@ -119,7 +111,7 @@ def test_callable_made_before_free_refuses_after_free_even_after_va_reuse() -> N
             others.append(u)
         assert reused is not None, "the freed address never came back"
         new_fn = reused.function(ctypes.c_int)
-        assert new_fn() == reused.read()[1]  # the new code runs at the old address
+        assert new_fn() == 100 + k  # the new code runs at the old address
         with pytest.raises(UseAfterFreeError):
             fn()  # the old callable still refuses: it is bound to the handle, not the VA
         # Every verb of the freed handle refuses clearly, and nothing changes.
@@ -139,7 +131,7 @@ def test_callable_made_before_free_refuses_after_free_even_after_va_reuse() -> N
             with pytest.raises(UseAfterFreeError):
                 verb()
         assert (S(a)["texts"], a.occupancy()) == before
-        assert new_fn() == reused.read()[1] and anchor.function(ctypes.c_int)() == 1
+        assert new_fn() == 100 + k and anchor.function(ctypes.c_int)() == 1
         print(f"\n[uaf] the freed address came back after {len(others) + 1} publishes")
 
 
@@ -159,8 +151,8 @@ def test_close_turns_every_callable_into_use_after_free() -> None:
 
 def _spin_text(a: execmem.Allocator) -> JitText:
     t = a.jit_text_alloc(64)
-    t.write(0, execmem.asm(SPIN, address=t.address))
-    t.write(32, execmem.asm(SPIN, address=t.address + 32))  # a second entry point
+    t.write(0, P.SPIN)  # spins until the 8 bytes at its argument are non-zero, returns 7
+    t.write(32, P.SPIN)  # a second entry point
     t.map()
     return t
 
@@ -216,7 +208,7 @@ def test_free_during_many_concurrent_calls_waits_for_the_last() -> None:
             assert S(a)["events"]["frees_deferred"] == 1
             assert S(a)["totals"]["quarantined_bytes"] >= 64
             live(a, 99)  # a publish into the mapped pack: an epoch
-            assert ctypes.string_at(t.address, 64) == b"\xcc" * 64
+            assert ctypes.string_at(t.address, 64) == traps(64)
             assert all(o.function(ctypes.c_int)() == 10 + k for k, o in enumerate(others))
         finally:
             for f in flags:
@@ -247,7 +239,7 @@ def test_jumping_into_freed_text_executes_only_traps() -> None:
         raw = t.address
         t.free()
         live(a, 2)  # a publish into the mapped pack: the epoch that refills the freed text
-        assert ctypes.string_at(raw, 64) == b"\xcc" * 64
+        assert ctypes.string_at(raw, 64) == traps(64)
         status = _fork(lambda: ctypes.CFUNCTYPE(ctypes.c_int)(raw)() and 0)
         assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGTRAP
 
@@ -341,7 +333,7 @@ def test_the_spy_sees_closures(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def _workload(mode: str, scan: Callable[[str], None], capsys: pytest.CaptureFixture[str]) -> None:
-    from jit_examples import bf, bpf, calc
+    from execmem.examples import bf, bpf, calc
 
     with allocator(mode) as a:
         texts = [live(a, k) for k in range(8)]
@@ -360,10 +352,11 @@ def _workload(mode: str, scan: Callable[[str], None], capsys: pytest.CaptureFixt
         scan(f"{mode}: batch")
         execmem.publish(p for p in [a.jit_text_alloc(16)])
         if mode == "dual":
-            v = a.jit_text_alloc(16)
-            v.write(0, execmem.asm("mov eax, 1\nret", address=v.address))
+            switch = P.Switch((1, 2))
+            v = a.jit_text_alloc(len(switch.code(0)))
+            v.write(0, switch.code(v.address))
             v.map()
-            v.update(0, execmem.asm("mov eax, 2", address=v.address))
+            v.update(0, switch.patch(1, v.address))
             assert v.function(ctypes.c_int)() == 2
             scan(f"{mode}: update")
         for t in texts[::2]:
@@ -371,12 +364,13 @@ def _workload(mode: str, scan: Callable[[str], None], capsys: pytest.CaptureFixt
         scan(f"{mode}: free")
         assert all(m.function(ctypes.c_int)() == 200 + k for k, m in enumerate(more))
     scan(f"{mode}: close")
-    jit = bf.JIT()
-    assert jit.compile("++++++++[>++++++++<-]>+.")() == b"A"
-    scan("bf")
-    assert bpf.main([]) == 0
-    capsys.readouterr()
-    scan("bpf")
+    if P.HOST.name == "x86_64":  # the bf and bpf examples compile to x86-64 only
+        jit = bf.JIT()
+        assert jit.compile("++++++++[>++++++++<-]>+.")() == b"A"
+        scan("bf")
+        assert bpf.main([]) == 0
+        capsys.readouterr()
+        scan("bpf")
     with calc.Compiler() as c:
         assert c.compile("1 + 2 * x")(x=20) == 41
     scan("calc")
@@ -409,7 +403,7 @@ def test_no_writable_and_executable_memory_and_no_closures(
                 wx_elsewhere.add(v.path or "[anon]")
 
     import execmem.emu  # noqa: F401  (imports Unicorn, whose hook prototypes are module globals)
-    from jit_examples import bf, bpf, calc  # noqa: F401
+    from execmem.examples import bf, bpf, calc  # noqa: F401
 
     spy = Closures()
     with spy.watch(monkeypatch):
@@ -470,7 +464,7 @@ def test_allocator_in_a_forked_child_refuses_and_parent_is_untouched(mode: str) 
             return failures
 
         assert _exited(_fork(child))
-        assert fn() == 42 and t.read()[:6] == const(42)
+        assert fn() == 42 and t.read()[: P.CONST_SIZE] == const(42)
         r.write(0, const(8))
         r.map()
         assert r.function(ctypes.c_int)() == 8
@@ -485,7 +479,7 @@ def _child_overwrites_code(address: int) -> Callable[[], int]:
         page = address & ~4095
         if libc.mprotect(page, 4096, 3) != 0:  # PROT_READ | PROT_WRITE
             return 0  # refused: the child cannot write the code
-        ctypes.memmove(address + 1, b"\x63", 1)  # mov eax, 99
+        ctypes.memmove(address, const(99), P.CONST_SIZE)
         return 0
 
     return child
@@ -554,12 +548,12 @@ def test_python_signal_handler_runs_after_a_long_jit_call_returns() -> None:
         from execmem.native import NativeBackend
         a = execmem.Allocator(backend=NativeBackend(), pack_size=1 << 16)
         b = execmem.Allocator(backend=NativeBackend(), pack_size=1 << 16)
-        t = a.jit_text_alloc(32); t.write(0, execmem.asm({SPIN!r}, address=t.address)); t.map()
+        t = a.jit_text_alloc(32); t.write(0, bytes.fromhex({P.SPIN.hex()!r})); t.map()
         fn = t.function(ctypes.c_int, ctypes.c_void_p)
         flag = ctypes.c_uint64(0)
         ran = []
         def handler(signum, frame):
-            u = b.jit_text_alloc(16); u.write(0, b"\\xb8\\x05\\0\\0\\0\\xc3"); u.map()
+            u = b.jit_text_alloc(16); u.write(0, bytes.fromhex({const(5).hex()!r})); u.map()
             assert u.function(ctypes.c_int)() == 5
             u.free()
             ran.append(time.monotonic())
@@ -591,7 +585,7 @@ def test_signal_handler_reentering_the_allocator() -> None:
         import ctypes, signal, time, execmem
         from execmem.native import NativeBackend
         a = execmem.Allocator(backend=NativeBackend(), pack_size=1 << 16)
-        code = lambda v: b"\\xb8" + v.to_bytes(4, "little") + b"\\xc3"
+        from tests.programs import const as code
         w = [a.jit_text_alloc(16) for _ in range(2)]
         for t in w: t.write(0, code(1)); t.map()  # warm: the second publish selects membarrier
         keep, errors, runs = [], [], [0]
@@ -634,20 +628,20 @@ def test_signal_handler_calling_asm_during_asm() -> None:
     r = _run_script(
         """
         import signal, time, execmem
-        execmem.asm("nop")
+        execmem.asm("nop", "x86_64")
         runs = [0]
         def handler(signum, frame):
             try:
-                assert execmem.asm("nop") == b"\\x90"; runs[0] += 1
+                assert execmem.asm("nop", "x86_64") == b"\\x90"; runs[0] += 1
             finally:
                 signal.setitimer(signal.ITIMER_REAL, 0.0003)
         signal.signal(signal.SIGALRM, handler)
         signal.setitimer(signal.ITIMER_REAL, 0.0003)
         end = time.monotonic() + 2
         while time.monotonic() < end:
-            assert execmem.asm("mov eax, 1\\nret") == b"\\xb8\\x01\\0\\0\\0\\xc3"
+            assert execmem.asm("mov eax, 1\\nret", "x86_64") == b"\\xb8\\x01\\0\\0\\0\\xc3"
             try:  # a failing call reads Keystone's errno after ks_asm: must stay its own
-                execmem.asm("nop\\nbogus")
+                execmem.asm("nop\\nbogus", "x86_64")
             except execmem.AssemblyError as e:
                 assert "line 2" in str(e) and "mnemonic" in str(e).lower(), e
         signal.signal(signal.SIGALRM, signal.SIG_IGN)  # a handler pending now must not re-arm the timer
@@ -746,7 +740,7 @@ def test_mprotect_free_never_stops_a_text_running_on_the_same_page() -> None:
     def child() -> int:
         with allocator("mprotect") as a:
             texts = a.jit_text_alloc_many([64] * 8)  # densely packed: one page
-            codes = [execmem.asm(SPIN)] + [const(10 + k) for k in range(1, 8)]
+            codes = [P.SPIN] + [const(10 + k) for k in range(1, 8)]
             a.publish(texts, codes)
             fn = texts[0].function(ctypes.c_int, ctypes.c_void_p)
             flag = ctypes.c_uint64(0)
@@ -763,7 +757,7 @@ def test_mprotect_free_never_stops_a_text_running_on_the_same_page() -> None:
             u = a.jit_text_alloc(4096, 4096)
             u.write(0, const(1))
             u.map()  # a publish into the mapped pack (its own page): an epoch
-            refilled = ctypes.string_at(texts[0].address, 64 * 8) == b"\xcc" * 64 * 8
+            refilled = ctypes.string_at(texts[0].address, 64 * 8) == traps(64 * 8)
             return 0 if out == [7] and kept and refilled else 3
 
     assert _exited(_fork(child))

@@ -393,7 +393,7 @@ class Run:
         m = self.m
         for c in (0, 1):
             if st_.cpus[c].faults:
-                pc, kind = st_.cpus[c].faults[0]
+                pc, kind, _ = st_.cpus[c].faults[0]
                 return f"CPU{c} {kind} at {pc:#x}"
         results = _READER_REGS[self.arch][5]
         for r in range(1, self.rounds + 1):
@@ -412,7 +412,7 @@ class Run:
         _, last = self.m.replay(schedule)
         for c in (0, 1):
             if last.cpus[c].faults:
-                pc, kind = last.cpus[c].faults[0]
+                pc, kind, _ = last.cpus[c].faults[0]
                 return f"CPU{c} {kind} at {pc:#x}"
         return "deadlock: every CPU blocked"
 

@@ -11,11 +11,13 @@ import pytest
 
 from execmem.bench import soak
 
-pytestmark = pytest.mark.skipif(
-    platform.machine().lower() not in ("x86_64", "amd64"), reason="test programs are x86-64 code"
+x86_soak = pytest.mark.skipif(
+    platform.machine().lower() not in ("x86_64", "amd64"),
+    reason="the soak runner (execmem.bench.soak) generates and live-patches x86-64 code only",
 )
 
 
+@x86_soak
 @pytest.mark.parametrize("mode", ["dual", "mprotect"])
 def test_soak_10k_is_bounded(mode: str) -> None:
     report = soak.run_soak(10_000, mode, seed=3)
@@ -48,6 +50,7 @@ def test_verdict_flags_growth_and_tolerates_noise() -> None:
     assert not soak.verdict(flat[:5])["bounded"]  # too few samples to judge
 
 
+@x86_soak
 def test_cli_json(capsys: pytest.CaptureFixture[str]) -> None:
     assert soak.main(["--ops", "2000", "--sample-every", "100", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)

@@ -123,3 +123,28 @@ def test_stats_command_errors_are_one_line(capsys: pytest.CaptureFixture[str], t
     assert main(["stats", "--png", str(tmp_path / "missing" / "x.png")]) == 1
     err = capsys.readouterr().err
     assert err.startswith("execmem: error: cannot write") and err.count("\n") == 1
+
+
+def test_text_table_lists_texts_by_name_in_address_order() -> None:
+    a = _allocator()
+    texts = a.jit_text_alloc_many([64, 16, 200], names=["alpha", None, "gamma"])
+    texts[0].map()
+    texts[2].free()
+    table = _stats_cli.text_table(a).splitlines()
+    assert table[0] == "texts by name (2, in address order):"
+    assert table[2].split() == [f"{texts[0].address:#018x}", "64", "LIVE", "alpha"]
+    assert table[3].split() == [f"{texts[1].address:#018x}", "16", "RESERVED", f"jit_{texts[1].address:x}"]
+    assert _stats_cli.text_table(a, 1).splitlines()[-1] == "  ... 1 more (--texts all lists them)"
+
+
+def test_stats_command_lists_the_workloads_texts(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["stats", "--texts", "all"]) == 0
+    out = capsys.readouterr().out
+    count = int(re.search(r"^texts by name \((\d+), in address order\):$", out, re.MULTILINE)[1])  # type: ignore[index]
+    rows = re.findall(r"^  (0x[0-9a-f]{16}) +(\d+)  LIVE +(\S+)$", out, re.MULTILINE)
+    assert len(rows) == count and re.search(r"LIVE \d+", out)[0] == f"LIVE {count}"  # type: ignore[index]
+    assert [int(r[0], 16) for r in rows] == sorted(int(r[0], 16) for r in rows)
+    names = {r[2] for r in rows}
+    assert "big0" in names and {n.split("_")[0] for n in names} == {"big0", "first", "second"}
+    assert main(["stats", "--texts", "0"]) == 0
+    assert "texts by name" not in capsys.readouterr().out

@@ -66,7 +66,8 @@ def test_a_replayed_counterexample_reproduces_its_hazard(variant_id: str) -> Non
 
 def test_full_exploration_of_an_unsafe_variant_counts_schedules() -> None:
     result = run_variant(find("tlb-async-flush/x86_64/async"), first_witness=False)
-    assert result.observed == "unsafe" and result.complete and result.schedules > 100
+    first = run_variant(find("tlb-async-flush/x86_64/async"))
+    assert result.observed == "unsafe" and result.complete and result.schedules > 10 * first.schedules
 
 
 def cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:

@@ -1,15 +1,20 @@
-"""The baseline the benchmark compares execmem with: the usual Python recipe.
+"""The two baselines the benchmark compares execmem with, both what Python JITs do.
 
-One anonymous ``mmap`` per function (read+write), the code copied in, then
-``mprotect(PROT_READ | PROT_EXEC)``; ``munmap`` on free.  It goes to libc through
-``ctypes`` directly - nothing of execmem is used - and counts its own system calls.
+:class:`BaselineJit` (``baseline``, "naive"): one anonymous ``mmap`` per function
+(read+write), the code copied in, then ``mprotect(PROT_READ | PROT_EXEC)``; ``munmap``
+on free.  It is what most mmap+ctypes recipes do once they stop mapping RWX.
 
-It is what most mmap+ctypes recipes do once they stop mapping RWX, and it is
-**unsafe** for other threads: nothing makes a thread that may run the code take a
-serializing / context-synchronization event, and on arm64 ``mprotect`` does no cache
-maintenance for anonymous memory (the kernel cleans and invalidates caches only for
-pages it maps itself, seeds/004), so the I-cache may still hold stale lines.  The
-benchmark does not add what it lacks; it says so.
+:class:`RwxBump` (``rwx-bump``, "the floor"): one read+write+execute mapping made
+once, a bump pointer, one ``memmove`` per function, nothing on free (a bump pointer
+never reuses memory).  What quick Python JIT hacks do; nothing can be cheaper per
+function, and it gives up W^X entirely.
+
+Both go to libc through ``ctypes`` directly - nothing of execmem is used - and count
+their own system calls.  Both are **unsafe** for other threads: nothing makes a thread
+that may run the code take a serializing / context-synchronization event, and on arm64
+nothing does cache maintenance for anonymous memory (the kernel cleans and invalidates
+caches only for pages it maps itself, seeds/004), so the I-cache may still hold stale
+lines.  The benchmark does not add what they lack; it says so.
 """
 
 from __future__ import annotations
@@ -87,4 +92,38 @@ class BaselineJit:
             self.free(address)
 
 
-__all__ = ["BaselineJit"]
+class RwxBump:
+    """One RWX mapping of ``capacity`` bytes (made here, not timed), a bump pointer,
+    functions 16-byte aligned; ``free`` does nothing."""
+
+    def __init__(self, capacity: int) -> None:
+        page = mmap.PAGESIZE
+        self.size = max(page, -(-capacity // page) * page)
+        self.syscalls: Counter[str] = Counter({"mmap": 1})
+        address = _mmap(None, self.size, PROT_READ | PROT_WRITE | PROT_EXEC, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)
+        if address is None or address == MAP_FAILED:
+            raise _fail("mmap")
+        self.base = self.top = int(address)
+
+    def publish(self, code: bytes) -> int:
+        """Copy ``code`` at the bump pointer and return its address."""
+        address = self.top
+        if address + len(code) > self.base + self.size:
+            raise SystemCallError(12, "baseline rwx-bump mapping is full")  # ENOMEM
+        ctypes.memmove(address, code, len(code))
+        self.top = address + (len(code) + 15) // 16 * 16
+        return address
+
+    def free(self, address: int) -> None:
+        """Nothing: a bump pointer never reuses memory."""
+
+    def ranges(self) -> list[tuple[int, int]]:
+        return [(self.base, self.size)]
+
+    def close(self) -> None:
+        if self.base:
+            _munmap(self.base, self.size)
+            self.base = 0
+
+
+__all__ = ["BaselineJit", "RwxBump"]

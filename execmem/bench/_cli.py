@@ -1,7 +1,8 @@
 """``execmem bench [--json] [--quick] [--plot FILE] [--markdown FILE] [--mode M]``
 
-execmem against the usual mmap + mprotect per function, measured side by side in one
-run (``_publish``), and the modeled machine against raw Unicorn (``_model``).
+execmem against the usual mmap + mprotect per function and against one RWX mapping
+with a bump pointer, measured side by side in one run (``_publish``), fork with packs
+mapped (``_fork``), and the modeled machine against raw Unicorn (``_model``).
 Ratios are between medians of the same run; the targets are printed as PASS/FAIL
 lines and never asserted.  ``--quick`` (N = 100 and 1000, fewer repeats, five
 litmus tests) only checks that everything works.
@@ -19,11 +20,11 @@ from typing import Any
 
 from execmem import __version__
 from execmem._errors import ExecmemError
-from execmem.bench import _model, _publish, _report
+from execmem.bench import _debuginfo, _fork, _model, _publish, _report
 from execmem.bench._measure import Progress, machine, revision
 
-FULL = {"sizes": (100, 1000, 10_000), "repeats": 5, "churn_ops": 20_000, "calls": 200_000}
-QUICK = {"sizes": (100, 1000), "repeats": 2, "churn_ops": 2_000, "calls": 20_000}
+FULL = {"sizes": (100, 1000, 10_000), "repeats": 5, "churn_ops": 20_000, "calls": 200_000, "fork_packs": (0, 1, 4, 16), "fork_repeats": 11}
+QUICK = {"sizes": (100, 1000), "repeats": 2, "churn_ops": 2_000, "calls": 20_000, "fork_packs": (0, 1), "fork_repeats": 3}
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -34,7 +35,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--markdown", metavar="FILE", help="also write the table as a Markdown page (docs/bench.md)")
     parser.add_argument("--mode", choices=("dual", "mprotect", "rwx"), default="dual", help="execmem's native mode (default: dual)")
     parser.add_argument("--repeats", type=int, help="repeats per measurement (default: 5, quick: 2)")
-    parser.add_argument("--litmus", metavar="DIR", help="litmus catalog folder (default: ../shared/litmus/aarch64-ifetch)")
+    parser.add_argument("--litmus", metavar="DIR", help="litmus catalog folder (default: tests/data/herd/aarch64-ifetch of the checkout)")
 
 
 def collect(args: argparse.Namespace) -> dict[str, Any]:
@@ -47,12 +48,16 @@ def collect(args: argparse.Namespace) -> dict[str, Any]:
     catalog = _model.find_catalog(args.litmus)
     if args.litmus and (catalog is None or not catalog.is_dir()):
         raise ExecmemError(f"{args.litmus}: no such litmus folder")
-    steps = repeats * len(sizes) * 3 + repeats * 2 + repeats + 2 + 2
+    packs: tuple[int, ...] = plan["fork_packs"]  # type: ignore[assignment]
+    modes, baselines = len(_publish.MODES), len(_publish.BASELINES)
+    steps = repeats * len(sizes) * modes + repeats * (1 + baselines) + repeats + len(packs) + 2 + 2 + repeats
     progress = Progress(steps, enabled=None)
     try:
         publish = _publish.publish_benchmark(sizes, repeats, mode=args.mode, step=progress.step)
         churn = _publish.churn_benchmark(int(plan["churn_ops"]), repeats, mode=args.mode, step=progress.step)  # type: ignore[call-overload]
         call = _publish.call_benchmark(int(plan["calls"]), repeats, mode=args.mode, step=progress.step)  # type: ignore[call-overload]
+        debuginfo = _debuginfo.debuginfo_benchmark(min(sizes[-1], 1000), repeats, mode=args.mode, step=progress.step)
+        fork = _fork.fork_benchmark(packs, int(plan["fork_repeats"]), mode=args.mode, step=progress.step)  # type: ignore[call-overload]
         emu = _model.emulator(quick=args.quick, step=progress.step)
         litmus = _model.litmus(catalog, quick=args.quick, step=progress.step)
     finally:
@@ -77,6 +82,8 @@ def collect(args: argparse.Namespace) -> dict[str, Any]:
         "baseline_note": _report.BASELINE_NOTE,
         "churn": churn,
         "call": call,
+        "debuginfo": debuginfo,
+        "fork": fork,
         "emu_ratio_vs_raw": emu["emu_ratio_vs_raw"],
         "emu": emu,
         "litmus": litmus,

@@ -17,16 +17,36 @@ from dataclasses import dataclass
 import unicorn
 
 from execmem import arch as _arch
+from execmem._errors import UnsupportedError
 from execmem.emu import Machine, MachineState
 from execmem.emu._machine import assemble
 
-LOOPS = {
-    "arm64": "movz x1, #{lo}\nmovk x1, #{hi}, lsl #16\nloop: add x0, x0, x1\neor x3, x0, x1\nsubs x1, x1, #1\nb.ne loop\nend: nop",
-    "x86_64": "mov rcx, {n}\nloop: add rax, rcx\nxor rdx, rax\ndec rcx\njnz loop\nend: nop",
-}
-#: Instructions the loop executes for n iterations (4 per iteration plus set-up).
-def _instructions(arch: str, n: int) -> int:
-    return 4 * n + (2 if arch == "arm64" else 1)
+
+def modeled() -> tuple[str, ...]:
+    """The architectures the modeled machine runs (their ``*_isa`` has a bench loop)."""
+    out = []
+    for name in _arch.names():
+        try:
+            isa = _arch.isa(_arch.get(name))
+        except UnsupportedError:
+            continue
+        if hasattr(isa, "BENCH_LOOP"):
+            out.append(name)
+    return tuple(out)
+
+
+def _instructions(arch: str, code: bytes, labels: dict[str, int], base: int, n: int) -> int:
+    """Instructions the loop executes in ``n`` iterations (set-up + n * body)."""
+    isa = _arch.isa(_arch.get(arch))
+
+    def count(start: int, stop: int) -> int:
+        k = 0
+        while start < stop:
+            start += max(isa.decode_bytes(code[start - base :]).length, 1)
+            k += 1
+        return k
+
+    return count(base, labels["loop"]) + n * count(labels["loop"], labels["end"])
 
 
 @dataclass
@@ -62,9 +82,10 @@ def _raw(arch: str, code: bytes, labels: dict[str, int], base: int) -> float:
 
 
 def guest_throughput(arch: str, *, iterations: int = 2_000_000, repeats: int = 5) -> Throughput:
-    src = LOOPS[arch].format(n=iterations, lo=iterations & 0xFFFF, hi=iterations >> 16)
+    spec = _arch.get(arch)
+    src = _arch.isa(spec).BENCH_LOOP.format(n=iterations, lo=iterations & 0xFFFF, hi=iterations >> 16)
     base = 0x10_0000
-    code, labels = assemble(_arch.get(arch), src, base)
+    code, labels = assemble(spec, src, base)
     raw, model = [], []
     for _ in range(repeats):
         raw.append(_raw(arch, code, labels, base))
@@ -74,7 +95,8 @@ def guest_throughput(arch: str, *, iterations: int = 2_000_000, repeats: int = 5
         started = time.perf_counter()
         m.run_sequential()
         model.append(time.perf_counter() - started)
-    return Throughput(arch, _instructions(arch, iterations), statistics.median(raw), statistics.median(model))
+    instructions = _instructions(arch, code, labels, base, iterations)
+    return Throughput(arch, instructions, statistics.median(raw), statistics.median(model))
 
 
 def exploration_time(*, repeats: int = 5) -> tuple[float, int]:
@@ -101,7 +123,7 @@ def exploration_time(*, repeats: int = 5) -> tuple[float, int]:
 
 
 if __name__ == "__main__":
-    for arch in ("arm64", "x86_64"):
+    for arch in modeled():
         t = guest_throughput(arch)
         print(f"{arch}: raw {t.raw_mips:.0f} M insn/s, modeled {t.model_mips:.0f} M insn/s, ratio {t.ratio:.2f}")
     seconds, states = exploration_time()

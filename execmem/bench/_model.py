@@ -13,12 +13,12 @@ from typing import Any
 from execmem.bench import _emu
 from execmem.bench._measure import Step
 
-#: Where the herd7 catalog lives beside the project (``../shared/litmus``).
-CATALOG = Path("..") / "shared" / "litmus" / "aarch64-ifetch"
+#: Where the checkout vendors herd7's catalog (with its NOTICE).
+CATALOG = Path("tests") / "data" / "herd" / "aarch64-ifetch"
 
 
 def find_catalog(explicit: str | None = None) -> Path | None:
-    """The catalog folder: ``explicit``, else ``../shared/litmus/aarch64-ifetch``
+    """The catalog folder: ``explicit``, else ``tests/data/herd/aarch64-ifetch``
     relative to the project root (the checkout holding ``execmem/``), else to the cwd."""
     if explicit:
         return Path(explicit)
@@ -33,7 +33,7 @@ def find_catalog(explicit: str | None = None) -> Path | None:
 def emulator(*, quick: bool, step: Step | None = None) -> dict[str, Any]:
     iterations, repeats = (200_000, 3) if quick else (2_000_000, 5)
     out: dict[str, Any] = {}
-    for arch in ("arm64", "x86_64"):
+    for arch in _emu.modeled():
         if step is not None:
             step(f"modeled machine vs raw Unicorn, {arch}")
         t = _emu.guest_throughput(arch, iterations=iterations, repeats=repeats)

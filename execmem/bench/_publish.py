@@ -1,8 +1,11 @@
 """Native benchmarks: publishing N small functions, alloc/free churn, call overhead.
 
-Every measurement runs execmem and the baseline (``_baseline``: one mmap + write +
-mprotect per function) in the same process, interleaved repeat by repeat, and
-reports medians; ratios are taken between medians of the same run.
+Every measurement runs execmem and the baselines (``_baseline``: ``baseline``, one
+mmap + write + mprotect per function; ``rwx-bump``, one RWX mapping, a bump pointer
+and a memmove per function) in the same process, interleaved repeat by repeat, and
+reports medians; ratios are taken between medians of the same run.  A second, idle
+Python thread is alive throughout: execmem synchronizes other threads with membarrier,
+and the point is to count what that really costs.
 
 Publishing
     Functions are ``return k`` (``mov eax, k; ret`` on x86-64, ``movz``/``movk``/``ret``
@@ -11,19 +14,18 @@ Publishing
     Each execmem repeat starts a new allocator and publishes two warm-up texts
     (untimed) so its first pack is mapped and the ``remote_cse`` mechanism chosen and
     registered: the timed part is the steady state a JIT sees.  Modes: ``execmem``
-    (``jit_text_alloc`` + ``write`` + ``map`` per function), ``execmem-batched``
-    (one ``jit_text_alloc_many`` for all the sizes, then one ``publish(texts, codes)``:
-    what a JIT compiling a module does) and ``baseline``.  A second, idle Python thread is alive throughout: execmem skips
-    membarrier in a single-threaded process, and the point is to count what real
-    synchronization costs.
+    (``jit_text_alloc`` + ``write`` + ``map`` per function: one by one),
+    ``execmem-batched`` (one ``jit_text_alloc_many`` for all the sizes, then one
+    ``publish(texts, codes)``: what a JIT compiling a module does), ``baseline`` and
+    ``rwx-bump`` (its mapping is made before the timed part).  Then every function is
+    freed one by one, timed too (``rwx-bump`` frees nothing).
 Churn
     A seeded plan of allocations (16..4096 bytes, each written and published) and
-    frees of random live ones, replayed on execmem and on the baseline (mmap +
-    mprotect / munmap), single-threaded.
+    frees of random live ones, replayed on execmem and on both baselines.
 Calls
     A published function called through ``JitText.function`` (which counts calls in
-    flight so that ``free`` can defer reclaiming) versus a plain ctypes pointer to
-    the same address.
+    flight so that ``free`` can defer reclaiming) versus a plain ctypes pointer to the
+    same address, and to the same code published by each baseline.
 """
 
 from __future__ import annotations
@@ -39,11 +41,13 @@ from typing import Any, cast
 import execmem
 from execmem._errors import UnsupportedError
 from execmem.arch import ArchSpec, host
-from execmem.bench._baseline import BaselineJit
+from execmem.bench._baseline import BaselineJit, RwxBump
 from execmem.bench._measure import Step, count_vmas, idle_thread, median, memory_of, process_rss
 from execmem.native import NativeBackend
 
-MODES = ("execmem", "execmem-batched", "baseline")
+MODES = ("execmem", "execmem-batched", "baseline", "rwx-bump")
+#: The modes that are not execmem.
+BASELINES = ("baseline", "rwx-bump")
 
 # -- the functions ---------------------------------------------------------------------------
 
@@ -105,16 +109,11 @@ def functions(spec: ArchSpec, n: int, seed: int) -> list[tuple[bytes, int]]:
 # -- publishing ------------------------------------------------------------------------------
 
 
-def _syncs(runs: Mapping[str, int]) -> int:
-    """remote_cse runs that really ran (not skipped in a single-threaded process)."""
-    return sum(v for k, v in runs.items() if not k.startswith("skipped"))
-
-
 def _backend_counts(backend: NativeBackend) -> tuple[Counter[str], int]:
     stats = backend.stats()
     sync = stats["sync"]
     runs = sync.get("remote_cse_runs", {}) if isinstance(sync, dict) else {}
-    return Counter(cast(Mapping[str, int], stats["syscalls"])), _syncs(runs)
+    return Counter(cast(Mapping[str, int], stats["syscalls"])), sum(runs.values())
 
 
 def _live_bytes(allocator: execmem.Allocator) -> int:
@@ -192,10 +191,15 @@ def _publish_execmem(codes: Sequence[tuple[bytes, int]], *, batched: bool, mode:
     )
 
 
-def _publish_baseline(codes: Sequence[tuple[bytes, int]]) -> Sample:
+def _rwx_capacity(sizes: Sequence[int]) -> int:
+    """What a bump allocator needs for ``sizes`` (16-byte aligned functions)."""
+    return sum((size + 15) // 16 * 16 for size in sizes)
+
+
+def _publish_baseline(codes: Sequence[tuple[bytes, int]], *, rwx: bool = False) -> Sample:
     prototype = ctypes.CFUNCTYPE(ctypes.c_uint32)
     vmas0, rss0 = count_vmas(), process_rss()
-    jit = BaselineJit()
+    jit: BaselineJit | RwxBump = RwxBump(_rwx_capacity([len(code) for code, _ in codes])) if rwx else BaselineJit()
     try:
         started = time.perf_counter()
         addresses = [jit.publish(code) for code, _ in codes]
@@ -228,18 +232,20 @@ def publish_benchmark(
         for rep in range(repeats):
             for n in sizes:
                 codes = programs[n]
-                order = MODES[rep % 3 :] + MODES[: rep % 3]  # rotate: no mode always runs first
+                k = rep % len(MODES)
+                order = MODES[k:] + MODES[:k]  # rotate: no mode always runs first
                 for name in order:
                     if step is not None:
                         step(f"publish {n} functions, {name}, repeat {rep + 1}/{repeats}")
-                    if name == "baseline":
-                        sample = _publish_baseline(codes)
+                    if name in BASELINES:
+                        sample = _publish_baseline(codes, rwx=name == "rwx-bump")
                     else:
                         sample = _publish_execmem(codes, batched=name == "execmem-batched", mode=mode)
                     samples.setdefault((n, name), []).append(sample)
     rows = []
     for n in sizes:
         base = median([s.seconds for s in samples[(n, "baseline")]])
+        floor = median([s.seconds for s in samples[(n, "rwx-bump")]])
         for name in MODES:
             runs = samples[(n, name)]
             last = runs[-1]  # sizes, counts and VMAs do not vary between repeats
@@ -251,7 +257,9 @@ def publish_benchmark(
                     "mode": name,
                     "seconds_per_function": seconds / n,
                     "speedup_vs_baseline": base / seconds if seconds else float("inf"),
-                    "free_seconds_per_function": median([s.free_seconds for s in runs]) / n,
+                    "times_rwx_floor": seconds / floor if floor else float("inf"),
+                    # A bump pointer frees nothing: no free time to compare.
+                    "free_seconds_per_function": None if name == "rwx-bump" else median([s.free_seconds for s in runs]) / n,
                     "address_space_per_function": last.memory["address_space"] / n,
                     "executable_address_space_per_function": last.executable / n,
                     "footprint_per_function": last.footprint / n,
@@ -306,8 +314,8 @@ def _replay(plan: Sequence[int | float], alloc: Callable[[int], Any], free: Call
     return live
 
 
-def _churn_baseline(plan: Sequence[int | float], code: bytes) -> tuple[float, int]:
-    jit = BaselineJit()
+def _churn_baseline(plan: Sequence[int | float], code: bytes, *, rwx: bool = False) -> tuple[float, int]:
+    jit: BaselineJit | RwxBump = RwxBump(_rwx_capacity([op for op in plan if isinstance(op, int)])) if rwx else BaselineJit()
     try:
         started = time.perf_counter()
         _replay(plan, lambda size: jit.publish(code[:size]), jit.free)
@@ -357,32 +365,40 @@ def churn_benchmark(ops: int, repeats: int, *, mode: str = "dual", seed: int = 7
             i = int(op * len(sizes))
             sizes[i], sizes[-1] = sizes[-1], sizes[i]
             current -= sizes.pop()
-    times: dict[str, list[float]] = {"execmem": [], "baseline": []}
+    names = ("execmem", *BASELINES)
+    times: dict[str, list[float]] = {name: [] for name in names}
     syscalls: dict[str, int] = {}
     peak_execmem = 0
-    for rep in range(repeats):
-        for name in ("execmem", "baseline") if rep % 2 == 0 else ("baseline", "execmem"):
-            if step is not None:
-                step(f"churn {ops} operations, {name}, repeat {rep + 1}/{repeats}")
-            if name == "baseline":
-                seconds, syscalls[name] = _churn_baseline(plan, code)
-            else:
-                seconds, syscalls[name], peak_execmem = _churn_execmem(plan, code, mode)
-            times[name].append(seconds)
-    e, b = median(times["execmem"]), median(times["baseline"])
+    with idle_thread():
+        for rep in range(repeats):
+            k = rep % len(names)
+            for name in names[k:] + names[:k]:
+                if step is not None:
+                    step(f"churn {ops} operations, {name}, repeat {rep + 1}/{repeats}")
+                if name in BASELINES:
+                    seconds, syscalls[name] = _churn_baseline(plan, code, rwx=name == "rwx-bump")
+                else:
+                    seconds, syscalls[name], peak_execmem = _churn_execmem(plan, code, mode)
+                times[name].append(seconds)
+    e, b, r = (median(times[name]) for name in names)
     return {
         "operations": len(plan),
         "allocations": sum(isinstance(op, int) for op in plan),
         "seed": seed,
         "sizes": [16, 4096],
         "threads": 1,
+        "idle_thread": True,
         "execmem_ops_per_second": len(plan) / e,
         "baseline_ops_per_second": len(plan) / b,
+        "rwx_ops_per_second": len(plan) / r,
         "ratio": b / e,
+        "ratio_vs_rwx": r / e,
         "execmem_syscalls_per_op": syscalls["execmem"] / len(plan),
         "baseline_syscalls_per_op": syscalls["baseline"] / len(plan),
         "execmem_peak_executable_bytes": peak_execmem,
         "baseline_peak_executable_bytes": peak,
+        # A bump pointer keeps everything it ever handed out.
+        "rwx_peak_executable_bytes": _rwx_capacity([op for op in plan if isinstance(op, int)]),
         "repeats": repeats,
     }
 
@@ -391,40 +407,58 @@ def churn_benchmark(ops: int, repeats: int, *, mode: str = "dual", seed: int = 7
 
 
 def call_benchmark(calls: int, repeats: int, *, mode: str = "dual", step: Step | None = None) -> dict[str, Any]:
+    """ns per call of ``return 42``: through ``function()``, and through a plain ctypes
+    pointer to the same text, to the baseline's copy and to the RWX floor's copy."""
     spec = host()
     code = encoder(spec)(42)
     backend = NativeBackend(mode)
     allocator = execmem.Allocator(backend=backend)
+    naive, floor = BaselineJit(), RwxBump(len(code))
+    prototype = ctypes.CFUNCTYPE(ctypes.c_uint32)
     try:
         text = allocator.jit_text_alloc(len(code))
         text.write(0, code)
         text.map()
-        wrapped = text.function(ctypes.c_uint32)
-        plain = ctypes.CFUNCTYPE(ctypes.c_uint32)(text.address)
-        if wrapped() != 42 or plain() != 42:
+        callables: dict[str, Callable[[], Any]] = {
+            "function": text.function(ctypes.c_uint32),
+            "ctypes": prototype(text.address),
+            "baseline": prototype(naive.publish(code)),
+            "rwx-bump": prototype(floor.publish(code)),
+        }
+        if any(fn() != 42 for fn in callables.values()):
             raise UnsupportedError("the call benchmark's function did not return 42")
-        times: dict[str, list[float]] = {"function": [], "ctypes": []}
+        times: dict[str, list[float]] = {name: [] for name in callables}
         loop = range(calls)
-        for rep in range(repeats):
-            if step is not None:
-                step(f"{calls} calls, repeat {rep + 1}/{repeats}")
-            pairs: list[tuple[str, Callable[[], Any]]] = [("function", wrapped), ("ctypes", plain)]
-            for name, fn in pairs if rep % 2 == 0 else pairs[::-1]:
-                started = time.perf_counter()
-                for _ in loop:
-                    fn()
-                times[name].append(time.perf_counter() - started)
+        names = list(callables)
+        with idle_thread():
+            for rep in range(repeats):
+                if step is not None:
+                    step(f"{calls} calls, repeat {rep + 1}/{repeats}")
+                k = rep % len(names)
+                for name in names[k:] + names[:k]:
+                    fn = callables[name]
+                    started = time.perf_counter()
+                    for _ in loop:
+                        fn()
+                    times[name].append(time.perf_counter() - started)
     finally:
         allocator.close()
         backend.close()
-    f, c = median(times["function"]), median(times["ctypes"])
+        naive.close()
+        floor.close()
+    ns = {name: median(values) / calls * 1e9 for name, values in times.items()}
     return {
         "calls": calls,
-        "function_ns_per_call": f / calls * 1e9,
-        "ctypes_ns_per_call": c / calls * 1e9,
-        "ratio": f / c,
+        "function_ns_per_call": ns["function"],
+        "ctypes_ns_per_call": ns["ctypes"],
+        "baseline_ns_per_call": ns["baseline"],
+        "rwx_ns_per_call": ns["rwx-bump"],
+        "ratio": ns["function"] / ns["ctypes"],
+        "ratio_vs_baseline": ns["function"] / ns["baseline"],
+        "ratio_vs_rwx": ns["function"] / ns["rwx-bump"],
+        "idle_thread": True,
         "repeats": repeats,
     }
 
 
-__all__ = ["MODES", "call_benchmark", "churn_benchmark", "churn_plan", "encoder", "functions", "publish_benchmark"]
+__all__ = ["BASELINES", "MODES", "call_benchmark", "churn_benchmark", "churn_plan", "encoder", "functions", "publish_benchmark"]

@@ -6,12 +6,13 @@ import textwrap
 from typing import Any
 
 from execmem._errors import ExecmemError
+from execmem.bench import _debuginfo
 from execmem.bench._measure import describe_machine
 
 BASELINE_NOTE = (
-    "The baseline is UNSAFE for other threads: it makes no thread that may run the code "
-    "take a serializing / context-synchronization event, and on arm64 its mprotect does "
-    "no cache maintenance for anonymous memory. execmem does both (syncs/fn)."
+    "Both baselines are UNSAFE for other threads: they make no thread that may run the code "
+    "take a serializing / context-synchronization event, and on arm64 they do no cache "
+    "maintenance for anonymous memory; rwx-bump also gives up W^X. execmem does all three (syncs/fn)."
 )
 
 
@@ -57,7 +58,7 @@ def targets(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
         "threshold": 1,
         "detail": "remote_cse runs (membarrier) per published batch, idle second thread alive",
     }
-    vmas = {f"{r['mode']} {r['n']}": r["vmas_own"] for r in report["publish"] if r["mode"] != "baseline"}
+    vmas = {f"{r['mode']} {r['n']}": r["vmas_own"] for r in report["publish"] if r["mode"].startswith("execmem")}
     out["vmas_flat_in_n"] = {
         "pass": len(set(vmas.values())) == 1,
         "value": vmas,
@@ -65,6 +66,57 @@ def targets(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
     }
     bad = [f"{r['mode']} {r['n']}" for r in report["publish"] if r["calls_ok"] != r["calls"]]
     out["every_function_returns_its_value"] = {"pass": not bad, "value": bad or "all", "detail": "one call each"}
+    out.update(_hot_path_targets(report, n))
+    return out
+
+
+def _at_least(value: float, threshold: float, detail: str, n: int | None = None) -> dict[str, Any]:
+    return {"pass": value >= threshold, "value": value, "threshold": threshold, "detail": detail, **({"n": n} if n else {})}
+
+
+def _at_most(value: float, threshold: float, detail: str, n: int | None = None) -> dict[str, Any]:
+    return {"pass": value <= threshold, "value": value, "threshold": threshold, "at_most": True, "detail": detail,
+            **({"n": n} if n else {})}
+
+
+def _hot_path_targets(report: dict[str, Any], n: int) -> dict[str, dict[str, Any]]:
+    """Issue 12's targets: one-by-one publish, batched against both baselines, calls,
+    churn and free (each where the report has what it needs)."""
+    out: dict[str, dict[str, Any]] = {}
+    rows = {r["mode"]: r for r in report["publish"] if r["n"] == n}
+    base, one, batched, floor = (rows.get(m) for m in ("baseline", "execmem", "execmem-batched", "rwx-bump"))
+
+    def us(row: dict[str, Any]) -> str:
+        return f"{row['seconds_per_function'] * 1e6:.2f} us/fn"
+
+    if base and one:
+        out["one_by_one_publish_2x_faster"] = _at_least(
+            base["seconds_per_function"] / one["seconds_per_function"], 2, f"baseline {us(base)}, execmem one by one {us(one)}", n
+        )
+    if base and batched:
+        out["batched_publish_15x_faster"] = _at_least(
+            base["seconds_per_function"] / batched["seconds_per_function"], 15, f"baseline {us(base)}, batched {us(batched)}", n
+        )
+    if floor and batched:
+        out["batched_within_3x_of_rwx_floor"] = _at_most(
+            batched["seconds_per_function"] / floor["seconds_per_function"], 3,
+            f"time of batched / time of rwx-bump: batched {us(batched)}, rwx-bump {us(floor)}", n,
+        )
+    call = report.get("call")
+    if call:
+        out["call_within_1_5x_of_ctypes"] = _at_most(
+            call["ratio"], 1.5, f"function() {call['function_ns_per_call']:.0f} ns, ctypes pointer {call['ctypes_ns_per_call']:.0f} ns"
+        )
+    churn = report.get("churn")
+    if churn:
+        out["churn_at_least_naive"] = _at_least(
+            churn["ratio"], 1, f"execmem {churn['execmem_ops_per_second']:,.0f} ops/s, baseline {churn['baseline_ops_per_second']:,.0f} ops/s"
+        )
+    if base and one and one.get("free_seconds_per_function") and base.get("free_seconds_per_function"):
+        free, munmap = one["free_seconds_per_function"], base["free_seconds_per_function"]
+        out["free_at_most_munmap"] = _at_most(
+            free / munmap, 1, f"time of free() / time of munmap: execmem {free * 1e6:.2f} us/fn, munmap {munmap * 1e6:.2f} us/fn", n
+        )
     return out
 
 
@@ -87,9 +139,9 @@ def table(report: dict[str, Any]) -> str:
         f"huge pages obtained: {(cfg.get('huge_pages_obtained_bytes') or 0) >> 10} KiB"
     )
     lines.append("")
-    lines.append("Publishing N functions of 16-64 bytes; a second, idle Python thread is alive, so")
-    lines.append("execmem's membarrier really runs (it is skipped in a single-threaded process).")
-    head = ("N", "mode", "us/fn", "vs base", "VA B/fn", "exec VA", "chunks", "RSS B/fn", "PSS B/fn", "VMAs own", "VMAs proc", "syscalls/fn", "syncs/fn", "calls ok")
+    lines.append("Publishing N functions of 16-64 bytes, with a second, idle Python thread alive (every")
+    lines.append("measurement here has one), so that execmem's membarrier has another thread to serialize.")
+    head = ("N", "mode", "us/fn", "vs base", "x floor", "VA B/fn", "exec VA", "chunks", "RSS B/fn", "PSS B/fn", "VMAs own", "VMAs proc", "syscalls/fn", "syncs/fn", "calls ok")
     rows = []
     for r in report["publish"]:
         rows.append(
@@ -98,6 +150,7 @@ def table(report: dict[str, Any]) -> str:
                 r["mode"],
                 f"{r['seconds_per_function'] * 1e6:.2f}",
                 f"{r['speedup_vs_baseline']:.2f}x",
+                f"{r['times_rwx_floor']:.2f}",
                 _size(r["address_space_per_function"]),
                 _size(r["executable_address_space_per_function"]),
                 _size(r["footprint_per_function"]),
@@ -116,33 +169,62 @@ def table(report: dict[str, Any]) -> str:
         cells = [c.ljust(w) if i in left else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))]
         lines.append("  " + "  ".join(cells))
     lines.append("  us/fn: alloc + write + publish, per function (warm allocator: first pack mapped, membarrier registered).")
+    lines.append("  vs base: speed-up over the baseline (mmap + write + mprotect each); x floor: time over rwx-bump's")
+    lines.append("  (one RWX mapping, a bump pointer, a memmove each: the floor, with no W^X and no synchronization).")
     lines.append("  VA: bytes of all the mode's mappings (execmem: its packs, as mapped so far); exec VA: executable part;")
     lines.append("  chunks: bytes of pack chunks the functions took (the baseline: its pages), what more N would cost.")
     lines.append("  RSS, PSS: resident bytes of those mappings (PSS splits shared pages); VMAs own: VMAs of them;")
     lines.append("  VMAs proc: whole process after publishing (delta from before). syncs: remote_cse (membarrier) runs.")
     lines.extend(textwrap.wrap(BASELINE_NOTE, 104, initial_indent="  ", subsequent_indent="  "))
+    largest = max(x["n"] for x in report["publish"])
     free = ", ".join(
-        f"{r['mode']} {r['free_seconds_per_function'] * 1e6:.1f}" for r in report["publish"] if r["n"] == max(x["n"] for x in report["publish"])
+        f"{r['mode']} {r['free_seconds_per_function'] * 1e6:.2f}" if r["free_seconds_per_function"] is not None
+        else f"{r['mode']} - (never frees)"
+        for r in report["publish"] if r["n"] == largest
     )
-    lines.append(f"  free, us/fn at the largest N: {free}")
+    lines.append(f"  free one by one, us/fn at N={largest:,} (baseline: munmap): {free}")
     c = report["churn"]
     lines.append("")
     lines.append(
         f"Alloc/free churn: {c['operations']:,} operations ({c['allocations']:,} allocations of 16..4096 bytes, "
-        f"each written and published; seed {c['seed']}; single thread)"
+        f"each written and published; frees of random live ones; seed {c['seed']}; an idle second thread alive)"
     )
     lines.append(
-        f"  execmem {c['execmem_ops_per_second']:,.0f} ops/s, baseline {c['baseline_ops_per_second']:,.0f} ops/s: "
-        f"{c['ratio']:.2f}x; syscalls/op {c['execmem_syscalls_per_op']:.4f} vs {c['baseline_syscalls_per_op']:.4f}; "
-        f"peak executable VA {c['execmem_peak_executable_bytes'] >> 10:,} KiB vs {c['baseline_peak_executable_bytes'] >> 10:,} KiB"
+        f"  execmem {c['execmem_ops_per_second']:,.0f} ops/s, baseline {c['baseline_ops_per_second']:,.0f} ops/s "
+        f"({c['ratio']:.2f}x), rwx-bump {c['rwx_ops_per_second']:,.0f} ops/s ({c['ratio_vs_rwx']:.2f}x); "
+        f"syscalls/op {c['execmem_syscalls_per_op']:.4f} vs {c['baseline_syscalls_per_op']:.4f}"
+    )
+    lines.append(
+        f"  peak executable VA: execmem {c['execmem_peak_executable_bytes'] >> 10:,} KiB, baseline "
+        f"{c['baseline_peak_executable_bytes'] >> 10:,} KiB, rwx-bump {c['rwx_peak_executable_bytes'] >> 10:,} KiB (never reused)"
     )
     k = report["call"]
     lines.append("")
     lines.append(
-        f"Call overhead ({k['calls']:,} calls of a published `return 42`): JitText.function "
-        f"{k['function_ns_per_call']:.0f} ns/call, plain ctypes pointer {k['ctypes_ns_per_call']:.0f} ns/call: "
-        f"{k['ratio']:.2f}x (+{k['function_ns_per_call'] - k['ctypes_ns_per_call']:.0f} ns for counting calls in flight)"
+        f"Call overhead ({k['calls']:,} calls of a published `return 42`, an idle second thread alive): "
+        f"JitText.function {k['function_ns_per_call']:.0f} ns/call; plain ctypes pointer to the same text "
+        f"{k['ctypes_ns_per_call']:.0f}, to the baseline's copy {k['baseline_ns_per_call']:.0f}, to rwx-bump's "
+        f"{k['rwx_ns_per_call']:.0f} ns/call: function() is {k['ratio']:.2f}x a ctypes pointer "
+        f"(+{k['function_ns_per_call'] - k['ctypes_ns_per_call']:.0f} ns for counting calls in flight)"
     )
+    fork = report.get("fork")
+    if fork:
+        lines.append("")
+        lines.append(
+            f"os.fork() with N packs of 2 MiB mapped ({fork['mode']}; the parent copies the views for the child), "
+            f"CPU time of the forking thread, medians of {fork['repeats']}:"
+        )
+        for row in fork["rows"]:
+            extra = (
+                f"; {row['extra_cpu_seconds_per_mib'] * 1e6:+.0f} us per MiB of views" if row["packs"] else ""
+            )
+            lines.append(
+                f"  {row['packs']:>3} packs ({row['view_bytes'] >> 20:>3} MiB): {row['fork_cpu_seconds'] * 1e3:6.2f} ms "
+                f"(the same packs unmapped: {row['fork_cpu_seconds_without_views'] * 1e3:.2f} ms{extra}); "
+                f"fork + exit + wait {row['fork_wall_seconds'] * 1e3:.1f} ms wall"
+            )
+    if "debuginfo" in report:
+        lines += ["", *_debuginfo.table_lines(report["debuginfo"])]
     emu, lit = report["emu"], report["litmus"]
     lines.append("")
     by = ", ".join(
@@ -170,7 +252,7 @@ def table(report: dict[str, Any]) -> str:
         value = t["value"]
         shown = f"{value:.2f}x" if isinstance(value, float) else str(value)
         at = f" at N={t['n']:,}" if "n" in t else ""
-        need = f" (need >= {t['threshold']}x)" if isinstance(value, float) else ""
+        need = f" (need {'<=' if t.get('at_most') else '>='} {t['threshold']}x)" if isinstance(value, float) else ""
         lines.append(f"  {'PASS' if t['pass'] else 'FAIL'} {name}{at}: {shown}{need}; {t['detail']}")
     return "\n".join(lines)
 
@@ -209,6 +291,12 @@ def markdown(report: dict[str, Any], command: str, text: str, plot: str | None) 
         "  into the run's one store. The baseline spends its time in two system calls. One by one,",
         "  execmem also runs a membarrier per function, which the baseline skips - and needs, to be",
         "  safe with other threads running.",
+        "- *rwx-bump* is the floor: a memmove into one read+write+execute mapping. *x floor* is how",
+        "  many times its time a mode takes.",
+        "- *free one by one* is `free()` per text (trap refill, quarantine) against the baseline's",
+        "  `munmap`; the floor never frees (its churn keeps every byte it ever handed out).",
+        "- *os.fork()* is the forking thread's CPU time: in dual mode the parent copies every mapped",
+        "  view for the child, which keeps the code as it was at fork (docs/reliability.md).",
         "- Targets are checked at the largest N and printed; none is asserted by the test suite.",
     ]
     return "\n".join(out) + "\n"
@@ -216,7 +304,18 @@ def markdown(report: dict[str, Any], command: str, text: str, plot: str | None) 
 
 # -- plot --------------------------------------------------------------------------------------
 
-_STYLE = {"execmem": ("tab:blue", "o"), "execmem-batched": ("tab:green", "s"), "baseline": ("tab:red", "^")}
+_STYLE = {
+    "execmem": ("tab:blue", "o"),
+    "execmem-batched": ("tab:green", "s"),
+    "baseline": ("tab:red", "^"),
+    "rwx-bump": ("tab:gray", "v"),
+}
+_LABEL = {
+    "execmem": "execmem, one by one",
+    "execmem-batched": "execmem, one batch",
+    "baseline": "baseline: mmap+mprotect each",
+    "rwx-bump": "floor: one RWX mapping, bump pointer (no W^X)",
+}
 
 
 def plot(report: dict[str, Any], path: str) -> None:
@@ -232,8 +331,7 @@ def plot(report: dict[str, Any], path: str) -> None:
     for mode, (color, marker) in _STYLE.items():
         rows = sorted(_rows(report, mode), key=lambda r: r["n"])
         ns = [r["n"] for r in rows]
-        label = {"execmem": "execmem, one by one", "execmem-batched": "execmem, one batch", "baseline": "baseline: mmap+mprotect each"}[mode]
-        style = {"marker": marker, "color": color, "label": label, "linestyle": "--" if mode == "execmem" else "-"}
+        style = {"marker": marker, "color": color, "label": _LABEL[mode], "linestyle": "--" if mode == "execmem" else "-"}
         left.plot(ns, [r["seconds_per_function"] * 1e6 for r in rows], **style)
         right.plot(ns, [r["address_space_per_function"] for r in rows], markersize=9 if mode == "execmem" else 6, **style)
     left.set_title("time to publish, per function")
@@ -252,7 +350,7 @@ def plot(report: dict[str, Any], path: str) -> None:
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
     cfg = report["config"]
-    fig.suptitle(f"execmem {cfg['mode']} vs mmap+mprotect per function ({cfg['arch']}, medians of {cfg['repeats']})", fontsize=10)
+    fig.suptitle(f"execmem {cfg['mode']} vs mmap+mprotect per function and an RWX bump pointer ({cfg['arch']}, medians of {cfg['repeats']})", fontsize=10)
     try:
         fig.savefig(path, dpi=110)
     except OSError as exc:

@@ -24,7 +24,8 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from types import ModuleType
+from typing import TYPE_CHECKING, Protocol
 
 from execmem._backend import Range, Reservation
 from execmem._errors import (
@@ -35,16 +36,40 @@ from execmem._errors import (
     UnsupportedError,
 )
 from execmem._placement import find_gap, intersect, middle
+from execmem.emu._layout import DYNAMIC_BASE, DYNAMIC_LIMIT, PAGE
 
 if TYPE_CHECKING:
     from execmem.arch import ArchSpec
-    from execmem.emu._machine import HostProgram, Machine
+    from execmem.emu._kernel import HostProgram
 
-PAGE = 0x1000
-PT_BASE = 0x0F00_0000
-FRAME_BASE = 0x1000_0000
-DYNAMIC_BASE = 0x4000_0000
-DYNAMIC_LIMIT = 0x8000_0000
+
+class ModeledMachine(Protocol):
+    """What the backend adapter needs from the machine it serves (``Machine``)."""
+
+    spec: ArchSpec
+    isa: ModuleType
+    idc: bool
+    dic: bool
+    tlb: str
+    line_size: int
+    #: Statically mapped pages (VA -> (PA, perms)) and every mapped range (``near=``,
+    #: ``sync_code``: what is there, where it is free).
+    _static: dict[int, tuple[int, str]]
+    _regions: list[tuple[int, int]]
+
+    @property
+    def cpus(self) -> int: ...
+
+    @property
+    def host_actions(self) -> int: ...
+
+    def host(self, cpu: int | None = None) -> HostProgram: ...
+
+    def frames(self, size: int) -> int: ...
+
+    def map_pages(self, size: int, *, align: int = PAGE, at: int | None = None) -> tuple[int, int]: ...
+
+    def poke(self, va: int, data: bytes) -> None: ...
 
 
 @dataclass
@@ -70,16 +95,10 @@ class EmulatedBackend:
     #: One reservation may take the whole dynamic address range.
     max_reservation = DYNAMIC_LIMIT - DYNAMIC_BASE
 
-    def __init__(self) -> None:
-        self._next_va = DYNAMIC_BASE
-        self._next_frame = FRAME_BASE
-        self._next_pte = PT_BASE
+    def __init__(self, machine: ModeledMachine) -> None:
+        self._m = machine
         self._reservations: list[Reservation] = []
         self._counts: Counter[str] = Counter()
-
-    @property
-    def _m(self) -> Machine:
-        return self  # type: ignore[return-value]
 
     # Backend attributes ------------------------------------------------------
     @property
@@ -109,22 +128,10 @@ class EmulatedBackend:
             raise AlignmentError("reserve needs a positive size and a power-of-two alignment")
         size = max(size, capacity or 0)
         size += -size % PAGE
-        align = max(align, PAGE)
-        if window is not None:
-            va = self._in_window(size, align, window)
-        else:
-            va = self._next_va + (-self._next_va % align)
-            if va + size > DYNAMIC_LIMIT:
-                raise ModelError("the modeled machine's executable address space is exhausted")
-        self._next_va = max(self._next_va, va + size + PAGE)  # a guard page between reservations
-        alias = self._next_frame
-        self._next_frame += size
+        at = None if window is None else self._in_window(size, max(align, PAGE), window)
+        va, _ = m.map_pages(size, align=align, at=at)
+        alias = m.frames(size)
         pages = tuple(range(va, va + size, PAGE))
-        for i, page in enumerate(pages):
-            m._pte[page] = self._next_pte + 8 * i
-        self._next_pte += 8 * len(pages) + 64
-        m.map_memory(alias, size, "rw")
-        m._add_region(va, size)
         # Fresh frames: nothing can observe them before they are mapped, so the trap
         # fill is their initial content (the kernel fills pages while they are private).
         m.poke(alias, self.arch.trap_bytes(size))
@@ -134,9 +141,10 @@ class EmulatedBackend:
         return res
 
     def _in_window(self, size: int, align: int, window: Range) -> int:
-        taken = [(r.address - PAGE, r.size + 2 * PAGE) for r in self._reservations if not self._released(r)]
+        """A free place in ``window`` with a guard page on either side."""
+        taken = [(start - PAGE, length + 2 * PAGE) for start, length in self._m._regions]
         bounds = intersect(window, (DYNAMIC_BASE, DYNAMIC_LIMIT))
-        va = None if bounds is None else find_gap([*taken, *self._m._regions], size, align, bounds, toward=middle(window))
+        va = None if bounds is None else find_gap(taken, size, align, bounds, toward=middle(window))
         if va is None:
             raise OutOfMemoryError(
                 f"no free {size:#x} bytes of the modeled machine's dynamic range "
@@ -297,11 +305,11 @@ class EmulatedBackend:
         return {
             "mode": self.mode,
             "arch": self.arch.name,
-            "cpus": self._m.ncpus,
+            "cpus": self._m.cpus,
             "tlb": self._m.tlb,
             "reservations": sum(1 for r in self._reservations if not self._released(r)),
             "calls": dict(self._counts),
-            "host_actions": sum(len(s.host) for s in self._m._cpus),
+            "host_actions": self._m.host_actions,
         }
 
     def _released(self, res: Reservation) -> bool:

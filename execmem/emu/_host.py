@@ -6,8 +6,10 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from execmem._errors import ModelError
+from execmem.emu import _maintenance
 from execmem.emu._execute import read_choices, store_entry
-from execmem.emu._kernel import RETURN_MAGIC
+from execmem.emu._kernel import pte_value
+from execmem.emu._layout import RETURN_MAGIC, page_of
 from execmem.emu._state import (
     DCNEW,
     DCOLD,
@@ -20,18 +22,15 @@ from execmem.emu._state import (
     WOLD,
     CpuState,
     MachineState,
+    Step,
+    Transition,
     join_into,
 )
 from execmem.emu._timeline import IC, TLBI, Event
+from execmem.emu._translate import tlb_usable, translate
 
 if TYPE_CHECKING:
-    from execmem.emu._semantics import Model, Step, Transition
-
-
-def _step(c: int, kind: str, pc: int, text: str, detail: str = "") -> Step:
-    from execmem.emu._semantics import Step
-
-    return Step(c, kind, pc, text, detail)
+    from execmem.emu._semantics import Model
 
 
 def _sender_view(cpu: CpuState) -> int:
@@ -58,7 +57,7 @@ def is_local(model: Model, cpu: CpuState) -> bool:
     if kind == "store":
         va = args[0]
         assert isinstance(va, int)
-        return va - va % 0x1000 in model.config.static_map
+        return page_of(va) in model.config.static_map
     if kind in ("pte", "record"):
         return True
     if kind == "ic" or (kind == "tlbi" and (len(args) < 2 or args[1] != "local")):
@@ -68,7 +67,7 @@ def is_local(model: Model, cpu: CpuState) -> bool:
         return not (rule.drain and cpu.sb) and not (rule.complete and cpu.pending)
     if kind == "call":
         _, pushes = model.isa.prepare_call(cpu.regs, 0, args[1], 0)
-        return all(va - va % 0x1000 in model.config.static_map for va, _ in pushes)
+        return all(page_of(va) in model.config.static_map for va, _ in pushes)
     return False
 
 
@@ -86,34 +85,32 @@ def host_step(model: Model, st: MachineState, c: int) -> Iterator[Transition]:
     if kind == "store":
         va, data, release = args
         assert isinstance(va, int) and isinstance(data, bytes)
-        for pa, _walked, fault in model.translate(st, new, va, "w", new.views[RNEW], at=st.timeline.end):
+        for walk in translate(model, st, new, va, "w", new.views[RNEW], at=st.timeline.end):
             one = new.copy()
-            if fault:
-                yield model.fault(st, c, one, 0, "DataAbort", f"{text} ({fault})")
+            if walk.fault or walk.update is not None:
+                yield model.fault(st, c, one, 0, f"D-MMU:{walk.fault or 'AccessFlag'}", f"{text} ({walk.fault})", va)
                 continue
-            entry = store_entry(model, one, data, pa, va, _Plain(bool(release)), 0)
+            entry = store_entry(model, one, data, walk.pa, va, _Plain(bool(release)), 0)
             one.sb = (*one.sb, entry)
             model.settle(one)
-            yield _step(c, "host", 0, text, "buffered"), model.replace(st, c, one)
+            yield Step(c, "host", 0, text, "buffered"), model.replace(st, c, one)
         return
     if kind == "pte":
         vpage, ppage, perms = args
         assert isinstance(vpage, int)
-        from execmem.emu._kernel import pte_value
-
         pte = model.config.pte_addr.get(vpage)
         if pte is None:
             raise ModelError(f"page {vpage:#x} has no page-table entry in this machine")
-        value = pte_value(ppage if isinstance(ppage, int) else None, str(perms))
+        value = pte_value(model.rules.descriptor, ppage if isinstance(ppage, int) else None, str(perms))
         entry = store_entry(model, new, value.to_bytes(8, "little"), pte, pte, _Plain(False), 0)
         new.sb = (*new.sb, entry)
         model.settle(new)
-        yield _step(c, "host", 0, text, "page-table store buffered"), model.replace(st, c, new)
+        yield Step(c, "host", 0, text, "page-table store buffered"), model.replace(st, c, new)
         return
     if kind == "dc":
         (va,) = args
         assert isinstance(va, int)
-        yield from model.clean(st, c, new, va, 0, text, 0)
+        yield from _maintenance.clean(model, st, c, new, va, 0, text, 0)
         return
     if kind in ("ic", "tlbi"):
         va = args[0]
@@ -121,7 +118,7 @@ def host_step(model: Model, st: MachineState, c: int) -> Iterator[Transition]:
         if kind == "tlbi" and scope == "local":
             yield _local_tlbi(model, st, c, new, va if isinstance(va, int) else None, text)
             return
-        yield model.issue(st, c, new, IC if kind == "ic" else TLBI, va if isinstance(va, int) else None, 0, scope, text, 0)
+        yield _maintenance.issue(model, st, c, new, IC if kind == "ic" else TLBI, va if isinstance(va, int) else None, 0, scope, text, 0)
         return
     if kind == "fence":
         (name,) = args
@@ -144,17 +141,17 @@ def host_step(model: Model, st: MachineState, c: int) -> Iterator[Transition]:
         new.acks = (*new.acks, *tags)
         cpus[c] = new
         model.settle(new)
-        yield _step(c, "host", 0, text, f"to CPUs {','.join(map(str, targets))}"), MachineState(st.timeline, tuple(cpus))  # type: ignore[call-overload]
+        yield Step(c, "host", 0, text, f"to CPUs {','.join(map(str, targets))}"), MachineState(st.timeline, tuple(cpus))  # type: ignore[call-overload]
         return
     if kind == "await":
         # A kernel thread polling a flag with acquire semantics (smp_cond_load_acquire).
         va, expected = args
         assert isinstance(va, int) and isinstance(expected, int)
-        for pa, walked, fault in model.translate(st, new, va, "r", new.views[RNEW]):
-            if fault:
-                raise ModelError(f"await: {va:#x} is not readable ({fault})")
-            for data, post, gs in read_choices(model, st, new, pa, 8, max(new.views[RNEW], walked)):
-                if int.from_bytes(data, "little") != expected or not model.tlb_usable(st, new, va, walked, post):
+        for walk in translate(model, st, new, va, "r", new.views[RNEW]):
+            if walk.fault or walk.update is not None:
+                raise ModelError(f"await: {va:#x} is not readable ({walk.fault})")
+            for data, post, gs in read_choices(model, st, new, walk.pa, 8, max(new.views[RNEW], walk.walked)):
+                if int.from_bytes(data, "little") != expected or not tlb_usable(model, st, new, va, walk.walked, post):
                     continue  # keeps polling: not a transition
                 one = new.copy()
                 for g in gs:
@@ -163,13 +160,13 @@ def host_step(model: Model, st: MachineState, c: int) -> Iterator[Transition]:
                 for index in (RNEW, DCNEW, ICNEW):
                     model.raise_view(one, index, post)
                 model.settle(one)
-                yield _step(c, "host", 0, text, f"read {expected:#x} (acquire)"), model.replace(st, c, one)
+                yield Step(c, "host", 0, text, f"read {expected:#x} (acquire)"), model.replace(st, c, one)
         return
     if kind == "wait":
         if new.acks:
             return
         model.settle(new)
-        yield _step(c, "host", 0, text), model.replace(st, c, new)
+        yield Step(c, "host", 0, text), model.replace(st, c, new)
         return
     if kind == "call":
         target, call_args = args
@@ -177,32 +174,32 @@ def host_step(model: Model, st: MachineState, c: int) -> Iterator[Transition]:
         regs, pushes = model.isa.prepare_call(new.regs, target, call_args, RETURN_MAGIC)
         new.regs = regs
         for va, data in pushes:
-            for pa, _walked, fault in model.translate(st, new, va, "w", 0, at=st.timeline.end):
-                if fault:
+            for walk in translate(model, st, new, va, "w", 0, at=st.timeline.end):
+                if walk.fault:
                     raise ModelError(f"call: stack at {va:#x} is not mapped writable")
-                new.sb = (*new.sb, store_entry(model, new, data, pa, va, _Plain(False), 0))
+                new.sb = (*new.sb, store_entry(model, new, data, walk.pa, va, _Plain(False), 0))
                 break
         new.pc = target
         model.settle(new)
-        yield _step(c, "host", 0, text, f"enter {target:#x}"), model.replace(st, c, new)
+        yield Step(c, "host", 0, text, f"enter {target:#x}"), model.replace(st, c, new)
         return
     if kind == "record":
         (reg,) = args
         new.results = (*new.results, new.reg(int(reg)))  # type: ignore[call-overload]
         model.settle(new)
-        yield _step(c, "host", 0, text, f"= {new.results[-1]:#x}"), model.replace(st, c, new)
+        yield Step(c, "host", 0, text, f"= {new.results[-1]:#x}"), model.replace(st, c, new)
         return
     raise ModelError(f"unknown host action {kind!r}")
 
 
 def _local_tlbi(model: Model, st: MachineState, c: int, cpu: CpuState, vpage: int | None, text: str) -> Transition:
     """A TLB invalidation of this CPU's own TLB, complete at once (x86 INVLPG)."""
-    addr = -1 if vpage is None else vpage - vpage % 0x1000
+    addr = -1 if vpage is None else page_of(vpage)
     tl = st.timeline.append(Event(TLBI, c, addr, page=c, note="local"))
     for index in (ICOLD, RNEW, DCNEW, ICNEW, FNEW):
         model.raise_view(cpu, index, tl.end)
     model.settle(cpu)
-    return _step(c, "host", 0, text, f"@{tl.end}"), model.replace(st, c, cpu, tl)
+    return Step(c, "host", 0, text, f"@{tl.end}"), model.replace(st, c, cpu, tl)
 
 
 def deliveries(model: Model, st: MachineState, t: int) -> Iterator[Transition]:
@@ -254,7 +251,7 @@ def _finish_delivery(model: Model, st: MachineState, t: int, tag: int, kind: str
         s.acks = tuple(a for a in s.acks if a != tag)
         model.settle(s)
         cpus[sender] = s
-    yield _step(t, "irq", cpus[t].pc, f"IPI ({kind}) from CPU{sender}", detail), MachineState(st.timeline, tuple(cpus))
+    yield Step(t, "irq", cpus[t].pc, f"IPI ({kind}) from CPU{sender}", detail), MachineState(st.timeline, tuple(cpus))
 
 
 class _Plain:

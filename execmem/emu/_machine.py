@@ -5,25 +5,13 @@ with labels), data locations, registers, host programs (kernel-like actions) - a
 then run: sequentially (:meth:`Machine.call`, :meth:`Machine.run_sequential`), on a
 seeded random schedule, or exhaustively (:meth:`Machine.explore`).  It is also an
 execmem backend: ``execmem.Allocator(backend=Machine(...))`` records the allocator's
-recipe steps as host actions on the machine's host CPU (see ``_backend``).
-
-Address space (virtual; static regions are mapped VA == PA):
-
-=================  ==========================================================
-0x0010_0000        guest code, 64 KiB per CPU (``load``)
-0x0080_0000        data (``alloc``), every location on its own cache line
-0x00F0_0000        one stack page per CPU
-0x0F00_0000        page-table entries of dynamic pages (physical)
-0x1000_0000        physical frames of dynamic reservations; also their
-                   writable alias (the kernel's linear map, VA == PA)
-0x4000_0000        dynamic (page-table mapped) executable reservations
-=================  ==========================================================
+recipe steps as host actions on the machine's host CPU (see ``_backend``).  Where
+things live in the address space is ``_layout``.
 """
 
 from __future__ import annotations
 
-import random
-from collections.abc import Callable, Hashable, Iterable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from types import ModuleType
 
@@ -32,21 +20,23 @@ import keystone
 from execmem import arch as _arch
 from execmem._errors import AssemblyError, ModelError
 from execmem.emu._backend import EmulatedBackend
-from execmem.emu._explore import Exploration, exhaustive, random_runs, replay
-from execmem.emu._kernel import RETURN_MAGIC, HostAction
-from execmem.emu._semantics import HOST, Model, ModelConfig, Step
-from execmem.emu._state import MachineState
+from execmem.emu._explore import MAX_MEMORY, Exploration, exhaustive, random_runs, replay
+from execmem.emu._kernel import HostAction, HostProgram, pte_value
+from execmem.emu._layout import (
+    CODE_BASE,
+    CODE_STRIDE,
+    DATA_BASE,
+    DYNAMIC_BASE,
+    DYNAMIC_LIMIT,
+    FRAME_BASE,
+    PAGE,
+    PT_BASE,
+    STACK_BASE,
+)
+from execmem.emu._semantics import HOST, Model, ModelConfig
+from execmem.emu._state import MachineState, Step
 from execmem.emu._timeline import Timeline
 from execmem.emu._unicorn import Executor, FastCode
-
-PAGE = 0x1000
-CODE_BASE = 0x0010_0000
-CODE_STRIDE = 0x1_0000
-DATA_BASE = 0x0080_0000
-STACK_BASE = 0x00F0_0000
-PT_BASE = 0x0F00_0000
-FRAME_BASE = 0x1000_0000
-DYNAMIC_BASE = 0x4000_0000
 
 
 @dataclass
@@ -71,6 +61,10 @@ class _CpuSetup:
     regs: dict[int, int] = field(default_factory=dict)
     host: list[HostAction] = field(default_factory=list)
     code_cursor: int = 0
+    #: the hardware sets (access flag, dirty state) in the entries this CPU walks
+    hardware: tuple[bool, bool] = (False, False)
+    #: runs at EL0 (user mode)
+    user: bool = False
 
 
 class Machine(EmulatedBackend):
@@ -81,7 +75,15 @@ class Machine(EmulatedBackend):
     the TLB maintenance style used by ``unmap`` (``"broadcast"``, ``"ipi"``,
     ``"invlpgb"``), ``line_size`` the cache line size for DC/IC (herd7's litmus
     model puts every location on its own line: pass the granule size).
+
+    ``on_fault`` is what a fault does on a CPU without a handler: ``"kernel"`` (a
+    spurious translation fault is fixed up and the instruction retried, as a kernel
+    does; any other fault stops the CPU), ``"fatal"`` (every fault stops it: herd's
+    ``fatal``/``precise``), ``"handled"`` (the instruction is executed again once, and
+    faulting again discards the execution: herd's ``handled``/``imprecise``).
     """
+
+    FAULT_POLICIES = ("kernel", "fatal", "handled")
 
     def __init__(
         self,
@@ -94,6 +96,7 @@ class Machine(EmulatedBackend):
         tlb: str | None = None,
         line_size: int | None = None,
         host_cpu: int = 0,
+        on_fault: str = "kernel",
     ) -> None:
         if isinstance(cpus, bool) or not isinstance(cpus, int) or not 1 <= cpus <= 16:
             raise ModelError("cpus must be an integer from 1 to 16")
@@ -109,24 +112,31 @@ class Machine(EmulatedBackend):
         if (idc or dic) and "idc" not in self.spec.cache_features:
             raise ModelError(f"{self.spec.name} has no IDC/DIC cache-type bits")
         self.idc, self.dic, self.eis = idc, dic, eis
-        styles = (*self.spec.tlb_styles, "invlpgb") if self.spec.name == "x86_64" else self.spec.tlb_styles
         self.tlb = tlb or self.spec.default_tlb
-        if self.tlb not in styles:
-            raise ModelError(f"tlb must be one of {', '.join(styles)} on {self.spec.name}")
+        if self.tlb not in self.spec.tlb_styles:
+            raise ModelError(f"tlb must be one of {', '.join(self.spec.tlb_styles)} on {self.spec.name}")
         granule = self.isa.MODEL.granule
         self.line_size = line_size or self.spec.cache_lines[0]
         if self.line_size % granule or self.line_size & (self.line_size - 1):
             raise ModelError(f"line_size must be a power-of-two multiple of {granule}")
         if not 0 <= host_cpu < cpus:
             raise ModelError("host_cpu out of range")
+        if on_fault not in self.FAULT_POLICIES:
+            raise ModelError(f"on_fault must be one of {', '.join(self.FAULT_POLICIES)}")
         self.host_cpu = host_cpu
-        self._cpus = [_CpuSetup(regs=dict(self.isa.RESET)) for _ in range(cpus)]
+        self.on_fault = on_fault
+        hardware = (self.isa.MODEL.hardware_access_flag, False)
+        self._cpus = [_CpuSetup(regs=dict(self.isa.RESET), hardware=hardware) for _ in range(cpus)]
         self._memory: dict[int, bytes] = {}
         self._static: dict[int, tuple[int, str]] = {}
         self._pte: dict[int, int] = {}
         self._regions: list[tuple[int, int]] = []
         self._symbols: dict[str, int] = {}
         self._data_cursor = DATA_BASE
+        self._next_va = DYNAMIC_BASE
+        self._next_frame = FRAME_BASE
+        self._next_pte = PT_BASE
+        self._kernel_pages: set[int] = set()
         self._executor: Executor | None = None
         self._executor_regions: list[tuple[int, int]] = []
         #: state reached by sequential runs (``call``); exploration starts there
@@ -139,12 +149,17 @@ class Machine(EmulatedBackend):
             stack = STACK_BASE + c * PAGE
             self.map_memory(stack, PAGE, "rw")
             self._cpus[c].regs[self.isa.SP] = stack + PAGE - 64
-        EmulatedBackend.__init__(self)
+        EmulatedBackend.__init__(self, self)
 
     # ---------------------------------------------------------------- building
     @property
     def cpus(self) -> int:
         return self.ncpus
+
+    @property
+    def host_actions(self) -> int:
+        """Host actions recorded so far on every CPU."""
+        return sum(len(s.host) for s in self._cpus)
 
     def map_memory(self, va: int, size: int, perms: str = "rw") -> int:
         """Map ``[va, va+size)`` for the whole run (VA == PA), zero-filled."""
@@ -157,6 +172,43 @@ class Machine(EmulatedBackend):
             self._static[page] = (page, perms)
         self._add_region(va, end - va)
         return va
+
+    def frames(self, size: int) -> int:
+        """Fresh zero-filled physical frames for ``size`` bytes (whole pages); the host
+        reaches them at VA == PA (the kernel's linear map).  Returns the first one."""
+        size += -size % PAGE
+        frame = self._next_frame
+        self._next_frame += size
+        self._kernel_pages.update(range(frame, frame + size, PAGE))
+        return self.map_memory(frame, size, "rw")
+
+    def map_pages(self, size: int, *, align: int = PAGE, at: int | None = None) -> tuple[int, int]:
+        """A fresh virtual range of ``size`` bytes (whole pages) translated through
+        page-table entries in model memory, so host actions and guest stores can map,
+        remap and unmap it while the machine runs.  ``at``: where (a free place of the
+        dynamic range the caller chose, ``near=``); by default after the last range.
+
+        Returns (virtual address, physical address of the first entry); page i's
+        entry is the 8 bytes ``8 * i`` further.  Entries start invalid (zero); the
+        entries are reachable at VA == PA too (guest code may write them).
+        """
+        size += -size % PAGE
+        align = max(align, PAGE)
+        va = self._next_va + (-self._next_va % align) if at is None else at
+        if size <= 0 or va % align or va < DYNAMIC_BASE or va + size > DYNAMIC_LIMIT:
+            raise ModelError("the modeled machine's page-table mapped address space is exhausted")
+        self._next_va = max(self._next_va, va + size + PAGE)  # a guard page between ranges
+        entries = self._next_pte
+        self._next_pte += 8 * (size // PAGE) + 64  # the next range's entries on another line
+        first = entries - entries % PAGE
+        for page in range(first, self._next_pte, PAGE):
+            if page not in self._static:
+                self.map_memory(page, PAGE, "rw")
+                self._kernel_pages.add(page)
+        for i, page in enumerate(range(va, va + size, PAGE)):
+            self._pte[page] = entries + 8 * i
+        self._add_region(va, size)
+        return va, entries
 
     def _add_region(self, va: int, size: int) -> None:
         self._regions.append((va, size))
@@ -181,16 +233,12 @@ class Machine(EmulatedBackend):
     def page(self, perms: str = "rw", *, mapped: bool = True, value: bytes = b"") -> tuple[int, int]:
         """A page mapped through a page-table entry (so it can be remapped while the
         machine runs): returns (virtual address, physical frame)."""
-        from execmem.emu._kernel import pte_value
-
-        res = self.reserve(PAGE, PAGE)
-        frame = res.token.alias  # type: ignore[attr-defined]
+        va, entry = self.map_pages(PAGE)
+        frame = self.frames(PAGE)
         self.poke(frame, value.ljust(PAGE, b"\0")[:PAGE])
         if mapped:
-            pte = self._pte[res.address]
-            self._poke_physical(pte, pte_value(frame, perms).to_bytes(8, "little"))
-            res.mapped = True
-        return res.address, frame
+            self.poke(entry, pte_value(self.isa.MODEL.descriptor, frame, perms).to_bytes(8, "little"))
+        return va, frame
 
     def _poke_physical(self, pa: int, data: bytes) -> None:
         g = self.isa.MODEL.granule
@@ -283,18 +331,30 @@ class Machine(EmulatedBackend):
             raise ModelError(f"register {name!r} cannot be set")
         self._cpus[cpu].regs[index] = value & (1 << 64) - 1
 
+    def set_hardware_updates(self, cpu: int, *, access_flag: bool, dirty: bool) -> None:
+        """Whether the hardware sets the access flag and the dirty state of the entries
+        ``cpu`` walks (Arm TCR_ELx.HA/HD, FEAT_HAFDBS; herd's ``TTHM=HA HD``)."""
+        self._check_cpu(cpu)
+        self._cpus[cpu].hardware = (bool(access_flag), bool(dirty))
+
+    def set_user(self, cpu: int, user: bool = True) -> None:
+        """Run ``cpu`` at EL0 (user mode): entries must grant EL0 access (Arm AP[1], x86
+        U/S), and page tables and the kernel's linear map of frames are out of reach.
+        (A fault handler of such a CPU would run at EL1: not modelled.)"""
+        self._check_cpu(cpu)
+        if user and self._cpus[cpu].handler is not None:
+            raise ModelError("a CPU running at EL0 with a fault handler is not modelled")
+        self._cpus[cpu].user = bool(user)
+
     def start(self, cpu: int, pc: int) -> None:
         self._check_cpu(cpu)
         self._cpus[cpu].pc = pc
-
-    def add_exit(self, cpu: int, pc: int) -> None:
-        self._cpus[cpu].exits.add(pc)
 
     def host(self, cpu: int | None = None) -> HostProgram:
         """The host program of ``cpu`` (default: the host CPU), to append actions to."""
         c = self.host_cpu if cpu is None else cpu
         self._check_cpu(c)
-        return HostProgram(self, c)
+        return HostProgram(self._cpus[c].host, c, self.ncpus, self.isa)
 
     def _check_cpu(self, cpu: int) -> None:
         if not isinstance(cpu, int) or not 0 <= cpu < self.ncpus:
@@ -326,6 +386,10 @@ class Machine(EmulatedBackend):
             pte_addr=dict(self._pte),
             hosts=[tuple(s.host) for s in self._cpus],
             symbols={v: k for k, v in self._symbols.items()},
+            hardware=[s.hardware for s in self._cpus],
+            on_fault=self.on_fault,
+            user=[s.user for s in self._cpus],
+            kernel_pages=frozenset(self._kernel_pages),
         )
 
     def _fast_code(self) -> FastCode:
@@ -354,7 +418,8 @@ class Machine(EmulatedBackend):
         fast = self._fast_code()
         if self._executor is None or self._executor_regions != self._regions or self._executor.fast != fast:
             self._executor = Executor(
-                self.spec.engines.unicorn or (0, 0), self._regions, self.isa.REGISTERS, self.isa.PC, self.ncpus, fast
+                self.spec.engines.unicorn or (0, 0), self._regions, self.isa.REGISTERS, self.isa.PC, self.ncpus, fast,
+                cpu_model=getattr(self.isa, "UNICORN_CPU", None),
             )
             self._executor_regions = list(self._regions)
         model = Model(self.config(), self._executor)
@@ -391,19 +456,26 @@ class Machine(EmulatedBackend):
         *,
         exhaustive_search: bool = True,
         max_states: int = 2_000_000,
+        max_memory: int = MAX_MEMORY,
         runs: int = 1000,
         seed: int = 0,
         progress: Callable[[int], None] | None = None,
         stop: Callable[[Hashable], bool] | None = None,
+        classify: Callable[[Hashable], Hashable] | None = None,
     ) -> Exploration:
         """Every reachable final state (or ``runs`` random schedules when not exhaustive).
 
-        ``stop`` ends an exhaustive search at the first observation it accepts.
+        ``stop`` ends an exhaustive search at the first observation it accepts.  An
+        exhaustive search expands at most ``max_states`` states and lets the process
+        grow by at most ``max_memory`` bytes; past either it stops, incomplete, and
+        says so in ``Exploration.exceeded``.
         """
         model = self.model()
         obs = observe or (lambda st: st.key())
         if exhaustive_search:
-            return exhaustive(model, obs, max_states=max_states, progress=progress, stop=stop)
+            return exhaustive(
+                model, obs, max_states=max_states, max_memory=max_memory, progress=progress, stop=stop, classify=classify
+            )
         return random_runs(model, obs, runs=runs, seed=seed, progress=progress)
 
     def replay(self, schedule: list[int]) -> tuple[list[Step], MachineState]:
@@ -447,7 +519,7 @@ class Machine(EmulatedBackend):
         st = self.run_sequential(max_steps=max_steps)
         cpu_state = st.cpus[c]
         if cpu_state.faults:
-            pc, kind = cpu_state.faults[-1]
+            pc, kind, _ = cpu_state.faults[-1]
             raise ModelError(f"CPU{c} faulted at {pc:#x}: {kind}")
         return cpu_state.results[-1]
 
@@ -470,75 +542,6 @@ class Machine(EmulatedBackend):
         if name.lower().startswith("w") or (name.upper().startswith("E") and len(name) == 3):
             value &= 0xFFFF_FFFF
         return value
-
-    def random_schedule(self, seed: int, max_steps: int = 100_000) -> list[int]:
-        model = self.model()
-        rng = random.Random(seed)
-        st = model.initial()
-        schedule = []
-        for _ in range(max_steps):
-            if model.done(st):
-                break
-            succ = model.successors(st)
-            if not succ:
-                break
-            i = rng.randrange(len(succ))
-            schedule.append(i)
-            st = succ[i][1]
-        return schedule
-
-
-class HostProgram:
-    """Appends host actions to one CPU's program (every method returns ``self``)."""
-
-    def __init__(self, machine: Machine, cpu: int) -> None:
-        self._machine = machine
-        self._cpu = cpu
-
-    def _add(self, kind: str, *args: object, note: str = "") -> HostProgram:
-        self._machine._cpus[self._cpu].host.append(HostAction(kind, args, note))
-        return self
-
-    def store(self, va: int, value: int | bytes, size: int = 8, *, release: bool = False, note: str = "") -> HostProgram:
-        data = value if isinstance(value, bytes) else (value & (1 << 8 * size) - 1).to_bytes(size, "little")
-        return self._add("store", va, data, release, note=note)
-
-    def dc(self, va: int, note: str = "") -> HostProgram:
-        return self._add("dc", va, note=note)
-
-    def ic(self, va: int | None, note: str = "") -> HostProgram:
-        return self._add("ic", va, note=note)
-
-    def tlbi(self, vpage: int | None, scope: str = "broadcast", note: str = "") -> HostProgram:
-        return self._add("tlbi", vpage, scope, note=note)
-
-    def fence(self, name: str, note: str = "") -> HostProgram:
-        if name not in self._machine.isa.MODEL.fences:
-            raise ModelError(f"{self._machine.spec.name} has no barrier {name!r}")
-        return self._add("fence", name, note=note)
-
-    def pte(self, vpage: int, ppage: int | None, perms: str = "rx", note: str = "") -> HostProgram:
-        return self._add("pte", vpage, ppage, perms, note=note)
-
-    def ipi(self, targets: Iterable[int], kind: str = "cse", arg: int = -1, *, note: str = "") -> HostProgram:
-        return self._add("ipi", tuple(targets), kind, arg, note=note)
-
-    def await_value(self, va: int, value: int, note: str = "") -> HostProgram:
-        """Block until the 8 bytes at ``va`` read ``value`` (acquire, like smp_cond_load_acquire)."""
-        return self._add("await", va, value, note=note)
-
-    def wait(self, note: str = "") -> HostProgram:
-        return self._add("wait", note=note)
-
-    def call(self, entry: int, *args: int, note: str = "") -> HostProgram:
-        return self._add("call", entry, tuple(args), note=note)
-
-    def record(self, register: int | str, note: str = "") -> HostProgram:
-        index = register if isinstance(register, int) else self._machine.isa.register_index(register)
-        return self._add("record", index, note=note)
-
-    def others(self) -> tuple[int, ...]:
-        return tuple(c for c in range(self._machine.ncpus) if c != self._cpu)
 
 
 def assemble(spec: _arch.ArchSpec, source: str, address: int) -> tuple[bytes, dict[str, int]]:
@@ -584,4 +587,4 @@ def _merge(regions: list[tuple[int, int]]) -> list[tuple[int, int]]:
     return [(lo, hi - lo) for lo, hi in merged]
 
 
-__all__ = ["RETURN_MAGIC", "HostProgram", "Machine", "Program", "assemble"]
+__all__ = ["Machine", "Program", "assemble"]

@@ -1,6 +1,6 @@
 """Transition rules of the modeled machine.
 
-A machine state has successors of four kinds:
+A machine state has successors of five kinds:
 
 * **instruction steps** - a CPU fetches the instruction at its PC (choosing among the
   values its instruction cache may return), then either performs it itself (barriers,
@@ -9,7 +9,11 @@ A machine state has successors of four kinds:
 * **propagation steps** - a store leaves a CPU's store buffer and becomes a write on
   the timeline (any eligible store: program order is kept only where barriers,
   release semantics, same-location coherence or TSO require it);
-* **host steps** and **interrupt deliveries** (``_host``).
+* **host steps** and **interrupt deliveries** (``_host``);
+* **spontaneous hardware updates** of page-table entries (``_translate``).
+
+Translation is ``_translate``, cache and TLB maintenance ``_maintenance``, loads,
+stores and atomics ``_execute``.
 
 The read rule is Promising-ARM's (Pulte et al., PLDI 2019) without promises: a read
 may return any write to its location that is not older than the latest write at its
@@ -29,49 +33,50 @@ from types import ModuleType
 from typing import Any
 
 from execmem._errors import ModelError
-from execmem.emu import _execute, _host
-from execmem.emu._kernel import RETURN_MAGIC, HostAction, check_perms, pte_decode, tlb_floor
+from execmem.emu import _execute, _host, _maintenance
+from execmem.emu._kernel import HostAction
+from execmem.emu._layout import RETURN_MAGIC
 from execmem.emu._state import (
     CAPA,
     CAPC,
     DCNEW,
-    DCOLD,
+    DISCARD,
     DONE,
     FAULT,
     FETCH,
     FNEW,
     HALT,
+    HWOLD,
     ICNEW,
     ICOLD,
     REL,
     RNEW,
     RUN,
+    STOLD,
     VIEW,
     WOLD,
     CpuState,
     MachineState,
-    Pending,
+    Step,
     Store,
+    Transition,
     get,
     join_into,
     put,
 )
-from execmem.emu._timeline import ALL_LINES, DC, IC, TLBI, Event, Timeline, W
+from execmem.emu._timeline import IC, TLBI, Event, Timeline, W
+from execmem.emu._translate import (
+    note_stale,
+    spontaneous_updates,
+    spurious,
+    tlb_usable,
+    translate,
+    update_pending,
+)
 from execmem.emu._unicorn import Executor
 
 #: ``cpu.pc`` of a CPU that is running its host program rather than guest code.
 HOST = 0
-
-
-@dataclass(frozen=True, slots=True)
-class Step:
-    """What a transition did, for traces and counterexamples."""
-
-    cpu: int
-    kind: str  # "exec", "store", "fault", "irq", "host"
-    pc: int
-    text: str
-    detail: str = ""
 
 
 @dataclass
@@ -96,11 +101,17 @@ class ModelConfig:
     #: virtual page -> physical address of its 8-byte page-table entry
     pte_addr: dict[int, int] = field(default_factory=dict)
     hosts: list[tuple[HostAction, ...]] = field(default_factory=list)
-    #: CPUs a membarrier / broadcast IPI reaches (default: all)
     symbols: dict[int, str] = field(default_factory=dict)
+    #: per CPU: does the hardware set (access flag, dirty state) in page-table entries
+    hardware: list[tuple[bool, bool]] = field(default_factory=list)
+    #: what a fault does (see ``Machine``): "kernel", "fatal" or "handled"
+    on_fault: str = "kernel"
+    #: per CPU: runs at EL0 (user mode)
+    user: list[bool] = field(default_factory=list)
+    #: static pages out of reach from EL0: page tables, the linear map of frames
+    kernel_pages: frozenset[int] = frozenset()
 
 
-Transition = tuple[Step, MachineState]
 #: (instruction bytes, fetch view, fetch records, note, fault)
 Fetched = tuple[bytes, int, tuple[tuple[int, int, int], ...], str, str]
 
@@ -118,10 +129,13 @@ class Model:
         # herd7 (like the architecture) treats DIC as implying IDC.
         self.idc = config.idc or config.dic
         self.executor = executor or Executor(
-            config.engine, config.regions, config.isa.REGISTERS, self.pc_index, config.cpus
+            config.engine, config.regions, config.isa.REGISTERS, self.pc_index, config.cpus,
+            cpu_model=getattr(config.isa, "UNICORN_CPU", None),
         )
         self.nregs = len(config.isa.REGISTERS)
         self.hosts = config.hosts or [() for _ in range(config.cpus)]
+        #: granules holding page-table entries
+        self.table_granules = frozenset(g for pte in config.pte_addr.values() for g in self.granules(pte, 8))
 
     # ------------------------------------------------------------------ setup
     def initial(self) -> MachineState:
@@ -162,7 +176,7 @@ class Model:
                     local = list(_host.host_step(self, st, c))
                     if len(local) == 1:
                         return local
-        out: list[Transition] = []
+        out: list[Transition] = spontaneous_updates(self, st)
         for c, cpu in enumerate(st.cpus):
             if cpu.sb:
                 out.extend(self._propagations(st, c))
@@ -198,54 +212,14 @@ class Model:
         if value > cpu.views[index]:
             cpu.views[index] = value
 
-    # ------------------------------------------------------------- translation
-    def translate(
-        self, st: MachineState, cpu: CpuState, va: int, access: str, pre: int, *, at: int | None = None
-    ) -> list[tuple[int, int, str]]:
-        """(physical address, position the walk read, fault) for each allowed translation.
-
-        The entry must still be in the TLB where the access is placed: ``at`` (a store
-        becomes visible after everything already on the timeline), by default just
-        after the walk; reads placed later check again with :meth:`tlb_usable`.
-        """
-        page = va - va % 0x1000
-        static = self.config.static_map.get(page)
-        if static is not None:
-            ppage, perms = static
-            fault = check_perms(perms, access)
-            return [(ppage + va - page, 0, fault)]
-        pte = self.config.pte_addr.get(page)
-        if pte is None:
-            return [(0, 0, "TranslationFault")]
-        tl: Timeline = st.timeline
-        out: list[tuple[int, int, str]] = []
-        for w in (0, *tl.write_positions(pte)):
-            if w < tlb_floor(tl, pte, page, max(pre, w) if at is None else max(at, w), cpu.index):
-                continue  # a completed TLB invalidation removed this entry
-            raw = b"".join(tl.value_at(g, w) for g in self.granules(pte, 8))
-            entry = pte_decode(int.from_bytes(raw[:8], "little"))
-            if entry is None:
-                choice = (0, w, "TranslationFault")
-            else:
-                choice = (entry[0] + va - page, w, check_perms(entry[1], access))
-            if choice not in out:
-                out.append(choice)
-        return out
-
-    def tlb_usable(self, st: MachineState, cpu: CpuState, va: int, walked: int, at: int) -> bool:
-        """Can an entry filled from the PTE write at ``walked`` still serve an access at ``at``?"""
-        page = va - va % 0x1000
-        pte = self.config.pte_addr.get(page)
-        if pte is None or page in self.config.static_map:
-            return True
-        return walked >= tlb_floor(st.timeline, pte, page, max(at, walked), cpu.index)
-
     # ------------------------------------------------------------- propagation
     def _eligible(self, cpu: CpuState, k: int) -> bool:
         entry = cpu.sb[k]
         for earlier in cpu.sb[:k]:
             if earlier.seq < entry.after:
                 return False
+            if entry.hardware and not earlier.hardware:
+                continue  # a hardware update is not ordered after the CPU's explicit stores
             if earlier.addr < entry.addr + entry.span * self.granule and entry.addr < earlier.addr + earlier.span * self.granule:
                 return False
         return True
@@ -263,18 +237,31 @@ class Model:
             cpu.scl = join_into(cpu.scl, tl.line_of(g), pos)
         cpu.fwd = tuple(sorted(fwd.items()))
         self.raise_view(cpu, WOLD, pos)
+        if entry.seq < cpu.store_fence:
+            self.raise_view(cpu, STOLD, pos)
         if entry.release:
             cpu.views[REL] = pos
         return tl
 
     def _propagations(self, st: MachineState, c: int) -> Iterator[Transition]:
         cpu = st.cpus[c]
+        tl0 = st.timeline
         for k, entry in enumerate(cpu.sb):
             if not self._eligible(cpu, k):
                 continue
+            gs = [entry.addr + i * self.granule for i in range(entry.span)]
+            if update_pending(st, c, gs):
+                continue  # another CPU's hardware update of this entry comes first
             new = cpu.copy()
             new.sb = cpu.sb[:k] + cpu.sb[k + 1 :]
-            tl = self.commit(st.timeline, new, entry)
+            if entry.hardware:
+                if entry.expect != max(tl0.latest_write_at(g, tl0.end) for g in gs):
+                    continue  # never: another write came after the one its walk read
+                tl = tl0.append(Event(W, c, entry.addr, entry.data, -1, entry.span, note="hardware flag update"))
+                self.raise_view(new, HWOLD, tl.end)
+            else:
+                tl = self.commit(tl0, new, entry)
+                note_stale(self, MachineState(tl, st.cpus), new, *entry.walk, tl.end)
             self.settle(new)
             step = Step(c, "store", entry.pc, f"{entry.va:#x} := {entry.data.hex()}", f"visible @{tl.end}")
             yield step, self.replace(st, c, new, tl)
@@ -302,7 +289,7 @@ class Model:
             return choices
         for w in (0, *writes):
             anchor = max(pre, w)
-            if w < tl.floor_before(g, anchor, idc=self.idc):
+            if w < tl.floor_before(g, anchor, cpu.index, idc=self.idc):
                 continue  # a completed IC removed this value from every instruction cache
             record = (g, anchor, w) if writes else None
             choices.append((tl.value_at(g, w)[offset:], anchor, record, f"@{w}"))
@@ -314,13 +301,15 @@ class Model:
         pre0 = max(cpu.views[FNEW], cpu.views[FETCH])
 
         def more(va: int, acc: bytes, pre: int, records: tuple[tuple[int, int, int], ...], notes: str) -> None:
-            for pa, walked, fault in self.translate(st, cpu, va, "x", pre):
+            for pa, walked, fault, update, _ in translate(self, st, cpu, va, "x", pre):
+                if update is not None:
+                    raise ModelError(f"{va:#x}: hardware flag updates by instruction fetch are not modelled")
                 if fault:
                     # (for a fault, the view slot carries the position the walk read)
-                    results.append((acc, walked, records, notes, "InstructionAbort"))
+                    results.append((acc, walked, records, notes, f"I-MMU:{fault}@{va:#x}"))
                     continue
                 for chunk, anchor, record, note in self._fetch_granule(st, cpu, pa, max(pre, walked)):
-                    if not self.tlb_usable(st, cpu, va, walked, anchor):
+                    if not tlb_usable(self, st, cpu, va, walked, anchor):
                         continue
                     data = acc + chunk
                     recs = (*records, record) if record else records
@@ -386,23 +375,29 @@ class Model:
                     base.fetches = (*base.fetches, record)
             if fault:
                 base.views[FETCH] = cpu.views[FETCH]
-                if self.spurious(st, cpu.pc, "x", anchor):
-                    out.append(self.retry(st, c, base, cpu.pc, "(fetch)"))
-                else:
-                    out.append(self.fault(st, c, base, cpu.pc, fault, "(fetch)"))
+                kind, _, where = fault.partition("@")
+                out.extend(self.fault_or_retry(st, c, base, cpu.pc, kind, "(fetch)", int(where or "0", 0), anchor, "x"))
                 continue
             d = self.isa.decode_bytes(insn)
             for step, new_st in self._perform(st, c, base, insn, d):
+                if base.retrying and step.kind != "fault":
+                    new_st = self._retried(new_st, c)
                 if note:
                     step = Step(step.cpu, step.kind, step.pc, step.text, f"fetch {note}" + (f"; {step.detail}" if step.detail else ""))
                 out.append((step, new_st))
         return out
 
+    def _retried(self, st: MachineState, c: int) -> MachineState:
+        """The instruction executed again after a handled fault completed."""
+        cpu = st.cpus[c].copy()
+        cpu.retrying = False
+        return self.replace(st, c, cpu)
+
     def _perform(self, st: MachineState, c: int, cpu: CpuState, insn: bytes, d: Any) -> Iterator[Transition]:
         pc = cpu.pc
         op = d.op
         if op in ("undefined", "trap"):
-            yield self.fault(st, c, cpu, pc, "UndefinedInstruction" if op == "undefined" else "Breakpoint", d.text)
+            yield self.fault(st, c, cpu, pc, "UndefinedInstruction" if op == "undefined" else "Breakpoint", d.text, pc)
             return
         if op in ("nop", "halt"):
             cpu.pc = pc + d.length
@@ -421,38 +416,22 @@ class Model:
         if op == "dc":
             va = cpu.reg(d.va_reg)
             cpu.pc = pc + d.length
-            yield from self.clean(st, c, cpu, va, self.va_view(cpu, d.addr_regs), d.text, pc)
+            yield from _maintenance.clean(self, st, c, cpu, va, self.va_view(cpu, d.addr_regs), d.text, pc)
             return
         if op in ("ic", "tlbi"):
-            target = None if d.va_reg is None else cpu.reg(d.va_reg)
+            target = None if d.va_reg is None or d.all_pages else cpu.reg(d.va_reg)
+            if op == "tlbi" and target is not None:
+                target = self.isa.tlbi_page(target)
             cpu.pc = pc + d.length
             kind = IC if op == "ic" else TLBI
             scope = "broadcast" if op == "ic" or d.broadcast else "local"
-            yield self.issue(st, c, cpu, kind, target, self.va_view(cpu, d.addr_regs), scope, d.text, pc)
+            yield _maintenance.issue(self, st, c, cpu, kind, target, self.va_view(cpu, d.addr_regs), scope, d.text, pc)
             return
         if op == "svc":
             raise ModelError(f"{d.text}: system calls are not modelled")
         yield from _execute.execute(self, st, c, cpu, insn, d)
 
     # ------------------------------------------------------------------ faults
-    def spurious(self, st: MachineState, va: int, access: str, walked: int) -> bool:
-        """Is a translation fault spurious (the kernel's handler will just return)?
-
-        A walk placed in the past may read an entry that forbade the access then
-        but allows it now (a fresh mapping, an mprotect).  The fault handler finds
-        the current entry fine and returns (exception return: context-synchronizing),
-        and the instruction is retried after the handler, at the present.
-        """
-        page = va - va % 0x1000
-        pte = self.config.pte_addr.get(page)
-        if pte is None:
-            return False
-        tl: Timeline = st.timeline
-        latest = max(tl.latest_write_at(g, tl.end) for g in self.granules(pte, 8))
-        raw = b"".join(tl.value_at(g, tl.end) for g in self.granules(pte, 8))
-        entry = pte_decode(int.from_bytes(raw[:8], "little"))
-        return entry is not None and not check_perms(entry[1], access) and walked < latest
-
     def retry(self, st: MachineState, c: int, cpu: CpuState, pc: int, text: str) -> Transition:
         """The kernel fixed a spurious fault up: synchronize and run the instruction again."""
         for target, sources in self.rules.fences["exception"].joins:
@@ -463,10 +442,31 @@ class Model:
         cpu.pc = pc
         return Step(c, "fault", pc, text, "spurious translation fault: the kernel returns and it is retried"), self.replace(st, c, cpu)
 
-    def fault(self, st: MachineState, c: int, cpu: CpuState, pc: int, kind: str, text: str) -> Transition:
-        cpu.faults = (*cpu.faults, (pc, kind))
+    def fault_or_retry(
+        self, st: MachineState, c: int, cpu: CpuState, pc: int, kind: str, text: str, va: int, walked: int, access: str
+    ) -> list[Transition]:
+        """A translation fault: a kernel fixes a spurious one up (``on_fault="kernel"``)."""
+        if self.config.on_fault == "kernel" and spurious(self, st, cpu, va, access, walked):
+            return [self.retry(st, c, cpu, pc, text)]
+        return [self.fault(st, c, cpu, pc, kind, text, va)]
+
+    def fault(self, st: MachineState, c: int, cpu: CpuState, pc: int, kind: str, text: str, va: int) -> Transition:
+        """A synchronous exception at ``pc`` (``kind``: herd's fault type, accessing ``va``).
+
+        With a handler the CPU enters it.  Without one, ``on_fault`` decides: the CPU
+        stops ("kernel", "fatal"), or (herd's ``handled``) the instruction is executed
+        again once, and a second fault discards the execution.
+        """
+        cpu.faults = (*cpu.faults, (pc, kind, va))
         handler = self.config.handlers[c]
         if handler is None:
+            if self.config.on_fault == "handled":
+                if cpu.retrying:
+                    cpu.status = DISCARD
+                    return Step(c, "fault", pc, text, f"{kind}: faulted again, execution discarded"), self.replace(st, c, cpu)
+                cpu.retrying = True
+                cpu.pc = pc
+                return Step(c, "fault", pc, text, f"{kind}: executed again"), self.replace(st, c, cpu)
             cpu.status = FAULT
             return Step(c, "fault", pc, text, kind), self.replace(st, c, cpu)
         cpu.regs = self.isa.exception_entry(cpu, pc)
@@ -479,13 +479,16 @@ class Model:
     # ------------------------------------------------------------------ fences
     def fence(self, st: MachineState, c: int, cpu: CpuState, name: str, text: str, pc: int, next_pc: int) -> Iterator[Transition]:
         rule = self.rules.fences[name]
-        if rule.drain and cpu.sb:
+        if rule.drain and any(rule.implicit or not s.hardware for s in cpu.sb):
             return  # blocked until the store buffer drains
+        if rule.drain_tables and any(s.addr in self.table_granules for s in cpu.sb):
+            return  # blocked until the stores to page-table entries are visible
         cpu.pc = next_pc
         if rule.order_stores:
             cpu.store_fence = cpu.seq
+            self.raise_view(cpu, STOLD, cpu.views[WOLD])
         if rule.complete and cpu.pending:
-            for tl, cpus, placed in self._complete(st, c, cpu):
+            for tl, cpus, placed in _maintenance.complete(self, st, c, cpu, local=rule.local):
                 new = cpus[c]
                 for pos in placed:
                     self.raise_view(new, ICOLD, pos)
@@ -504,110 +507,3 @@ class Model:
         if not self.rules.track_dependencies:
             return 0
         return max((cpu.rview[r] for r in regs), default=0)
-
-    def _line_of_va(self, st: MachineState, cpu: CpuState, va: int, pre: int) -> list[tuple[int, int]]:
-        """(line, walk position) for each translation of ``va`` (cache maintenance by VA)."""
-        out = []
-        for pa, walked, fault in self.translate(st, cpu, va, "r", pre):
-            if not fault:
-                out.append((st.timeline.line_of(pa - pa % self.granule), walked))
-        return out
-
-    def clean(self, st: MachineState, c: int, cpu: CpuState, va: int, vaddr: int, text: str, pc: int) -> Iterator[Transition]:
-        """DC CVAU: may be placed in the past, not before the views that order it."""
-        v = cpu.views
-        pre0 = max(v[DCNEW], v[CAPC], v[FETCH], vaddr)
-        for line, walked in self._line_of_va(st, cpu, va, pre0):
-            # po-scl-ob: earlier same-line stores must be visible before the clean.
-            if any(st.timeline.line_of(s.addr) == line for s in cpu.sb):
-                continue
-            pre = max(pre0, walked, get(cpu.scl, line))
-            for tl, cpus, pos in self.place(st, c, cpu, DC, line, pre):
-                new = cpus[c]
-                self.raise_view(new, DCOLD, pos)
-                new.scl = join_into(new.scl, line, pos)
-                self.settle(new)
-                yield Step(c, "exec", pc, text, f"clean @{pos}"), MachineState(tl, cpus)
-
-    def issue(self, st: MachineState, c: int, cpu: CpuState, kind: str, va: int | None, vaddr: int, scope: str, text: str, pc: int) -> Transition:
-        """IC / TLBI: issued now, placed on the timeline when the CPU's DSB completes it."""
-        v = cpu.views
-        pre = max(v[ICNEW], v[CAPC], v[FETCH], vaddr)
-        if va is None:
-            addr = ALL_LINES
-        elif kind == IC:
-            lines = self._line_of_va(st, cpu, va, pre)
-            if not lines:
-                return self.fault(st, c, cpu, pc, "DataAbort", text)
-            addr = lines[0][0]
-        else:
-            addr = va - va % 0x1000
-        target = -1 if scope == "broadcast" else c
-        cpu.pending = (*cpu.pending, Pending(kind, addr, pre, text, target))
-        self.settle(cpu)
-        return Step(c, "exec", pc, text, "issued"), self.replace(st, c, cpu)
-
-    def _complete(self, st: MachineState, c: int, cpu: CpuState) -> Iterator[tuple[Timeline, tuple[CpuState, ...], list[int]]]:
-        """Place every pending IC/TLBI of ``cpu`` (its DSB completes them), in program order."""
-        pending = cpu.pending
-        cpu.pending = ()
-        states: list[tuple[MachineState, list[int]]] = [(self.replace(st, c, cpu), [])]
-        for p in pending:
-            nxt: list[tuple[MachineState, list[int]]] = []
-            for cur, placed in states:
-                pre = p.pre
-                for at in placed:
-                    if pre >= at:
-                        pre += 1
-                for tl, cpus, pos in self.place(cur, c, cur.cpus[c], p.kind, p.addr, pre, scope=p.scope):
-                    nxt.append((MachineState(tl, cpus), [*[q + (q >= pos) for q in placed], pos]))
-            states = nxt
-        for s, placed in states:
-            yield s.timeline, s.cpus, placed
-
-    def place(self, st: MachineState, c: int, cpu: CpuState, kind: str, addr: int, pre: int, *, scope: int = -1) -> Iterator[tuple[Timeline, tuple[CpuState, ...], int]]:
-        """Insert a DC/IC/TLBI at every distinct position >= ``pre`` that no fetch contradicts."""
-        tl: Timeline = st.timeline
-        cpus = list(st.cpus)
-        cpus[c] = cpu
-        every = addr == ALL_LINES
-        relevant: set[int] = set()
-        if kind == TLBI and any(every or s.va - s.va % 0x1000 == addr for x in cpus for s in x.sb):
-            # A completed TLB invalidation guarantees that accesses translated through
-            # the old entry are complete (Arm ARM D8.13; ESOP 2022 TLBI-ob): stores
-            # still buffered with the old translation must become visible first.
-            return
-        if kind == TLBI:
-            ptes = [g for page, g in self.config.pte_addr.items() if every or page == addr]
-            for g in ptes:
-                relevant.update(tl.write_positions(g))
-            relevant.update(p for ps in tl.tlbis.values() for p in ps)
-        else:
-            for g, ws in tl.writes.items():
-                if every or tl.line_of(g) == addr:
-                    relevant.update(ws)
-            for line, ps in tl.maint.items():
-                if every or line in (addr, ALL_LINES):
-                    relevant.update(ps)
-            for other in cpus:
-                for g, anchor, _ in other.fetches:
-                    if every or tl.line_of(g) == addr:
-                        relevant.add(anchor)
-        for k in sorted({pre, *(p for p in relevant if p > pre)}):
-            at = k + 1
-            new_tl = tl.insert_after(k, Event(kind, c, addr, page=scope))
-            new_cpus = tuple(x.shifted(at) for x in cpus)
-            if kind == TLBI or self._consistent(new_tl, new_cpus, addr):
-                yield new_tl, new_cpus, at
-
-    def _consistent(self, tl: Timeline, cpus: Sequence[CpuState], line: int) -> bool:
-        if self.coherent_fetch:
-            return True
-        every = line == ALL_LINES
-        for cpu in cpus:
-            for g, anchor, msg in cpu.fetches:
-                if (every or tl.line_of(g) == line) and msg < tl.floor_before(g, anchor, idc=self.idc):
-                    return False
-        return True
-
-

@@ -19,6 +19,10 @@ dsb     what the last DSB ordered (an ISB extends it to instruction fetch)
 fetch   position of the last instruction fetch (fetch is in order and precedes
         every later event of the CPU: Arm's f-ob)
 rel     position of the last release store (a later acquire load waits for it)
+stold   join of the positions of stores a store-ordering barrier ordered before
+        what follows it (a later write's fault waits for them)
+hwold   join of the positions of the hardware's page-table updates for this CPU
+        (ordered by a DSB only)
 ====== =====================================================================
 
 States are treated as immutable values once built: a transition copies the CPU it
@@ -35,11 +39,27 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from execmem.emu._timeline import Timeline
 
-VIEW_NAMES = ("rnew", "dcnew", "icnew", "fnew", "rold", "wold", "dcold", "icold", "capc", "capa", "dsb", "fetch", "rel")
+VIEW_NAMES = (
+    "rnew", "dcnew", "icnew", "fnew", "rold", "wold", "dcold", "icold", "capc", "capa", "dsb", "fetch", "rel",
+    "stold", "hwold",
+)
 VIEW = {name: i for i, name in enumerate(VIEW_NAMES)}
-RNEW, DCNEW, ICNEW, FNEW, ROLD, WOLD, DCOLD, ICOLD, CAPC, CAPA, DSB, FETCH, REL = range(len(VIEW_NAMES))
+RNEW, DCNEW, ICNEW, FNEW, ROLD, WOLD, DCOLD, ICOLD, CAPC, CAPA, DSB, FETCH, REL, STOLD, HWOLD = range(len(VIEW_NAMES))
 
 RUN, DONE, FAULT, HALT = "run", "done", "fault", "halt"
+#: A CPU whose execution is not one the architecture allows (herd discards it).
+DISCARD = "discard"
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    """What a transition did, for traces and counterexamples."""
+
+    cpu: int
+    kind: str  # "exec", "store", "fault", "irq", "host"
+    pc: int
+    text: str
+    detail: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,12 +79,22 @@ class Store:
     after: int
     va: int  # virtual address, for traces
     pc: int
+    #: the hardware's write-back of a page-table entry it walked (HA/HD): atomic with
+    #: the walk, so it may leave the buffer only while the write at ``expect`` (the one
+    #: the walk read) is still the entry's latest
+    hardware: bool = False
+    expect: int = -1
+    #: the translation it went through: (entry, position of the PTE write used, walk
+    #: position), entry 0 for a static mapping (see ``_translate.note_stale``)
+    walk: tuple[int, int, int] = (0, 0, 0)
 
     def shifted(self, at: int) -> Store:
+        entry, walked, anchor = self.walk
         return Store(
             self.seq, self.addr, self.span, self.data, self.mask,
             self.vaddr + (self.vaddr >= at), self.vdata + (self.vdata >= at),
-            self.release, self.after, self.va, self.pc,
+            self.release, self.after, self.va, self.pc, self.hardware, self.expect + (self.expect >= at),
+            (entry, walked + (walked >= at), anchor + (anchor >= at)),
         )
 
 
@@ -113,23 +143,28 @@ class CpuState:
     __slots__ = (
         "acks",
         "coh",
+        "dcl",
         "faults",
         "fetches",
         "fwd",
         "host",
         "index",
         "irq",
+        "monitor",
         "pc",
         "pending",
         "regs",
         "results",
+        "retrying",
         "rview",
         "sb",
         "scl",
         "seq",
+        "stale",
         "status",
         "store_fence",
         "views",
+        "walk_floor",
     )
 
     def __init__(self, index: int, pc: int, regs: bytes, nregs: int) -> None:
@@ -144,6 +179,8 @@ class CpuState:
         self.fwd: tuple[tuple[int, tuple[int, int]], ...] = ()
         #: per line: po-scl-ob view (DC vs same-line accesses)
         self.scl: tuple[tuple[int, int], ...] = ()
+        #: per line: position of this CPU's last DC (later same-line accesses follow it)
+        self.dcl: tuple[tuple[int, int], ...] = ()
         self.sb: tuple[Store, ...] = ()
         self.seq = 0
         #: seq of the first store after the last store-ordering barrier
@@ -153,7 +190,19 @@ class CpuState:
         #: (granule, anchor position, position of the write read)
         self.fetches: tuple[tuple[int, int, int], ...] = ()
         self.status = RUN
-        self.faults: tuple[tuple[int, str], ...] = ()
+        #: (pc, kind, address accessed) of every fault taken
+        self.faults: tuple[tuple[int, str, int], ...] = ()
+        #: executing again an instruction that faulted (``on_fault="handled"``)
+        self.retrying = False
+        #: the exclusive monitor: (granule, position of the write the load-exclusive read)
+        self.monitor: tuple[tuple[int, int], ...] = ()
+        #: translations through superseded entries: (entry, position of the PTE write
+        #: used, walk position, access position) - where a later-placed TLB
+        #: invalidation may not go (``_translate.note_stale``)
+        self.stale: tuple[tuple[int, int, int, int], ...] = ()
+        #: per (page-table entry, offset in the page): the oldest PTE write this CPU's
+        #: translations may still use, after one was ordered after an invalidation
+        self.walk_floor: tuple[tuple[int, int], ...] = ()
         #: index of the next host action (CPUs that run a host program)
         self.host = 0
         #: pending interrupts: (kind, view carried by the sender, tag, argument)
@@ -178,21 +227,26 @@ class CpuState:
         new.coh = _shift_pairs(self.coh, at)
         new.fwd = tuple((g, (p + (p >= at), v + (v >= at))) for g, (p, v) in self.fwd)
         new.scl = _shift_pairs(self.scl, at)
+        new.dcl = _shift_pairs(self.dcl, at)
         new.sb = tuple(s.shifted(at) for s in self.sb)
         new.pending = tuple(p.shifted(at) for p in self.pending)
         new.fetches = tuple((g, a + (a >= at), m + (m >= at)) for g, a, m in self.fetches)
+        new.monitor = tuple((g, p + (p >= at)) for g, p in self.monitor)
+        new.stale = tuple((e, w + (w >= at), a + (a >= at), p + (p >= at)) for e, w, a, p in self.stale)
+        new.walk_floor = _shift_pairs(self.walk_floor, at)
         new.irq = tuple((k, v + (v >= at), t, a) for k, v, t, a in self.irq)
         return new
 
     def key(self) -> tuple[object, ...]:
         return (
-            self.pc, self.regs, self.rview, tuple(self.views), self.coh, self.fwd, self.scl,
+            self.pc, self.regs, self.rview, tuple(self.views), self.coh, self.fwd, self.scl, self.dcl,
             tuple(
-                (s.addr, s.span, s.data, s.mask, s.vaddr, s.vdata, s.release, s.seq - self.seq, s.after - self.seq)
+                (s.addr, s.span, s.data, s.mask, s.vaddr, s.vdata, s.release, s.seq - self.seq, s.after - self.seq,
+                 s.hardware, s.expect, s.walk)
                 for s in self.sb
             ),
             self.store_fence - self.seq, self.pending, self.fetches, self.status,
-            self.faults, self.host, self.irq, self.acks, self.results,
+            self.faults, self.retrying, self.monitor, self.stale, self.walk_floor, self.host, self.irq, self.acks, self.results,
         )
 
     def reg(self, index: int) -> int:
@@ -216,3 +270,7 @@ class MachineState:
         if self._key is None:
             self._key = (self.timeline.key(), tuple(c.key() for c in self.cpus))
         return self._key
+
+
+#: One successor of a state: what was done, and the state it leads to.
+Transition = tuple[Step, MachineState]

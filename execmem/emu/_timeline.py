@@ -44,7 +44,7 @@ class Event:
     #: W: bit i set when byte i of ``data`` is written (partial stores).
     mask: int = -1
     span: int = 0
-    #: TLBI: the only CPU whose TLB it invalidates (-1: broadcast to every CPU).
+    #: IC/TLBI: the only CPU it has completed for (-1: every CPU).
     page: int = -1
     note: str = ""
 
@@ -200,13 +200,15 @@ class Timeline:
                 last_dc = pos
         return self.latest_write_at(granule, last_dc) if last_dc else 0
 
-    def floor_before(self, granule: int, anchor: int, *, idc: bool) -> int:
-        """The floor imposed on a fetch of ``granule`` placed just after ``anchor``."""
+    def floor_before(self, granule: int, anchor: int, cpu: int, *, idc: bool) -> int:
+        """The floor imposed on a fetch by ``cpu`` of ``granule`` placed just after
+        ``anchor`` (an IC completed only for another CPU does not count)."""
         line = self.line_of(granule)
         latest_ic = 0
         for pos in self.maintenance(line):
             if pos > anchor:
                 break
-            if self.events[pos].kind == IC:
+            event = self.events[pos]
+            if event.kind == IC and event.page in (-1, cpu):
                 latest_ic = pos
         return self.floor(granule, latest_ic, idc=idc) if latest_ic else 0

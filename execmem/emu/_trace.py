@@ -12,7 +12,7 @@ import html
 import textwrap
 from collections.abc import Sequence
 
-from execmem.emu._semantics import Step
+from execmem.emu._state import Step
 
 _COLORS = {
     "exec": ("#eef3fb", "#4a6fa5"),

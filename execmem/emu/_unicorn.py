@@ -30,10 +30,7 @@ import unicorn
 import unicorn.unicorn_py3.unicorn as _ucmod
 
 from execmem._errors import ModelError
-
-PAGE = 0x1000
-#: A page no guest region may use; ``emu_start`` stops there (never reached).
-UNTIL = 0xFFFF_F000
+from execmem.emu._layout import PAGE, UNTIL
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,8 +61,11 @@ class _Cpu:
         regions: Sequence[tuple[int, int]],
         registers: Sequence[int],
         fast: FastCode | None = None,
+        cpu_model: int | None = None,
     ) -> None:
         self.uc = unicorn.unicorn.Uc(*arch)
+        if cpu_model is not None:
+            self.uc.ctl_set_cpu_model(cpu_model)
         self.handle = self.uc._uch
         self.buffers: list[tuple[int, int, ctypes.Array[ctypes.c_char]]] = []
         for base, size in regions:
@@ -232,12 +232,14 @@ class Executor:
         pc_index: int,
         cpus: int,
         fast: FastCode | None = None,
+        *,
+        cpu_model: int | None = None,
     ) -> None:
         for base, size in regions:
             if base % PAGE or size % PAGE or base <= UNTIL < base + size:
                 raise ModelError(f"guest region {base:#x}+{size:#x} is not page aligned or overlaps the stop page")
         self.fast = fast or FastCode()
-        self._cpus = [_Cpu(arch, regions, registers, self.fast) for _ in range(cpus)]
+        self._cpus = [_Cpu(arch, regions, registers, self.fast, cpu_model) for _ in range(cpus)]
         self.pc_index = pc_index
         self._memo: dict[tuple[bytes, bytes, tuple[bytes, ...] | None], Outcome] = {}
         self.executed = 0

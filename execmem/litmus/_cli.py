@@ -1,9 +1,14 @@
-"""``execmem litmus [--json] [--kinds FILE] [-j N] PATH...``"""
+"""``execmem litmus [--json|--summary] [--kinds FILE] [--variant V,...] [-j N] PATH...``
+
+Runs herd7 AArch64 litmus tests on the modeled machine and prints herd7's output
+(``_report``); with ``--kinds`` also the agreement with a herd kinds file, overall
+and by category of test."""
 
 from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import functools
 import json
 import multiprocessing
 import os
@@ -11,16 +16,31 @@ import sys
 from pathlib import Path
 
 from execmem._errors import ExecmemError
+from execmem.emu._explore import MAX_MEMORY
 from execmem.litmus._parse import read_text
+from execmem.litmus._report import by_category, herd_block, summary_line
 from execmem.litmus._run import LitmusResult, run_file
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("paths", nargs="+", metavar="PATH", help=".litmus files or folders of them")
     parser.add_argument("--json", action="store_true", help="print a JSON array of results")
+    parser.add_argument(
+        "--summary", action="store_true",
+        help="one line per test (verdict, final states, states explored, seconds) instead of herd7's output",
+    )
     parser.add_argument("--kinds", metavar="FILE", help="compare with a herd kinds file (NAME Allowed|Forbidden)")
     parser.add_argument("-j", "--jobs", type=int, default=0, help="worker processes (default: one per CPU)")
+    parser.add_argument("--scheduler", metavar="ADDRESS", help="run the tests on a Dask cluster instead")
     parser.add_argument("--max-states", type=int, default=1_000_000, help="state budget per test")
+    parser.add_argument(
+        "--max-memory", type=int, default=MAX_MEMORY >> 20, metavar="MB",
+        help=f"memory budget per test (default {MAX_MEMORY >> 20} MB): past it the test reports 'budget exceeded'",
+    )
+    parser.add_argument(
+        "--variant", default="", metavar="V[,V...]",
+        help="herd's -variant: vmsa (translation tables), fatal|precise or handled|imprecise (faults)",
+    )
 
 
 def collect(paths: list[str]) -> list[str]:
@@ -41,6 +61,12 @@ def collect(paths: list[str]) -> list[str]:
     return files
 
 
+#: herd's spellings of a kind (lib/constrGen.ml ``parse_kind``).
+_KINDS = {"Allow": "Allowed", "Allowed": "Allowed", "Forbid": "Forbidden", "Forbidden": "Forbidden",
+          "Require": "Required", "Required": "Required"}
+VARIANTS = frozenset({"vmsa", "fatal", "precise", "handled", "imprecise"})
+
+
 def read_kinds(path: str) -> dict[str, str]:
     kinds: dict[str, str] = {}
     text = read_text(path, 1 << 20, ExecmemError)
@@ -48,24 +74,53 @@ def read_kinds(path: str) -> dict[str, str]:
         fields = line.split()
         if not fields or line.lstrip().startswith("#"):
             continue
-        if len(fields) < 2 or fields[1] not in ("Allowed", "Forbidden", "Required"):
-            raise ExecmemError(f"{path}:{n}: expected 'NAME Allowed|Forbidden'")
-        kinds[fields[0]] = fields[1]
+        if len(fields) < 2 or fields[1] not in _KINDS:
+            raise ExecmemError(f"{path}:{n}: expected 'NAME Allowed|Forbidden|Required'")
+        kinds[fields[0]] = _KINDS[fields[1]]
     return kinds
 
 
-def run_all(files: list[str], *, jobs: int = 0, max_states: int = 1_000_000, progress: bool = False) -> list[LitmusResult]:
+def parse_variants(text: str) -> frozenset[str]:
+    words = frozenset(w.strip().lower() for w in text.split(",") if w.strip())
+    unknown = words - VARIANTS
+    if unknown:
+        raise ExecmemError(f"--variant: unknown {', '.join(sorted(unknown))} (known: {', '.join(sorted(VARIANTS))})")
+    return words
+
+
+def run_all(
+    files: list[str],
+    *,
+    jobs: int = 0,
+    max_states: int = 1_000_000,
+    max_memory: int = MAX_MEMORY,
+    progress: bool = False,
+    variants: frozenset[str] = frozenset(),
+    scheduler: str | None = None,
+) -> list[LitmusResult]:
+    """Run every file in worker processes (or on a Dask cluster); results in input order."""
     workers = jobs or os.cpu_count() or 1
     results: dict[str, LitmusResult] = {}
-    if workers == 1 or len(files) == 1:
+    job = functools.partial(run_file, max_states=max_states, max_memory=max_memory, variants=variants)
+    if scheduler:
+        try:
+            from distributed import Client, as_completed
+        except ImportError:
+            raise ExecmemError("--scheduler needs Dask: pip install 'execmem[dask]'") from None
+        with Client(scheduler) as client:
+            futures = {client.submit(job, f, pure=False): f for f in files}
+            for n, future in enumerate(as_completed(futures), 1):
+                results[futures[future]] = future.result()
+                _progress(progress, n, len(files), results[futures[future]])
+    elif workers == 1 or len(files) == 1:
         for n, f in enumerate(files, 1):
-            results[f] = run_file(f, max_states=max_states)
+            results[f] = job(f)
             _progress(progress, n, len(files), results[f])
     else:
         # Unicorn instances must not cross a fork: workers start fresh interpreters.
         context = multiprocessing.get_context("spawn")
         with concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-            futures = {pool.submit(run_file, f, max_states=max_states): f for f in files}
+            futures = {pool.submit(job, f): f for f in files}
             for n, future in enumerate(concurrent.futures.as_completed(futures), 1):
                 results[futures[future]] = future.result()
                 _progress(progress, n, len(files), results[futures[future]])
@@ -82,21 +137,28 @@ def _progress(enabled: bool, n: int, total: int, result: LitmusResult) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.jobs < 0:
         raise ExecmemError(f"-j/--jobs must be 0 (one per CPU) or more, not {args.jobs}")
+    if args.max_states < 1 or args.max_memory < 1:
+        raise ExecmemError("--max-states and --max-memory must be positive")
     files = collect(args.paths)
     kinds = read_kinds(args.kinds) if args.kinds else None
-    results = run_all(files, jobs=args.jobs, max_states=args.max_states, progress=not args.json and sys.stderr.isatty())
+    variants = parse_variants(args.variant)
+    results = run_all(
+        files, jobs=args.jobs, max_states=args.max_states, max_memory=args.max_memory << 20,
+        progress=not args.json and sys.stderr.isatty(), variants=variants, scheduler=args.scheduler,
+    )
     if args.json:
         print(json.dumps([r.to_json() for r in results], indent=2))
-    else:
+    elif args.summary:
         width = max(len(r.name) for r in results)
         for r in results:
-            extra = f"  {r.detail}" if r.detail else ""
-            print(f"{r.name:<{width}}  {r.verdict:<11} states {r.states:<4} explored {r.explored:<7} {r.seconds:6.2f}s{extra}")
-    failed = [r for r in results if r.verdict in ("error", "unsupported")]
+            print(summary_line(r, width))
+    else:
+        print("\n".join(herd_block(r) for r in results), end="")
+    failed = [r for r in results if r.verdict in ("error", "unsupported", "unknown")]
     if kinds is None:
-        return 1 if any(r.verdict == "error" for r in results) else 0
+        return 1 if any(r.verdict in ("error", "unknown") for r in results) else 0
     compared = [r for r in results if r.name in kinds]
-    disagree = [r for r in compared if r.verdict != kinds[r.name]]
+    disagree = [r for r in compared if not r.agrees(kinds[r.name])]
     out = sys.stderr if args.json else sys.stdout
     for r in disagree:
         print(f"DISAGREE {r.name}: herd says {kinds[r.name]}, the model says {r.verdict} {r.detail}".rstrip(), file=out)
@@ -104,4 +166,6 @@ def run(args: argparse.Namespace) -> int:
     if missing:
         print(f"no kind for {len(missing)} test(s): {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}", file=out)
     print(f"agree {len(compared) - len(disagree)}/{len(compared)}", file=out)
+    if any(r.categories != ("other",) for r in compared):
+        print("\n".join(by_category(compared, kinds)), file=out)
     return 1 if disagree or failed else 0

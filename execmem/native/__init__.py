@@ -14,10 +14,10 @@ Modes (``NativeBackend(mode=...)``; details in ``_mapping``):
   reserved (inaccessible) address, ``unmap`` puts an inaccessible anonymous mapping
   back.  The views are mapped from a *read-only* descriptor of the file
   (``/proc/self/fd/N`` reopened), so ``mprotect(view, PROT_WRITE)`` fails with
-  EACCES: a forked child keeps (and may call) the parent's texts but cannot make
-  them writable.  The child inherits the read+write descriptor, as any forked code
-  inherits descriptors; this backend refuses every operation in the child except
-  ``close``/``release``/``stats`` (``ForkedProcessError``).  Without ``/proc`` the
+  EACCES.  A forked child keeps (and may call) the parent's texts as they were at
+  fork: each view becomes a private snapshot and the parent's descriptors are
+  closed in the child (``_fork``); this backend refuses every operation in the
+  child except ``close``/``release``/``stats`` (``ForkedProcessError``).  Without ``/proc`` the
   views fall back to the read+write descriptor
   (``stats()["backing_detail"]["views"]``).  On hugetlbfs, which has no ``write``,
   a whole-pack file is written through a read+write alias (``MADV_DONTFORK``,
@@ -30,11 +30,12 @@ Modes (``NativeBackend(mode=...)``; details in ``_mapping``):
 * ``"rwx"`` - read+write+execute while mapped; only when asked for by name.
 
 Synchronization (``run_step``; details in ``_sync``): per host, chosen once from a
-table keyed by the architecture's name.  On x86-64 ``local_cse`` is CPUID and
-``remote_cse`` is ``membarrier(PRIVATE_EXPEDITED_SYNC_CORE)``, with fallbacks
-``PRIVATE_EXPEDITED`` -> an mprotect TLB-shootdown IPI -> ``GLOBAL``; membarrier is
-first tried once per process in a child process, because some seccomp profiles kill
-on first use.  The mechanism in use and every fallback taken are in ``stats()``.
+table keyed by the architecture's name.  On x86-64 ``local_cse`` is SERIALIZE or an
+IRET to self (CPUID asks once which) and ``remote_cse`` is
+``membarrier(PRIVATE_EXPEDITED_SYNC_CORE)``, with fallbacks ``PRIVATE_EXPEDITED`` ->
+an mprotect TLB-shootdown IPI -> ``GLOBAL``; membarrier is first tried by a forked
+child that runs only machine code, because some seccomp profiles kill on first use
+(``_probe``).  The mechanism in use, why, and every fallback taken are in ``stats()``.
 
 Every system call goes through one dispatcher (``_libc``), counted per backend
 (``stats()["syscalls"]``) and failable on purpose in tests (``_libc.inject``).
@@ -54,9 +55,9 @@ interrupted code holds gets ``BadStateError`` instead of a deadlock; accounting 
 one-time setup locks are re-entrant.  Every lock is reinitialized in a forked child,
 so a fork while another thread holds one never deadlocks the child.
 
-Small helper routines (atomic stores, CPUID/ISB, cache maintenance) are assembled
-from ``ArchSpec.host_routines`` once per process into a private page made read+execute
-after it is written (``_routines``).
+Small helper routines (atomic stores, SERIALIZE/IRET/ISB, cache maintenance, the
+membarrier probe) are assembled from ``ArchSpec.host_routines`` once per process into
+a private page made read+execute after it is written (``_routines``).
 """
 
 from __future__ import annotations

@@ -465,8 +465,8 @@ class DualMapper(Mapper):
     def write(self, region: Region, offset: int, data: bytes) -> None:
         if region.rw_fd < 0:
             super().write(region, offset, data)
-        else:
-            self._pwrite(region.rw_fd, data, offset)
+        elif self._sys.pwrite(region.rw_fd, data, offset) != len(data):  # one call, all but always
+            self._pwrite(region.rw_fd, data, offset)  # the rest (rewrites what was written: harmless)
 
     def store(self, region: Region, offset: int, size: int, action: Callable[[int], object]) -> None:
         """A single-copy-atomic store needs a real store instruction, not ``pwrite``:

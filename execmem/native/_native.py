@@ -11,9 +11,11 @@ import ctypes
 import mmap
 import os
 import sys
+import threading
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 
+from execmem import _forks
 from execmem._backend import Range, Reservation
 from execmem._errors import (
     AlignmentError,
@@ -28,20 +30,11 @@ from execmem._errors import (
 from execmem._locks import OwnedLock
 from execmem._placement import intersect
 from execmem.arch import ArchSpec, get, host
-from execmem.native import _libc, _procmaps
+from execmem.native import _fork, _libc, _procmaps
 from execmem.native._mapping import MAPPERS, DualMapper, Mapper, Region
+from execmem.native._probe import PROBE, ProbeResult
 from execmem.native._routines import host_routines
-from execmem.native._sync import ProbeResult, Synchronizer, probe_membarrier
-
-_fork_generation = 0
-
-
-def _after_fork_in_child() -> None:
-    global _fork_generation
-    _fork_generation += 1
-
-
-os.register_at_fork(after_in_child=_after_fork_in_child)
+from execmem.native._sync import Synchronizer, uses_membarrier
 
 #: Bits of user address space the kernel hands out without an address hint (x86-64
 #: 4-level paging, arm64 48-bit VA, riscv64 Sv39 - the smallest of its modes).
@@ -63,11 +56,15 @@ class NativeBackend:
     ``mode``: ``"dual"`` (default, W^X by a read+execute view of a file written with
     ``pwrite``), ``"mprotect"``
     (W^X by toggling page protections) or ``"rwx"`` (writable and executable at once;
-    only when asked for by name).  ``arch`` must be the host's (``None``).
+    only when asked for by name).  ``arch`` must be the host's (``None``), or the
+    host's ``ArchSpec`` itself: a copy with recipes replaced
+    (``ArchSpec.with_recipes``) makes the allocator on this backend run those (the
+    tests that show a recipe step is necessary).
     ``huge_pages`` aligns reservations of 2 MiB or more to 2 MiB and asks for large
     pages (``MFD_HUGETLB``, else ``MADV_HUGEPAGE``); :meth:`stats` says what the kernel
     actually gave.  ``directories`` pins the file fallbacks of dual mapping (tests);
-    ``probe`` replaces the once-per-process membarrier probe (tests).
+    ``probe`` replaces the process's membarrier probe (``_probe.PROBE``, started in
+    the background by the first backend that may use membarrier; tests).
 
     ``max_reservation`` bounds one reservation, checked before any system call:
     a larger request is an ``OutOfMemoryError`` rather than an out-of-memory kill
@@ -93,7 +90,7 @@ class NativeBackend:
     def __init__(
         self,
         mode: str = "dual",
-        arch: str | None = None,
+        arch: str | ArchSpec | None = None,
         *,
         huge_pages: bool = True,
         directories: Sequence[str] | None = None,
@@ -103,8 +100,8 @@ class NativeBackend:
         key = mode.strip().lower() if isinstance(mode, str) else mode
         if key not in MAPPERS:
             raise UnsupportedError(f"unknown native mode {mode!r}; choose dual, mprotect or rwx")
-        spec = host() if arch is None else get(arch)
-        if spec is not host():
+        spec = host() if arch is None else arch if isinstance(arch, ArchSpec) else get(arch)
+        if spec.name != host().name:
             raise UnsupportedError(
                 f"the native backend runs {host().name} code only, not {spec.name}; "
                 "use execmem.emu.Machine for other architectures"
@@ -134,7 +131,12 @@ class NativeBackend:
         self._mapper = mapper
         self.mode: str = mapper.mode
         self.write_unit: int = mapper.write_unit
-        self._probe = probe if probe is not None else probe_membarrier
+        self._probe = probe if probe is not None else PROBE
+        if self._probe is PROBE and uses_membarrier(spec):
+            # In the background now, so that the first publish finds the verdict ready
+            # (and never waits for it under the allocator's lock): see _probe.
+            with contextlib.suppress(RuntimeError):  # no thread now: asked again on first use
+                PROBE.start()
         self._sync: Synchronizer | None = None
         # An OwnedLock (_locks): a signal handler calling into this backend while the
         # interrupted code holds it gets BadStateError instead of a deadlock; reset in
@@ -145,10 +147,20 @@ class NativeBackend:
         #: mapped, owned for audits, and released again by ``close``.
         self._unreleased: list[Region] = []
         self._steps: Counter[str] = Counter()
-        self._generation = _fork_generation
+        self._generation = _forks.generation
         self._closed = False
         self._sync_closed = False
         self._peak_reserved = 0
+        #: Held by everything that changes what a view shows or where it is (writes,
+        #: atomic stores, map, unmap, growth, release) and by fork while it copies the
+        #: views (``_fork``).  Re-entrant: a signal handler of the holding thread may
+        #: fork.  Replaced in a forked child.
+        self._gate = threading.RLock()
+        #: What the last fork did to this backend's views (set in the child).
+        self._fork_report: _fork.ForkReport | None = None
+        #: Fork snapshots the parent could not unmap (unmapped again by ``close``).
+        self._fork_leaks: list[tuple[int, int]] = []
+        _fork.register(self)
 
     # -- properties ------------------------------------------------------------------------
 
@@ -159,7 +171,7 @@ class NativeBackend:
     @property
     def forked(self) -> bool:
         """True in a child forked after this backend was created (it may only close)."""
-        return self._generation != _fork_generation
+        return self._generation != _forks.generation
 
     #: Published code runs in this process (``JitText.function``).
     callable_in_process = True
@@ -191,7 +203,8 @@ class NativeBackend:
             )
 
     def _region(self, reservation: Reservation) -> Region:
-        self._usable()
+        if self._closed or self._generation != _forks.generation:
+            self._usable()  # raises
         region = reservation.token
         if not isinstance(region, Region) or self._regions.get(region.address) is not region:
             raise BadStateError(f"reservation at {reservation.address:#x} is not live in this backend")
@@ -234,15 +247,16 @@ class NativeBackend:
             raise OutOfMemoryError(f"[{window[0]:#x}, {window[1]:#x}) lies outside the user address space")
         if capacity + align > self._address_space:
             raise OutOfMemoryError(f"{capacity:#x} bytes aligned to {align:#x} cannot fit in the address space")
-        region = self._mapper.reserve(size, align, capacity, window)
-        try:
-            with self._lock:
-                self._regions[region.address] = region
-                self._note_peak()
-        except BaseException:
-            with contextlib.suppress(ExecmemError):  # the original error is the one to report
-                self._mapper.release(region, forked=False)
-            raise
+        with self._gate:  # a fork meanwhile sees the region with its descriptors, or nothing
+            region = self._mapper.reserve(size, align, capacity, window)
+            try:
+                with self._lock:
+                    self._regions[region.address] = region
+                    self._note_peak()
+            except BaseException:
+                with contextlib.suppress(ExecmemError):  # the original error is the one to report
+                    self._mapper.release(region, forked=False)
+                raise
         return Reservation(region.address, region.size, mapped=False, token=region, capacity=region.capacity)
 
     def reserve_data(self, size: int, align: int, window: Range | None = None) -> Reservation:
@@ -256,14 +270,15 @@ class NativeBackend:
             raise OutOfMemoryError(f"a data region of {size:#x} bytes is larger than this backend allows ({self.max_reservation:#x})")
         if window is not None and intersect(window, (0, self._address_space)) is None:
             raise OutOfMemoryError(f"[{window[0]:#x}, {window[1]:#x}) lies outside the user address space")
-        region = self._mapper.reserve_data(size, align, window)
-        try:
-            with self._lock:
-                self._regions[region.address] = region
-        except BaseException:
-            with contextlib.suppress(ExecmemError):
-                self._mapper.release_data(region)
-            raise
+        with self._gate:
+            region = self._mapper.reserve_data(size, align, window)
+            try:
+                with self._lock:
+                    self._regions[region.address] = region
+            except BaseException:
+                with contextlib.suppress(ExecmemError):
+                    self._mapper.release_data(region)
+                raise
         return Reservation(region.address, region.size, mapped=False, token=region)
 
     def read_data(self, reservation: Reservation, offset: int, size: int) -> bytes:
@@ -286,8 +301,9 @@ class NativeBackend:
         region = self._region(reservation)
         self._not_reentered()
         size = self._pages(size)
-        if not self._mapper.grow(region, size):
-            return False
+        with self._gate:
+            if not self._mapper.grow(region, size):
+                return False
         reservation.size = region.size
         with self._lock:
             self._note_peak()
@@ -299,15 +315,17 @@ class NativeBackend:
             raise BadStateError(f"the data region at {reservation.address:#x} is never made executable")
         if region.mapped:
             raise BadStateError(f"reservation at {reservation.address:#x} is already mapped")
-        self._mapper.map(region)
-        region.mapped = reservation.mapped = True
+        with self._gate:
+            self._mapper.map(region)
+            region.mapped = reservation.mapped = True
 
     def unmap(self, reservation: Reservation) -> None:
         region = self._region(reservation)
         if not region.mapped:
             raise BadStateError(f"reservation at {reservation.address:#x} is not mapped")
-        self._mapper.unmap(region)
-        region.mapped = reservation.mapped = False
+        with self._gate:
+            self._mapper.unmap(region)
+            region.mapped = reservation.mapped = False
 
     def release(self, reservation: Reservation) -> None:
         if self._closed:
@@ -315,15 +333,16 @@ class NativeBackend:
         region = reservation.token
         if not isinstance(region, Region) or self._regions.get(region.address) is not region:
             raise BadStateError(f"reservation at {reservation.address:#x} is not live in this backend")
-        with self._lock:
-            del self._regions[region.address]
-        region.released, region.mapped, reservation.mapped = True, False, False
-        try:
-            self._release_region(region)
-        except ExecmemError:
+        with self._gate:
             with self._lock:
-                self._unreleased.append(region)
-            raise
+                del self._regions[region.address]
+            region.released, region.mapped, reservation.mapped = True, False, False
+            try:
+                self._release_region(region)
+            except ExecmemError:
+                with self._lock:
+                    self._unreleased.append(region)
+                raise
 
     def write(self, reservation: Reservation, offset: int, data: bytes) -> None:
         region = self._region(reservation)
@@ -332,7 +351,8 @@ class NativeBackend:
         if payload and region.data:
             ctypes.memmove(region.address + offset, payload, len(payload))
         elif payload:
-            self._mapper.write(region, offset, payload)
+            with self._gate:
+                self._mapper.write(region, offset, payload)
 
     def atomic_store(self, reservation: Reservation, offset: int, data: bytes) -> None:
         region = self._region(reservation)
@@ -344,17 +364,20 @@ class NativeBackend:
         self._bounds(reservation, offset, size)
         routine = host_routines()[f"store{size}"]
         value = int.from_bytes(bytes(data), sys.byteorder)
-        self._mapper.store(region, offset, size, lambda address: routine(address, value))
+        with self._gate:  # no fork while a write window is mapped
+            self._mapper.store(region, offset, size, lambda address: routine(address, value))
 
     def begin_inplace(self, reservation: Reservation, offset: int, size: int) -> None:
         region = self._region(reservation)
         self._bounds(reservation, offset, size)
-        self._mapper.begin_inplace(region, offset, size)
+        with self._gate:
+            self._mapper.begin_inplace(region, offset, size)
 
     def end_inplace(self, reservation: Reservation, offset: int, size: int) -> None:
         region = self._region(reservation)
         self._bounds(reservation, offset, size)
-        self._mapper.end_inplace(region, offset, size)
+        with self._gate:
+            self._mapper.end_inplace(region, offset, size)
 
     def readable(self, address: int, size: int) -> bool:
         """Asks ``/proc/self/maps`` (read after the check: a range unmapped meanwhile
@@ -368,16 +391,22 @@ class NativeBackend:
     def run_step(self, step: str, ranges: Sequence[Range]) -> None:
         if self._closed:
             raise BadStateError("the native backend is closed")
-        self._synchronizer().run(step, ranges)
-        self._steps[step] += 1
+        (self._sync or self._synchronizer()).run(step, ranges)
+        steps = self._steps  # dict.get/setitem: a Counter's += costs twice as much
+        steps[step] = steps.get(step, 0) + 1
 
     # -- reporting -------------------------------------------------------------------------
+
+    def _fork_regions(self) -> list[Region]:
+        """Every region still holding a view or a descriptor (for ``_fork``; one
+        C-level copy each, atomic under the GIL, so no lock a fork could find held)."""
+        return [*list(self._regions.values()), *list(self._unreleased)]
 
     def owned_ranges(self) -> list[Range]:
         """Every range this backend maps (views, aliases, reservations) - for W^X audits."""
         with self._lock:
             regions = [*self._regions.values(), *self._unreleased]
-        return [r for region in regions for r in self._mapper.owned_ranges(region)]
+        return [r for region in regions for r in self._mapper.owned_ranges(region)] + list(self._fork_leaks)
 
     def executable_ranges(self) -> list[Range]:
         with self._lock:
@@ -403,7 +432,9 @@ class NativeBackend:
         backing = self._mapper.describe()
         if "hugetlb" in backing:
             huge["hugetlb"] = backing["hugetlb"]
-        sync = self._sync.describe() if self._sync is not None else {"remote_cse": None}
+        sync: dict[str, object] = self._sync.describe() if self._sync is not None else {"remote_cse": None}
+        if self._probe is PROBE:
+            sync["membarrier_probe"] = PROBE.describe()
         syscalls = dict(self._sys.tally)
         return {
             "mode": self.mode,
@@ -424,6 +455,7 @@ class NativeBackend:
             "bytes_mapped": sum(size for _, size in executable),
             "peak_bytes_reserved": self._peak_reserved,
             "forked": self.forked,
+            "fork": self._fork_report.describe() if self._fork_report is not None else None,
             "closed": self._closed,
         }
 
@@ -432,23 +464,30 @@ class NativeBackend:
 
         What a refused system call kept from being released (here or in an earlier
         ``release``) is tried again by the next ``close``."""
-        if self._closed and not self._unreleased and self._sync_closed:
+        if self._closed and not self._unreleased and self._sync_closed and not self._fork_leaks:
             return
         self._not_reentered()
         self._closed = True
-        with self._lock:
-            regions = [*self._regions.values(), *self._unreleased]
-            self._regions.clear()
-            self._unreleased.clear()
         first: ExecmemError | None = None
-        for region in regions:
-            region.released = True
-            try:
-                self._release_region(region)
-            except ExecmemError as exc:
-                first = first or exc
-                with self._lock:
-                    self._unreleased.append(region)
+        with self._gate:
+            with self._lock:
+                regions = [*self._regions.values(), *self._unreleased]
+                self._regions.clear()
+                self._unreleased.clear()
+            for region in regions:
+                region.released = True
+                try:
+                    self._release_region(region)
+                except ExecmemError as exc:
+                    first = first or exc
+                    with self._lock:
+                        self._unreleased.append(region)
+            for leak in list(self._fork_leaks):
+                try:
+                    self._sys.munmap(*leak)
+                    self._fork_leaks.remove(leak)
+                except ExecmemError as exc:
+                    first = first or exc
         if self._sync is not None and not self.forked and not self._sync_closed:
             try:
                 self._sync.close()

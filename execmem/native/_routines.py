@@ -1,9 +1,9 @@
 """Tiny machine-code helpers the native backend calls through ``ctypes``.
 
-Python cannot issue a single-copy-atomic 8-byte store, a CPUID, a ``DC CVAU`` or an
-``ISB``; a few instructions can.  The architecture table supplies them as data
-(``ArchSpec.host_routines``: Keystone assembly, or ``.word`` directives where Keystone
-has no assembler).  They are assembled once per process into one private helper page
+Python cannot issue a single-copy-atomic 8-byte store, a SERIALIZE, a ``DC CVAU``, an
+``ISB`` or a fork whose child runs no Python; a few instructions can.  The
+architecture table supplies them as data (``ArchSpec.host_routines``: Keystone
+assembly, or ``.word`` directives where Keystone has no assembler).  They are assembled once per process into one private helper page
 that is created W^X: mapped read+write, filled, then made read+execute with
 ``mprotect`` before anything calls it.  The page stays valid in forked children.
 
@@ -16,7 +16,7 @@ from __future__ import annotations
 import ctypes
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from execmem._errors import AssemblyError, UnsupportedError
 from execmem._locks import SetupLock
@@ -35,6 +35,9 @@ SIGNATURES: dict[str, tuple[object, tuple[object, ...]]] = {
     "clean_dcache": (None, (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t)),
     "invalidate_icache": (None, (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t)),
     "read_cache_type": (ctypes.c_uint64, ()),
+    "serialize": (None, ()),
+    "has_serialize": (ctypes.c_uint32, ()),
+    "probe_membarrier": (ctypes.c_long, (ctypes.c_long,)),
 }
 
 #: Each routine starts on this boundary (keeps them on separate fetch blocks).
@@ -100,6 +103,9 @@ class HostRoutines:
     address: int
     size: int
     functions: dict[str, Callable[..., object]]
+    #: Answers the routines gave once for the whole process (e.g. whether the CPU has
+    #: SERIALIZE), kept here so that nothing asks twice.
+    probed: dict[str, object] = field(default_factory=dict)
 
     def get(self, name: str) -> Callable[..., object] | None:
         return self.functions.get(name)

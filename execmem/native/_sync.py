@@ -7,38 +7,44 @@ only place that knows *how* on each host, in the manner of wasmtime's
 else ever branches on an architecture.
 
 * **x86-64** - instruction fetch is coherent with stores, so ``clean_dcache``,
-  ``barrier`` and ``invalidate_icache`` are no-ops; ``local_cse`` runs CPUID
-  (serializing, SDM Vol. 3 9.1.3); ``remote_cse`` is
-  ``membarrier(PRIVATE_EXPEDITED_SYNC_CORE)``.
+  ``barrier`` and ``invalidate_icache`` are no-ops; ``local_cse`` is SERIALIZE where
+  the CPU has it, else an IRET to the next instruction (both serializing, SDM Vol. 3
+  9.1.3; CPUID, also serializing, is a VM exit under a hypervisor and only asks once
+  which one); ``remote_cse`` is ``membarrier(PRIVATE_EXPEDITED_SYNC_CORE)``.
 * **arm64** - line sizes and IDC/DIC come from CTR_EL0 (read by a routine, decoded by
   the pure :func:`decode_ctr_el0`); ``DC CVAU``/``IC IVAU`` loops, ``DSB ISH`` and
   ``ISB`` are routines; ``remote_cse`` is membarrier SYNC_CORE.
 * **riscv64** - ``fence rw,rw`` and ``fence.i`` routines; ``remote_cse`` is the
   ``riscv_flush_icache`` system call with flags 0 (every thread of the process).
 
-``remote_cse`` mechanisms are tried in the architecture's order (:class:`RemoteCse`)
-and the one in use is reported.  Because some seccomp profiles kill a process with
-SIGSYS the first time it calls membarrier, membarrier is first exercised once per
-process in a child process (:func:`probe_membarrier`); only if the child survives does
-this process touch it.
+``remote_cse`` mechanisms are tried in the host's order (:data:`REMOTE_CANDIDATES`,
+:class:`RemoteCse`) and the one in use is reported with why.  Because some seccomp
+profiles kill a process with SIGSYS the first time it calls membarrier, membarrier is
+first exercised by a forked child (``_probe``); only if the child survives does this
+process touch it.  ``remote_cse`` always runs, even in a process with one thread: the
+kernel returns at once when no other thread shares the address space (``mm_users``
+is 1), for the price of the system call (1 us here through ctypes), where telling from
+user space took a ``/proc/self/task`` scan per publish (openat, two getdents64, close:
+6 us here).
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
-import os
-import subprocess
-import sys
+import functools
+import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from execmem._backend import Range
 from execmem._errors import ExecmemError, SystemCallError, UnsupportedError
-from execmem._locks import OwnedLock, SetupLock
+from execmem._locks import OwnedLock
 from execmem.arch import ArchSpec
 from execmem.native import _libc
+from execmem.native._probe import PROBE, ProbeResult
 from execmem.native._routines import HostRoutines
 
 # --- CTR_EL0 (pure) ---------------------------------------------------------------------
@@ -78,80 +84,6 @@ def decode_ctr_el0(value: int) -> CacheType:
     )
 
 
-# --- membarrier probe (once per process, in a child) ------------------------------------
-
-_PROBE_SCRIPT = """
-import ctypes, sys
-libc = ctypes.CDLL(None, use_errno=True)
-libc.syscall.restype = ctypes.c_long
-nr = ctypes.c_long(int(sys.argv[1]))
-L = ctypes.c_long
-mask = libc.syscall(nr, L(0), L(0), L(0))
-if mask < 0:
-    print("query-failed", ctypes.get_errno())
-    sys.exit(0)
-for register, command in ((64, 32), (16, 8)):
-    if mask & command:
-        libc.syscall(nr, L(register), L(0), L(0))
-        libc.syscall(nr, L(command), L(0), L(0))
-print("ok", mask)
-"""
-
-
-@dataclass(frozen=True)
-class ProbeResult:
-    """Whether this process may call membarrier without being killed."""
-
-    safe: bool
-    detail: str
-
-
-def probe_command() -> list[str]:
-    """The child command of the membarrier probe (isolated, no site: fast start)."""
-    number = _libc.syscall_number("membarrier")
-    return [sys.executable, "-I", "-S", "-c", _PROBE_SCRIPT, str(number)]
-
-
-def run_probe(command: Sequence[str], timeout: float = 20.0) -> ProbeResult:
-    """Run a probe child; it is safe unless the child died from a signal (SIGSYS...)."""
-    try:
-        done = subprocess.run(list(command), capture_output=True, text=True, timeout=timeout, check=False)
-    except (OSError, subprocess.SubprocessError) as exc:
-        return ProbeResult(False, f"probe child could not run: {exc}")
-    if done.returncode < 0:
-        import signal
-
-        try:
-            name = signal.Signals(-done.returncode).name
-        except ValueError:
-            name = f"signal {-done.returncode}"
-        return ProbeResult(False, f"probe child killed by {name} (seccomp?)")
-    if done.returncode != 0:
-        return ProbeResult(False, f"probe child failed with exit code {done.returncode}")
-    return ProbeResult(True, done.stdout.strip() or "ok")
-
-
-_probe_result: ProbeResult | None = None
-#: Module-level, shared by every backend; guards idempotent one-time setup only.  A
-#: SetupLock (re-entrant): a signal handler that needs the probe while the main thread
-#: is running it simply runs its own (the result is the same), then the interrupted
-#: one finishes.  Reset in a forked child (a probe in flight in another thread of the
-#: parent does not block the child).
-_probe_lock = SetupLock("the membarrier probe")
-
-
-def probe_membarrier() -> ProbeResult:
-    """:func:`run_probe` of :func:`probe_command`, once per process (cached)."""
-    global _probe_result
-    with _probe_lock:
-        if _probe_result is None:
-            try:
-                _probe_result = run_probe(probe_command())
-            except UnsupportedError as exc:
-                _probe_result = ProbeResult(False, str(exc))
-        return _probe_result
-
-
 # --- remote context synchronization -----------------------------------------------------
 
 
@@ -169,6 +101,8 @@ class _Membarrier:
     def __init__(self, name: str, command: int, register: int | None, sys_: _libc.Syscalls, notes: list[str]) -> None:
         self.name, self.command, self.register = name, command, register
         self._sys, self._notes = sys_, notes
+        # The hot path (every publish into a mapped pack): one bound call.
+        self._command = functools.partial(sys_.membarrier, command)
 
     def prepare(self, mask: int) -> None:
         if not mask & self.command:
@@ -178,7 +112,7 @@ class _Membarrier:
 
     def run(self, ranges: Sequence[Range]) -> None:
         try:
-            self._sys.membarrier(self.command)
+            self._command()
         except ExecmemError as exc:
             if _libc.errno_of(exc) != errno.EPERM or self.register is None:
                 raise
@@ -251,12 +185,8 @@ class _RiscvFlushIcache:
 _Mechanism = _Membarrier | _MprotectIpi | _RiscvFlushIcache
 
 
-def _single_threaded() -> bool:
-    """True when this process has exactly one thread (Linux /proc/self/task)."""
-    try:
-        return len(os.listdir("/proc/self/task")) == 1
-    except OSError:
-        return False
+#: Seconds after a transient probe verdict before membarrier is asked about again.
+RECHECK_AFTER = 1.0
 
 
 class RemoteCse:
@@ -264,7 +194,11 @@ class RemoteCse:
 
     ``candidates`` is the architecture's order of preference, from
     ``membarrier-sync-core``, ``membarrier-private-expedited``, ``mprotect-ipi``,
-    ``membarrier-global`` and ``riscv_flush_icache``.
+    ``membarrier-global`` and ``riscv_flush_icache``.  ``why`` says why the mechanism
+    in use was chosen.  A fallback taken because the membarrier probe failed for a
+    transient reason (``ProbeResult.transient``) is provisional: from
+    :data:`RECHECK_AFTER` seconds on, each run asks the probe again (which never
+    waits for a retry in progress) and switches to membarrier once it is safe.
     """
 
     def __init__(
@@ -273,12 +207,14 @@ class RemoteCse:
         candidates: Sequence[str],
         *,
         page_size: int,
-        probe: Callable[[], ProbeResult] = probe_membarrier,
+        probe: Callable[[], ProbeResult] = PROBE,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._sys = sys_
         self._candidates = tuple(candidates)
         self._page_size = page_size
         self._probe = probe
+        self._clock = clock
         # Per backend.  An OwnedLock: the selection makes system calls (membarrier
         # registration, the mprotect-IPI page) and moves self._index/_current in
         # several steps, so a signal handler synchronizing through the same backend
@@ -286,7 +222,10 @@ class RemoteCse:
         self._lock = OwnedLock("the remote_cse mechanism of a native backend")
         self._current: _Mechanism | None = None
         self._index = 0
+        #: When a provisional choice (see the class docstring) is reconsidered.
+        self._recheck_at: float | None = None
         self.notes: list[str] = []
+        self.why: str | None = None
         self.runs: Counter[str] = Counter()
 
     @property
@@ -313,9 +252,15 @@ class RemoteCse:
         }
         return table[name]()
 
+    def _note(self, note: str) -> None:
+        self.notes.append(note)
+        del self.notes[:-32]
+
     def _select(self) -> _Mechanism:
         """The next usable candidate from ``self._index`` on (lock held)."""
         mask: int | None = None
+        verdict = ""
+        passed: list[str] = []
         while self._index < len(self._candidates):
             name = self._candidates[self._index]
             mechanism = self._make(name)
@@ -324,52 +269,81 @@ class RemoteCse:
             try:
                 if isinstance(mechanism, _Membarrier):
                     if mask is None:
-                        mask = self._query()
+                        mask, verdict = self._query()
+                        if mask < 0:
+                            raise _Unavailable(f"{name}: {verdict}")
                     if mask < 0:
-                        raise _Unavailable(f"{name}: membarrier unusable")
+                        raise _Unavailable(f"{name}: likewise")
                 mechanism.prepare(mask or 0)
             except _Unavailable as exc:
                 self._index += 1
-                self.notes.append(str(exc))
+                passed.append(str(exc))
                 continue
             except ExecmemError as exc:
                 if _libc.errno_of(exc) not in _FALLBACK_ERRNOS:
                     raise
                 self._index += 1
-                self.notes.append(f"{name}: {exc}")
+                passed.append(f"{name}: {exc}")
                 continue
             self._index += 1
+            for note in passed:
+                self._note(note)
             self._current = mechanism
+            first = "the first choice" if not passed else "after " + "; ".join(passed)
+            self.why = f"{first}; {verdict}" if isinstance(mechanism, _Membarrier) else first
             return mechanism
+        for note in passed:
+            self._note(note)
         message = "no way to make other threads take a context synchronization event: " + "; ".join(self.notes)
         # Start over next time: a mechanism abandoned for a transient failure gets
         # another chance instead of leaving the process unable to publish for good.
         self._index = 0
-        del self.notes[:-32]
         raise SystemCallError(errno.ENOSYS, message)
 
-    def _query(self) -> int:
-        """membarrier(QUERY), after the child probe says the call will not kill us; -1 if unusable."""
+    def _query(self) -> tuple[int, str]:
+        """membarrier(QUERY) once the probe says the call will not kill us, and why
+        (mask -1: unusable, and the reason)."""
         verdict = self._probe()
         if not verdict.safe:
-            self.notes.append(f"membarrier not used: {verdict.detail}")
-            return -1
+            if verdict.transient:
+                self._recheck_at = self._clock() + RECHECK_AFTER
+                return -1, f"membarrier not used for now: {verdict.detail}"
+            return -1, f"membarrier not used: {verdict.detail}"
         try:
-            return self._sys.membarrier(_libc.MEMBARRIER_CMD_QUERY)
+            mask = self._sys.membarrier(_libc.MEMBARRIER_CMD_QUERY)
         except ExecmemError as exc:
-            self.notes.append(f"membarrier(QUERY): {exc}")
-            return -1
+            return -1, f"membarrier(QUERY): {exc}"
+        return mask, f"{verdict.detail}; QUERY here: {mask:#x}"
+
+    def _recheck(self) -> None:
+        """Reconsider a provisional choice (lock held): keep it unless the probe is now
+        safe and a better mechanism can be prepared."""
+        if self._recheck_at is None or self._clock() < self._recheck_at:
+            return
+        self._recheck_at = None
+        verdict = self._probe()
+        if not verdict.safe:
+            if verdict.transient:
+                self._recheck_at = self._clock() + RECHECK_AFTER
+            return
+        previous, index = self._current, self._index
+        self._index = 0
+        try:
+            chosen = self._select()
+        except ExecmemError as exc:
+            self._note(f"membarrier still unusable: {exc}")
+            self._current, self._index = previous, index
+            return
+        if previous is not None and chosen is not previous:
+            self._note(f"{previous.name} replaced by {chosen.name}: {verdict.detail}")
+            with contextlib.suppress(ExecmemError):  # best effort: only a helper page
+                previous.close()
 
     def run(self, ranges: Sequence[Range]) -> None:
-        if _single_threaded():
-            # No other thread can hold instructions fetched before our stores, and a
-            # thread created later starts after them (the same rule the modeled
-            # machine's backend applies to a machine with one CPU).
-            self.runs["skipped: single thread"] += 1
-            return
         mechanism = self._current  # one atomic read: no lock once a mechanism is chosen
-        if mechanism is None:
+        if mechanism is None or self._recheck_at is not None:
             with self._lock:
+                self._recheck()
                 mechanism = self._current if self._current is not None else self._select()
         while True:
             try:
@@ -379,7 +353,7 @@ class RemoteCse:
                     raise
                 with self._lock:
                     if self._current is mechanism:
-                        self.notes.append(f"{mechanism.name} failed ({exc}); falling back")
+                        self._note(f"{mechanism.name} failed ({exc}); falling back")
                         mechanism.close()
                         self._current = None
                         mechanism = self._select()
@@ -388,7 +362,8 @@ class RemoteCse:
                     else:
                         mechanism = self._select()
                 continue
-            self.runs[mechanism.name] += 1
+            runs = self.runs
+            runs[mechanism.name] = runs.get(mechanism.name, 0) + 1
             return
 
     def close(self) -> None:
@@ -437,32 +412,56 @@ Builder = Callable[[ArchSpec, _libc.Syscalls, HostRoutines, int, Callable[[], Pr
 
 _COHERENT = "no-op: instruction fetch is coherent with data stores"
 
+#: ``remote_cse`` mechanisms per host, in order of preference.  x86-64:
+#: PRIVATE_EXPEDITED's IPIs return with IRET (serializing on x86); the mprotect-induced
+#: shootdown IPI likewise; GLOBAL waits for every CPU to pass through the scheduler.
+#: arm64: an IPI returns with ERET, a context-synchronization event; broadcast TLBI
+#: sends no IPI, so mprotect is no fallback there (seeds/000).
+REMOTE_CANDIDATES: dict[str, tuple[str, ...]] = {
+    "x86_64": ("membarrier-sync-core", "membarrier-private-expedited", "mprotect-ipi", "membarrier-global"),
+    "arm64": ("membarrier-sync-core", "membarrier-private-expedited", "membarrier-global"),
+    "riscv64": ("riscv_flush_icache",),
+}
+
+
+def uses_membarrier(spec: ArchSpec) -> bool:
+    """Whether this host may call membarrier (and so needs the probe)."""
+    return any(name.startswith("membarrier") for name in REMOTE_CANDIDATES.get(spec.name, ()))
+
+
+def _x86_local_cse(routines: HostRoutines) -> tuple[Callable[..., object], str]:
+    """SERIALIZE where the CPU has it, else IRET to self: what Linux ``sync_core()``
+    does since "x86/sync_core: Use SERIALIZE in sync_core()" (v5.10), and for the same
+    reason: CPUID, serializing too, is a VM exit under a hypervisor (5.5 us against
+    39 ns for the IRET on this project's virtual machine).  CPUID runs once per
+    process, to tell (the answer is kept with the routines)."""
+    has = routines.probed.get("serialize")
+    if has is None:
+        test, serialize = routines.get("has_serialize"), routines.get("serialize")
+        has = routines.probed["serialize"] = bool(test is not None and serialize is not None and test())
+    if has:
+        return routines["serialize"], "serialize (CPUID.(EAX=7,ECX=0):EDX[14] = 1, asked once)"
+    return routines["local_cse"], "iret to self (no SERIALIZE: CPUID.(EAX=7,ECX=0):EDX[14] = 0, asked once)"
+
 
 def _x86_64(
     spec: ArchSpec, sys_: _libc.Syscalls, routines: HostRoutines, page: int, probe: Callable[[], ProbeResult]
 ) -> HostSync:
+    local_cse, how = _x86_local_cse(routines)
     return HostSync(
         steps={
             "clean_dcache": _noop,
             "barrier": _noop,
             "invalidate_icache": _noop,
-            "local_cse": _plain(routines["local_cse"]),
+            "local_cse": _plain(local_cse),
         },
         how={
             "clean_dcache": _COHERENT,
             "barrier": _COHERENT,
             "invalidate_icache": _COHERENT,
-            "local_cse": "cpuid (serializing)",
+            "local_cse": how,
         },
-        # PRIVATE_EXPEDITED's IPIs return with IRET (serializing on x86); the
-        # mprotect-induced shootdown IPI likewise; GLOBAL waits for every CPU to pass
-        # through the scheduler.
-        remote=RemoteCse(
-            sys_,
-            ("membarrier-sync-core", "membarrier-private-expedited", "mprotect-ipi", "membarrier-global"),
-            page_size=page,
-            probe=probe,
-        ),
+        remote=RemoteCse(sys_, REMOTE_CANDIDATES[spec.name], page_size=page, probe=probe),
         lines=spec.cache_lines,
     )
 
@@ -484,14 +483,7 @@ def _arm64(
             "invalidate_icache": f"ic ivau every {cache.icache_line} B",
             "local_cse": "isb",
         },
-        # An IPI returns with ERET, a context-synchronization event; broadcast TLBI
-        # sends no IPI, so mprotect is no fallback here (seeds/000).
-        remote=RemoteCse(
-            sys_,
-            ("membarrier-sync-core", "membarrier-private-expedited", "membarrier-global"),
-            page_size=page,
-            probe=probe,
-        ),
+        remote=RemoteCse(sys_, REMOTE_CANDIDATES[spec.name], page_size=page, probe=probe),
         features=cache.features,
         lines=(cache.dcache_line, cache.icache_line),
         cache_type=cache,
@@ -514,7 +506,7 @@ def _riscv64(
             "invalidate_icache": "no-op (fence.i covers it)",
             "local_cse": "fence.i",
         },
-        remote=RemoteCse(sys_, ("riscv_flush_icache",), page_size=page, probe=probe),
+        remote=RemoteCse(sys_, REMOTE_CANDIDATES[spec.name], page_size=page, probe=probe),
         lines=spec.cache_lines,
     )
 
@@ -533,7 +525,7 @@ class Synchronizer:
         routines: HostRoutines,
         *,
         page_size: int,
-        probe: Callable[[], ProbeResult] = probe_membarrier,
+        probe: Callable[[], ProbeResult] = PROBE,
     ) -> None:
         try:
             builder = HOSTS[spec.name]
@@ -542,17 +534,16 @@ class Synchronizer:
         self._host = builder(spec, sys_, routines, page_size, probe)
         self.features = self._host.features
         self.lines = self._host.lines
+        #: Every step by name, ``remote_cse`` included: one lookup per step run.
+        self._actions = {**self._host.steps, "remote_cse": self._host.remote.run}
 
     @property
     def remote(self) -> RemoteCse:
         return self._host.remote
 
     def run(self, step: str, ranges: Sequence[Range]) -> None:
-        if step == "remote_cse":
-            self._host.remote.run(ranges)
-            return
         try:
-            action = self._host.steps[step]
+            action = self._actions[step]
         except KeyError:
             raise UnsupportedError(f"run_step cannot execute {step!r} (write/map/atomic_store have their own verbs)") from None
         action(ranges)
@@ -564,6 +555,7 @@ class Synchronizer:
         described: dict[str, object] = {
             "how": how,
             "remote_cse": remote.mechanism,
+            "remote_cse_why": remote.why,
             "remote_cse_runs": dict(remote.runs),
             "notes": list(remote.notes),
             "cache_lines": {"data": self.lines[0], "instruction": self.lines[1]},
@@ -579,12 +571,11 @@ class Synchronizer:
 
 __all__ = [
     "HOSTS",
+    "REMOTE_CANDIDATES",
     "CacheType",
     "ProbeResult",
     "RemoteCse",
     "Synchronizer",
     "decode_ctr_el0",
-    "probe_command",
-    "probe_membarrier",
-    "run_probe",
+    "uses_membarrier",
 ]

@@ -38,7 +38,7 @@ def first_fault(st: MachineState, cpus: range | tuple[int, ...], what: str) -> s
     """Hazard text for the first CPU (of ``cpus``) that faulted, or ""."""
     for c in cpus:
         if st.cpus[c].faults:
-            pc, kind = st.cpus[c].faults[0]
+            pc, kind, _ = st.cpus[c].faults[0]
             return f"CPU{c} {kind} at {pc:#x}: {what}"
     return ""
 
