@@ -10,6 +10,7 @@ from execmem._allocator import Allocator
 from execmem._asm import asm
 from execmem._data import JitData
 from execmem._default import (
+    compile_function,
     default_allocator,
     jit_data_alloc,
     jit_text_alloc,
@@ -66,6 +67,7 @@ __all__ = [
     "__version__",
     "arch",
     "asm",
+    "compile_function",
     "default_allocator",
     "jit_data_alloc",
     "jit_text_alloc",

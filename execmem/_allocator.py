@@ -57,11 +57,11 @@ import os
 import threading
 import weakref
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from functools import partial
 from typing import Any, cast
 
-from execmem import _checks, _data, _foreign, _forks, _gates, _lookup, _recipes, debuginfo
+from execmem import _checks, _compile, _data, _foreign, _forks, _gates, _lookup, _recipes, debuginfo
 from execmem._backend import Backend
 from execmem._batch import Batch, BatchBlock
 from execmem._errors import (
@@ -732,6 +732,24 @@ class Allocator:
         (``ArchSpec.branch_reach``) of every pack of this allocator, or of ``near``
         (``_data``).  ``OutOfMemoryError`` if no such place can be had."""
         return _data.jit_data_alloc(self, size, near, align)
+
+    # -- one call -----------------------------------------------------------------------------
+
+    def compile_function(
+        self,
+        source: str,
+        restype: Any = None,
+        argtypes: Sequence[Any] = (),
+        *,
+        name: str | None = None,
+        arch: str | None = None,
+        near: int | None = None,
+    ) -> JitFunction:
+        """Assemble ``source`` for its final address, allocate (``near`` as for
+        ``jit_text_alloc``), publish and return ``text.function(restype, *argtypes)``
+        (``.text`` is the text); assembled once when the text lands where the
+        allocator guessed, twice otherwise (``_compile``)."""
+        return _compile.compile_function(self, source, restype, argtypes, name=name, arch=arch, near=near)
 
     # -- code written by others ---------------------------------------------------------------
 

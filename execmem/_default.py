@@ -6,12 +6,14 @@ turn on its profiler and debugger support (``execmem.debuginfo``)."""
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 from execmem import _forks, debuginfo
 from execmem._allocator import Allocator
 from execmem._data import JitData
 from execmem._errors import BadStateError
+from execmem._gates import JitFunction
 from execmem._locks import OwnedLock
 from execmem._text import JitText
 
@@ -53,6 +55,20 @@ def jit_data_alloc(size: int, *, near: int | None = None, align: int = 16) -> Ji
     return default_allocator().jit_data_alloc(size, near=near, align=align)
 
 
+def compile_function(
+    source: str,
+    restype: Any = None,
+    argtypes: Sequence[Any] = (),
+    *,
+    name: str | None = None,
+    arch: str | None = None,
+    near: int | None = None,
+) -> JitFunction:
+    """``Allocator.compile_function`` on the default (native) allocator: the one-liner
+    ``f = execmem.compile_function("mov eax, 42; ret", ctypes.c_int)``."""
+    return default_allocator().compile_function(source, restype, argtypes, name=name, arch=arch, near=near)
+
+
 def publish(texts: Iterable[JitText], codes: Iterable[bytes] | None = None) -> None:
     """``Allocator.publish`` on the allocator the texts belong to (one synchronization;
     ``codes`` as there).  Texts of several allocators are refused up front
@@ -86,6 +102,7 @@ def serialize_all_threads() -> None:
 
 
 __all__ = [
+    "compile_function",
     "default_allocator",
     "jit_data_alloc",
     "jit_text_alloc",

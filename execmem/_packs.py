@@ -254,6 +254,17 @@ class PackPool:
         """Whether ``size`` bytes at ``align`` share packs (else: a dedicated reservation)."""
         return -(-size // self.granularity) * self.granularity <= self.pack_size // 2 and align <= self.pack_size
 
+    def peek(self, align: int, window: Window | None) -> int | None:
+        """Where first fit would put one chunk at ``align`` now, placing nothing (a guess
+        of the next text's address: ``compile_function`` assembles there first)."""
+        step = max(1, align // self.granularity)
+        for pack in self.packs:
+            if not pack.dedicated and self.in_window(pack, window):
+                index = pack.chunks.find(1, step)
+                if index is not None:
+                    return pack.address + index * self.granularity
+        return None
+
     @staticmethod
     def in_window(pack: Pack, window: Window | None) -> bool:
         """Whether the pack's whole slot (what it may grow to) lies in ``window``."""

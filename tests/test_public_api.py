@@ -46,6 +46,7 @@ def test_public_names_are_pinned() -> None:
             "__version__",
             "arch",
             "asm",
+            "compile_function",
             "default_allocator",
             "jit_data_alloc",
             "jit_text_alloc",
