@@ -6,7 +6,8 @@ They do not belong in executable memory: writing them would need the publish
 recipe, and code pages that are also data invite W^X exceptions.  A data region
 comes instead from ``Backend.reserve_data``: anonymous read+write pages, never
 mapped executable by anything, placed in the reach of the allocator's packs (every
-pack's whole slot, ``_placement``) or of ``near``.
+pack's whole slot, ``_placement``; an empty first pack is reserved if there is none)
+or of ``near``.
 
 The pages are carved like packs: ``DATA_PACK`` bytes in ``DATA_GRANULARITY``-byte
 chunks (a ``ChunkMap``); a region larger than half a data pack, or aligned beyond
@@ -203,8 +204,10 @@ class DataPool:
 
 
 def code_window(allocator: Allocator) -> Window | None:
-    """Where every byte is in reach of every pack's whole slot (``None``: no packs yet)."""
+    """Where every byte is in reach of every pack's whole slot (a first pack is
+    reserved if there is none: the texts to come go next to it)."""
     reach = allocator.arch.branch_reach
+    allocator._pool.anchor()
     window: Window | None = None
     for pack in allocator._pool.packs:
         res = pack.reservation

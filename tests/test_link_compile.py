@@ -100,6 +100,7 @@ def test_refusals_allocate_nothing(a: execmem.Allocator) -> None:
         a.compile_function(ADD[HOST], "not a ctypes type")
     stats = a.stats()
     assert stats["texts"]["LIVE"] == 0 and stats["texts"]["FREED"] == 1
-    with execmem.Allocator(backend=MemoryBackend(HOST)) as model_like:
-        with pytest.raises(execmem.UnsupportedError, match="does not run in this process"):
-            model_like.compile_function(ADD[HOST])
+    with execmem.Allocator(backend=MemoryBackend(HOST)) as elsewhere, pytest.raises(
+        execmem.UnsupportedError, match="does not run in this process"
+    ):
+        elsewhere.compile_function(ADD[HOST])

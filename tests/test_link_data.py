@@ -100,7 +100,7 @@ def test_near_and_the_code_window_on_the_memory_backend() -> None:
     backend = MemoryBackend("arm64")
     with execmem.Allocator(backend=backend, pack_size=1 << 16) as a:
         reach = a.arch.branch_reach
-        first = a.jit_data_alloc(8)  # no packs yet: anywhere
+        first = a.jit_data_alloc(8)  # no packs yet: an empty one is reserved, the texts go there
         t = a.jit_text_alloc(64)
         d = a.jit_data_alloc(8)
         assert _reaches(a, d.address, t.address)
