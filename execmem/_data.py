@@ -6,8 +6,8 @@ They do not belong in executable memory: writing them would need the publish
 recipe, and code pages that are also data invite W^X exceptions.  A data region
 comes instead from ``Backend.reserve_data``: anonymous read+write pages, never
 mapped executable by anything, placed in the reach of the allocator's packs (every
-pack's whole slot, ``_placement``; an empty first pack is reserved if there is none)
-or of ``near``.
+pack's whole slot, ``_placement``; an empty first pack is reserved if there is none,
+unless ``keep_empty=0`` forbids an empty pack) or of ``near``.
 
 The pages are carved like packs: ``DATA_PACK`` bytes in ``DATA_GRANULARITY``-byte
 chunks (a ``ChunkMap``); a region larger than half a data pack, or aligned beyond

@@ -155,6 +155,7 @@ class MemoryBackend:
         self._within_limit(size)
         if window is not None:
             address = self._in_window(capacity, align, window)
+            self._next = max(self._next, address + capacity + self.page_size)
         else:
             address = self._next + (-self._next % align)
             if address + capacity > LIMIT:

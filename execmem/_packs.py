@@ -255,10 +255,11 @@ class PackPool:
         return -(-size // self.granularity) * self.granularity <= self.pack_size // 2 and align <= self.pack_size
 
     def anchor(self) -> None:
-        """Reserve an (empty, unmapped) pack if there is none, so that data regions
-        placed in reach of the packs are in reach of the texts to come: a new pack goes
-        next to the previous one (the native backend's slots; ``near=`` otherwise)."""
-        if not any(not p.dedicated for p in self.packs):
+        """Reserve an (empty, unmapped) pack if there is none and one may stay empty
+        (``keep_empty``), so that data regions placed in reach of the packs are in reach
+        of the texts to come: a new pack goes next to the previous one (the native
+        backend's slots; ``near=`` otherwise)."""
+        if self.keep_empty and not any(not p.dedicated for p in self.packs):
             uninterrupted(self._new_pack, self.commit_step, None)
 
     def peek(self, align: int, window: Window | None) -> int | None:
