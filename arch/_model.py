@@ -27,7 +27,8 @@ class Decoded:
     #: "" or "A" (RCsc acquire, LDAR) or "Q" (RCpc acquire, LDAPR)
     acquire: str = ""
     release: bool = False
-    #: For fences: a key of the architecture's fence rules.
+    #: For fences (and atomics that are also barriers, x86 locked): a key of the
+    #: architecture's fence rules.
     fence: str = ""
     #: For DC/IC/TLBI: the register holding the VA (None: whole cache / all entries).
     va_reg: int | None = None

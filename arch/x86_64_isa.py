@@ -99,7 +99,7 @@ def _decode(insn: bytes) -> Decoded:
         return Decoded(m, text, "nop", i.size)
     memory = any(op.type == cs.X86_OP_MEM for op in i.operands) and m != "lea"
     if memory and (i.prefix[0] == cs.X86_PREFIX_LOCK or m == "xchg" or m.startswith("cmpxchg")):
-        return Decoded(m, text, "atomic", i.size)
+        return Decoded(m, text, "atomic", i.size, fence="mfence")  # a full barrier on both sides
     if memory or m in ("push", "pop", "call", "ret", "pushfq", "popfq", "leave"):
         return Decoded(m, text, "load", i.size)  # reads and/or writes; Unicorn reports which
     if i.group(cs.X86_GRP_JUMP) or i.group(cs.X86_GRP_CALL) or i.group(cs.X86_GRP_RET):

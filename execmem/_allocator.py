@@ -6,8 +6,9 @@ backend's: a verification mutation is a backend handed a mutated spec).  Packs,
 placement, refill, quarantine epochs and retirement are in ``_packs``; recipe
 execution and the live-patch rule in ``_recipes``; running a batch's recipes over
 texts and patch words in ``_publishing``; freeing in ``_freeing``; ``batch()`` in
-``_batch``; the handles in ``_text``; call gates in ``_gates``; the module-level API
-in ``_default``.  Every verb completes or leaves no trace when an exception (a failed
+``_batch``; the handles in ``_text``; call gates in ``_gates``; what profilers and
+debuggers are told after each commit in ``debuginfo``; the module-level API in
+``_default``.  Every verb completes or leaves no trace when an exception (a failed
 system call, ``KeyboardInterrupt``) interrupts it: see ``_interrupts`` for how.  (This
 module is long because each verb keeps its undo beside it.)
 
@@ -529,7 +530,7 @@ class Allocator:
                 raise
             self._undo = _DONE
             if self._debug is not None and batch is None:
-                self._debug.published(items, [])
+                self._tell(self._debug, items, [], ())
 
     def _stage_codes(self, items: list[JitText], payloads: list[bytes]) -> None:
         """``text.write(0, code)`` for each text, checked already.  A RESERVED text's
@@ -600,13 +601,13 @@ class Allocator:
             raise
         self._undo = _DONE
         if self._debug is not None:
-            self._tell(texts, patches, ())
+            self._tell(self._debug, texts, patches, ())
 
-    def _tell(self, texts: Iterable[JitText], patches: list[tuple[JitText, int, bytes]], frees: Iterable[JitText]) -> None:
+    def _tell(
+        self, debug: debuginfo.DebugInfo, texts: list[JitText], patches: list[tuple[JitText, int, bytes]], frees: Iterable[JitText]
+    ) -> None:
         """Tell the debug sinks what a committed verb did (``debuginfo``): a pinned
         text's free only once its last call has returned (``_freeing``)."""
-        debug = cast(debuginfo.DebugInfo, self._debug)
-        texts = list(texts)
         if texts or patches:
             debug.published(texts, list(dict.fromkeys(t for t, _, _ in patches)))
         for text in frees:
@@ -648,7 +649,7 @@ class Allocator:
                 pool.refill_at_epoch = True
             self._undo = _DONE
             if self._debug is not None:
-                self._tell(texts, patches, frees)
+                self._tell(self._debug, texts, patches, frees)
             if frees:
                 self._freeing.after({t._pack for t in frees}, refill=bool(texts or patches))
 
@@ -721,7 +722,7 @@ class Allocator:
                 raise
             self._undo = _DONE
             if self._debug is not None:
-                self._tell((), [], (text,))
+                self._tell(self._debug, [], [], (text,))
             self._freeing.after((text._pack,))
 
 

@@ -769,11 +769,11 @@ def test_keyboard_interrupts_at_random_points_leave_the_allocator_consistent() -
     free/batch in a loop; afterwards the allocator audits clean and still works."""
     script = textwrap.dedent("""
         import ctypes, random, signal, sys, threading
-        sys.path.insert(0, ".")
+        sys.path[:0] = [".", "tests"]
         import execmem
         from execmem.native import NativeBackend
+        from programs import Switch, const
         from tests.test_reliability_faults import audit_allocator
-        RET = lambda v: b"\\xb8" + v.to_bytes(4, "little") + b"\\xc3"
         threading.Thread(target=threading.Event().wait, daemon=True).start()
         b = NativeBackend("dual"); a = execmem.Allocator(backend=b, pack_size=1 << 16)
         for _ in range(2):  # the membarrier probe (a child process) and mechanism chosen first
@@ -791,17 +791,17 @@ def test_keyboard_interrupts_at_random_points_leave_the_allocator_consistent() -
                 signal.setitimer(signal.ITIMER_REAL, rng.uniform(50e-6, 250e-6))
                 op = rng.random()
                 if op < 0.4 or not live:
-                    t = a.jit_text_alloc(rng.choice([16, 64, 200]))
-                    t.write(0, RET(i)); t.map(); live.append((t, i))
+                    t = a.jit_text_alloc(rng.choice([32, 64, 200]), 8); sw = Switch((i, i + 1))
+                    t.write(0, sw.code(t.address)); t.map(); live.append((t, sw))
                 elif op < 0.55:
-                    t, v = rng.choice(live)
+                    t, sw = rng.choice(live)
                     if t.state.name == "LIVE":
-                        t.update(0, RET(v)[:5])
+                        t.update(0, sw.patch(rng.randrange(2), t.address))
                 elif op < 0.65:
                     with a.batch():
-                        u = a.jit_text_alloc(16); u.write(0, RET(i)); u.map()
+                        u = a.jit_text_alloc(32, 8); sw = Switch((i, i + 1)); u.write(0, sw.code(u.address)); u.map()
                         if live: live.pop()[0].free()
-                    live.append((u, i))
+                    live.append((u, sw))
                 else:
                     t, _ = live.pop(rng.randrange(len(live)))
                     t.free()
@@ -812,7 +812,7 @@ def test_keyboard_interrupts_at_random_points_leave_the_allocator_consistent() -
         signal.signal(signal.SIGALRM, signal.SIG_IGN)
         problems = audit_allocator(a)
         assert problems == [], problems[:5]
-        t = a.jit_text_alloc(16); t.write(0, RET(77)); t.map()
+        t = a.jit_text_alloc(16); t.write(0, const(77)); t.map()
         assert t.function(ctypes.c_int)() == 77
         a.close(); b.close()
         print(f"ok {done} completed, {interrupted} interrupted")

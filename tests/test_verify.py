@@ -15,11 +15,12 @@ from execmem.verify._cli import run_many
 
 REQUIRED_SCENARIOS = {
     "jit-publish", "jit-finalize-inplace", "rox-cache-trap-fill", "torn-update", "va-reuse",
-    "tlb-batch-remote-dsb", "tlb-async-flush", "alias-write-no-maintenance",
+    "tlb-batch-remote-dsb", "tlb-async-flush", "alias-write-no-maintenance", "call-gate",
 }
 REQUIRED_MUTATIONS = {
-    "arm64": {"no-dc", "no-ic", "no-dsb", "no-isb", "no-remote-cse", "no-quarantine", "map-before-write"},
-    "x86_64": {"no-serialize", "no-quarantine", "map-before-write"},
+    "arm64": {"no-dc", "no-ic", "no-dsb", "no-isb", "no-remote-cse", "no-quarantine", "map-before-write",
+              "no-gate", "no-gate-barrier", "no-retire-barrier"},
+    "x86_64": {"no-serialize", "no-quarantine", "map-before-write", "no-gate", "no-gate-barrier", "no-retire-barrier"},
 }
 
 
@@ -105,3 +106,43 @@ def test_runs_on_a_dask_cluster() -> None:
     with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
         results = run_many(variants(scenario_name="tlb-async-flush"), scheduler=cluster.scheduler_address)
     assert [(r.variant, r.observed) for r in results] == [("async", "unsafe"), ("sync", "safe")]
+
+
+@pytest.mark.parametrize("arch", ["arm64", "x86_64"])
+def test_the_call_gate_scenario_runs_the_shipped_gate_and_retire(arch: str) -> None:
+    """The catalog's gate accounting is the template's own instructions, in order, and
+    its free side is the architecture's gate_retire routine itself."""
+    from execmem import arch as _arch
+    from execmem.verify._gate import GATE_ACCOUNTING
+
+    def lines(source: str) -> list[str]:
+        return [" ".join(line.split()) for line in source.replace(";", "\n").splitlines() if line.strip()]
+
+    template, accounting = lines(_arch.get(arch).call_gate), lines(GATE_ACCOUNTING[arch])
+    start = template.index(accounting[0])
+    assert template[start : start + len(accounting)] == accounting
+    execmem_variant = find(f"call-gate/{arch}/execmem")
+    result = run_variant(execmem_variant)
+    assert result.observed == "safe" and result.complete, result
+    unsafe = run_variant(find(f"call-gate/{arch}/no-gate"))
+    assert unsafe.observed == "unsafe" and "recycled" in unsafe.hazard
+
+
+def test_x86_locked_instructions_are_full_barriers_in_the_model() -> None:
+    """SB with MFENCE on one side and a locked increment on the other: both loads
+    reading 0 is forbidden (SDM Vol. 3 9.2.3.8); with a plain store it is allowed.
+    The call gate's Dekker handshake on x86-64 rests on this."""
+    from execmem.emu import Machine
+
+    def outcomes(increment: str) -> set[str]:
+        m = Machine("x86_64", cpus=2)
+        x, y = m.alloc(8), m.alloc(8)
+        m.load(0, "mov qword ptr [rbx], 1\nmfence\nmov rax, [rbp]")
+        m.load(1, f"{increment}\nmov rax, [rbx]")
+        for c in (0, 1):
+            m.set_reg(c, "rbx", x)
+            m.set_reg(c, "rbp", y)
+        return set(m.explore(lambda st: f"{m.reg(st, 0, 'rax')},{m.reg(st, 1, 'rax')}").finals)
+
+    assert outcomes("lock inc qword ptr [rbp]") == {"0,1", "1,0", "1,1"}
+    assert outcomes("mov qword ptr [rbp], 1") == {"0,0", "0,1", "1,0", "1,1"}

@@ -277,6 +277,12 @@ def _rmw(model: Model, st: MachineState, c: int, cpu: CpuState, insn: bytes, d: 
             entry = store_entry(model, new, written[0].data, walk.pa, r.addr, d, pc)
             tl = model.commit(tl, new, entry)
             detail.append(f"{r.addr:#x} := {int.from_bytes(written[0].data, 'little'):#x} (atomic)")
+        if d.fence:
+            # A barrier after the write as well (x86 locked instructions, SDM Vol. 3
+            # 9.2.3.8: not reordered with later loads): later accesses follow it, so
+            # store buffering with another CPU's fence (SB+mfences) stays forbidden.
+            for target, sources in model.rules.fences[d.fence].joins:
+                model.join(new, target, sources)
         note(model, MachineState(tl, st.cpus), new, r.addr, walk, walk_pre, tl.end)
         model.raise_view(new, CAPA, vaddr)
         model.settle(new)

@@ -120,7 +120,7 @@ def scenario(name: str, summary: str, seed: str) -> Callable[[Callable[[], list[
 
 
 def scenarios() -> list[Scenario]:
-    from execmem.verify import _jit, _reuse, _tlb, _update  # noqa: F401  (registration)
+    from execmem.verify import _gate, _jit, _reuse, _tlb, _update  # noqa: F401  (registration)
 
     return list(_SCENARIOS.values())
 
