@@ -725,7 +725,6 @@ class Allocator:
                 self._tell(self._debug, [], [], (text,))
             self._freeing.after((text._pack,))
 
-
     # -- data regions -------------------------------------------------------------------------
 
     def jit_data_alloc(self, size: int, *, near: int | None = None, align: int = 16) -> _data.JitData:

@@ -251,12 +251,7 @@ class ChunkMap:
         ``dirty``: their memory still holds code (``refilled`` clears it)."""
         count = self.span_of(start)
         mask = ((1 << count) - 1) << start
-        stamps = self._stamps
-        if stamp is not None:
-            if stamps and stamps[-1][0] == stamp:
-                stamps = (*stamps[:-1], (stamp, stamps[-1][1] | mask))
-            else:
-                stamps = (*stamps, (stamp, mask))
+        stamps = self._stamped(stamp, mask)
         self.used, self.stop, self.quarantined, self.dirty, self._stamps, self._hint = (
             self.used & ~mask,
             self.stop & ~(1 << (start + count - 1)),
@@ -266,6 +261,15 @@ class ChunkMap:
             min(self._hint, start),
         )
         return count
+
+    def _stamped(self, stamp: int | None, mask: int) -> tuple[tuple[int, int], ...]:
+        """The stamp list with ``mask`` quarantined under ``stamp`` (``None``: unchanged)."""
+        stamps = self._stamps
+        if stamp is None:
+            return stamps
+        if stamps and stamps[-1][0] == stamp:
+            return (*stamps[:-1], (stamp, stamps[-1][1] | mask))
+        return (*stamps, (stamp, mask))
 
     def shrink(self, start: int, keep: int, *, stamp: int | None = None, dirty: bool = False) -> int:
         """Keep the first ``keep`` chunks of the allocation at ``start`` and free the
@@ -277,12 +281,7 @@ class ChunkMap:
         if not gone:
             return 0
         mask = ((1 << gone) - 1) << (start + keep)
-        stamps = self._stamps
-        if stamp is not None:
-            if stamps and stamps[-1][0] == stamp:
-                stamps = (*stamps[:-1], (stamp, stamps[-1][1] | mask))
-            else:
-                stamps = (*stamps, (stamp, mask))
+        stamps = self._stamped(stamp, mask)
         self.used, self.stop, self.quarantined, self.dirty, self._stamps, self._hint = (
             self.used & ~mask,
             self.stop & ~(1 << (start + count - 1)) | 1 << (start + keep - 1),
