@@ -11,8 +11,11 @@ are compared: equal, the code was position independent (``events
 second encoding longer than the text (a branch that needs a longer form from the
 real address) allocates again; a shorter one gives the tail back (``shrink``).
 
-Each step is a verb that completes or leaves no trace (``_interrupts``); if a later
-step fails, the text already allocated is freed before the error propagates.
+It is a composition of verbs, each of which completes or leaves no trace
+(``_interrupts``); if a step after the allocation fails or is interrupted, the text
+is freed before the error propagates.  An exception that arrives just as
+``jit_text_alloc`` returns, before its handle is bound, loses the handle as it
+would in any caller: the text stays RESERVED until ``close()``.
 """
 
 from __future__ import annotations

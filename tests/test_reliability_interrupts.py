@@ -470,10 +470,6 @@ def _sync_code(env: Env) -> Callable[[], object]:
     return lambda: env.a.sync_code(t.address, 16)
 
 
-def _compile_function(env: Env) -> Callable[[], object]:
-    return lambda: env.a.compile_function("mov eax, 5\nret", ctypes.c_int)
-
-
 NATIVE = ("dual", "mprotect")
 FULL = bool(os.environ.get("EXECMEM_FULL"))
 CASES: list[tuple[str, Prepare, tuple[str, ...]]] = [
@@ -509,7 +505,6 @@ CASES: list[tuple[str, Prepare, tuple[str, ...]]] = [
     # Natively every point is in the parsing of /proc/self/maps (6,000 points, all
     # "completed": nothing to undo), so only the full run goes through them there.
     ("sync_code", _sync_code, MODES if FULL else ("emulated",)),
-    ("compile_function", _compile_function, NATIVE),
 ]
 
 
