@@ -163,3 +163,17 @@ def test_near_reserves_a_pack_in_a_free_gap_natively(native: execmem.Allocator) 
     with pytest.raises(execmem.OutOfMemoryError):
         native.jit_text_alloc(16, near=(1 << 56))  # beyond the user address space
     assert native.stats()["packs"] == before
+
+
+def test_near_without_proc_falls_back_to_hint_addresses(monkeypatch: pytest.MonkeyPatch, native: execmem.Allocator) -> None:
+    from execmem.native import _procmaps
+
+    def no_proc(pid: object = "self") -> list[object]:
+        raise OSError("no /proc here")
+
+    far = 16 * native.arch.branch_reach + (1 << 33)
+    monkeypatch.setattr(_procmaps, "read_maps", no_proc)
+    t = native.jit_text_alloc(64, near=far)  # the kernel honours a free hint
+    assert _in_reach(native.arch, far, t)
+    d = native.jit_data_alloc(64, near=far)
+    assert abs(d.address - far) <= native.arch.branch_reach
