@@ -464,7 +464,7 @@ class Allocator:
                 if text._staged:
                     self.backend.write(res, offset, bytes(text._shadow))
                 if claim is not None:
-                    pack.chunks.release(text._chunk)
+                    pack.chunks.release(text._chunk, text._nchunks)
                     pack.chunks.take(*claim)
                     text._chunk, text._nchunks = claim
                 text._state = _WRITING

@@ -244,12 +244,15 @@ class ChunkMap:
             self.stop | int("".join(stop)[::-1], 2) << lo,
         )
 
-    def release(self, start: int, *, stamp: int | None = None, dirty: bool = False) -> int:
-        """Free the allocation starting at ``start``; returns its length in chunks.
+    def release(self, start: int, count: int | None = None, *, stamp: int | None = None, dirty: bool = False) -> int:
+        """Free the allocation starting at ``start``, ``count`` chunks long (looked up
+        when not given: the lookup is half the cost on a 2 MiB pack's bit vectors);
+        returns its length in chunks.
 
         ``stamp``: quarantine the chunks until an epoch started after it completes.
         ``dirty``: their memory still holds code (``refilled`` clears it)."""
-        count = self.span_of(start)
+        if count is None:
+            count = self.span_of(start)
         mask = ((1 << count) - 1) << start
         stamps = self._stamped(stamp, mask)
         self.used, self.stop, self.quarantined, self.dirty, self._stamps, self._hint = (

@@ -78,7 +78,7 @@ class Freeing:
         """Give a freed text's chunks back, marked for a refill if code was written."""
         if writable:
             uninterrupted(end_inplace, self.backend, text, writable)
-        self.pool.free(text._pack, text._chunk, dirty=previous is not _RESERVED)
+        self.pool.free(text._pack, text._chunk, text._nchunks, dirty=previous is not _RESERVED)
         text._gates = None  # drop the cached gates: the callables keep theirs
 
     def _reclaim_pinned(self, text: JitText) -> None:

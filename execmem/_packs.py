@@ -338,11 +338,12 @@ class PackPool:
 
     # -- freeing and refilling ----------------------------------------------------------------
 
-    def free(self, pack: Pack, first: int, *, dirty: bool) -> None:
-        """Return an allocation (``dirty``: its memory holds code); quarantined if its
-        reservation may have been executed.  One update of the chunk map."""
+    def free(self, pack: Pack, first: int, count: int, *, dirty: bool) -> None:
+        """Return an allocation of ``count`` chunks (``dirty``: its memory holds code);
+        quarantined if its reservation may have been executed.  One update of the
+        chunk map."""
         stamp = self.started if self.quarantine and pack.reservation.mapped else None
-        pack.chunks.release(first, stamp=stamp, dirty=dirty)
+        pack.chunks.release(first, count, stamp=stamp, dirty=dirty)
 
     def free_tail(self, pack: Pack, first: int, keep: int, *, dirty: bool) -> None:
         """Free all but the first ``keep`` chunks of an allocation (``JitText.shrink``),
