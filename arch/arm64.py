@@ -186,6 +186,9 @@ SPEC = ArchSpec(
     insn_align=4,
     max_insn_size=4,
     pointer_size=8,
+    # BL imm26: target = the instruction's address + imm26 * 4, so [-2**27, 2**27 - 4]
+    # (Arm ARM C6.2.34 BL); the instruction is 4 bytes, so its other bytes lose 3.
+    branch_reach=(1 << 27) - 8,
     engines=EngineModes(
         keystone=(keystone.KS_ARCH_ARM64, keystone.KS_MODE_LITTLE_ENDIAN),
         capstone=(capstone.CS_ARCH_ARM64, capstone.CS_MODE_ARM),
