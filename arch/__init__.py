@@ -260,6 +260,10 @@ class ArchSpec:
     quarantine: bool = True
     #: Default (D-line, I-line) sizes when the host cannot tell.
     cache_lines: tuple[int, int] = (64, 64)
+    #: The largest distance in bytes a direct call reaches both ways, from any byte of
+    #: the instruction to its target (``near=`` placement keeps a text and the address
+    #: within it; 0: no direct call reaches anywhere, ``near=`` is refused).
+    branch_reach: int = 0
     #: Tiny routines the native backend runs on this architecture when it is the host,
     #: as ``(name, source)``: Keystone assembly, or only ``.word`` directives where
     #: Keystone has no assembler.  Names: ``store1/2/4/8`` (``(address, value)``: one
@@ -393,6 +397,8 @@ def _validate(spec: ArchSpec) -> None:
             problems.append(f"recipe {recipe.name} never writes the code")
     if "map" not in spec.publish_fresh.names:
         problems.append("publish_fresh must contain a map step")
+    if spec.branch_reach < 0:
+        problems.append("branch_reach must not be negative")
     if spec.patch_rule.word & (spec.patch_rule.word - 1):
         problems.append("patch word must be a power of two")
     for branch in spec.direct_branches:

@@ -182,6 +182,9 @@ SPEC = ArchSpec(
     insn_align=4,
     max_insn_size=4,
     pointer_size=8,
+    # BL imm26: target = the instruction's address + imm26 * 4, so [-2**27, 2**27 - 4]
+    # (Arm ARM C6.2.34 BL); the instruction is 4 bytes, so its other bytes lose 3.
+    branch_reach=(1 << 27) - 8,
     engines=EngineModes(
         keystone=(2, 0),  # KS_ARCH_ARM64, KS_MODE_LITTLE_ENDIAN
         capstone=(1, 0),  # CS_ARCH_ARM64, CS_MODE_ARM

@@ -22,6 +22,11 @@ SPEC = ArchSpec(
     insn_align=2,
     max_insn_size=4,
     pointer_size=8,
+    # The ``call`` pseudo-instruction, AUIPC+JALR: target = pc + (hi20 << 12) +
+    # sign-extended lo12, from -2**31 - 2**11 to 2**31 - 2**11 - 1 (RISC-V unprivileged
+    # ISA, 2.5 "Control Transfer Instructions"); JAL alone reaches only +-1 MiB.
+    # Measured from the AUIPC; the pair is 8 bytes long.
+    branch_reach=(1 << 31) - (1 << 11) - 8,
     engines=EngineModes(
         keystone=None,  # Keystone 0.9.2 has no RISC-V assembler
         capstone=(15, 2 | 4),  # CS_ARCH_RISCV, CS_MODE_RISCV64 | CS_MODE_RISCVC

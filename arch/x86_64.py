@@ -173,6 +173,10 @@ SPEC = ArchSpec(
     insn_align=1,
     max_insn_size=15,
     pointer_size=8,
+    # call/jmp rel32: target = end of the instruction + [-2**31, 2**31) (SDM Vol. 2A,
+    # CALL); measured from the instruction's first byte, less its length (5, or up to
+    # the 15-byte limit with prefixes) either way.
+    branch_reach=(1 << 31) - 16,
     engines=EngineModes(
         keystone=(4, 8),  # KS_ARCH_X86, KS_MODE_64
         capstone=(3, 8),  # CS_ARCH_X86, CS_MODE_64

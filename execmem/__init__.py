@@ -8,12 +8,17 @@ from __future__ import annotations
 from execmem import arch
 from execmem._allocator import Allocator
 from execmem._asm import asm
+from execmem._data import JitData
 from execmem._default import (
+    compile_function,
     default_allocator,
+    jit_data_alloc,
     jit_text_alloc,
     jit_text_alloc_many,
     jit_text_free,
     publish,
+    serialize_all_threads,
+    sync_code,
 )
 from execmem._errors import (
     AlignmentError,
@@ -46,6 +51,7 @@ __all__ = [
     "BadStateError",
     "ExecmemError",
     "ForkedProcessError",
+    "JitData",
     "JitFunction",
     "JitText",
     "LitmusError",
@@ -61,10 +67,14 @@ __all__ = [
     "__version__",
     "arch",
     "asm",
+    "compile_function",
     "default_allocator",
+    "jit_data_alloc",
     "jit_text_alloc",
     "jit_text_alloc_many",
     "jit_text_free",
     "publish",
+    "serialize_all_threads",
+    "sync_code",
     "text_at",
 ]

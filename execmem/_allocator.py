@@ -58,11 +58,11 @@ import os
 import threading
 import weakref
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from functools import partial
 from typing import Any, cast
 
-from execmem import _checks, _forks, _gates, _lookup, _recipes, debuginfo
+from execmem import _checks, _compile, _data, _foreign, _forks, _gates, _lookup, _recipes, debuginfo
 from execmem._backend import Backend
 from execmem._batch import Batch, BatchBlock
 from execmem._errors import (
@@ -82,6 +82,7 @@ from execmem._lifetime import Owned, finalize
 from execmem._locks import OwnedLock
 from execmem._names import check_name, check_names
 from execmem._packs import Pack, PackPool
+from execmem._placement import Window, window_near
 from execmem._publishing import Publisher, begin_inplace, end_inplace, offset_of, trap_at
 from execmem._stats import AllocatorStats, Totals
 from execmem._text import JitText, TextState
@@ -199,6 +200,7 @@ class Allocator:
             raise
         self._publisher = Publisher(backend, spec, self._pool, self._steps, self._recipe_runs, self._events)
         self._freeing = Freeing(backend, self._pool, self._texts, self._pinned, self._events, self._debug)
+        self._data = _data.DataPool(backend, pack_size)
         self._owned = Owned(self._pool, backend if owns else None, self._debug)
         finalizer = weakref.finalize(self, finalize, self._owned, self._generation)
         finalizer.atexit = False  # at exit the process's memory goes anyway, and code may still run
@@ -266,16 +268,20 @@ class Allocator:
 
     # -- allocation ---------------------------------------------------------------------------
 
-    def jit_text_alloc(self, size: int, align: int = 16, *, name: str | None = None) -> JitText:
+    def jit_text_alloc(self, size: int, align: int = 16, *, name: str | None = None, near: int | None = None) -> JitText:
         """Reserve ``size`` bytes of executable address space aligned to ``align``;
-        ``name`` is what profilers and debuggers will call it (``JitText.name``)."""
+        ``name`` is what profilers and debuggers will call it (``JitText.name``).  With
+        ``near``, where a direct call reaches it from ``near`` and ``near`` from every
+        byte of it (``ArchSpec.branch_reach``; ``OutOfMemoryError`` if no such place
+        can be had)."""
         if name is not None:
             check_name(name)
         size = _checks.positive_size(size)
         align = _checks.alignment(align)
+        window = window_near(near, self.arch.branch_reach, self.arch.name)
         with self._lock:
             self._begin()
-            pack, starts, counts = self._pool.place(size, align)  # housekeeping only
+            pack, starts, counts = self._pool.place(size, align, window)  # housekeeping only
             start = starts[0]
             address = pack.address + start * self.granularity
             text = JitText(self, pack, start, counts[0], address, size, trap_at(self.arch, address - pack.address, size))
@@ -301,16 +307,22 @@ class Allocator:
         self._pool.trim_quietly()  # a dedicated reservation made for it goes again
 
     def jit_text_alloc_many(
-        self, sizes: Iterable[int], align: int = 16, *, names: Iterable[str | None] | None = None
+        self,
+        sizes: Iterable[int],
+        align: int = 16,
+        *,
+        names: Iterable[str | None] | None = None,
+        near: int | None = None,
     ) -> list[JitText]:
         """One text per size, as ``jit_text_alloc`` would give, but placed side by side:
         one placement and one bookkeeping update per pack instead of one per text (a
         JIT compiling a module of functions), and ``publish`` then writes adjacent
-        texts with one store.  ``names``: one name (or ``None``) per size.  On any
-        error nothing is allocated."""
+        texts with one store.  ``names``: one name (or ``None``) per size; ``near`` as
+        for ``jit_text_alloc``, for every text.  On any error nothing is allocated."""
         wanted = _checks.positive_sizes(sizes)
         given = None if names is None else check_names(names, len(wanted))
         align = _checks.alignment(align)
+        window = window_near(near, self.arch.branch_reach, self.arch.name)
         gran = self.granularity
         unit = max(align, gran)  # a text takes whole alignment steps in a run
         budget = self.pack_size // 2 // unit  # a run never exceeds what one text may take
@@ -326,23 +338,23 @@ class Allocator:
             self._undo = [partial(self._untake, snapshots, out)]
             try:
                 if shared and sum(steps) <= budget:  # the common case: one run
-                    self._alloc_run(wanted, counts, align, snapshots, out)
+                    self._alloc_run(wanted, counts, align, snapshots, out, window)
                 else:
                     group: list[int] = []
                     group_counts: list[int] = []
                     used = 0
                     for size, count, n in zip(wanted, counts, steps, strict=True):
                         if not shared or n > budget:
-                            self._alloc_run([size], [count], align, snapshots, out)  # a dedicated reservation
+                            self._alloc_run([size], [count], align, snapshots, out, window)  # a dedicated reservation
                             continue
                         if used + n > budget:
-                            self._alloc_run(group, group_counts, align, snapshots, out)
+                            self._alloc_run(group, group_counts, align, snapshots, out, window)
                             group, group_counts, used = [], [], 0
                         group.append(size)
                         group_counts.append(count)
                         used += n
                     if group:
-                        self._alloc_run(group, group_counts, align, snapshots, out)
+                        self._alloc_run(group, group_counts, align, snapshots, out, window)
                 if given is not None:
                     for text, name in zip(out, given, strict=True):
                         if name is not None:
@@ -354,16 +366,22 @@ class Allocator:
             return out
 
     def _alloc_run(
-        self, sizes: list[int], counts: list[int], align: int, snapshots: dict[Pack, tuple[object, ...]], out: list[JitText]
+        self,
+        sizes: list[int],
+        counts: list[int],
+        align: int,
+        snapshots: dict[Pack, tuple[object, ...]],
+        out: list[JitText],
+        window: Window | None,
     ) -> None:
         """Texts of ``sizes`` (``counts`` chunks each) side by side in one pack, added to
         ``out`` (the undo's list) before anything is taken for them."""
         gran = self.granularity
         if len(sizes) == 1:
-            pack, chunks, taken = self._pool.place(sizes[0], align)
+            pack, chunks, taken = self._pool.place(sizes[0], align, window)
         else:
             # What each text takes may be more than asked (whole write units, mprotect mode).
-            pack, chunks, taken = self._pool.place_many(counts, max(1, align // gran))
+            pack, chunks, taken = self._pool.place_many(counts, max(1, align // gran), window)
         # Chunks start on a whole trap instruction (the granularity is a multiple of its
         # length), so a text's initial (trap) contents depend on its size only.
         traps = {size: self.arch.trap_bytes(size) for size in set(sizes)}
@@ -706,6 +724,50 @@ class Allocator:
                 self._tell(self._debug, [], [], (text,))
             self._freeing.after((text._pack,))
 
+    # -- data regions -------------------------------------------------------------------------
+
+    def jit_data_alloc(self, size: int, *, near: int | None = None, align: int = 16) -> _data.JitData:
+        """``size`` zeroed bytes of read+write memory that is never executable, in reach
+        (``ArchSpec.branch_reach``) of every pack of this allocator, or of ``near``
+        (``_data``).  ``OutOfMemoryError`` if no such place can be had."""
+        return _data.jit_data_alloc(self, size, near, align)
+
+    # -- one call -----------------------------------------------------------------------------
+
+    def compile_function(
+        self,
+        source: str,
+        restype: Any = None,
+        argtypes: Sequence[Any] = (),
+        *,
+        name: str | None = None,
+        arch: str | None = None,
+        near: int | None = None,
+        syntax: str | None = None,
+        symbols: Mapping[str, int] | None = None,
+    ) -> JitFunction:
+        """Assemble ``source`` for its final address, allocate (``near`` as for
+        ``jit_text_alloc``), publish and return ``text.function(restype, *argtypes)``
+        (``.text`` is the text); assembled once when the text lands where the
+        allocator guessed, twice otherwise (``_compile``).  ``syntax`` and ``symbols``
+        are :func:`execmem.asm`'s."""
+        return _compile.compile_function(
+            self, source, restype, argtypes, name=name, arch=arch, near=near, syntax=syntax, symbols=symbols
+        )
+
+    # -- code written by others ---------------------------------------------------------------
+
+    def sync_code(self, address: int, length: int) -> None:
+        """Run the architecture's publish recipe over ``[address, address+length)``, code
+        that something else wrote (``_foreign``): cache maintenance, local and remote
+        context synchronization.  ``OutOfBoundsError`` unless the range is mapped readable."""
+        _foreign.sync_code(self, address, length)
+
+    def serialize_all_threads(self) -> None:
+        """Every thread (every modeled CPU) takes a context-synchronization event: the
+        ``remote_cse`` step alone (one epoch)."""
+        _foreign.serialize_all_threads(self)
+
     # -- reporting ----------------------------------------------------------------------------
 
     def text_at(self, address: int) -> JitText | None:
@@ -759,6 +821,7 @@ class Allocator:
                 "steps": dict(self._steps),
                 "recipes": dict(self._recipe_runs),
                 "events": dict(self._events),
+                "data": self._data.totals(),
                 "backend": dict(self.backend.stats()),
                 "debuginfo": {} if self._debug is None else self._debug.describe(),
             }
@@ -802,7 +865,8 @@ class Allocator:
         self._pinned.clear()
         if self._debug is not None:
             self._debug.close()  # before the memory goes: GDB forgets the texts first
-        first = self._pool.close()
+        first = self._data.close()
+        first = self._pool.close() or first
         backend = self._owned.backend
         if backend is not None:
             try:

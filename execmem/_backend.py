@@ -111,13 +111,15 @@ class Backend(Protocol):
         not on the modeled machine or plain bytes, which run code elsewhere or nowhere."""
         ...
 
-    def reserve(self, size: int, align: int, capacity: int | None = None) -> Reservation:
+    def reserve(self, size: int, align: int, capacity: int | None = None, *, window: Range | None = None) -> Reservation:
         """Reserve ``size`` bytes of VA aligned to ``align`` with trap-filled backing.
 
         ``capacity`` (at least ``size``) asks for room to :meth:`grow` in place up to
         that many bytes; the backend may instead give all of it at once (the returned
-        ``size`` says what it gave).  Raises ``OutOfMemoryError`` /
-        ``SystemCallError`` and leaves nothing behind on failure.
+        ``size`` says what it gave).  ``window`` (``(low, high)``, ``near=``) asks for
+        the whole capacity inside ``[low, high)``.  Raises ``OutOfMemoryError`` (also
+        when no free place lies in the window) / ``SystemCallError`` and leaves
+        nothing behind on failure.
         """
         ...
 
@@ -129,6 +131,17 @@ class Backend(Protocol):
         cannot grow): nothing changed.  Raises like :meth:`reserve` on a real failure,
         and leaves the reservation as it was.
         """
+        ...
+
+    def reserve_data(self, size: int, align: int, window: Range | None = None) -> Reservation:
+        """Zero-filled read+write memory that is never executable (``jit_data_alloc``),
+        in ``window`` if given.  :meth:`write` and :meth:`release` take it (and
+        :meth:`map` refuses it); raises like :meth:`reserve`."""
+        ...
+
+    def read_data(self, reservation: Reservation, offset: int, size: int) -> bytes:
+        """The current bytes of a data region (``UnsupportedError`` where they live
+        elsewhere than in this process's view, as on the modeled machine)."""
         ...
 
     def map(self, reservation: Reservation) -> None:
@@ -160,6 +173,12 @@ class Backend(Protocol):
 
     def end_inplace(self, reservation: Reservation, offset: int, size: int) -> None:
         """Undo :meth:`begin_inplace` (mprotect mode: back to read+execute)."""
+        ...
+
+    def readable(self, address: int, size: int) -> bool:
+        """Whether every byte of ``[address, address+size)`` is mapped readable in the
+        address space the recipes run on (``sync_code``: cache maintenance by address
+        faults elsewhere).  Raises ``SystemCallError`` when the backend cannot tell."""
         ...
 
     def run_step(self, step: str, ranges: Sequence[Range]) -> None:

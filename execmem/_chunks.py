@@ -257,12 +257,7 @@ class ChunkMap:
         last = 1 << (start + count - 1)
         if self.used & mask != mask or not self.stop & last:
             raise ValueError(f"chunks [{start}, {start + count}) are not one allocation")
-        stamps = self._stamps
-        if stamp is not None:
-            if stamps and stamps[-1][0] == stamp:
-                stamps = (*stamps[:-1], (stamp, stamps[-1][1] | mask))
-            else:
-                stamps = (*stamps, (stamp, mask))
+        stamps = self._stamped(stamp, mask)
         self.used, self.stop, self.quarantined, self.dirty, self._stamps, self._hint = (
             self.used ^ mask,  # the bits are set (checked above): XOR clears them, and costs a tenth of & ~
             self.stop ^ last,
@@ -272,6 +267,36 @@ class ChunkMap:
             min(self._hint, start),
         )
         return count
+
+    def _stamped(self, stamp: int | None, mask: int) -> tuple[tuple[int, int], ...]:
+        """The stamp list with ``mask`` quarantined under ``stamp`` (``None``: unchanged)."""
+        stamps = self._stamps
+        if stamp is None:
+            return stamps
+        if stamps and stamps[-1][0] == stamp:
+            return (*stamps[:-1], (stamp, stamps[-1][1] | mask))
+        return (*stamps, (stamp, mask))
+
+    def shrink(self, start: int, keep: int, *, stamp: int | None = None, dirty: bool = False) -> int:
+        """Keep the first ``keep`` chunks of the allocation at ``start`` and free the
+        rest as :meth:`release` would; returns how many were freed."""
+        count = self.span_of(start)
+        if not 0 < keep <= count:
+            raise ValueError(f"cannot keep {keep} of the {count} chunks at {start}")
+        gone = count - keep
+        if not gone:
+            return 0
+        mask = ((1 << gone) - 1) << (start + keep)
+        stamps = self._stamped(stamp, mask)
+        self.used, self.stop, self.quarantined, self.dirty, self._stamps, self._hint = (
+            self.used & ~mask,
+            self.stop & ~(1 << (start + count - 1)) | 1 << (start + keep - 1),
+            self.quarantined | mask if stamp is not None else self.quarantined,
+            self.dirty | mask if dirty else self.dirty,
+            stamps,
+            min(self._hint, start + keep),
+        )
+        return gone
 
     def quarantine(self, start: int, count: int, stamp: int) -> None:
         """Hold free chunks back until an epoch started after ``stamp`` completes."""

@@ -27,6 +27,7 @@ from execmem._errors import (
     OutOfBoundsError,
     OutOfMemoryError,
 )
+from execmem._placement import find_gap, intersect, middle
 from execmem.arch import ArchSpec, get
 
 #: Where the fake address space starts and ends (a 47-bit user space, like Linux x86-64).
@@ -38,6 +39,8 @@ LIMIT = 0x7FFF_0000_0000
 class _Backing:
     data: bytearray
     released: bool = False
+    #: A data region (``reserve_data``): never mapped executable.
+    is_data: bool = False
     inplace: Counter[int] = field(default_factory=Counter)  # write-unit index -> holds
 
 
@@ -92,7 +95,15 @@ class MemoryBackend:
 
     @property
     def reservations(self) -> list[Reservation]:
-        """Live reservations in address order."""
+        """Live reservations of executable memory in address order (not data regions)."""
+        return [r for r in self._sorted() if not self._backing(r).is_data]
+
+    @property
+    def data_regions(self) -> list[Reservation]:
+        """Live data regions (``reserve_data``) in address order."""
+        return [r for r in self._sorted() if self._backing(r).is_data]
+
+    def _sorted(self) -> list[Reservation]:
         return [self._live[a] for a in sorted(self._live)]
 
     @property
@@ -132,7 +143,7 @@ class MemoryBackend:
 
     # -- the Backend contract ------------------------------------------------------------------
 
-    def reserve(self, size: int, align: int, capacity: int | None = None) -> Reservation:
+    def reserve(self, size: int, align: int, capacity: int | None = None, *, window: Range | None = None) -> Reservation:
         self._usable()
         if size <= 0 or align <= 0 or align & (align - 1):
             raise AlignmentError("reserve needs a positive size and a power-of-two alignment")
@@ -142,16 +153,43 @@ class MemoryBackend:
         capacity += -capacity % self.page_size
         align = max(align, self.page_size)
         self._within_limit(size)
-        address = self._next + (-self._next % align)
-        if address + capacity > LIMIT:
-            raise OutOfMemoryError("the fake address space is exhausted")
-        self._next = address + capacity + self.page_size  # room to grow, then a guard gap
+        if window is not None:
+            address = self._in_window(capacity, align, window)
+            self._next = max(self._next, address + capacity + self.page_size)
+        else:
+            address = self._next + (-self._next % align)
+            if address + capacity > LIMIT:
+                raise OutOfMemoryError("the fake address space is exhausted")
+            self._next = address + capacity + self.page_size  # room to grow, then a guard gap
         token = _Backing(bytearray(self.arch.trap_bytes(size)))
         res = Reservation(address, size, mapped=False, token=token, capacity=capacity)
         self._live[address] = res
         self.calls.append(("reserve", address, size, align))
         self.counts["reserve"] += 1
         return res
+
+    def reserve_data(self, size: int, align: int, window: Range | None = None) -> Reservation:
+        res = self.reserve(size, align, window=window)
+        res.token = _Backing(bytearray(res.size), is_data=True)
+        self.calls[-1] = ("reserve_data", res.address, res.size, align)
+        return res
+
+    def read_data(self, reservation: Reservation, offset: int, size: int) -> bytes:
+        backing = self._backing(reservation)
+        self._bounds(reservation, offset, size)
+        if not backing.is_data:
+            raise BadStateError(f"reservation at {reservation.address:#x} is not a data region")
+        return bytes(backing.data[offset : offset + size])
+
+    def _in_window(self, capacity: int, align: int, window: Range) -> int:
+        """A free place in ``window`` (guard gaps kept around every reservation)."""
+        guard = self.page_size
+        taken = [(r.address - guard, r.capacity + 2 * guard) for r in self._live.values()]
+        bounds = intersect(window, (BASE, LIMIT))
+        address = None if bounds is None else find_gap(taken, capacity, align, bounds, toward=middle(window))
+        if address is None:
+            raise OutOfMemoryError(f"no free {capacity:#x} bytes in [{window[0]:#x}, {window[1]:#x})")
+        return address
 
     def _within_limit(self, more: int) -> None:
         if self.limit is not None and sum(r.size for r in self._live.values()) + more > self.limit:
@@ -175,7 +213,8 @@ class MemoryBackend:
 
     def map(self, reservation: Reservation) -> None:
         self._usable()
-        self._backing(reservation)
+        if self._backing(reservation).is_data:
+            raise BadStateError(f"the data region at {reservation.address:#x} is never made executable")
         if reservation.mapped:
             raise BadStateError(f"reservation at {reservation.address:#x} is already mapped")
         self._maybe_fail("map")
@@ -252,6 +291,17 @@ class MemoryBackend:
     def inplace_units(self, reservation: Reservation) -> dict[int, int]:
         """Write units of ``reservation`` currently held writable by ``begin_inplace``."""
         return dict(self._backing(reservation).inplace)
+
+    def readable(self, address: int, size: int) -> bool:
+        """Inside mapped live reservations (the fake address space has nothing else)."""
+        self._usable()
+        end = address + size
+        while address < end:
+            res = next((r for r in self._live.values() if r.mapped and r.address <= address < r.address + r.size), None)
+            if res is None:
+                return False
+            address = res.address + res.size
+        return True
 
     def run_step(self, step: str, ranges: Sequence[Range]) -> None:
         self._usable()

@@ -14,7 +14,9 @@ Placement
     mprotect mode) a request placed in a *mapped* pack takes whole write units.
     When nothing free fits, the remedies are tried in order of cost: refill freed
     chunks (below), grow a pack in place, adopt a retired pack, force one epoch
-    (when quarantined space would do), reserve a new pack.
+    (when quarantined space would do), reserve a new pack.  A request with a
+    *window* (``near=``, ``_placement``) considers only the packs whose whole slot
+    lies in it, and reserves its new pack there (``Backend.reserve(window=...)``).
 Growth
     A pack is a ``pack_size`` slot (2 MiB: PMD-aligned, so a full pack can be a
     large page) of which only a prefix is mapped at first: what the first request
@@ -67,8 +69,9 @@ from typing import TypedDict
 
 from execmem._backend import Backend, Range, Reservation
 from execmem._chunks import QUARANTINED, ChunkMap, every
-from execmem._errors import ExecmemError
+from execmem._errors import ExecmemError, OutOfMemoryError
 from execmem._interrupts import uninterrupted
+from execmem._placement import Window, inside
 
 #: How much a pack is mapped at a time (rounded up to the backend's page size): as
 #: asmjit's default block size; small enough that a few texts cost little, large
@@ -191,10 +194,10 @@ class PackPool:
                 return pack, list(map(index.__add__, offsets)), shaped
         return None
 
-    def _quarantine_would_do(self, counts: list[int], step: int) -> bool:
-        if any(not p.dedicated for p in self.retired):
+    def _quarantine_would_do(self, counts: list[int], step: int, packs: list[Pack], window: Window | None) -> bool:
+        if any(not p.dedicated and self.in_window(p, window) for p in self.retired):
             return True
-        for pack in self.packs:
+        for pack in packs:
             if pack.dedicated or not pack.chunks.quarantined:
                 continue
             _, _, total, s = self.layout(pack.reservation.mapped, counts, step)
@@ -202,11 +205,11 @@ class PackPool:
                 return True
         return False
 
-    def _grow_into(self, counts: list[int], step: int) -> Placement | None:
+    def _grow_into(self, counts: list[int], step: int, packs: list[Pack]) -> Placement | None:
         """Extend a pack that has room to grow just enough (in steps of ``COMMIT_STEP``) for
         the run after its last allocation, and place the run there."""
         gran = self.granularity
-        for pack in self.packs:
+        for pack in packs:
             res = pack.reservation
             if pack.dedicated or res.size >= res.capacity:
                 continue
@@ -231,10 +234,10 @@ class PackPool:
         self.events["packs_grown"] += 1
         return True
 
-    def _adopt_retired(self) -> Pack | None:
+    def _adopt_retired(self, window: Window | None) -> Pack | None:
         """A matured retired pack, refilled and made a fresh (unmapped, empty) pack again."""
         for pack in self.retired:
-            if not pack.dedicated and pack.matured_at is not None:
+            if not pack.dedicated and pack.matured_at is not None and self.in_window(pack, window):
                 uninterrupted(self._adopt, pack)
                 return pack
         return None
@@ -251,46 +254,83 @@ class PackPool:
         """Whether ``size`` bytes at ``align`` share packs (else: a dedicated reservation)."""
         return -(-size // self.granularity) * self.granularity <= self.pack_size // 2 and align <= self.pack_size
 
-    def place(self, size: int, align: int) -> Placement:
+    def anchor(self) -> None:
+        """Reserve an (empty, unmapped) pack if there is none and one may stay empty
+        (``keep_empty``), so that data regions placed in reach of the packs are in reach
+        of the texts to come: a new pack goes next to the previous one (the native
+        backend's slots; ``near=`` otherwise)."""
+        if self.keep_empty and not any(not p.dedicated for p in self.packs):
+            uninterrupted(self._new_pack, self.commit_step, None)
+
+    def peek(self, align: int, window: Window | None) -> int | None:
+        """Where first fit would put one chunk at ``align`` now, placing nothing (a guess
+        of the next text's address: ``compile_function`` assembles there first)."""
+        step = max(1, align // self.granularity)
+        for pack in self.packs:
+            if not pack.dedicated and self.in_window(pack, window):
+                index = pack.chunks.find(1, step)
+                if index is not None:
+                    return pack.address + index * self.granularity
+        return None
+
+    @staticmethod
+    def in_window(pack: Pack, window: Window | None) -> bool:
+        """Whether the pack's whole slot (what it may grow to) lies in ``window``."""
+        return inside(window, pack.address, pack.reservation.capacity)
+
+    def place(self, size: int, align: int, window: Window | None = None) -> Placement:
         """Where ``size`` bytes at ``align`` go (nothing is taken: see the module docstring)."""
         gran = self.granularity
         count = -(-size // gran)
         if not self.fits_in_a_pack(size, align):
-            return uninterrupted(self._new_dedicated, count, max(align, gran)), [0], [count]
-        return self.place_many([count], max(1, align // gran))
+            return uninterrupted(self._new_dedicated, count, max(align, gran), window), [0], [count]
+        return self.place_many([count], max(1, align // gran), window)
 
-    def _new_dedicated(self, count: int, align: int) -> Pack:
-        res = self.backend.reserve(count * self.granularity, align)
+    def _reserve(self, size: int, align: int, capacity: int | None, window: Window | None) -> Reservation:
+        if window is None:  # the calls as they were before windows (test doubles wrap them)
+            return self.backend.reserve(size, align) if capacity is None else self.backend.reserve(size, align, capacity)
+        res = self.backend.reserve(size, align, capacity, window=window)
+        if not inside(window, res.address, res.capacity):  # a backend that ignored it
+            self.backend.release(res)
+            raise OutOfMemoryError(
+                f"the {self.backend.mode} backend placed {res.capacity:#x} bytes at {res.address:#x}, "
+                f"outside [{window[0]:#x}, {window[1]:#x})"
+            )
+        return res
+
+    def _new_dedicated(self, count: int, align: int, window: Window | None) -> Pack:
+        res = self._reserve(count * self.granularity, align, None, window)
         pack = Pack(res, ChunkMap(res.size // self.granularity), dedicated=True)
         self.packs.append(pack)
         self.events["dedicated_reserved"] += 1
         return pack
 
-    def place_many(self, counts: list[int], step: int) -> Placement:
+    def place_many(self, counts: list[int], step: int, window: Window | None = None) -> Placement:
         """Where side-by-side allocations of ``counts`` chunks go, each aligned to
-        ``step`` chunks.  The caller keeps the run within half a pack
-        (``fits_in_a_pack``) and takes the chunks."""
-        hit = self._find(counts, step, self.packs) or self._grow_into(counts, step)
+        ``step`` chunks, in packs inside ``window`` if given.  The caller keeps the run
+        within half a pack (``fits_in_a_pack``) and takes the chunks."""
+        packs = self.packs if window is None else [p for p in self.packs if self.in_window(p, window)]
+        hit = self._find(counts, step, packs) or self._grow_into(counts, step, packs)
         if hit is None:
-            adopted = self._adopt_retired()
-            if adopted is None and self.quarantine and self._quarantine_would_do(counts, step):
+            adopted = self._adopt_retired(window)
+            if adopted is None and self.quarantine and self._quarantine_would_do(counts, step, packs, window):
                 # Reuse quarantined space after one epoch rather than reserve a new pack.
                 self.forced += 1
                 self.remote_cse([])
-                hit = self._find(counts, step, self.packs)
-                adopted = None if hit is not None else self._adopt_retired()
+                hit = self._find(counts, step, packs)
+                adopted = None if hit is not None else self._adopt_retired(window)
             if hit is None and adopted is not None:
                 hit = self._find(counts, step, [adopted])
         if hit is None:
             total = self.layout(False, counts, step)[2] * self.granularity
             first = min(self.pack_size, -(-total // self.commit_step) * self.commit_step)
-            pack = uninterrupted(self._new_pack, first)
+            pack = uninterrupted(self._new_pack, first, window)
             hit = self._find(counts, step, [pack])
             assert hit is not None
         return hit
 
-    def _new_pack(self, size: int) -> Pack:
-        res = self.backend.reserve(size, self.pack_size, self.pack_size)
+    def _new_pack(self, size: int, window: Window | None) -> Pack:
+        res = self._reserve(size, self.pack_size, self.pack_size, window)
         pack = Pack(res, ChunkMap(res.size // self.granularity), dedicated=False)
         self.packs.append(pack)
         self.events["packs_reserved"] += 1
@@ -304,6 +344,12 @@ class PackPool:
         chunk map."""
         stamp = self.started if self.quarantine and pack.reservation.mapped else None
         pack.chunks.release(first, count, stamp=stamp, dirty=dirty)
+
+    def free_tail(self, pack: Pack, first: int, keep: int, *, dirty: bool) -> None:
+        """Free all but the first ``keep`` chunks of an allocation (``JitText.shrink``),
+        under the rules of :meth:`free`."""
+        stamp = self.started if self.quarantine and pack.reservation.mapped else None
+        pack.chunks.shrink(first, keep, stamp=stamp, dirty=dirty)
 
     def _refillable(self, pack: Pack) -> int:
         """Chunks whose refill may be written now: all, except with a coarse write unit

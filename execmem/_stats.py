@@ -42,6 +42,8 @@ class AllocatorStats(TypedDict):
     steps: dict[str, int]
     recipes: dict[str, int]
     events: dict[str, int]
+    #: Data regions (``jit_data_alloc``): packs, reserved_bytes, regions, live_bytes.
+    data: dict[str, int]
     backend: dict[str, object]
     #: Per debug sink (``execmem.debuginfo``): where it writes, how much, whether on.
     debuginfo: dict[str, object]

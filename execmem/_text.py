@@ -212,6 +212,13 @@ class JitText:
             raise AlignmentError(f"offset {off:#x} is not instruction-aligned ({self._allocator.arch.insn_align})")
         return self._allocator._function(self, restype, argtypes, off)
 
+    def shrink(self, size: int) -> None:
+        """Keep the first ``size`` bytes and give the chunks after them back, under the
+        rules of ``free`` (RESERVED or LIVE; growing is refused: ``SizeError``)."""
+        from execmem._shrink import shrink
+
+        shrink(self._allocator, self, size)
+
     def free(self) -> None:
         """Release the text; its memory is trap-filled and quarantined until an epoch."""
         self._allocator._free(self)

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 #: (name, module, one-line help)
 SUBCOMMANDS: tuple[tuple[str, str, str], ...] = (
     ("demo", "execmem._demo", "assemble, publish and call a few functions on this host"),
-    ("example", "execmem.examples._cli", "run one of the JIT examples (calc, bf, hotswap, bpf)"),
+    ("example", "execmem.examples._cli", "run one of the JIT examples (calc, bf, hotswap, bpf, libc)"),
     ("litmus", "execmem.litmus._cli", "run herd7 AArch64 litmus tests on the machine model"),
     ("verify", "execmem.verify._cli", "run the seed scenario catalog and its mutations"),
     ("bench", "execmem.bench._cli", "benchmark execmem against mmap+mprotect per function"),

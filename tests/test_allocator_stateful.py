@@ -30,7 +30,14 @@ from hypothesis.stateful import Bundle, RuleBasedStateMachine, initialize, invar
 
 import execmem
 from execmem import JitText, TextState, _gates
-from execmem._errors import BadStateError, UnsafePatchError, UnsupportedError, UseAfterFreeError
+from execmem._data import JitData
+from execmem._errors import (
+    BadStateError,
+    SizeError,
+    UnsafePatchError,
+    UnsupportedError,
+    UseAfterFreeError,
+)
 from execmem._memory_backend import MemoryBackend
 
 ARM64_WORDS = [
@@ -51,6 +58,7 @@ class AllocatorMachine(RuleBasedStateMachine):
     WRITE_UNIT = 1
 
     texts = Bundle("texts")
+    datas = Bundle("datas")
 
     def __init__(self) -> None:
         super().__init__()
@@ -65,6 +73,10 @@ class AllocatorMachine(RuleBasedStateMachine):
         #: Calls in flight per text, and the freed texts they keep (pinned).
         self.calls: dict[JitText, int] = {}
         self.pinned: set[JitText] = set()
+        #: What a shrunk LIVE text left after its new size in its last chunk.
+        self.kept: dict[JitText, bytes] = {}
+        #: Data regions and their expected contents (None once freed).
+        self.data: dict[JitData, bytes | None] = {}
 
     @initialize(pack_shift=st.sampled_from([12, 13, 14]), keep_empty=st.integers(0, 2))
     def setup(self, pack_shift: int, keep_empty: int) -> None:
@@ -80,7 +92,7 @@ class AllocatorMachine(RuleBasedStateMachine):
                 for t, n in self.calls.items():
                     ctypes.c_int64.from_address(t._slot.address).value -= n  # type: ignore[union-attr]
             self.a.close()
-            assert self.backend.reservations == []
+            assert self.backend.reservations == [] and self.backend.data_regions == []
 
     # -- helpers ------------------------------------------------------------------------------
 
@@ -307,6 +319,68 @@ class AllocatorMachine(RuleBasedStateMachine):
             assert t.state is TextState.FREED
             self.freed_now(t, mapped, self.footprint(t), started)
 
+    @rule(t=texts, data=st.data())
+    def shrink(self, t: JitText, data: st.DataObject) -> None:
+        """The tail back under free's rules; growing, WRITING and FREED texts refused."""
+        state = self.state[t]
+        if state is TextState.FREED:
+            self.refused(lambda: t.shrink(1), UseAfterFreeError)
+            return
+        if state is TextState.WRITING:
+            self.refused(lambda: t.shrink(1), BadStateError)
+            return
+        self.refused(lambda: t.shrink(t.size + 1), SizeError)
+        new = data.draw(st.integers(1, t.size))
+        lo, hi = self.footprint(t)
+        mapped, (started, _) = t._pack.reservation.mapped, self.stamp()
+        before = t.read()
+        gran = self.a.granularity
+        for chunk in range(lo, hi, gran):  # what the chunks freed now leave behind
+            self.leftover[chunk] = self.backend.read(chunk, gran)
+        t.shrink(new)
+        assert t.size == new and t.read() == before[:new] and t.state is state
+        new_lo, new_hi = self.footprint(t)
+        assert new_lo == lo and t.address + new <= new_hi <= hi
+        if state is TextState.LIVE:  # the rest of its last chunk keeps the old code
+            self.kept[t] = self.backend.read(t.address + new, new_hi - t.address - new)
+        if mapped and new_hi < hi:
+            self.freed.append((new_hi, hi, started))
+
+    @rule(target=datas, size=st.integers(1, 5000), align=st.sampled_from([1, 16, 64, 4096]), near_a_text=st.booleans())
+    def data_alloc(self, size: int, align: int, near_a_text: bool) -> JitData:
+        live = [t for t, s in self.state.items() if s is not TextState.FREED]
+        near = live[0].address if near_a_text and live else None
+        packs = [p.reservation for p in self.a._pool.packs]
+        d = self.a.jit_data_alloc(size, near=near, align=align)
+        assert d.size == size and d.address % max(align, 16) == 0 and d.read() == bytes(size)
+        reach = self.spec.branch_reach
+        anchors = [near] if near is not None else [a for r in packs for a in (r.address, r.address + r.capacity - 1)]
+        assert all(abs(d.address - x) <= reach and abs(d.address + size - 1 - x) <= reach for x in anchors)
+        self.data[d] = bytes(size)
+        return d
+
+    @rule(d=datas, data=st.data())
+    def data_write(self, d: JitData, data: st.DataObject) -> None:
+        old = self.data[d]
+        if old is None:
+            self.refused(lambda: d.write(0, b"x"), UseAfterFreeError)
+            return
+        self.refused(lambda: d.write(d.size, b"x"), execmem.OutOfBoundsError)
+        payload = data.draw(st.binary(min_size=1, max_size=min(64, d.size)))
+        offset = data.draw(st.integers(0, d.size - len(payload)))
+        d.write(offset, payload)
+        self.data[d] = old[:offset] + payload + old[offset + len(payload) :]
+
+    @rule(d=datas)
+    def data_free(self, d: JitData) -> None:
+        if self.data[d] is None:
+            self.refused(d.free, UseAfterFreeError)
+            return
+        started = self.stamp()[0]
+        d.free()
+        self.data[d] = None
+        assert self.stamp()[0] == started  # no synchronization for data
+
     @rule()
     def forced_epoch(self) -> None:
         with self.a._lock:
@@ -363,7 +437,28 @@ class AllocatorMachine(RuleBasedStateMachine):
                 if state in (TextState.LIVE, TextState.WRITING) and t._pack.reservation is res:
                     offset = t.address - res.address
                     expected[offset : offset + t.size] = t.read()
+                    kept = self.kept.get(t, b"")
+                    expected[offset + t.size : offset + t.size + len(kept)] = kept
             assert self.backend.read(res.address, res.size) == bytes(expected)
+
+    @invariant()
+    def data_regions_hold_what_was_written(self) -> None:
+        if not hasattr(self, "a"):
+            return
+        regions = self.backend.data_regions
+        assert not any(r.mapped for r in regions)  # never executable
+        spans = []
+        for d, expected in self.data.items():
+            if expected is None:
+                continue
+            assert any(r.address <= d.address and d.address + d.size <= r.address + r.size for r in regions)
+            assert self.backend.read(d.address, d.size) == expected
+            spans.append((d.address, d.address + d.size))
+        spans.sort()
+        for (_, end), (start, _) in itertools.pairwise(spans):
+            assert end <= start, "data regions overlap"
+        totals = self.a.stats()["data"]
+        assert totals["regions"] == len(spans) and totals["live_bytes"] == sum(e - s for s, e in spans)
 
     @invariant()
     def accounting_adds_up(self) -> None:

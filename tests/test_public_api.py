@@ -30,6 +30,7 @@ def test_public_names_are_pinned() -> None:
             "BadStateError",
             "ExecmemError",
             "ForkedProcessError",
+            "JitData",
             "JitFunction",
             "JitText",
             "LitmusError",
@@ -45,11 +46,15 @@ def test_public_names_are_pinned() -> None:
             "__version__",
             "arch",
             "asm",
+            "compile_function",
             "default_allocator",
+            "jit_data_alloc",
             "jit_text_alloc",
             "jit_text_alloc_many",
             "jit_text_free",
             "publish",
+            "serialize_all_threads",
+            "sync_code",
             "text_at",
         ]
     )

@@ -435,7 +435,43 @@ def _close(env: Env) -> Callable[[], object]:
     return env.a.close
 
 
+def _far(env: Env) -> int:
+    """An address out of branch reach of the keepers' pack, with free space around it."""
+    return 0x7000_0000 if env.machine is not None else 16 * env.a.arch.branch_reach + (1 << 32)
+
+
+def _alloc_near(env: Env) -> Callable[[], object]:
+    far = _far(env)
+    return lambda: env.a.jit_text_alloc(16, near=far)
+
+
+def _shrink(env: Env) -> Callable[[], object]:
+    t, _ = env.text(size=1024)
+    t.map()
+    return lambda: t.shrink(8)
+
+
+def _data_alloc(env: Env) -> Callable[[], object]:
+    return lambda: env.a.jit_data_alloc(100)
+
+
+def _data_write(env: Env) -> Callable[[], object]:
+    d = env.a.jit_data_alloc(100)
+    return lambda: d.write(8, b"\x01" * 16)
+
+
+def _data_free(env: Env) -> Callable[[], object]:
+    d = env.a.jit_data_alloc(100)
+    return d.free
+
+
+def _sync_code(env: Env) -> Callable[[], object]:
+    t = env.keepers[0][0]
+    return lambda: env.a.sync_code(t.address, 16)
+
+
 NATIVE = ("dual", "mprotect")
+FULL = bool(os.environ.get("EXECMEM_FULL"))
 CASES: list[tuple[str, Prepare, tuple[str, ...]]] = [
     ("jit_text_alloc", _alloc, MODES),
     ("jit_text_alloc (new pack)", _alloc_new_pack, MODES),
@@ -461,6 +497,14 @@ CASES: list[tuple[str, Prepare, tuple[str, ...]]] = [
     ("stats", _stats, MODES),
     ("occupancy", _occupancy, MODES),
     ("close", _close, MODES),
+    ("jit_text_alloc (near, new pack)", _alloc_near, MODES),
+    ("shrink", _shrink, MODES),
+    ("jit_data_alloc", _data_alloc, MODES),
+    ("JitData.write", _data_write, NATIVE),  # (the model's data stay unread: machine.read)
+    ("JitData.free", _data_free, MODES),
+    # Natively every point is in the parsing of /proc/self/maps (6,000 points, all
+    # "completed": nothing to undo), so only the full run goes through them there.
+    ("sync_code", _sync_code, MODES if FULL else ("emulated",)),
 ]
 
 
@@ -470,15 +514,18 @@ CASES: list[tuple[str, Prepare, tuple[str, ...]]] = [
 def semantic(a: execmem.Allocator) -> tuple[object, ...]:
     """The allocator as a user sees it, without addresses (runs differ in those) and
     without housekeeping: texts (pack rank among non-empty packs, chunk, state,
-    bytes, batch flag), pinned texts, frees counted, closed."""
+    bytes, batch flag), pinned texts, frees counted, data regions (chunk, size, and
+    natively their bytes), closed."""
     if a._closed:
         return ("closed", a._events["freed"])
+    native = a.backend.callable_in_process
+    data = tuple(sorted((d._chunk, d.size, d.read() if native else b"") for d in a._data.regions))
     texts = [*a._texts, *a._pinned]
     packs = sorted({id(t._pack): t._pack for t in texts}.values(), key=lambda p: p.address)
     rank = {id(p): i for i, p in enumerate(packs)}
     rows = sorted((rank[id(t._pack)], t._chunk, t._nchunks, t._state.name, hashlib.sha1(t._shadow).hexdigest()[:8])
                   for t in texts)
-    return (tuple(rows), len(a._pinned), a._events["freed"])
+    return (tuple(rows), len(a._pinned), a._events["freed"], data)
 
 
 def usable(env: Env) -> None:
@@ -635,9 +682,7 @@ class Tally:
 
 TALLY = Tally()
 
-
-FULL = bool(os.environ.get("EXECMEM_FULL"))
-CENTRAL = ("map", "free", "batch")
+CENTRAL = ("map", "free", "batch", "sync_code")
 
 
 def _pairs() -> list[Any]:

@@ -28,7 +28,14 @@ from types import ModuleType
 from typing import TYPE_CHECKING, Protocol
 
 from execmem._backend import Range, Reservation
-from execmem._errors import AlignmentError, BadStateError, ModelError, UnsupportedError
+from execmem._errors import (
+    AlignmentError,
+    BadStateError,
+    ModelError,
+    OutOfMemoryError,
+    UnsupportedError,
+)
+from execmem._placement import find_gap, intersect, middle
 from execmem.emu._layout import DYNAMIC_BASE, DYNAMIC_LIMIT, PAGE
 
 if TYPE_CHECKING:
@@ -45,6 +52,10 @@ class ModeledMachine(Protocol):
     dic: bool
     tlb: str
     line_size: int
+    #: Statically mapped pages (VA -> (PA, perms)) and every mapped range (``near=``,
+    #: ``sync_code``: what is there, where it is free).
+    _static: dict[int, tuple[int, str]]
+    _regions: list[tuple[int, int]]
 
     @property
     def cpus(self) -> int: ...
@@ -56,7 +67,7 @@ class ModeledMachine(Protocol):
 
     def frames(self, size: int) -> int: ...
 
-    def map_pages(self, size: int, *, align: int = PAGE) -> tuple[int, int]: ...
+    def map_pages(self, size: int, *, align: int = PAGE, at: int | None = None) -> tuple[int, int]: ...
 
     def poke(self, va: int, data: bytes) -> None: ...
 
@@ -68,6 +79,7 @@ class _Frames:
     alias: int  # physical address of the first frame == its writable alias VA
     pages: tuple[int, ...]  # virtual pages
     released: bool = False
+    data: bool = False  # a data region (``reserve_data``): its entries are never executable
 
 
 class EmulatedBackend:
@@ -107,15 +119,17 @@ class EmulatedBackend:
             host.fence(name, note=f"{what}: {name}")
 
     # Reservations -------------------------------------------------------------
-    def reserve(self, size: int, align: int, capacity: int | None = None) -> Reservation:
+    def reserve(self, size: int, align: int, capacity: int | None = None, *, window: Range | None = None) -> Reservation:
         """The whole ``capacity`` at once: the model's frames cost nothing, and a
-        reservation that never grows keeps the modeled page tables simple."""
+        reservation that never grows keeps the modeled page tables simple.  With a
+        ``window``, the free place of the dynamic range nearest its middle."""
         m = self._m
         if size <= 0 or align <= 0 or align & (align - 1):
             raise AlignmentError("reserve needs a positive size and a power-of-two alignment")
         size = max(size, capacity or 0)
         size += -size % PAGE
-        va, _ = m.map_pages(size, align=align)
+        at = None if window is None else self._in_window(size, max(align, PAGE), window)
+        va, _ = m.map_pages(size, align=align, at=at)
         alias = m.frames(size)
         pages = tuple(range(va, va + size, PAGE))
         # Fresh frames: nothing can observe them before they are mapped, so the trap
@@ -125,6 +139,39 @@ class EmulatedBackend:
         self._reservations.append(res)
         self._counts["reserve"] += 1
         return res
+
+    def _in_window(self, size: int, align: int, window: Range) -> int:
+        """A free place in ``window`` with a guard page on either side."""
+        taken = [(start - PAGE, length + 2 * PAGE) for start, length in self._m._regions]
+        bounds = intersect(window, (DYNAMIC_BASE, DYNAMIC_LIMIT))
+        va = None if bounds is None else find_gap(taken, size, align, bounds, toward=middle(window))
+        if va is None:
+            raise OutOfMemoryError(
+                f"no free {size:#x} bytes of the modeled machine's dynamic range "
+                f"[{DYNAMIC_BASE:#x}, {DYNAMIC_LIMIT:#x}) lie in [{window[0]:#x}, {window[1]:#x})"
+            )
+        return va
+
+    def reserve_data(self, size: int, align: int, window: Range | None = None) -> Reservation:
+        """Frames mapped read+write (never executable) by page-table entries the host
+        CPU writes, zero-filled before anything can see them."""
+        res = self.reserve(size, align, window=window)
+        frames = self._frames(res)
+        self._m.poke(frames.alias, bytes(res.size))
+        host = self._host()
+        for i, page in enumerate(frames.pages):
+            host.pte(page, frames.alias + i * PAGE, "rw", note=f"map data {page:#x} rw-")
+        self._fences("after_map")
+        res.mapped = True  # readable; the allocator never maps a data region
+        frames.data = True
+        self._counts["reserve_data"] += 1
+        return res
+
+    def read_data(self, reservation: Reservation, offset: int, size: int) -> bytes:
+        raise UnsupportedError(
+            "a modeled data region's bytes depend on the schedule: read them from a state, "
+            "machine.read(state, address, size)"
+        )
 
     def grow(self, reservation: Reservation, size: int) -> bool:
         """Reservations get their capacity at once: growing is never needed."""
@@ -139,6 +186,8 @@ class EmulatedBackend:
 
     def map(self, reservation: Reservation) -> None:
         frames = self._frames(reservation)
+        if frames.data:
+            raise BadStateError(f"the data region at {reservation.address:#x} is never made executable")
         host = self._host()
         for i, page in enumerate(frames.pages):
             host.pte(page, frames.alias + i * PAGE, "rx", note=f"map {page:#x} r-x")
@@ -204,7 +253,21 @@ class EmulatedBackend:
         for res in self._reservations:
             if res.address <= va < res.address + res.size:
                 return self._frames(res).alias + va - res.address
+        static = self._m._static.get(va - va % PAGE)
+        if static is not None:  # code the machine was built with (``sync_code``)
+            return static[0] + va % PAGE
         raise ModelError(f"{va:#x} is not in any reservation")
+
+    def readable(self, address: int, size: int) -> bool:
+        """Statically mapped readable pages, or pages of live mapped reservations."""
+        for page in range(address - address % PAGE, address + size, PAGE):
+            static = self._m._static.get(page)
+            if static is not None and "r" in static[1]:
+                continue
+            res = next((r for r in self._reservations if r.address <= page < r.address + r.size), None)
+            if res is None or self._released(res) or not res.mapped:
+                return False
+        return True
 
     def _lines(self, ranges: Sequence[Range]) -> list[int]:
         line = self._m.line_size

@@ -182,10 +182,11 @@ class Machine(EmulatedBackend):
         self._kernel_pages.update(range(frame, frame + size, PAGE))
         return self.map_memory(frame, size, "rw")
 
-    def map_pages(self, size: int, *, align: int = PAGE) -> tuple[int, int]:
+    def map_pages(self, size: int, *, align: int = PAGE, at: int | None = None) -> tuple[int, int]:
         """A fresh virtual range of ``size`` bytes (whole pages) translated through
         page-table entries in model memory, so host actions and guest stores can map,
-        remap and unmap it while the machine runs.
+        remap and unmap it while the machine runs.  ``at``: where (a free place of the
+        dynamic range the caller chose, ``near=``); by default after the last range.
 
         Returns (virtual address, physical address of the first entry); page i's
         entry is the 8 bytes ``8 * i`` further.  Entries start invalid (zero); the
@@ -193,10 +194,10 @@ class Machine(EmulatedBackend):
         """
         size += -size % PAGE
         align = max(align, PAGE)
-        va = self._next_va + (-self._next_va % align)
-        if size <= 0 or va + size > DYNAMIC_LIMIT:
+        va = self._next_va + (-self._next_va % align) if at is None else at
+        if size <= 0 or va % align or va < DYNAMIC_BASE or va + size > DYNAMIC_LIMIT:
             raise ModelError("the modeled machine's page-table mapped address space is exhausted")
-        self._next_va = va + size + PAGE  # a guard page between ranges
+        self._next_va = max(self._next_va, va + size + PAGE)  # a guard page between ranges
         entries = self._next_pte
         self._next_pte += 8 * (size // PAGE) + 64  # the next range's entries on another line
         first = entries - entries % PAGE

@@ -51,8 +51,9 @@ from dataclasses import dataclass, field
 from execmem._backend import Range
 from execmem._errors import ExecmemError, OutOfMemoryError
 from execmem._locks import OwnedLock
+from execmem._placement import Window, find_gap, inside, middle
 from execmem.arch import ArchSpec
-from execmem.native import _libc
+from execmem.native import _libc, _procmaps
 from execmem.native._backing import PMD_SIZE, RX, Backing
 from execmem.native._backing import close_quietly as _close_quietly
 from execmem.native._libc import (
@@ -73,6 +74,8 @@ from execmem.native._libc import (
 )
 
 RW = PROT_READ | PROT_WRITE
+#: The lowest address ``near=`` placement picks (Linux's default ``vm.mmap_min_addr``).
+MMAP_MIN_ADDR = 0x10000
 #: An inaccessible placeholder keeping VA reserved (no memory is committed for it).
 PLACEHOLDER = MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE
 #: Free address space left above a growable reservation's slot (``_growable_va``):
@@ -102,6 +105,8 @@ class Region:
     #: The most ``size`` may grow to (the pack's slot); ``size`` when it cannot grow.
     capacity: int = 0
     hugetlb: bool = False
+    #: A data region (``jit_data_alloc``): read+write anonymous memory, never executable.
+    data: bool = False
     mapped: bool = False
     released: bool = False
     #: mprotect mode: pages (indices) currently read+write, and in-place nesting counts.
@@ -163,11 +168,15 @@ class Mapper:
             align = max(align, PMD_SIZE)
         return align
 
-    def reserve_va(self, size: int, align: int, prot: int, flags: int, capacity: int = 0) -> int:
+    def reserve_va(
+        self, size: int, align: int, prot: int, flags: int, capacity: int = 0, window: Window | None = None
+    ) -> int:
         """``size`` bytes at an ``align``-aligned address: over-allocate, trim both ends.
 
         A ``capacity`` above ``size`` places it where it can grow in place to that many
-        bytes (see :meth:`_growable_va`)."""
+        bytes (see :meth:`_growable_va`); a ``window`` inside it (:meth:`_va_in_window`)."""
+        if window is not None:
+            return self._va_in_window(size, align, prot, flags, max(size, capacity), window)
         if capacity > size:
             return self._growable_va(size, align, prot, flags, capacity)
         span = size + align - self.page
@@ -186,6 +195,33 @@ class Mapper:
             _undo_all([lambda: self._sys.munmap(base, span)])
             raise
         return start
+
+    def _va_in_window(self, size: int, align: int, prot: int, flags: int, slot: int, window: Window) -> int:
+        """``size`` bytes at the start of a free, ``align``-aligned ``slot`` inside
+        ``window`` (``near=``): a gap found in ``/proc/self/maps`` (the one nearest the
+        window's middle) claimed with ``MAP_FIXED_NOREPLACE``, looked up again if another
+        thread took it meanwhile; without ``/proc``, hint addresses across the window."""
+        low = max(window[0], MMAP_MIN_ADDR)
+        bounds = (low, window[1])
+        for _ in range(4):
+            try:
+                vmas = _procmaps.read_maps()
+            except OSError:
+                break
+            address = find_gap([(v.start, v.end - v.start) for v in vmas], slot, align, bounds, toward=middle(window))
+            if address is None:
+                raise OutOfMemoryError(
+                    f"no free {slot:#x} bytes aligned to {align:#x} in [{window[0]:#x}, {window[1]:#x})"
+                )
+            if self.claim(address, size, prot, flags):
+                return address
+        for hint in (middle(window), low, window[1] - slot):
+            hint = hint // align * align
+            got = self._sys.mmap(hint, size, prot, flags)  # a hint: the kernel may move it
+            if got % align == 0 and inside(bounds, got, slot):
+                return got
+            self._sys.munmap(got, size)
+        raise OutOfMemoryError(f"could not map {slot:#x} bytes in [{window[0]:#x}, {window[1]:#x})")
 
     def _growable_va(self, size: int, align: int, prot: int, flags: int, capacity: int) -> int:
         """``size`` bytes at the bottom of a free ``capacity`` slot, below ``GROWTH_ROOM``
@@ -273,7 +309,7 @@ class Mapper:
 
     # -- the verbs ------------------------------------------------------------------------
 
-    def reserve(self, size: int, align: int, capacity: int) -> Region:
+    def reserve(self, size: int, align: int, capacity: int, window: Window | None = None) -> Region:
         raise NotImplementedError
 
     def traps(self, size: int) -> bytes:
@@ -287,6 +323,14 @@ class Mapper:
 
     def unmap(self, region: Region) -> None:
         raise NotImplementedError
+
+    def reserve_data(self, size: int, align: int, window: Window | None) -> Region:
+        """Zero-filled read+write memory that is never made executable (a data region)."""
+        address = self.reserve_va(size, align, RW, MAP_PRIVATE | MAP_ANONYMOUS, 0, window)
+        return Region(address, size, write_base=address, data=True)
+
+    def release_data(self, region: Region) -> None:
+        Mapper.release(self, region, forked=False)
 
     def release(self, region: Region, *, forked: bool) -> None:
         if "view" not in region.released_parts:
@@ -333,16 +377,16 @@ class DualMapper(Mapper):
         super().__init__(spec, sys_, page_size, huge_pages=huge_pages)
         self.backing = Backing(sys_, page_size, directories=directories)
 
-    def reserve(self, size: int, align: int, capacity: int) -> Region:
+    def reserve(self, size: int, align: int, capacity: int, window: Window | None = None) -> Region:
         s = self._sys
         # hugetlbfs takes no write(2) and no partial mapping: a whole-capacity file
         # with an alias, tried first when large pages are wanted and may be there.
         try_hugetlb = self.huge_pages and capacity % PMD_SIZE == 0 and self.backing.hugetlb_may(capacity)
         first = capacity if try_hugetlb else size
-        if capacity > size:  # room to grow, even while the whole capacity is tried first
+        if capacity > size and window is None:  # room to grow, even while the whole capacity is tried first
             address = self._growable_va(first, align, PROT_NONE, PLACEHOLDER, capacity)
         else:
-            address = self.reserve_va(size, align, PROT_NONE, PLACEHOLDER)
+            address = self.reserve_va(first, align, PROT_NONE, PLACEHOLDER, capacity, window)
         undo: list[Callable[[], None]] = [lambda: s.munmap(address, first)]
         try:
             if try_hugetlb:
@@ -492,8 +536,8 @@ class MprotectMapper(Mapper):
         super().__init__(spec, sys_, page_size, huge_pages=huge_pages)
         self.write_unit = page_size
 
-    def reserve(self, size: int, align: int, capacity: int) -> Region:
-        address = self.reserve_va(size, align, RW, MAP_PRIVATE | MAP_ANONYMOUS, capacity)
+    def reserve(self, size: int, align: int, capacity: int, window: Window | None = None) -> Region:
+        address = self.reserve_va(size, align, RW, MAP_PRIVATE | MAP_ANONYMOUS, capacity, window)
         try:
             self.advise_huge(address, size)
             self.fill(address, size)
@@ -601,8 +645,8 @@ class MprotectMapper(Mapper):
 class RwxMapper(Mapper):
     mode = "rwx"
 
-    def reserve(self, size: int, align: int, capacity: int) -> Region:
-        address = self.reserve_va(size, align, RW, MAP_PRIVATE | MAP_ANONYMOUS, capacity)
+    def reserve(self, size: int, align: int, capacity: int, window: Window | None = None) -> Region:
+        address = self.reserve_va(size, align, RW, MAP_PRIVATE | MAP_ANONYMOUS, capacity, window)
         try:
             self.advise_huge(address, size)
             self.fill(address, size)

@@ -7,6 +7,7 @@ the modes in ``_mapping``, the host synchronization in ``_sync``.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import mmap
 import os
 import sys
@@ -23,9 +24,11 @@ from execmem._errors import (
     ForkedProcessError,
     OutOfBoundsError,
     OutOfMemoryError,
+    SystemCallError,
     UnsupportedError,
 )
 from execmem._locks import OwnedLock
+from execmem._placement import intersect
 from execmem.arch import ArchSpec, get, host
 from execmem.native import _fork, _libc, _procmaps
 from execmem.native._mapping import MAPPERS, DualMapper, Mapper, Region
@@ -225,7 +228,7 @@ class NativeBackend:
     def _pages(self, size: int) -> int:
         return -(-size // self.page_size) * self.page_size
 
-    def reserve(self, size: int, align: int, capacity: int | None = None) -> Reservation:
+    def reserve(self, size: int, align: int, capacity: int | None = None, *, window: Range | None = None) -> Reservation:
         self._usable()
         self._not_reentered()
         if size <= 0:
@@ -240,10 +243,12 @@ class NativeBackend:
                 f"({self.max_reservation:#x} bytes: {self._limit_source}); nothing was reserved"
             )
         align = self._mapper.alignment(capacity, align)
+        if window is not None and intersect(window, (0, self._address_space)) is None:
+            raise OutOfMemoryError(f"[{window[0]:#x}, {window[1]:#x}) lies outside the user address space")
         if capacity + align > self._address_space:
             raise OutOfMemoryError(f"{capacity:#x} bytes aligned to {align:#x} cannot fit in the address space")
         with self._gate:  # a fork meanwhile sees the region with its descriptors, or nothing
-            region = self._mapper.reserve(size, align, capacity)
+            region = self._mapper.reserve(size, align, capacity, window)
             try:
                 with self._lock:
                     self._regions[region.address] = region
@@ -253,6 +258,41 @@ class NativeBackend:
                     self._mapper.release(region, forked=False)
                 raise
         return Reservation(region.address, region.size, mapped=False, token=region, capacity=region.capacity)
+
+    def reserve_data(self, size: int, align: int, window: Range | None = None) -> Reservation:
+        """Zero-filled read+write anonymous memory, never executable (``jit_data_alloc``),
+        in ``window`` if given; whole pages."""
+        self._usable()
+        self._not_reentered()
+        size = self._pages(max(size, 1))
+        align = max(align, self.page_size)
+        if size > self.max_reservation:
+            raise OutOfMemoryError(f"a data region of {size:#x} bytes is larger than this backend allows ({self.max_reservation:#x})")
+        if window is not None and intersect(window, (0, self._address_space)) is None:
+            raise OutOfMemoryError(f"[{window[0]:#x}, {window[1]:#x}) lies outside the user address space")
+        with self._gate:
+            region = self._mapper.reserve_data(size, align, window)
+            try:
+                with self._lock:
+                    self._regions[region.address] = region
+            except BaseException:
+                with contextlib.suppress(ExecmemError):
+                    self._mapper.release_data(region)
+                raise
+        return Reservation(region.address, region.size, mapped=False, token=region)
+
+    def read_data(self, reservation: Reservation, offset: int, size: int) -> bytes:
+        region = self._region(reservation)
+        self._bounds(reservation, offset, size)
+        if not region.data:
+            raise BadStateError(f"reservation at {reservation.address:#x} is not a data region")
+        return ctypes.string_at(region.address + offset, size)
+
+    def _release_region(self, region: Region) -> None:
+        if region.data:
+            self._mapper.release_data(region)
+        else:
+            self._mapper.release(region, forked=self.forked)
 
     def _note_peak(self) -> None:
         self._peak_reserved = max(self._peak_reserved, sum(r.size for r in self._regions.values()))
@@ -271,6 +311,8 @@ class NativeBackend:
 
     def map(self, reservation: Reservation) -> None:
         region = self._region(reservation)
+        if region.data:
+            raise BadStateError(f"the data region at {reservation.address:#x} is never made executable")
         if region.mapped:
             raise BadStateError(f"reservation at {reservation.address:#x} is already mapped")
         with self._gate:
@@ -296,7 +338,7 @@ class NativeBackend:
                 del self._regions[region.address]
             region.released, region.mapped, reservation.mapped = True, False, False
             try:
-                self._mapper.release(region, forked=self.forked)
+                self._release_region(region)
             except ExecmemError:
                 with self._lock:
                     self._unreleased.append(region)
@@ -306,7 +348,9 @@ class NativeBackend:
         region = self._region(reservation)
         payload = data if isinstance(data, bytes) else bytes(data)
         self._bounds(reservation, offset, len(payload))
-        if payload:
+        if payload and region.data:
+            ctypes.memmove(region.address + offset, payload, len(payload))
+        elif payload:
             with self._gate:
                 self._mapper.write(region, offset, payload)
 
@@ -334,6 +378,15 @@ class NativeBackend:
         self._bounds(reservation, offset, size)
         with self._gate:
             self._mapper.end_inplace(region, offset, size)
+
+    def readable(self, address: int, size: int) -> bool:
+        """Asks ``/proc/self/maps`` (read after the check: a range unmapped meanwhile
+        by another thread is the caller's race, as with any pointer)."""
+        try:
+            vmas = _procmaps.read_maps()
+        except OSError as exc:
+            raise SystemCallError(f"cannot read /proc/self/maps to check [{address:#x}, {address + size:#x}): {exc}") from None
+        return _procmaps.covered(vmas, address, size)
 
     def run_step(self, step: str, ranges: Sequence[Range]) -> None:
         if self._closed:
@@ -424,7 +477,7 @@ class NativeBackend:
             for region in regions:
                 region.released = True
                 try:
-                    self._mapper.release(region, forked=self.forked)
+                    self._release_region(region)
                 except ExecmemError as exc:
                     first = first or exc
                     with self._lock:

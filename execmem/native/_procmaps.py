@@ -87,6 +87,18 @@ def wx_violations(
     ]
 
 
+def covered(vmas: Iterable[Vma], start: int, size: int, perm: str = "r") -> bool:
+    """Whether ``[start, start+size)`` lies in VMAs that all have ``perm`` (pure)."""
+    at, end = start, start + size
+    for vma in sorted((v for v in vmas if v.overlaps(start, size)), key=lambda v: v.start):
+        if vma.start > at or perm not in vma.perms:
+            return False
+        at = max(at, vma.end)
+        if at >= end:
+            return True
+    return at >= end
+
+
 def parse_smaps(text: str, ranges: Sequence[tuple[int, int]] | None = None) -> dict[str, int]:
     """Sum every ``kB`` field of the VMAs overlapping ``ranges``, in bytes (pure).
 
@@ -127,6 +139,7 @@ __all__ = [
     "HUGE_FIELDS",
     "Vma",
     "count_vmas",
+    "covered",
     "huge_bytes",
     "parse_maps",
     "parse_smaps",
