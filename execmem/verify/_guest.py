@@ -35,9 +35,9 @@ CALLED_REG = {"arm64": "x1", "x86_64": "rsi"}
 RESULT_REG = {"arm64": "x0", "x86_64": "rax"}
 
 
-def allocator(m: Machine, *, keep_empty: int = 1) -> execmem.Allocator:
+def allocator(m: Machine) -> execmem.Allocator:
     """An allocator on ``m`` with one-page packs of 64-byte chunks (few model steps)."""
-    return execmem.Allocator(backend=m, pack_size=0x1000, granularity=64, keep_empty=keep_empty)
+    return execmem.Allocator(backend=m, pack_size=0x1000, granularity=64, keep_empty=1)
 
 
 def text(a: execmem.Allocator, arch: str, value: int) -> execmem.JitText:
