@@ -53,6 +53,7 @@ typecheck: $(LINKED)
 
 check: lint typecheck test
 
+# The table only (nothing drawn); the README's command also redraws docs/bench.png and .md.
 bench: $(LINKED)
 	$(PY) -m execmem bench
 

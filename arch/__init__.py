@@ -198,7 +198,13 @@ class AsmDialect:
 
 @dataclass(frozen=True)
 class EngineModes:
-    """Keystone / Capstone / Unicorn (arch, mode) constants for one architecture."""
+    """Keystone / Capstone / Unicorn (arch, mode) constants for one architecture.
+
+    Written as numbers, not as the libraries' names, so that describing an
+    architecture imports none of them: allocating and calling code needs no
+    emulator (56 MB of Unicorn), only the modeled machine does.  A test checks each
+    number against the installed library's constant.
+    """
 
     keystone: tuple[int, int] | None
     capstone: tuple[int, int] | None

@@ -7,10 +7,6 @@ instruction cache."""
 
 from __future__ import annotations
 
-import capstone
-import keystone
-import unicorn
-
 from execmem.arch import (
     ArchSpec,
     AsmDialect,
@@ -190,9 +186,9 @@ SPEC = ArchSpec(
     # (Arm ARM C6.2.34 BL); the instruction is 4 bytes, so its other bytes lose 3.
     branch_reach=(1 << 27) - 8,
     engines=EngineModes(
-        keystone=(keystone.KS_ARCH_ARM64, keystone.KS_MODE_LITTLE_ENDIAN),
-        capstone=(capstone.CS_ARCH_ARM64, capstone.CS_MODE_ARM),
-        unicorn=(unicorn.UC_ARCH_ARM64, unicorn.UC_MODE_ARM),
+        keystone=(2, 0),  # KS_ARCH_ARM64, KS_MODE_LITTLE_ENDIAN
+        capstone=(1, 0),  # CS_ARCH_ARM64, CS_MODE_ARM
+        unicorn=(2, 0),  # UC_ARCH_ARM64, UC_MODE_ARM
     ),
     publish=Recipe("publish", (_WRITE, _CLEAN, _DSB1, _INVAL, _DSB2, _ISB, _REMOTE)),
     publish_fresh=Recipe("publish_fresh", (_WRITE, _CLEAN, _DSB1, _INVAL, _DSB2, _MAP)),

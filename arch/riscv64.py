@@ -4,9 +4,6 @@ other harts need a remote fence.i, which Linux provides through the
 
 from __future__ import annotations
 
-import capstone
-import unicorn
-
 from execmem.arch import ArchSpec, ElfIdentity, EngineModes, PatchRule, Recipe, RecipeStep
 
 _WRITE = RecipeStep("write", "code is stored through the writable side, never through an executable mapping (W^X)")
@@ -32,8 +29,8 @@ SPEC = ArchSpec(
     branch_reach=(1 << 31) - (1 << 11) - 8,
     engines=EngineModes(
         keystone=None,  # Keystone 0.9.2 has no RISC-V assembler
-        capstone=(capstone.CS_ARCH_RISCV, capstone.CS_MODE_RISCV64 | capstone.CS_MODE_RISCVC),
-        unicorn=(unicorn.UC_ARCH_RISCV, unicorn.UC_MODE_RISCV64),
+        capstone=(15, 2 | 4),  # CS_ARCH_RISCV, CS_MODE_RISCV64 | CS_MODE_RISCVC
+        unicorn=(8, 8),  # UC_ARCH_RISCV, UC_MODE_RISCV64
     ),
     publish=Recipe("publish", (_WRITE, _FENCE, _LOCAL, _REMOTE)),
     publish_fresh=Recipe("publish_fresh", (_WRITE, _FENCE, _LOCAL, _MAP)),

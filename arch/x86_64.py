@@ -4,10 +4,6 @@ serializing event on every CPU that may execute it (Intel SDM Vol. 3, 9.1.3
 
 from __future__ import annotations
 
-import capstone
-import keystone
-import unicorn
-
 from execmem.arch import (
     ArchSpec,
     AsmDialect,
@@ -153,7 +149,7 @@ _ASM = AsmDialect(
         ),
         AsmSyntax(
             "att",
-            keystone.KS_OPT_SYNTAX_ATT,
+            2,  # KS_OPT_SYNTAX_ATT
             foreign=r"\[|\bptr\b",
             hint="Intel memory syntax ([...], ptr) in AT&T syntax: leave syntax='intel' for Intel",
         ),
@@ -182,9 +178,9 @@ SPEC = ArchSpec(
     # the 15-byte limit with prefixes) either way.
     branch_reach=(1 << 31) - 16,
     engines=EngineModes(
-        keystone=(keystone.KS_ARCH_X86, keystone.KS_MODE_64),
-        capstone=(capstone.CS_ARCH_X86, capstone.CS_MODE_64),
-        unicorn=(unicorn.UC_ARCH_X86, unicorn.UC_MODE_64),
+        keystone=(4, 8),  # KS_ARCH_X86, KS_MODE_64
+        capstone=(3, 8),  # CS_ARCH_X86, CS_MODE_64
+        unicorn=(4, 8),  # UC_ARCH_X86, UC_MODE_64
     ),
     publish=Recipe("publish", (_WRITE, _LOCAL, _REMOTE)),
     publish_fresh=Recipe("publish_fresh", (_WRITE, _MAP)),

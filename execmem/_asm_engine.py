@@ -43,6 +43,7 @@ import capstone
 import keystone
 
 from execmem import arch as _arch
+from execmem._asm_operands import radix_free
 from execmem._errors import UnsupportedError
 from execmem._locks import SetupLock
 
@@ -85,6 +86,20 @@ def assemble(spec: _arch.ArchSpec, syntax: _arch.AsmSyntax, text: str, address: 
     if failure is not None:
         raise failure
     return bytes(code or b"")
+
+
+def assemble_own(spec: _arch.ArchSpec, source: str, address: int) -> bytes:
+    """Keystone's output for execmem's own ``source`` (the model's guest programs, the
+    host routines, herd's instructions) in ``spec``'s first syntax, every number written
+    in hex first: once any handle of the process has had an option set (``asm(...,
+    syntax="att")`` sets one), Keystone reads unprefixed numbers as hex, so ``#10``
+    would be 16 (``radix_free``).  ``KeystoneFailure`` if refused."""
+    syntax = spec.asm.syntaxes[0] if spec.asm is not None else _arch.AsmSyntax("default")
+    try:
+        text = radix_free(source)
+    except ValueError:  # a token read as a number that is none (a numeric label: "1b")
+        raise KeystoneFailure(f"a number radix_free cannot read in {source!r}") from None
+    return assemble(spec, syntax, text, address)
 
 
 class Helper:

@@ -2,12 +2,23 @@
 
 ``[done/total] what``, rewritten in place, only when stderr is a terminal and the
 user did not pass ``--quiet`` (the CLI calls :func:`set_quiet`): piped or captured
-output never carries control characters.
+output never carries control characters.  Every long command (``litmus``,
+``verify``, ``bench``, ``example hotswap``, the soak runner) reports through this one
+class, so they look and behave alike.
 """
 
 from __future__ import annotations
 
 import sys
+import time
+from collections.abc import Callable
+
+#: What a long-running function is handed to report a step (``Progress.step``).
+Step = Callable[[str], None]
+
+#: Redraw at most this often: a loop of thousands of quick steps (hotswap's
+#: versions) must not spend its time writing to the terminal.
+_INTERVAL = 0.1
 
 _quiet = False
 
@@ -30,16 +41,24 @@ class Progress:
         self.total = total
         self.done = 0
         self.enabled = globals()["enabled"]() if enabled is None else enabled
+        self._drawn = float("-inf")
 
     def step(self, what: str) -> None:
+        """Count one step done and show ``what`` (the step just finished or started)."""
         self.done += 1
-        if self.enabled:
-            print(f"\r\033[K[{self.done}/{self.total}] {what}", end="", file=sys.stderr, flush=True)
+        self._draw(f"[{self.done}/{self.total}] {what}", last=self.done >= self.total)
 
     def note(self, what: str) -> None:
         """Show ``what`` without counting a step (a phase that has no total)."""
-        if self.enabled:
-            print(f"\r\033[K{what}", end="", file=sys.stderr, flush=True)
+        self._draw(what, last=False)
+
+    def _draw(self, line: str, *, last: bool) -> None:
+        if not self.enabled:
+            return
+        now = time.monotonic()
+        if last or now - self._drawn >= _INTERVAL:
+            self._drawn = now
+            print(f"\r\033[K{line}", end="", file=sys.stderr, flush=True)
 
     def close(self) -> None:
         if self.enabled:
@@ -52,4 +71,4 @@ class Progress:
         self.close()
 
 
-__all__ = ["Progress", "enabled", "set_quiet"]
+__all__ = ["Progress", "Step", "enabled", "set_quiet"]

@@ -26,6 +26,7 @@ from typing import Any, cast
 import execmem
 from execmem import _lookup
 from execmem._errors import ExecmemError
+from execmem._plot import check_png, pyplot
 
 LIVE, FREE, QUARANTINED, NOT_TRAP = "live", "free", "quarantined", "not-trap"
 
@@ -189,14 +190,8 @@ def text_table(allocator: execmem.Allocator, limit: int | None = None) -> str:
 
 def picture(allocator: execmem.Allocator, path: str, packs: list[tuple[dict[str, Any], list[str]]] | None = None) -> None:
     """A PNG: one panel row per pack, one pixel per chunk, ``GRID_WIDTH`` chunks a line."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        from matplotlib.patches import Patch
-    except ImportError:
-        raise ExecmemError("the picture needs matplotlib: pip install 'execmem[plot]'") from None
+    plt = pyplot("--png")
+    from matplotlib.patches import Patch
     packs = chunk_states(allocator) if packs is None else packs
     if not packs:
         raise ExecmemError("the allocator has no packs to draw")
@@ -234,20 +229,13 @@ def picture(allocator: execmem.Allocator, path: str, packs: list[tuple[dict[str,
         plt.close(fig)
 
 
-def check_png(path: str) -> None:
-    """Refuse a picture name that is not ``*.png``: matplotlib picks the format from the
-    suffix, so ``x.svg`` would quietly be SVG (and ``x`` an error after the work)."""
-    if not path.lower().endswith(".png"):
-        raise ExecmemError(f"--png {path!r}: the picture is a PNG file; give a name ending in .png")
-
-
 def render_occupancy(allocator: execmem.Allocator, path: str | None = None) -> str:
     """The occupancy of ``allocator``'s packs as a text map (returned); with ``path``,
     also as a PNG picture written there (needs matplotlib)."""
     if not isinstance(allocator, execmem.Allocator):
         raise TypeError(f"expected an execmem.Allocator, not {type(allocator).__name__}")
     if path is not None:
-        check_png(path)
+        check_png(path, "--png")
     packs = chunk_states(allocator)
     if path is not None:
         picture(allocator, path, packs)
@@ -321,7 +309,7 @@ def run(args: argparse.Namespace) -> int:
     from execmem.native import NativeBackend
 
     if args.png:
-        check_png(args.png)  # before the workload: a refused name changes nothing
+        check_png(args.png, "--png")  # before the workload: a refused picture changes nothing
     with NativeBackend(args.mode) as backend, execmem.Allocator(backend=backend) as allocator:
         workload(allocator, args.workload, args.seed)
         print(f"execmem stats: workload {args.workload}, seed {args.seed}")

@@ -25,9 +25,10 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import execmem
+from execmem import _progress
 
 _DISPATCH = {"x86_64": "mov rax, qword ptr [rdi]\njmp rax", "arm64": "ldr x16, [x0]\nbr x16"}
 _VERSION = {"x86_64": "mov eax, {k}\nret", "arm64": "mov x0, #{k}\nret"}
@@ -41,8 +42,15 @@ def _publish(allocator: execmem.Allocator, source: str, arch: str) -> execmem.Ji
     return t
 
 
-def run(workers: int = 4, versions: int = 2000, *, allocator: execmem.Allocator | None = None) -> dict[str, object]:
-    """Swap ``versions`` times under ``workers`` calling threads; return the figures."""
+def run(
+    workers: int = 4,
+    versions: int = 2000,
+    *,
+    allocator: execmem.Allocator | None = None,
+    step: Callable[[str], None] | None = None,
+) -> dict[str, object]:
+    """Swap ``versions`` times under ``workers`` calling threads; return the figures.
+    ``step`` is told each swap (a progress line)."""
     arch = execmem.arch.host().name
     a = allocator or execmem.Allocator()
     dispatch_text = _publish(a, _DISPATCH[arch], arch)
@@ -80,6 +88,8 @@ def run(workers: int = 4, versions: int = 2000, *, allocator: execmem.Allocator 
                 time.sleep(0)
             current.free()  # trap refill + quarantine until the next epoch
             current = new
+            if step is not None:
+                step(f"version {k} published, version {k - 1} freed")
     finally:
         stop.set()
         for th in threads:
@@ -103,12 +113,15 @@ def run(workers: int = 4, versions: int = 2000, *, allocator: execmem.Allocator 
     }
 
 
-def explore_on_machine(*, runs: int = 300, seed: int = 0) -> tuple[set[int], int, int]:
+def explore_on_machine(
+    *, runs: int = 300, seed: int = 0, progress: Callable[[int], None] | None = None
+) -> tuple[set[int], int, int]:
     """The protocol on a modeled arm64 machine: CPU1 calls through the cell twice
     while CPU0 publishes version 2, swaps the cell and, after CPU1's quiescent
     state, frees version 1.  The program is too big to enumerate, so the explorer
     runs ``runs`` seeded random schedules.  Returns (results CPU1 saw, schedules
-    run, distinct final states); -1 among the results would mean a fault."""
+    run, distinct final states); -1 among the results would mean a fault.
+    ``progress`` is told the number of schedules run so far."""
     from execmem.emu import Machine, MachineState
 
     m = Machine("arm64", cpus=2)
@@ -132,7 +145,7 @@ def explore_on_machine(*, runs: int = 300, seed: int = 0) -> tuple[set[int], int
     def observe(st: MachineState) -> tuple[int, int, bool]:
         return (m.reg(st, 1, "x20"), m.reg(st, 1, "x21"), bool(st.cpus[1].faults))
 
-    result = m.explore(observe, exhaustive_search=False, runs=runs, seed=seed)
+    result = m.explore(observe, exhaustive_search=False, runs=runs, seed=seed, progress=progress)
     seen = {r for obs in result.finals for r in obs[:2]}  # type: ignore[index]
     if any(obs[2] for obs in result.finals):  # type: ignore[index]
         seen.add(-1)
@@ -144,13 +157,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument("--versions", type=int, default=2000)
     parser.add_argument("--machine", action="store_true", help="explore the protocol on the modeled arm64 machine")
+    parser.add_argument("--quiet", action="store_true", help="no progress line on stderr")
     args = parser.parse_args(argv)
+    if args.quiet:
+        _progress.set_quiet(True)
     if args.machine:
-        seen, schedules, finals = explore_on_machine()
+        runs = 300
+        with _progress.Progress(runs) as progress:
+            seen, schedules, finals = explore_on_machine(
+                runs=runs, progress=lambda _done: progress.step("random schedules on the modeled machine")
+            )
         print(f"modeled arm64, 2 CPUs: {schedules} random schedules, {finals} distinct final states; "
               f"results seen by the caller: {sorted(seen)} (1 and 2 are the published versions)")
         return 0 if seen <= {1, 2} else 1
-    figures = run(args.workers, args.versions)
+    with _progress.Progress(args.versions - 1) as progress:
+        figures = run(args.workers, args.versions, step=progress.step)
     print(f"{figures['calls']} calls from {args.workers} threads across {figures['versions']} published versions "
           f"({figures['versions_seen']} observed) in {figures['seconds']:.2f}s; "
           f"wrong results: {len(figures['bad'])}; packs in use at the end: {figures['packs']}")  # type: ignore[arg-type]

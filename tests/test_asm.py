@@ -6,6 +6,8 @@ Inputs that could crash or stall Keystone are run in child processes by
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -371,3 +373,27 @@ def test_bad_arguments() -> None:
         execmem.asm("nop", "x86_64", address=-1)
     with pytest.raises(AssemblyError, match="aligned"):
         execmem.asm("nop", "arm64", address=2)
+
+
+def test_every_keystone_user_reads_numbers_as_written_after_an_att_call() -> None:
+    # Setting any Keystone option (syntax="att") makes Keystone read unprefixed numbers
+    # as hex in every later handle of the process; the model's guest programs, the
+    # host routines and herd's instructions must not change meaning.  A fresh
+    # interpreter, so that nothing before has set one.
+    code = (
+        "import execmem\n"
+        "from execmem import arch\n"
+        "from execmem.emu._machine import assemble\n"
+        "from execmem.litmus._herdasm import assemble_line\n"
+        "from execmem.native import _routines\n"
+        "spec = arch.get('x86_64')\n"
+        "before = (assemble(arch.get('arm64'), 'movz x0, #10', 0)[0], assemble_line('AND W2,W1,#64'),"
+        " _routines.assemble(spec))\n"
+        "execmem.asm('movl $10, %eax', 'x86_64', syntax='att')\n"
+        "after = (assemble(arch.get('arm64'), 'movz x0, #10', 0)[0], assemble_line('AND W2,W1,#64'),"
+        " _routines.assemble(spec))\n"
+        "assert before == after, (before, after)\n"
+        "assert before[0] == bytes.fromhex('400180d2')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr

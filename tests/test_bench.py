@@ -9,6 +9,8 @@ import io
 import json
 import math
 import mmap
+import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +18,8 @@ import pytest
 
 import execmem
 import execmem.arch
+from execmem import _progress
+from execmem._ranges import coalesce
 from execmem.bench import _cli, _measure, _publish, _report
 from execmem.bench._baseline import BaselineJit, RwxBump
 from execmem.cli import main
@@ -26,20 +30,29 @@ on_host = pytest.mark.skipif(
 )
 
 
+#: (report, folder of the Markdown page, stdout, stderr with progress lines drawn)
+QuickRun = tuple[dict[str, Any], Path, str, str]
+
+
 @pytest.fixture(scope="module")
-def quick(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], Path, str]:
-    pytest.importorskip("matplotlib")
+def quick(tmp_path_factory: pytest.TempPathFactory) -> QuickRun:
+    """One quick run as a user without matplotlib makes it (no ``--plot``), from an
+    empty working folder (which must stay empty: no plot unless asked)."""
     folder = tmp_path_factory.mktemp("bench")
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        code = main(["bench", "--quick", "--json", "--plot", str(folder / "b.png"), "--markdown", str(folder / "b.md")])
+    out, err = io.StringIO(), io.StringIO()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(sys.modules, "matplotlib", None)  # ``import matplotlib`` fails
+        patch.setattr(_progress, "enabled", lambda: True)  # as on a terminal
+        patch.chdir(folder)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = main(["bench", "--quick", "--json", "--markdown", "b.md"])
     assert code == 0
-    return json.loads(out.getvalue()), folder, out.getvalue()
+    return json.loads(out.getvalue()), folder, out.getvalue(), err.getvalue()
 
 
 @on_host
-def test_quick_report_has_every_section(quick: tuple[dict[str, Any], Path, str]) -> None:
-    report, _, _ = quick
+def test_quick_report_has_every_section(quick: QuickRun) -> None:
+    report, *_ = quick
     for key in ("publish", "churn", "call", "emu_ratio_vs_raw", "litmus", "targets", "machine", "config"):
         assert key in report, key
     rows = report["publish"]
@@ -53,8 +66,8 @@ def test_quick_report_has_every_section(quick: tuple[dict[str, Any], Path, str])
 
 
 @on_host
-def test_quick_report_counts_what_each_mode_does(quick: tuple[dict[str, Any], Path, str]) -> None:
-    report, _, _ = quick
+def test_quick_report_counts_what_each_mode_does(quick: QuickRun) -> None:
+    report, *_ = quick
     page = mmap.PAGESIZE
     for r in report["publish"]:
         n = r["n"]
@@ -78,8 +91,8 @@ def test_quick_report_counts_what_each_mode_does(quick: tuple[dict[str, Any], Pa
 
 
 @on_host
-def test_quick_report_other_sections(quick: tuple[dict[str, Any], Path, str]) -> None:
-    report, _, _ = quick
+def test_quick_report_other_sections(quick: QuickRun) -> None:
+    report, *_ = quick
     churn = report["churn"]
     assert churn["operations"] == 2000 and churn["execmem_ops_per_second"] > 0 and churn["ratio"] > 0
     assert churn["baseline_syscalls_per_op"] > 1  # mmap + mprotect per allocation, munmap per free
@@ -143,17 +156,55 @@ def test_hot_path_targets_compare_the_right_way() -> None:
 
 
 @on_host
-def test_quick_run_writes_plot_and_markdown(quick: tuple[dict[str, Any], Path, str]) -> None:
-    report, folder, _ = quick
-    assert (folder / "b.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+def test_quick_run_writes_the_markdown_page_and_no_plot_unasked(quick: QuickRun) -> None:
+    report, folder, *_ = quick
+    assert sorted(p.name for p in folder.iterdir()) == ["b.md"]
     page = (folder / "b.md").read_text()
-    assert "execmem bench --quick --json --plot" in page and "![time and address space per function vs N](b.png)" in page
+    assert "execmem bench --quick --json --markdown b.md" in page and "![" not in page
     assert "PASS" in page or "FAIL" in page
     assert _report.table(report) in page
 
 
 @on_host
-def test_table_prints_ratios_targets_and_the_baseline_warning(quick: tuple[dict[str, Any], Path, str]) -> None:
+def test_plot_of_the_quick_report(quick: QuickRun, tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    _report.plot(quick[0], str(tmp_path / "b.png"))
+    assert (tmp_path / "b.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    page = _report.markdown(quick[0], "execmem bench --plot b.png", _report.table(quick[0]), "b.png")
+    assert "![time and address space per function vs N](b.png)" in page
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["bench", "--plot", "b.svg"], "give a name ending in .png"),
+        (["bench", "--quick", "--plot", "b.png"], "--plot needs matplotlib: pip install 'execmem[plot]'"),
+    ],
+)
+def test_a_plot_that_cannot_be_drawn_is_refused_before_measuring(
+    argv: list[str], message: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(_cli, "collect", lambda args: pytest.fail("measured before refusing the plot"))
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("execmem: error: ") and message in err and err.count("\n") == 1
+    assert list(tmp_path.iterdir()) == []
+
+
+@on_host
+def test_quick_run_counts_its_steps_on_the_progress_line(quick: QuickRun) -> None:
+    drawn = quick[3]
+    totals = {int(t) for t in re.findall(r"\[\d+/(\d+)\]", drawn)}
+    assert len(totals) == 1, totals  # one line, one total
+    total = totals.pop()
+    assert f"[1/{total}] " in drawn and f"[{total}/{total}] " in drawn and f"[{total + 1}/" not in drawn
+    assert drawn.endswith("\r\033[K")  # erased before the report
+
+
+@on_host
+def test_table_prints_ratios_targets_and_the_baseline_warning(quick: QuickRun) -> None:
     text = _report.table(quick[0])
     assert "UNSAFE for other threads" in text and "vs base" in text
     assert "emu_ratio_vs_raw" in text
@@ -252,15 +303,16 @@ def test_baseline_maps_calls_counts_and_unmaps() -> None:
 
 
 def test_coalesce_and_median() -> None:
-    assert _measure.coalesce([(30, 10), (0, 10), (10, 5), (35, 10)]) == [(0, 15), (30, 15)]
+    assert coalesce([(30, 10), (0, 10), (10, 5), (35, 10)]) == [(0, 15), (30, 15)]
+    assert coalesce([(0, 4), (8, 4)]) == [(0, 4), (8, 4)] and coalesce([]) == []
     assert _measure.median([3.0, 1.0, 2.0]) == 2.0 and math.isnan(_measure.median([]))
 
 
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["bench", "--repeats", "0", "--no-plot"], "--repeats must be at least 1"),
-        (["bench", "--litmus", "/nonexistent/litmus", "--no-plot"], "no such litmus folder"),
+        (["bench", "--repeats", "0"], "--repeats must be at least 1"),
+        (["bench", "--litmus", "/nonexistent/litmus"], "no such litmus folder"),
     ],
 )
 def test_bad_options_are_one_line_errors(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:

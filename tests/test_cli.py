@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import platform
+import sys
 from pathlib import Path
 
 import pytest
@@ -73,3 +75,76 @@ def test_stats_png_refuses_a_name_that_is_not_png(tmp_path: Path, capsys: pytest
     assert main(["stats", "--png", str(target)]) == 1
     assert "ending in .png" in capsys.readouterr().err
     assert not target.exists()
+
+
+HERD = Path(__file__).parent / "data" / "herd" / "aarch64-ifetch"
+LONG_COMMANDS = {
+    "litmus": ["litmus", "-j", "1", str(HERD / "MP+rel+blr.litmus"), str(HERD / "LB.RF+dmb.sy+po.litmus")],
+    "verify": ["verify", "--scenario", "tlb-async-flush", "-j", "1"],
+    "hotswap": ["example", "hotswap", "--workers", "1", "--versions", "5"],
+}
+
+
+@pytest.mark.parametrize("name", sorted(LONG_COMMANDS))
+def test_long_commands_draw_one_progress_line_on_a_terminal(
+    name: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    terminal = _Terminal()
+    monkeypatch.setattr(_progress, "_quiet", False)
+    monkeypatch.setattr("sys.stderr", terminal)
+    assert main(LONG_COMMANDS[name]) == 0
+    drawn = terminal.getvalue()
+    # Drawn in place (no newline), counted, and erased when the command ends.
+    assert "\r\033[K[1/" in drawn and "\n" not in drawn and drawn.endswith("\r\033[K")
+    assert "\033" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name", sorted(LONG_COMMANDS))
+def test_quiet_silences_the_progress_of_long_commands(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    terminal = _Terminal()
+    monkeypatch.setattr(_progress, "_quiet", False)
+    monkeypatch.setattr("sys.stderr", terminal)
+    assert main([*LONG_COMMANDS[name], "--quiet"]) == 0
+    assert terminal.getvalue() == ""
+
+
+def test_progress_lines_are_throttled_but_the_last_step_is_drawn(monkeypatch: pytest.MonkeyPatch) -> None:
+    terminal = _Terminal()
+    monkeypatch.setattr("sys.stderr", terminal)
+    with _progress.Progress(1000, enabled=True) as progress:
+        for k in range(1000):
+            progress.step(f"step {k}")
+    drawn = terminal.getvalue()
+    assert drawn.count("\r\033[K[") < 100  # at most ten redraws a second
+    assert "[1/1000] step 0" in drawn and "[1000/1000] step 999" in drawn
+
+
+def test_not_a_terminal_means_no_progress(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setattr(_progress, "_quiet", False)
+    assert main(LONG_COMMANDS["verify"]) == 0
+    assert capsys.readouterr().err == ""
+
+
+@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"), reason="the soak runner makes x86-64 code")
+@pytest.mark.parametrize("quiet", [False, True])
+def test_soak_runner_notes_its_samples_on_the_progress_line(quiet: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    from execmem.bench import soak
+
+    terminal = _Terminal()
+    monkeypatch.setattr(_progress, "_quiet", False)
+    monkeypatch.setattr("sys.stderr", terminal)
+    assert soak.main(["--ops", "500", "--sample-every", "50", *(["--quiet"] if quiet else [])]) == 0
+    drawn = terminal.getvalue()
+    assert drawn == "" if quiet else ("\r\033[Ksoak dual: op 0/500" in drawn and drawn.endswith("\r\033[K"))
+
+
+def test_stats_png_without_matplotlib_is_refused_before_the_workload(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from execmem import _stats_cli
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # ``import matplotlib`` fails
+    monkeypatch.setattr(_stats_cli, "workload", lambda *args: pytest.fail("ran the workload before refusing"))
+    assert main(["stats", "--png", str(tmp_path / "packs.png")]) == 1
+    assert "--png needs matplotlib: pip install 'execmem[plot]'" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []

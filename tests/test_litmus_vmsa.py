@@ -14,7 +14,7 @@ import pytest
 from execmem.litmus import parse_file, parse_litmus
 from execmem.litmus._cli import read_kinds, run_all
 from execmem.litmus._run import run_test
-from execmem.verify import _framework
+from execmem.verify import find, run_variant
 
 DATA = Path(__file__).parent / "data"
 VMSA = DATA / "herd" / "aarch64-vmsa"  # vendored half of herd's catalogue, see its NOTICE
@@ -62,7 +62,7 @@ def test_seed_tlb_races_as_litmus_tests() -> None:
 )
 def test_the_catalog_and_the_litmus_front_end_share_one_tlb_model(catalog: str, litmus: str) -> None:
     """An unsafe catalog variant is an Allowed litmus outcome, a safe one Forbidden."""
-    result = _framework.run_variant(_framework.find(catalog))
+    result = run_variant(find(catalog))
     verdict = run_test(parse_file(SEEDS / f"{litmus}.litmus")).verdict
     assert result.observed == ("unsafe" if verdict == "Allowed" else "safe")
 

@@ -8,8 +8,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from programs import HOST, needs_programs
 
 import execmem
+import execmem.arch
+from execmem.bench._publish import encoder
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -61,6 +64,55 @@ def test_license_is_shipped() -> None:
     assert text.startswith("MIT License")
     assert importlib.metadata.metadata("execmem")["License-Expression"] == "MIT"
     assert execmem.__version__ == importlib.metadata.version("execmem")
+
+
+@needs_programs
+def test_allocating_and_calling_code_loads_no_emulator(tmp_path: Path) -> None:
+    # The host's code is made here (assembled in this process) and handed over as bytes.
+    code = encoder(HOST)(42)
+    done = _in_a_user_project(
+        tmp_path,
+        "import ctypes, sys, execmem\n"
+        "t = execmem.jit_text_alloc(64)\n"
+        f"t.write(0, {code!r})\n"
+        "t.map()\n"
+        "assert t.function(ctypes.c_int)() == 42\n"
+        "t.free()\n"
+        "assert 'unicorn' not in sys.modules, sorted(m for m in sys.modules if 'unicorn' in m)\n",
+    )
+    assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.parametrize("name", execmem.arch.names())
+def test_engine_numbers_are_the_libraries_constants(name: str) -> None:
+    # arch/*.py write Keystone/Capstone/Unicorn modes and Keystone's syntax options as
+    # numbers (importing none of the three); these are the names they stand for.
+    import capstone
+    import keystone
+    import unicorn
+
+    names = {
+        "x86_64": (("KS_ARCH_X86", "KS_MODE_64"), ("CS_ARCH_X86", "CS_MODE_64"), ("UC_ARCH_X86", "UC_MODE_64")),
+        "arm64": (("KS_ARCH_ARM64", "KS_MODE_LITTLE_ENDIAN"), ("CS_ARCH_ARM64", "CS_MODE_ARM"),
+                  ("UC_ARCH_ARM64", "UC_MODE_ARM")),
+        "riscv64": (None, ("CS_ARCH_RISCV", "CS_MODE_RISCV64", "CS_MODE_RISCVC"), ("UC_ARCH_RISCV", "UC_MODE_RISCV64")),
+    }[name]
+    engines = execmem.arch.get(name).engines
+    for library, modes, constants in zip(
+        (keystone, capstone, unicorn), (engines.keystone, engines.capstone, engines.unicorn), names, strict=True
+    ):
+        if constants is None:
+            assert modes is None
+            continue
+        arch, *flags = (getattr(library, c) for c in constants)
+        mode = 0
+        for flag in flags:
+            mode |= flag
+        assert modes == (arch, mode), (library.__name__, constants)
+    spec = execmem.arch.get(name)
+    for syntax in spec.asm.syntaxes if spec.asm is not None else ():
+        if syntax.keystone_option is not None:
+            assert syntax.keystone_option == getattr(keystone, f"KS_OPT_SYNTAX_{syntax.name.upper()}"), syntax.name
 
 
 def test_ci_runs_the_arm64_host_selection_the_readme_describes() -> None:

@@ -540,7 +540,7 @@ def cli_argv(files: dict[str, str]) -> st.SearchStrategy[list[str]]:
     )
     bench = st.tuples(
         st.sampled_from([["--repeats", "0"], ["--repeats", "-5"], ["--repeats", "x"], ["--mode", "zz"], ["--litmus", files["missing"]]]),
-        st.lists(st.sampled_from(["--json", "--quick", "--no-plot"]), max_size=2),
+        st.lists(st.sampled_from(["--json", "--quick", "--plot=fuzz.png"]), max_size=2),
     ).map(lambda t: ["bench", *t[1], *t[0]])
     stats = st.tuples(
         st.sampled_from([["--seed", "x"], ["--workload", "zz"], ["--mode", "zz"], ["--seed", ""]]),

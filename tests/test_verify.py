@@ -7,10 +7,14 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from xml.etree import ElementTree
 
 import pytest
 
-from execmem.verify import find, replay, run_variant, scenarios, variants
+from execmem.emu import Machine, Step
+from execmem.emu._state import STALE
+from execmem.emu._trace import culprit, timeline_svg
+from execmem.verify import SCENARIOS, find, replay, run_variant, scenarios, show, variants
 from execmem.verify._cli import run_many
 
 REQUIRED_SCENARIOS = {
@@ -34,6 +38,16 @@ def test_every_required_scenario_and_mutation_is_present() -> None:
         assert unsafe >= required, required - unsafe
 
 
+def test_the_catalog_is_one_explicit_tuple_and_variants_name_their_scenario() -> None:
+    assert isinstance(SCENARIOS, tuple) and scenarios() == list(SCENARIOS)
+    assert len({s.name for s in SCENARIOS}) == len(SCENARIOS)
+    for sc in SCENARIOS:
+        built = sc.variants()
+        assert built and {v.scenario for v in built} == {sc.name}, sc.name
+    ids = [v.id for v in variants()]
+    assert len(ids) == len(set(ids))
+
+
 def test_mutations_not_required_by_the_configuration_are_expected_safe_and_say_why() -> None:
     safe_mutations = [v for v in variants() if v.mutation and v.expected == "safe"]
     assert {v.id for v in safe_mutations} >= {
@@ -50,6 +64,7 @@ def test_catalog_observed_verdicts_match_expected() -> None:
     for r in results:
         if r.observed == "unsafe":
             assert r.counterexample and r.counterexample["schedule"] and r.counterexample["trace"]
+            assert "* the culprit: step " in r.counterexample["trace"], r.counterexample["trace"]
         else:
             assert r.complete and r.schedules > 0
 
@@ -69,6 +84,76 @@ def test_full_exploration_of_an_unsafe_variant_counts_schedules() -> None:
     result = run_variant(find("tlb-async-flush/x86_64/async"), first_witness=False)
     first = run_variant(find("tlb-async-flush/x86_64/async"))
     assert result.observed == "unsafe" and result.complete and result.schedules > 10 * first.schedules
+
+
+@pytest.mark.parametrize(
+    ("variant_id", "cpu", "kind", "says"),
+    [
+        # CPU1 calls g through the pointer but runs f's instruction, still in flight.
+        ("va-reuse/arm64/no-quarantine", 1, "exec", f"{STALE} newest @"),
+        # The writer runs the trap filler its I-cache refilled: stale, and fatal.
+        ("jit-publish/arm64/no-dc", 0, "fault", f"{STALE} newest @"),
+        # The user thread's store goes through the translation the unmap replaced.
+        ("tlb-batch-remote-dsb/arm64/remote-dsb", 2, "host", f"{STALE} through a superseded translation"),
+    ],
+)
+def test_the_culprit_is_the_step_that_used_superseded_data(variant_id: str, cpu: int, kind: str, says: str) -> None:
+    variant = find(variant_id)
+    result = run_variant(variant)
+    assert result.counterexample is not None
+    steps, _hazard, _case = replay(variant, result.counterexample["schedule"])
+    blamed = culprit(steps)
+    assert blamed is not None
+    assert (steps[blamed].cpu, steps[blamed].kind) == (cpu, kind) and says in steps[blamed].detail
+    assert not any(STALE in step.detail for step in steps[:blamed])  # the first one
+
+
+def test_a_guest_store_through_a_replaced_translation_is_the_culprit() -> None:
+    m = Machine("arm64", cpus=2, tlb="broadcast")
+    page, frame = m.page("rw")
+    m.host(0).pte(page, None, note="unmap, no TLB invalidation")
+    m.load(1, "str x1, [x2]")
+    m.set_reg(1, "x1", 0xBAD0)
+    m.set_reg(1, "x2", page)
+    finals = m.explore(lambda st: int.from_bytes(m.read(st, frame, 8), "little")).finals
+    assert set(finals) == {0, 0xBAD0}  # faulted, or stored through its cached translation
+    steps = finals[0xBAD0].steps
+    blamed = culprit(steps)
+    assert blamed is not None and steps[blamed].kind == "store" and steps[blamed].cpu == 1
+    assert f"{STALE} through a superseded translation" in steps[blamed].detail
+    assert not any(STALE in step.detail for step in finals[0].steps)  # the faulting schedule used nothing stale
+
+
+def _boxes(svg: str) -> list[tuple[str, dict[str, str], list[str]]]:
+    """(tooltip, rectangle attributes, text lines) of every step's box (its last text is
+    the step's number, under the box)."""
+    ns = {"s": "http://www.w3.org/2000/svg"}
+    return [
+        (g.findtext("s:title", namespaces=ns) or "", g.find("s:rect", ns).attrib,  # type: ignore[union-attr]
+         [t.text or "" for t in g.findall("s:text", ns)][:-1])
+        for g in ElementTree.fromstring(svg).iter("{http://www.w3.org/2000/svg}g")
+    ]
+
+
+def test_timeline_highlights_the_culprit_alone_and_greys_the_retried_fault() -> None:
+    variant = find("va-reuse/arm64/no-quarantine")
+    _text, svg = show(variant, run_variant(variant))
+    boxes = _boxes(svg)
+    highlighted = [tip for tip, rect, _ in boxes if rect["stroke-width"] != "1"]
+    assert len(highlighted) == 1 and STALE in highlighted[0]
+    retried = [rect for tip, rect, _ in boxes if "retried" in tip]
+    assert retried and all(rect["fill"] == "#f2f2f2" for rect in retried)  # not the red of a fatal fault
+
+
+def test_timeline_wraps_long_labels_instead_of_cutting_them() -> None:
+    words = [f"word{k}" for k in range(40)]
+    steps = [Step(0, "host", 0, " ".join(words)), Step(1, "exec", 0x1000, "nop"), Step(0, "exec", 0x2000, "ret")]
+    boxes = _boxes(timeline_svg(steps, 2))
+    _tip, long_rect, long_lines = boxes[0]
+    assert " ".join(long_lines).split() == words  # every word, in order
+    assert len(long_lines) > 3 and float(long_rect["height"]) >= 12 * len(long_lines)
+    # The next lane starts below the tall box.
+    assert float(boxes[1][1]["y"]) > float(long_rect["y"]) + float(long_rect["height"])
 
 
 def cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:

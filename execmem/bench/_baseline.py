@@ -25,6 +25,7 @@ import os
 from collections import Counter
 
 from execmem._errors import SystemCallError
+from execmem._ranges import coalesce
 
 PROT_READ, PROT_WRITE, PROT_EXEC = 0x1, 0x2, 0x4
 MAP_PRIVATE, MAP_ANONYMOUS = 0x02, 0x20
@@ -79,13 +80,7 @@ class BaselineJit:
 
     def ranges(self) -> list[tuple[int, int]]:
         """What this baseline has mapped, adjacent mappings coalesced."""
-        out: list[tuple[int, int]] = []
-        for address, length in sorted(self.live.items()):
-            if out and out[-1][0] + out[-1][1] == address:
-                out[-1] = (out[-1][0], out[-1][1] + length)
-            else:
-                out.append((address, length))
-        return out
+        return coalesce(self.live.items())
 
     def close(self) -> None:
         for address in list(self.live):

@@ -20,8 +20,10 @@ from typing import Any
 
 from execmem import __version__
 from execmem._errors import ExecmemError
+from execmem._plot import check_png
+from execmem._progress import Progress
 from execmem.bench import _debuginfo, _fork, _model, _publish, _report
-from execmem.bench._measure import Progress, machine, revision
+from execmem.bench._measure import machine, revision
 
 FULL = {"sizes": (100, 1000, 10_000), "repeats": 5, "churn_ops": 20_000, "calls": 200_000, "fork_packs": (0, 1, 4, 16), "fork_repeats": 11}
 QUICK = {"sizes": (100, 1000), "repeats": 2, "churn_ops": 2_000, "calls": 20_000, "fork_packs": (0, 1), "fork_repeats": 3}
@@ -30,8 +32,7 @@ QUICK = {"sizes": (100, 1000), "repeats": 2, "churn_ops": 2_000, "calls": 20_000
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     parser.add_argument("--quick", action="store_true", help="small N, fewer repeats, 5 litmus tests: a smoke run")
-    parser.add_argument("--plot", metavar="FILE", default="bench.png", help="PNG of time and address space per function vs N (default: bench.png)")
-    parser.add_argument("--no-plot", action="store_true", help="do not write the PNG")
+    parser.add_argument("--plot", metavar="FILE", help="also draw time and address space per function vs N into this PNG (matplotlib)")
     parser.add_argument("--markdown", metavar="FILE", help="also write the table as a Markdown page (docs/bench.md)")
     parser.add_argument("--mode", choices=("dual", "mprotect", "rwx"), default="dual", help="execmem's native mode (default: dual)")
     parser.add_argument("--repeats", type=int, help="repeats per measurement (default: 5, quick: 2)")
@@ -51,7 +52,7 @@ def collect(args: argparse.Namespace) -> dict[str, Any]:
     packs: tuple[int, ...] = plan["fork_packs"]  # type: ignore[assignment]
     modes, baselines = len(_publish.MODES), len(_publish.BASELINES)
     steps = repeats * len(sizes) * modes + repeats * (1 + baselines) + repeats + len(packs) + 2 + 2 + repeats
-    progress = Progress(steps, enabled=None)
+    progress = Progress(steps)
     try:
         publish = _publish.publish_benchmark(sizes, repeats, mode=args.mode, step=progress.step)
         churn = _publish.churn_benchmark(int(plan["churn_ops"]), repeats, mode=args.mode, step=progress.step)  # type: ignore[call-overload]
@@ -100,15 +101,17 @@ def _command(args: argparse.Namespace) -> list[str]:
     out += ["--mode", args.mode] if args.mode != "dual" else []
     out += ["--repeats", str(args.repeats)] if args.repeats is not None else []
     out += ["--litmus", args.litmus] if args.litmus else []
-    out += ["--no-plot"] if args.no_plot else ["--plot", args.plot]
+    out += ["--plot", args.plot] if args.plot else []
     out += ["--markdown", args.markdown]
     return out
 
 
 def run(args: argparse.Namespace) -> int:
+    plot = args.plot
+    if plot:
+        check_png(plot, "--plot")  # before the minutes of measuring, not after
     report = collect(args)
     text = _report.table(report)
-    plot = None if args.no_plot else args.plot
     if plot:
         _report.plot(report, plot)
     if args.markdown:

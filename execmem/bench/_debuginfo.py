@@ -18,8 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import execmem
+from execmem._progress import Step
 from execmem.arch import host
-from execmem.bench._measure import Step, idle_thread, median
+from execmem.bench._measure import idle_thread, median
 from execmem.bench._publish import functions
 from execmem.native import NativeBackend
 

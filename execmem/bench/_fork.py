@@ -16,7 +16,8 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from execmem.bench._measure import Step, median
+from execmem._progress import Step
+from execmem.bench._measure import median
 from execmem.native import NativeBackend
 
 PACK = 2 << 20

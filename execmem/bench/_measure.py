@@ -1,32 +1,18 @@
 """Measuring helpers for the benchmark: memory of given ranges, VMA counts, the
-machine description, medians and progress lines."""
+machine description and medians."""
 
 from __future__ import annotations
 
 import os
 import platform
 import statistics
-import sys
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import cast
 
+from execmem._ranges import Range, coalesce
 from execmem.native import _procmaps
-
-Range = tuple[int, int]
-
-
-def coalesce(ranges: Sequence[Range]) -> list[Range]:
-    """Sorted ranges with overlapping or adjacent ones merged."""
-    out: list[Range] = []
-    for start, size in sorted(ranges):
-        if out and start <= out[-1][0] + out[-1][1]:
-            end = max(out[-1][0] + out[-1][1], start + size)
-            out[-1] = (out[-1][0], end - out[-1][0])
-        else:
-            out.append((start, size))
-    return out
 
 
 def memory_of(ranges: Sequence[Range]) -> dict[str, int]:
@@ -132,30 +118,7 @@ def describe_machine(info: dict[str, object]) -> str:
     )
 
 
-class Progress:
-    """``[done/total] what`` on stderr, overwriting one line; silent unless a TTY."""
-
-    def __init__(self, total: int, *, enabled: bool | None = None) -> None:
-        self.total = total
-        self.done = 0
-        self.enabled = sys.stderr.isatty() if enabled is None else enabled
-
-    def step(self, what: str) -> None:
-        self.done += 1
-        if self.enabled:
-            print(f"\r\033[K[{self.done}/{self.total}] {what}", end="", file=sys.stderr, flush=True)
-
-    def close(self) -> None:
-        if self.enabled:
-            print("\r\033[K", end="", file=sys.stderr, flush=True)
-
-
-Step = Callable[[str], None]
-
 __all__ = [
-    "Progress",
-    "Step",
-    "coalesce",
     "count_vmas",
     "describe_machine",
     "idle_thread",

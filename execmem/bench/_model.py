@@ -10,8 +10,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from execmem._progress import Step
 from execmem.bench import _emu
-from execmem.bench._measure import Step
 
 #: Where the checkout vendors herd7's catalog (with its NOTICE).
 CATALOG = Path("tests") / "data" / "herd" / "aarch64-ifetch"

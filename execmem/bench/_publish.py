@@ -40,9 +40,10 @@ from typing import Any, cast
 
 import execmem
 from execmem._errors import UnsupportedError
+from execmem._progress import Step
 from execmem.arch import ArchSpec, host
 from execmem.bench._baseline import BaselineJit, RwxBump
-from execmem.bench._measure import Step, count_vmas, idle_thread, median, memory_of, process_rss
+from execmem.bench._measure import count_vmas, idle_thread, median, memory_of, process_rss
 from execmem.native import NativeBackend
 
 MODES = ("execmem", "execmem-batched", "baseline", "rwx-bump")

@@ -6,6 +6,7 @@ import textwrap
 from typing import Any
 
 from execmem._errors import ExecmemError
+from execmem._plot import pyplot
 from execmem.bench import _debuginfo
 from execmem.bench._measure import describe_machine
 
@@ -319,14 +320,10 @@ _LABEL = {
 
 
 def plot(report: dict[str, Any], path: str) -> None:
-    try:
-        import matplotlib
+    """Time and address space per function against N, as a PNG (needs matplotlib)."""
+    plt = pyplot("--plot")
+    from matplotlib.ticker import FuncFormatter, LogLocator
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        from matplotlib.ticker import FuncFormatter, LogLocator
-    except ImportError:
-        raise ExecmemError("the plot needs matplotlib: pip install 'execmem[plot]' (or pass --no-plot)") from None
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2), constrained_layout=True)
     for mode, (color, marker) in _STYLE.items():
         rows = sorted(_rows(report, mode), key=lambda r: r["n"])

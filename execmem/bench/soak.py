@@ -1,4 +1,4 @@
-"""``python -m execmem.bench.soak [--ops N] [--mode dual|mprotect] [--sample-every K] [--json] [--seed S]``
+"""``python -m execmem.bench.soak [--ops N] [--mode dual|mprotect] [--sample-every K] [--json] [--seed S] [--quiet]``
 
 Why: the test suite runs thousands of operations, but a leak of one VMA, one file
 descriptor or a few hundred bytes per publish only shows after a million.  This
@@ -24,13 +24,13 @@ import statistics
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable
 from typing import Any
 
 from execmem import _gates
 from execmem._allocator import Allocator
 from execmem._errors import UnsupportedError
 from execmem._gates import JitFunction
+from execmem._progress import Progress, Step, set_quiet
 from execmem._text import JitText
 from execmem.bench._measure import idle_thread, process_rss
 from execmem.native import NativeBackend, _procmaps
@@ -96,8 +96,9 @@ def verdict(samples: list[dict[str, int]]) -> dict[str, Any]:
 
 
 def run_soak(ops: int = 1_000_000, mode: str = "dual", sample_every: int | None = None, *, seed: int = 0,
-             max_live: int = 2000, log: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Run the soak in this process and return the report (see the module docstring)."""
+             max_live: int = 2000, note: Step | None = None) -> dict[str, Any]:
+    """Run the soak in this process and return the report (see the module docstring);
+    ``note`` is shown each sample (a progress line)."""
     every = sample_every or max(1, ops // 200)
     rng = random.Random(seed)
     counts: Counter[str] = Counter()
@@ -132,10 +133,10 @@ def run_soak(ops: int = 1_000_000, mode: str = "dual", sample_every: int | None 
                 row, seen = sample(a, op, len(live), touched)
                 samples.append(row)
                 wx += seen
-                if log and len(samples) % 20 == 1:
-                    log(f"[soak {mode}] op {op:,}/{ops:,}: rss {row['rss'] / 2**20:.1f} MiB, vmas {row['vmas']}, "
-                        f"execmem vmas {row['execmem_vmas']}, fds {row['fds']}, live {row['live']}, "
-                        f"{op / max(time.perf_counter() - started, 1e-9):,.0f} ops/s")
+                if note is not None:
+                    note(f"soak {mode}: op {op:,}/{ops:,}, rss {row['rss'] / 2**20:.1f} MiB, vmas {row['vmas']}, "
+                         f"execmem vmas {row['execmem_vmas']}, fds {row['fds']}, live {row['live']}, "
+                         f"{op / max(time.perf_counter() - started, 1e-9):,.0f} ops/s")
             r = rng.random()
             if r < 0.45 and live:
                 t, fn, values = live[rng.randrange(len(live))]
@@ -243,11 +244,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-live", type=int, default=2000, help="bound on live texts (default: 2000)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    p.add_argument("--quiet", action="store_true", help="no progress line on stderr")
     args = p.parse_args(argv)
     if args.ops < 1 or (args.sample_every is not None and args.sample_every < 1) or args.max_live < 8:
         p.error("--ops and --sample-every must be positive, --max-live at least 8")
-    report = run_soak(args.ops, args.mode, args.sample_every, seed=args.seed, max_live=args.max_live,
-                      log=lambda line: print(line, file=sys.stderr, flush=True))
+    if args.quiet:
+        set_quiet(True)
+    with Progress(0) as progress:
+        report = run_soak(args.ops, args.mode, args.sample_every, seed=args.seed, max_live=args.max_live,
+                          note=progress.note)
     print(json.dumps(report, indent=2) if args.json else table(report))
     return 0 if report["ok"] else 1
 

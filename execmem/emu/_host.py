@@ -19,6 +19,7 @@ from execmem.emu._state import (
     ICOLD,
     RNEW,
     ROLD,
+    STALE,
     WOLD,
     CpuState,
     MachineState,
@@ -27,7 +28,7 @@ from execmem.emu._state import (
     join_into,
 )
 from execmem.emu._timeline import IC, TLBI, Event
-from execmem.emu._translate import tlb_usable, translate
+from execmem.emu._translate import superseded, tlb_usable, translate
 
 if TYPE_CHECKING:
     from execmem.emu._semantics import Model
@@ -93,7 +94,9 @@ def host_step(model: Model, st: MachineState, c: int) -> Iterator[Transition]:
             entry = store_entry(model, one, data, walk.pa, va, _Plain(bool(release)), 0)
             one.sb = (*one.sb, entry)
             model.settle(one)
-            yield Step(c, "host", 0, text, "buffered"), model.replace(st, c, one)
+            stale = superseded(model, st.timeline, walk.entry, walk.walked)
+            detail = f"buffered; {STALE} through a superseded translation" if stale else "buffered"
+            yield Step(c, "host", 0, text, detail), model.replace(st, c, one)
         return
     if kind == "pte":
         vpage, ppage, perms = args

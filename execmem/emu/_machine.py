@@ -15,10 +15,10 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from types import ModuleType
 
-import keystone
-
 from execmem import arch as _arch
+from execmem._asm_engine import KeystoneFailure, assemble_own
 from execmem._errors import AssemblyError, ModelError
+from execmem._ranges import coalesce
 from execmem.emu._backend import EmulatedBackend
 from execmem.emu._explore import MAX_MEMORY, Exploration, exhaustive, random_runs, replay
 from execmem.emu._kernel import HostAction, HostProgram, pte_value
@@ -212,7 +212,7 @@ class Machine(EmulatedBackend):
 
     def _add_region(self, va: int, size: int) -> None:
         self._regions.append((va, size))
-        self._regions = _merge(self._regions)
+        self._regions = coalesce(self._regions)
 
     def alloc(self, size: int = 8, *, value: int | bytes = 0, name: str | None = None) -> int:
         """A data location of ``size`` bytes on its own cache line; returns its address."""
@@ -548,14 +548,12 @@ def assemble(spec: _arch.ArchSpec, source: str, address: int) -> tuple[bytes, di
     """Keystone-assemble ``source`` at ``address``; also return every label's address."""
     if spec.engines.keystone is None:
         raise ModelError(f"no assembler for {spec.name}")
-    ks = keystone.Ks(*spec.engines.keystone)
     labels = _labels(source)
     text = source + "\n" + "".join(f".quad {name}\n" for name in labels)
     try:
-        encoding, _ = ks.asm(text, address)
-    except keystone.KsError as exc:
+        raw = assemble_own(spec, text, address)
+    except KeystoneFailure as exc:
         raise AssemblyError(f"cannot assemble for {spec.name}: {exc}") from None
-    raw = bytes(encoding or b"")
     n = len(labels)
     code = raw[: len(raw) - 8 * n] if n else raw
     addrs = [int.from_bytes(raw[len(raw) - 8 * (n - i) : len(raw) - 8 * (n - i - 1)], "little") for i in range(n)]
@@ -574,17 +572,6 @@ def _labels(source: str) -> list[str]:
             names.append(head)
             line = rest
     return list(dict.fromkeys(names))
-
-
-def _merge(regions: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    spans = sorted((base, base + size) for base, size in regions)
-    merged: list[list[int]] = []
-    for lo, hi in spans:
-        if merged and lo <= merged[-1][1]:
-            merged[-1][1] = max(merged[-1][1], hi)
-        else:
-            merged.append([lo, hi])
-    return [(lo, hi - lo) for lo, hi in merged]
 
 
 __all__ = ["Machine", "Program", "assemble"]

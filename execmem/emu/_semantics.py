@@ -52,6 +52,7 @@ from execmem.emu._state import (
     REL,
     RNEW,
     RUN,
+    STALE,
     STOLD,
     VIEW,
     WOLD,
@@ -263,7 +264,9 @@ class Model:
                 tl = self.commit(tl0, new, entry)
                 note_stale(self, MachineState(tl, st.cpus), new, *entry.walk, tl.end)
             self.settle(new)
-            step = Step(c, "store", entry.pc, f"{entry.va:#x} := {entry.data.hex()}", f"visible @{tl.end}")
+            # (note_stale remembered the translation if a newer page-table write replaced it)
+            stale = f"; {STALE} through a superseded translation" if new.stale != cpu.stale else ""
+            step = Step(c, "store", entry.pc, f"{entry.va:#x} := {entry.data.hex()}", f"visible @{tl.end}{stale}")
             yield step, self.replace(st, c, new, tl)
 
     # ------------------------------------------------------------------ fetch
@@ -273,6 +276,16 @@ class Model:
         g = pa - pa % self.granule
         offset = pa - g
         writes = tl.write_positions(g)
+        newest = writes[-1] if writes else 0
+        today = tl.value_at(g, newest)[offset:]
+
+        def note(w: int, value: bytes, *, shown: bool) -> str:
+            """Which write the bytes come from (when ``shown``), and always whether a
+            newer write has changed them: a stale fetch, the culprit of a counterexample."""
+            if w < newest and value != today:
+                return f"@{w} {STALE} newest @{newest}"
+            return f"@{w}" if shown else ""
+
         choices: list[tuple[bytes, int, tuple[int, int, int] | None, str]] = []
         if self.coherent_fetch:
             bound = pre
@@ -282,17 +295,17 @@ class Model:
                 own = [s for s in cpu.sb if s.addr <= g < s.addr + s.span * self.granule]
             base = tl.latest_write_at(g, bound)
             for w in (base, *[p for p in writes if p > base]):
-                value = tl.value_at(g, w)
-                if own:
-                    value = _execute.overlay(value, g, own, self.granule)
-                choices.append((value[offset:], max(pre, w), None, f"@{w}"))
+                written = tl.value_at(g, w)
+                value = _execute.overlay(written, g, own, self.granule) if own else written
+                choices.append((value[offset:], max(pre, w), None, note(w, written[offset:], shown=False)))
             return choices
         for w in (0, *writes):
             anchor = max(pre, w)
             if w < tl.floor_before(g, anchor, cpu.index, idc=self.idc):
                 continue  # a completed IC removed this value from every instruction cache
             record = (g, anchor, w) if writes else None
-            choices.append((tl.value_at(g, w)[offset:], anchor, record, f"@{w}"))
+            value = tl.value_at(g, w)[offset:]
+            choices.append((value, anchor, record, note(w, value, shown=bool(writes))))
         return choices
 
     def fetch(self, st: MachineState, cpu: CpuState) -> list[Fetched]:
@@ -314,7 +327,7 @@ class Model:
                     data = acc + chunk
                     recs = (*records, record) if record else records
                     size = self.isa.instruction_length(data)
-                    label = f"{notes} {note}".strip() if record or notes else ""
+                    label = f"{notes} {note}".strip()
                     if size is None:
                         more(va + len(chunk), data, anchor, recs, label)
                     else:

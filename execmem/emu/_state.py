@@ -51,6 +51,13 @@ RUN, DONE, FAULT, HALT = "run", "done", "fault", "halt"
 DISCARD = "discard"
 
 
+#: Starts the part of a step's detail saying it used superseded data: an instruction
+#: whose bytes a newer write has changed, a store through a page-table entry a newer
+#: write has replaced.  A counterexample's culprit is its first such step
+#: (``_trace.culprit``).
+STALE = "stale:"
+
+
 @dataclass(frozen=True, slots=True)
 class Step:
     """What a transition did, for traces and counterexamples."""

@@ -189,11 +189,14 @@ def note_stale(model: Model, st: MachineState, cpu: CpuState, entry: int, walked
     (another CPU's: herd's TLBI-ob), see :func:`invalidation_allowed`.  A translation
     through the latest entry needs no note: an invalidation placed before the access
     cannot supersede it, since page-table writes are only ever appended."""
-    if not entry:
-        return
-    tl = st.timeline
-    if walked < max(tl.latest_write_at(g, tl.end) for g in model.granules(entry, 8)):
+    if superseded(model, st.timeline, entry, walked):
         cpu.stale = (*cpu.stale, (entry, walked, anchor, access))
+
+
+def superseded(model: Model, tl: Timeline, entry: int, walked: int) -> bool:
+    """Has a page-table write after position ``walked`` replaced the entry at ``entry``
+    (0: a static mapping, never replaced)?"""
+    return bool(entry) and walked < max(tl.latest_write_at(g, tl.end) for g in model.granules(entry, 8))
 
 
 def invalidation_allowed(

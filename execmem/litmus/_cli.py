@@ -7,15 +7,14 @@ and by category of test."""
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
 import functools
 import json
-import multiprocessing
-import os
 import sys
 from pathlib import Path
 
 from execmem._errors import ExecmemError
+from execmem._parallel import run_jobs
+from execmem._progress import Progress, Step
 from execmem.emu._explore import MAX_MEMORY
 from execmem.litmus._parse import read_text
 from execmem.litmus._report import by_category, herd_block, summary_line
@@ -94,44 +93,17 @@ def run_all(
     jobs: int = 0,
     max_states: int = 1_000_000,
     max_memory: int = MAX_MEMORY,
-    progress: bool = False,
+    step: Step | None = None,
     variants: frozenset[str] = frozenset(),
     scheduler: str | None = None,
 ) -> list[LitmusResult]:
-    """Run every file in worker processes (or on a Dask cluster); results in input order."""
-    workers = jobs or os.cpu_count() or 1
-    results: dict[str, LitmusResult] = {}
+    """Run every file in worker processes (or on a Dask cluster, see
+    :func:`~execmem._parallel.run_jobs`); results in input order.  ``step`` is told
+    each test's name as its result arrives."""
     job = functools.partial(run_file, max_states=max_states, max_memory=max_memory, variants=variants)
-    if scheduler:
-        try:
-            from distributed import Client, as_completed
-        except ImportError:
-            raise ExecmemError("--scheduler needs Dask: pip install 'execmem[dask]'") from None
-        with Client(scheduler) as client:
-            futures = {client.submit(job, f, pure=False): f for f in files}
-            for n, future in enumerate(as_completed(futures), 1):
-                results[futures[future]] = future.result()
-                _progress(progress, n, len(files), results[futures[future]])
-    elif workers == 1 or len(files) == 1:
-        for n, f in enumerate(files, 1):
-            results[f] = job(f)
-            _progress(progress, n, len(files), results[f])
-    else:
-        # Unicorn instances must not cross a fork: workers start fresh interpreters.
-        context = multiprocessing.get_context("spawn")
-        with concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-            futures = {pool.submit(job, f): f for f in files}
-            for n, future in enumerate(concurrent.futures.as_completed(futures), 1):
-                results[futures[future]] = future.result()
-                _progress(progress, n, len(files), results[futures[future]])
-    if progress:
-        print("\r\033[K", end="", file=sys.stderr)
-    return [results[f] for f in files]
-
-
-def _progress(enabled: bool, n: int, total: int, result: LitmusResult) -> None:
-    if enabled:
-        print(f"\r[{n}/{total}] {result.name}\033[K", end="", file=sys.stderr)
+    return run_jobs(
+        job, files, jobs=jobs, scheduler=scheduler, done=None if step is None else lambda _f, r: step(r.name)
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -142,10 +114,11 @@ def run(args: argparse.Namespace) -> int:
     files = collect(args.paths)
     kinds = read_kinds(args.kinds) if args.kinds else None
     variants = parse_variants(args.variant)
-    results = run_all(
-        files, jobs=args.jobs, max_states=args.max_states, max_memory=args.max_memory << 20,
-        progress=not args.json and sys.stderr.isatty(), variants=variants, scheduler=args.scheduler,
-    )
+    with Progress(len(files)) as progress:
+        results = run_all(
+            files, jobs=args.jobs, max_states=args.max_states, max_memory=args.max_memory << 20,
+            step=progress.step, variants=variants, scheduler=args.scheduler,
+        )
     if args.json:
         print(json.dumps([r.to_json() for r in results], indent=2))
     elif args.summary:

@@ -26,26 +26,13 @@ encodes an init value (``NOP``, ``instr:"B .+4"``).  Every error is a
 from __future__ import annotations
 
 import re
-import threading
 from collections.abc import Mapping
-from typing import Any, NoReturn
+from typing import NoReturn
 
+from execmem._asm_engine import KeystoneFailure, assemble_own
 from execmem._errors import LitmusError
+from execmem.arch import get
 from execmem.litmus._ast import Instr, LitmusTest, Thread
-
-_local = threading.local()
-
-
-def _ks() -> Any:
-    ks = getattr(_local, "ks", None)
-    if ks is None:
-        try:
-            import keystone
-        except ImportError as e:  # pragma: no cover - keystone is a dependency
-            raise LitmusError(f"<keystone>:0: keystone is not installed ({e})") from None
-        ks = keystone.Ks(keystone.KS_ARCH_ARM64, keystone.KS_MODE_LITTLE_ENDIAN)
-        _local.ks = ks
-    return ks
 
 
 def _fail(where: str | None, text: str, what: str) -> NoReturn:
@@ -382,13 +369,10 @@ def assemble_line(
     src = to_keystone(text, address, labels, where)
     if src.startswith(".word "):
         return int(src[6:], 16)
-    import keystone
-
     try:
-        enc, _ = _ks().asm(src, address)
-    except keystone.KsError as e:
+        data = assemble_own(get("arm64"), src, address)
+    except KeystoneFailure as e:
         _fail(where, text, f"Keystone: {e}")
-    data = bytes(enc or b"")
     if len(data) != 4:
         _fail(where, text, f"Keystone produced {len(data)} bytes instead of 4")
     return int.from_bytes(data, "little")

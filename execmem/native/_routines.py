@@ -18,6 +18,7 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
+from execmem._asm_engine import KeystoneFailure, assemble_own
 from execmem._errors import AssemblyError, UnsupportedError
 from execmem._locks import SetupLock
 from execmem.arch import ArchSpec, host
@@ -61,7 +62,6 @@ def words(source: str) -> bytes | None:
 def assemble(spec: ArchSpec) -> dict[str, bytes]:
     """Machine code of every routine of ``spec`` (pure; position independent)."""
     code: dict[str, bytes] = {}
-    assembler = None
     for name, source in spec.host_routines:
         if name not in SIGNATURES:
             raise UnsupportedError(f"{spec.name}: unknown host routine {name!r}")
@@ -69,15 +69,10 @@ def assemble(spec: ArchSpec) -> dict[str, bytes]:
         if encoded is None:
             if spec.engines.keystone is None:
                 raise UnsupportedError(f"{spec.name}: routine {name!r} needs Keystone, which lacks this architecture")
-            if assembler is None:
-                import keystone
-
-                assembler = keystone.Ks(*spec.engines.keystone)
             try:
-                encoding, _count = assembler.asm(source, 0)
-            except Exception as exc:  # keystone.KsError
+                encoded = assemble_own(spec, source, 0)
+            except KeystoneFailure as exc:
                 raise AssemblyError(f"{spec.name}: routine {name!r}: {exc}") from None
-            encoded = bytes(encoding or b"")
         if not encoded:
             raise AssemblyError(f"{spec.name}: routine {name!r} assembled to nothing")
         code[name] = encoded

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from execmem._errors import ExecmemError
-from execmem.verify._framework import Result, Variant, find, run_variant, scenarios, show, variants
+from execmem._parallel import run_jobs
+from execmem._progress import Progress
+from execmem.verify._catalog import find, scenarios, variants
+from execmem.verify._framework import Result, Variant, run_variant, show
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -51,40 +55,13 @@ def run_many(
     complete: bool = False,
     progress: Callable[[Result], None] | None = None,
 ) -> list[Result]:
-    """Run variants in worker processes (or on a Dask cluster); results in input order."""
-    ids = [v.id for v in chosen]
-    results: dict[str, Result] = {}
-
-    def done(vid: str, result: Result) -> None:
-        results[vid] = result
-        if progress:
-            progress(result)
-
-    if scheduler:
-        try:
-            from distributed import Client, as_completed
-        except ImportError:
-            raise ExecmemError("--scheduler needs Dask: pip install 'execmem[dask]'") from None
-        with Client(scheduler) as client:
-            futures = {client.submit(_run_one, vid, max_states, complete, pure=False): vid for vid in ids}
-            for future in as_completed(futures):
-                done(futures[future], future.result())
-    elif jobs == 1 or len(ids) == 1:
-        for vid in ids:
-            done(vid, _run_one(vid, max_states, complete))
-    else:
-        import concurrent.futures
-        import multiprocessing
-        import os
-
-        workers = jobs or os.cpu_count() or 1
-        # Unicorn instances must not cross a fork: workers start fresh interpreters.
-        context = multiprocessing.get_context("spawn")
-        with concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-            pending = {pool.submit(_run_one, vid, max_states, complete): vid for vid in ids}
-            for future in concurrent.futures.as_completed(pending):
-                done(pending[future], future.result())
-    return [results[vid] for vid in ids]
+    """Run variants in worker processes (or on a Dask cluster, see
+    :func:`~execmem._parallel.run_jobs`); results in input order."""
+    job = functools.partial(_run_one, max_states=max_states, complete=complete)
+    return run_jobs(
+        job, [v.id for v in chosen], jobs=jobs, scheduler=scheduler,
+        done=None if progress is None else lambda _id, r: progress(r),
+    )
 
 
 def _table(results: Iterable[Result], markdown: bool) -> str:
@@ -113,7 +90,11 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if args.show:
         variant = find(args.show)
-        result = run_variant(variant, max_states=args.max_states, first_witness=not args.complete)
+        with Progress(0) as progress:
+            result = run_variant(
+                variant, max_states=args.max_states, first_witness=not args.complete,
+                progress=lambda states: progress.note(f"{variant.id}: {states:,} states explored"),
+            )
         if result.error:
             raise ExecmemError(f"{variant.id}: {result.error}")
         print(f"{variant.id}: expected {result.expected}, observed {result.observed} ({result.why})")
@@ -127,21 +108,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"timeline written to {path}")
         return 0 if result.ok else 1
     chosen = _selected(args)
-    total = len(chosen)
-    count = 0
-
-    def progress(result: Result) -> None:
-        nonlocal count
-        count += 1
-        if not args.json and sys.stderr.isatty():
-            mark = "ok" if result.ok else "MISMATCH"
-            print(f"\r[{count}/{total}] {result.scenario}/{result.arch}/{result.variant}: {mark}\033[K", end="", file=sys.stderr)
-
-    results = run_many(
-        chosen, jobs=args.jobs, scheduler=args.scheduler, max_states=args.max_states, complete=args.complete, progress=progress
-    )
-    if not args.json and sys.stderr.isatty():
-        print("\r\033[K", end="", file=sys.stderr)
+    with Progress(len(chosen)) as progress:
+        results = run_many(
+            chosen, jobs=args.jobs, scheduler=args.scheduler, max_states=args.max_states, complete=args.complete,
+            progress=lambda r: progress.step(f"{r.scenario}/{r.arch}/{r.variant}: {'ok' if r.ok else 'MISMATCH'}"),
+        )
     bad = [r for r in results if not r.ok]
     if args.json:
         print(json.dumps([r.to_json() for r in results], indent=2))

@@ -100,69 +100,36 @@ class Result:
 
 @dataclass(frozen=True)
 class Scenario:
+    """One hazard of the catalog (``_catalog.SCENARIOS``): ``variants`` builds its
+    variants, per architecture, when asked."""
+
     name: str
     summary: str
+    #: The seed text it comes from (``seeds/NNN``).
     seed: str
     variants: Callable[[], list[Variant]] = field(compare=False, repr=False)
 
 
-_SCENARIOS: dict[str, Scenario] = {}
-
-
-def scenario(name: str, summary: str, seed: str) -> Callable[[Callable[[], list[Variant]]], Callable[[], list[Variant]]]:
-    """Register a function returning a scenario's variants."""
-
-    def register(fn: Callable[[], list[Variant]]) -> Callable[[], list[Variant]]:
-        _SCENARIOS[name] = Scenario(name, summary, seed, fn)
-        return fn
-
-    return register
-
-
-def scenarios() -> list[Scenario]:
-    from execmem.verify import _gate, _jit, _reuse, _tlb, _update  # noqa: F401  (registration)
-
-    return list(_SCENARIOS.values())
-
-
-def variants(*, scenario_name: str | None = None, arch: str | None = None) -> list[Variant]:
-    out: list[Variant] = []
-    for sc in scenarios():
-        if scenario_name and sc.name != scenario_name:
-            continue
-        out.extend(v for v in sc.variants() if not arch or v.arch == arch)
-    return out
-
-
-def find(variant_id: str) -> Variant:
-    """``scenario/variant`` or ``scenario/arch/variant``."""
-    parts = variant_id.strip("/").split("/")
-    matches = [
-        v
-        for v in variants(scenario_name=parts[0])
-        if (len(parts) == 2 and v.name == parts[1]) or (len(parts) == 3 and (v.arch, v.name) == (parts[1], parts[2]))
-    ]
-    if len(matches) != 1:
-        known = ", ".join(v.id for v in variants(scenario_name=parts[0])) or "none"
-        raise ExecmemError(
-            f"{'ambiguous' if matches else 'no'} variant {variant_id!r}; give scenario/arch/variant (known: {known})"
-        )
-    return matches[0]
-
-
-def run_variant(variant: Variant, *, max_states: int = 500_000, first_witness: bool = True) -> Result:
+def run_variant(
+    variant: Variant,
+    *,
+    max_states: int = 500_000,
+    first_witness: bool = True,
+    progress: Callable[[int], None] | None = None,
+) -> Result:
     """Explore one variant exhaustively and compare with its expected verdict.
 
     With ``first_witness`` the search stops at the first hazard (one counterexample
     settles "unsafe"; the schedule count is then a lower bound).  A "safe" verdict
-    always needs the complete search.
+    always needs the complete search.  ``progress`` is told the number of states
+    explored so far, every thousand.
     """
     started = time.perf_counter()
     result = Result(variant.scenario, variant.arch, variant.name, variant.expected, "error", variant.why)
     try:
         case = variant.build()
         exploration = case.machine.explore(
-            case.hazard, max_states=max_states, stop=bool if first_witness else None
+            case.hazard, max_states=max_states, stop=bool if first_witness else None, progress=progress
         )
     except ExecmemError as exc:
         result.error = str(exc)
@@ -203,4 +170,5 @@ def show(variant: Variant, result: Result) -> tuple[str, str]:
     names = case.names or None
     title = f"{variant.id}: {hazard}"
     text = f"{title}\n{format_trace(steps, case.machine.ncpus, names=names)}"
-    return text, timeline_svg(steps, case.machine.ncpus, title=title, names=names)
+    caption = f"expected {variant.expected}: {variant.why}"
+    return text, timeline_svg(steps, case.machine.ncpus, title=title, caption=caption, names=names)

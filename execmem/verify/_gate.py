@@ -26,8 +26,8 @@ from functools import partial
 import execmem
 from execmem import arch as _arch
 from execmem.emu import Machine, MachineState
-from execmem.verify._framework import SAFE, UNSAFE, Case, Variant, first_fault, scenario
-from execmem.verify._jit import FUNCTION
+from execmem.verify._framework import SAFE, UNSAFE, Case, Variant, first_fault
+from execmem.verify._guest import FUNCTION
 
 #: What CPU1's ``function()`` call returns when the gate refuses it (a freed text).
 REFUSED = 0xFFFF
@@ -86,8 +86,7 @@ def _free_during_call(arch: str, *, gate: str, retire: str) -> Case:
     return Case(m, hazard, ("CPU0 allocator", "CPU1 caller", "CPU2 free: gate_retire"))
 
 
-@scenario("call-gate", "a free while a call through function() may be entering the text", "000")
-def _call_gate() -> list[Variant]:
+def call_gate() -> list[Variant]:
     sc = "call-gate"
     out: list[Variant] = []
     for arch, barrier in (("arm64", "dmb ish"), ("x86_64", "mfence")):

@@ -1,13 +1,5 @@
-"""JIT scenarios: execmem's allocator running on the modeled machine.
-
-The writer is the machine's host CPU running the allocator core (the same code as
-natively; its recipe steps become model actions).  Other CPUs run guest code that
-reaches the JIT'd code the way a program would: through a published function
-pointer.  A *mutation* is the same flow with one recipe step removed or moved
-(``Recipe.without`` / ``Recipe.moved_before``) or the quarantine disabled, built as
-data (``ArchSpec.with_recipes`` / ``without_quarantine``) and handed to the machine,
-whose allocator runs what its spec says.
-"""
+"""JIT scenarios: execmem's allocator running on the modeled machine, publishing
+code that other CPUs call through a function pointer (see ``_guest``)."""
 
 from __future__ import annotations
 
@@ -16,47 +8,18 @@ from collections.abc import Callable
 import execmem
 from execmem import arch as _arch
 from execmem.emu import Machine, MachineState
-from execmem.verify._framework import SAFE, UNSAFE, Case, Variant, first_fault, scenario
-
-ANSWER = 42
-#: A function returning ``value`` and the guest code that calls through a pointer.
-FUNCTION = {
-    "arm64": "movz x0, #{value}\nret",
-    "x86_64": "mov eax, {value}\nret",
-}
-#: Loads the pointer at [x3]/[rbx]; if set, calls it; the result stays in x0/rax.
-CALLER = {
-    "arm64": "ldr x1, [x3]\ncbz x1, done\nblr x1\ndone:",
-    "x86_64": "mov rsi, [rbx]\ntest rsi, rsi\njz done\ncall rsi\ndone:",
-}
-POINTER_REG = {"arm64": "x3", "x86_64": "rbx"}
-CALLED_REG = {"arm64": "x1", "x86_64": "rsi"}
-RESULT_REG = {"arm64": "x0", "x86_64": "rax"}
-
-
-def _allocator(m: Machine, *, keep_empty: int = 1) -> execmem.Allocator:
-    return execmem.Allocator(backend=m, pack_size=0x1000, granularity=64, keep_empty=keep_empty)
-
-
-def _text(a: execmem.Allocator, arch: str, value: int) -> execmem.JitText:
-    t = a.jit_text_alloc(16)
-    t.write(0, execmem.asm(FUNCTION[arch].format(value=value), arch, t.address))
-    return t
-
-
-def _caller_hazard(m: Machine, arch: str, cpus: tuple[int, ...], expected: int, *, writer: bool = False) -> Callable[[MachineState], str]:
-    def hazard(st: MachineState) -> str:
-        faulted = first_fault(st, range(m.ncpus), "executed trap filler or a torn instruction")
-        if faulted:
-            return faulted
-        for c in cpus:
-            if m.reg(st, c, CALLED_REG[arch]) and (m.reg(st, c, RESULT_REG[arch]) & 0xFFFF_FFFF) != expected:
-                return f"CPU{c} ran stale code (got {m.reg(st, c, RESULT_REG[arch]) & 0xFFFF_FFFF:#x})"
-        if writer and st.cpus[0].results and st.cpus[0].results[-1] & 0xFFFF_FFFF != expected:
-            return f"the writer ran stale code (got {st.cpus[0].results[-1]:#x})"
-        return ""
-
-    return hazard
+from execmem.verify._framework import SAFE, UNSAFE, Case, Variant, first_fault
+from execmem.verify._guest import (
+    ANSWER,
+    CALLER,
+    FUNCTION,
+    POINTER_REG,
+    RESULT_REG,
+    allocator,
+    caller_hazard,
+    mutated,
+    text,
+)
 
 
 def _publish_flow(arch: str, *, flow: str, spec: _arch.ArchSpec | None = None, cpus: int = 2, **machine: object) -> Case:
@@ -69,10 +32,10 @@ def _publish_flow(arch: str, *, flow: str, spec: _arch.ArchSpec | None = None, c
     The writer also calls the new function itself.
     """
     m = Machine(spec or arch, cpus=cpus, **machine)  # type: ignore[arg-type]
-    a = _allocator(m)
+    a = allocator(m)
     slot = m.alloc(8)
     if flow == "live":
-        warm = _text(a, arch, 7)
+        warm = text(a, arch, 7)
         warm.map()
     if flow == "inplace":
         t = a.jit_text_alloc(16)
@@ -80,7 +43,7 @@ def _publish_flow(arch: str, *, flow: str, spec: _arch.ArchSpec | None = None, c
         t.write(0, execmem.asm(FUNCTION[arch].format(value=ANSWER), arch, t.address))
         t.finalize()
     else:
-        t = _text(a, arch, ANSWER)
+        t = text(a, arch, ANSWER)
         t.map()
     host = m.host()
     host.store(slot, t.address, note="publish the function pointer")
@@ -89,79 +52,65 @@ def _publish_flow(arch: str, *, flow: str, spec: _arch.ArchSpec | None = None, c
     for c in readers:
         m.load(c, CALLER[arch])
         m.set_reg(c, POINTER_REG[arch], slot)
-    return Case(m, _caller_hazard(m, arch, readers, ANSWER, writer=True), ("CPU0 writer", *(f"CPU{c} caller" for c in readers)))
-
-
-def _mutated(arch: str, recipe: str, *, without: str = "", moved: tuple[str, str] | None = None) -> _arch.ArchSpec:
-    """``arch``'s spec with one recipe mutated (steps removed, or one moved)."""
-    spec = _arch.get(arch)
-    r = spec.recipe(recipe)
-    if without:
-        for name in without.split("+"):
-            r = r.without(name)
-    if moved:
-        r = r.moved_before(*moved)
-    return spec.with_recipes(**{recipe: r})
+    return Case(m, caller_hazard(m, arch, readers, ANSWER, writer=True), ("CPU0 writer", *(f"CPU{c} caller" for c in readers)))
 
 
 def _v(sc: str, arch: str, name: str, expected: str, why: str, build: Callable[[], Case], mutation: str = "") -> Variant:
     return Variant(sc, arch, name, expected, why, build, mutation)
 
 
-@scenario("jit-publish", "alloc / write / map, then publish a function pointer that other CPUs call", "001")
-def _jit_publish() -> list[Variant]:
+def jit_publish() -> list[Variant]:
     sc = "jit-publish"
     out = [
         _v(sc, "arm64", "execmem", SAFE, "DC CVAU, DSB, IC IVAU, DSB, ISB, membarrier before the pointer is published",
            lambda: _publish_flow("arm64", flow="live")),
         _v(sc, "arm64", "no-dc", UNSAFE, "without the clean, the invalidated I-cache refills the trap filler from the point of unification",
-           lambda: _publish_flow("arm64", flow="live", spec=_mutated("arm64", "publish", without="clean_dcache")), "no-dc"),
+           lambda: _publish_flow("arm64", flow="live", spec=mutated("arm64", "publish", without="clean_dcache")), "no-dc"),
         _v(sc, "arm64", "no-dc-idc", SAFE, "CTR_EL0.IDC=1: the data cache needs no clean to the point of unification, so the DC step is not required",
-           lambda: _publish_flow("arm64", flow="live", spec=_mutated("arm64", "publish", without="clean_dcache"), idc=True), "no-dc"),
+           lambda: _publish_flow("arm64", flow="live", spec=mutated("arm64", "publish", without="clean_dcache"), idc=True), "no-dc"),
         _v(sc, "arm64", "no-ic", UNSAFE, "without the invalidate, instruction caches keep the trap filler",
-           lambda: _publish_flow("arm64", flow="live", spec=_mutated("arm64", "publish", without="invalidate_icache")), "no-ic"),
+           lambda: _publish_flow("arm64", flow="live", spec=mutated("arm64", "publish", without="invalidate_icache")), "no-ic"),
         _v(sc, "arm64", "no-ic-dic", SAFE, "CTR_EL0.DIC=1: instruction caches are coherent, so the IC step is not required",
-           lambda: _publish_flow("arm64", flow="live", spec=_mutated("arm64", "publish", without="invalidate_icache"), dic=True), "no-ic"),
+           lambda: _publish_flow("arm64", flow="live", spec=mutated("arm64", "publish", without="invalidate_icache"), dic=True), "no-ic"),
         _v(sc, "arm64", "no-dsb", UNSAFE, "without DSB the IC never completes and the code stores may still be buffered",
-           lambda: _publish_flow("arm64", flow="live", spec=_mutated("arm64", "publish", without="barrier")), "no-dsb"),
+           lambda: _publish_flow("arm64", flow="live", spec=mutated("arm64", "publish", without="barrier")), "no-dsb"),
         _v(sc, "arm64", "no-isb-1cpu", UNSAFE,
            "single-threaded (membarrier skipped): the writer's only context synchronization is the ISB; without it it may run fetched trap filler",
-           lambda: _publish_flow("arm64", flow="live", cpus=1, spec=_mutated("arm64", "publish", without="local_cse")), "no-isb"),
+           lambda: _publish_flow("arm64", flow="live", cpus=1, spec=mutated("arm64", "publish", without="local_cse")), "no-isb"),
         _v(sc, "arm64", "no-isb", SAFE,
            "with other threads the recipe's membarrier returns to the writer through an exception return, itself context-synchronizing (EOS=1, as Linux configures): the ISB is not required",
-           lambda: _publish_flow("arm64", flow="live", spec=_mutated("arm64", "publish", without="local_cse")), "no-isb"),
+           lambda: _publish_flow("arm64", flow="live", spec=mutated("arm64", "publish", without="local_cse")), "no-isb"),
         _v(sc, "arm64", "execmem-1cpu", SAFE, "single-threaded: DC, DSB, IC, DSB, ISB", lambda: _publish_flow("arm64", flow="live", cpus=1)),
         _v(sc, "arm64", "no-remote-cse", UNSAFE,
            "another CPU may have fetched the trap filler before the maintenance and run it after reading the pointer (miniJit01)",
-           lambda: _publish_flow("arm64", flow="live", spec=_mutated("arm64", "publish", without="remote_cse")), "no-remote-cse"),
+           lambda: _publish_flow("arm64", flow="live", spec=mutated("arm64", "publish", without="remote_cse")), "no-remote-cse"),
         _v(sc, "arm64", "fresh", SAFE, "first text of a new pack: maintenance, then map; nothing could be fetched from the unmapped VA, so no membarrier",
            lambda: _publish_flow("arm64", flow="fresh")),
         _v(sc, "arm64", "map-before-write", UNSAFE, "mapped before the code is written: other CPUs may fetch trap filler or partial code and nothing synchronizes them",
-           lambda: _publish_flow("arm64", flow="fresh", spec=_mutated("arm64", "publish_fresh", moved=("map", "write"))), "map-before-write"),
+           lambda: _publish_flow("arm64", flow="fresh", spec=mutated("arm64", "publish_fresh", moved=("map", "write"))), "map-before-write"),
         _v(sc, "x86_64", "execmem", SAFE, "serialize locally, membarrier SYNC_CORE before publishing",
            lambda: _publish_flow("x86_64", flow="live")),
         _v(sc, "x86_64", "no-serialize", UNSAFE, "cross-modifying code without serialization: another CPU may run trap filler it fetched earlier (SDM 9.1.3)",
-           lambda: _publish_flow("x86_64", flow="live", spec=_mutated("x86_64", "publish", without="local_cse+remote_cse")), "no-serialize"),
+           lambda: _publish_flow("x86_64", flow="live", spec=mutated("x86_64", "publish", without="local_cse+remote_cse")), "no-serialize"),
         _v(sc, "x86_64", "fresh", SAFE, "first text of a new pack: written, then mapped; no membarrier needed",
            lambda: _publish_flow("x86_64", flow="fresh")),
         _v(sc, "x86_64", "map-before-write", UNSAFE, "mapped before written: another CPU may fetch trap filler and nothing serializes it",
-           lambda: _publish_flow("x86_64", flow="fresh", spec=_mutated("x86_64", "publish_fresh", moved=("map", "write"))), "map-before-write"),
+           lambda: _publish_flow("x86_64", flow="fresh", spec=mutated("x86_64", "publish_fresh", moved=("map", "write"))), "map-before-write"),
     ]
     return out
 
 
-@scenario("jit-finalize-inplace", "map_rw_inplace / write in place / finalize, then publish", "001")
-def _jit_inplace() -> list[Variant]:
+def jit_finalize_inplace() -> list[Variant]:
     sc = "jit-finalize-inplace"
     return [
         _v(sc, "arm64", "execmem", SAFE, "finalize runs the same recipe as map", lambda: _publish_flow("arm64", flow="inplace")),
         _v(sc, "arm64", "no-dc", UNSAFE, "written in place but not cleaned",
-           lambda: _publish_flow("arm64", flow="inplace", spec=_mutated("arm64", "publish_fresh", without="clean_dcache")), "no-dc"),
+           lambda: _publish_flow("arm64", flow="inplace", spec=mutated("arm64", "publish_fresh", without="clean_dcache")), "no-dc"),
         _v(sc, "arm64", "no-ic", UNSAFE, "written in place but stale instruction cache lines remain",
-           lambda: _publish_flow("arm64", flow="inplace", spec=_mutated("arm64", "publish_fresh", without="invalidate_icache")), "no-ic"),
+           lambda: _publish_flow("arm64", flow="inplace", spec=mutated("arm64", "publish_fresh", without="invalidate_icache")), "no-ic"),
         _v(sc, "arm64", "map-before-maintenance", UNSAFE,
            "mapped executable before the clean and invalidate of the in-place writes",
-           lambda: _publish_flow("arm64", flow="inplace", spec=_mutated("arm64", "publish_fresh", moved=("map", "clean_dcache"))), "map-before-write"),
+           lambda: _publish_flow("arm64", flow="inplace", spec=mutated("arm64", "publish_fresh", moved=("map", "clean_dcache"))), "map-before-write"),
         _v(sc, "x86_64", "execmem", SAFE, "finalize maps the written code", lambda: _publish_flow("x86_64", flow="inplace")),
     ]
 
@@ -169,12 +118,12 @@ def _jit_inplace() -> list[Variant]:
 def _trap_fill(arch: str, *, spec: _arch.ArchSpec | None = None, **machine: object) -> Case:
     """CPU1 keeps calling a function in a ROX pack while new code lands next to it."""
     m = Machine(spec or arch, cpus=2, **machine)  # type: ignore[arg-type]
-    a = _allocator(m)
-    neighbour = _text(a, arch, 7)
+    a = allocator(m)
+    neighbour = text(a, arch, 7)
     neighbour.map()
     slot = m.alloc(8)
     m.host().store(slot, neighbour.address, note="publish the neighbour")
-    t = _text(a, arch, ANSWER)
+    t = text(a, arch, ANSWER)
     t.map()
     m.host().store(slot, t.address, note="publish the new function")
     m.load(1, CALLER[arch] + "\n" + CALLER[arch].replace("done", "done2"))
@@ -192,16 +141,15 @@ def _trap_fill(arch: str, *, spec: _arch.ArchSpec | None = None, **machine: obje
     return Case(m, hazard, ("CPU0 writer", "CPU1 caller"))
 
 
-@scenario("rox-cache-trap-fill", "new code in a trap-filled ROX pack while another CPU runs its neighbour", "001")
-def _rox_cache() -> list[Variant]:
+def rox_cache_trap_fill() -> list[Variant]:
     sc = "rox-cache-trap-fill"
     return [
         _v(sc, "arm64", "execmem", SAFE, "maintenance and membarrier before the pointer is published", lambda: _trap_fill("arm64")),
         _v(sc, "arm64", "no-remote-cse", UNSAFE, "CPU1 may run trap filler it prefetched from the pack",
-           lambda: _trap_fill("arm64", spec=_mutated("arm64", "publish", without="remote_cse")), "no-remote-cse"),
+           lambda: _trap_fill("arm64", spec=mutated("arm64", "publish", without="remote_cse")), "no-remote-cse"),
         _v(sc, "arm64", "no-ic", UNSAFE, "CPU1's instruction cache may keep the trap filler",
-           lambda: _trap_fill("arm64", spec=_mutated("arm64", "publish", without="invalidate_icache")), "no-ic"),
+           lambda: _trap_fill("arm64", spec=mutated("arm64", "publish", without="invalidate_icache")), "no-ic"),
         _v(sc, "x86_64", "execmem", SAFE, "membarrier before the pointer is published", lambda: _trap_fill("x86_64")),
         _v(sc, "x86_64", "no-serialize", UNSAFE, "CPU1 may run trap filler fetched before the stores",
-           lambda: _trap_fill("x86_64", spec=_mutated("x86_64", "publish", without="local_cse+remote_cse")), "no-serialize"),
+           lambda: _trap_fill("x86_64", spec=mutated("x86_64", "publish", without="local_cse+remote_cse")), "no-serialize"),
     ]

@@ -14,8 +14,8 @@ from __future__ import annotations
 import execmem
 from execmem import arch as _arch
 from execmem.emu import Machine, MachineState
-from execmem.verify._framework import SAFE, UNSAFE, Case, Variant, first_fault, scenario
-from execmem.verify._jit import FUNCTION
+from execmem.verify._framework import SAFE, UNSAFE, Case, Variant, first_fault
+from execmem.verify._guest import FUNCTION
 
 #: CPU1: wait for a pointer, call it (f), wait for "go", call through the pointer again.
 _READER = {
@@ -69,8 +69,7 @@ def _reuse(arch: str, tlb: str, quarantine: bool) -> Case:
     return Case(m, hazard, ("CPU0 JIT", "CPU1 caller"))
 
 
-@scenario("va-reuse", "free and reuse of a virtual address for different code", "000")
-def _va_reuse() -> list[Variant]:
+def va_reuse() -> list[Variant]:
     sc = "va-reuse"
     return [
         Variant(sc, "arm64", "execmem", SAFE, "quarantine: the address is reused only after an epoch (membarrier: CPU1 synchronized)",

@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from execmem.emu import Machine, MachineState
-from execmem.verify._framework import SAFE, UNSAFE, Case, Variant, scenario
+from execmem.verify._framework import SAFE, UNSAFE, Case, Variant
 
 OLD_DATA, NEW_OWNER, STRAY = 0x1111, 0x5EC0, 0xBAD0
 
@@ -65,12 +65,7 @@ def _batched(arch: str, fix: str) -> Case:
     return Case(m, _recycled(m, frame), ("CPU0 reclaim", "CPU1 flush", "CPU2 user"))
 
 
-@scenario(
-    "tlb-batch-remote-dsb",
-    "arm64 batched TLB flush: a TLBI completes only at a DSB on the CPU that issued it",
-    "002",
-)
-def _tlb_batch() -> list[Variant]:
+def tlb_batch_remote_dsb() -> list[Variant]:
     return [
         Variant(
             "tlb-batch-remote-dsb", "arm64", "remote-dsb", UNSAFE,
@@ -106,12 +101,7 @@ def _async(arch: str, wait: bool) -> Case:
     return Case(m, _recycled(m, frame), ("CPU0 unmap", "CPU1 user"))
 
 
-@scenario(
-    "tlb-async-flush",
-    "x86 asynchronous TLB shootdown: the page is recycled before remote CPUs dropped the translation",
-    "003",
-)
-def _tlb_async() -> list[Variant]:
+def tlb_async_flush() -> list[Variant]:
     return [
         Variant(
             "tlb-async-flush", "x86_64", "async", UNSAFE,

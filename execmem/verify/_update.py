@@ -8,15 +8,17 @@ from collections.abc import Callable
 import execmem
 from execmem import arch as _arch
 from execmem.emu import Machine, MachineState
-from execmem.verify._framework import SAFE, UNSAFE, Case, Variant, first_fault, scenario
-from execmem.verify._jit import (
+from execmem.verify._framework import SAFE, UNSAFE, Case, Variant, first_fault
+from execmem.verify._guest import (
+    ANSWER,
     CALLER,
+    FUNCTION,
     POINTER_REG,
     RESULT_REG,
-    _allocator,
-    _caller_hazard,
-    _mutated,
-    _text,
+    allocator,
+    caller_hazard,
+    mutated,
+    text,
 )
 
 #: (old function, new function, patch: (offset, new bytes) or None for a raw rewrite)
@@ -43,7 +45,7 @@ _SHAPES = {
 def _torn(arch: str, kind: str) -> Case:
     old_src, new_src, patch = _SHAPES[(arch, kind)]
     m = Machine(arch, cpus=2)
-    a = _allocator(m)
+    a = allocator(m)
     t = a.jit_text_alloc(32)
     t.write(0, execmem.asm(old_src, arch, t.address))
     t.map()
@@ -82,8 +84,7 @@ def _torn(arch: str, kind: str) -> Case:
     return Case(m, hazard, ("CPU0 patcher", "CPU1 caller"))
 
 
-@scenario("torn-update", "in-place update of live code: a torn instruction or sequence is observable", "001")
-def _torn_update() -> list[Variant]:
+def torn_update() -> list[Variant]:
     sc = "torn-update"
     return [
         Variant(sc, "arm64", "update", SAFE, "update(): one 4-byte store, old and new both on the CMODX list (B -> NOP)",
@@ -106,7 +107,7 @@ def _alias(arch: str, path: str) -> Case:
     # (x86-64's recipe has no maintenance steps to remove.)
     maintained = "clean_dcache" in _arch.get(arch).publish.names
     no_maintenance = path == "no-maintenance" and maintained
-    m = Machine(_mutated(arch, "publish", without="clean_dcache+invalidate_icache") if no_maintenance else arch, cpus=2)
+    m = Machine(mutated(arch, "publish", without="clean_dcache+invalidate_icache") if no_maintenance else arch, cpus=2)
     slot = m.alloc(8)
     hazard: Callable[[MachineState], str]
     if path == "mprotect":
@@ -114,7 +115,7 @@ def _alias(arch: str, path: str) -> Case:
         # kernel for read+execute: set_pte_at cleans/invalidates, the TLB is flushed,
         # and the system call returns with an exception return (seeds/004).
         page, frame = m.page("rw")
-        code = execmem.asm(_FUNC[arch], arch, page)
+        code = execmem.asm(FUNCTION[arch].format(value=ANSWER), arch, page)
         host = m.host()
         for off in range(0, len(code), 8):
             host.store(frame + off, code[off : off + 8], len(code[off : off + 8]))
@@ -134,24 +135,21 @@ def _alias(arch: str, path: str) -> Case:
             host.fence(name)
         target = page
     else:
-        a = _allocator(m)
-        warm = _text(a, arch, 7)
+        a = allocator(m)
+        warm = text(a, arch, 7)
         warm.map()
-        t = _text(a, arch, 42)
+        t = text(a, arch, ANSWER)
         t.map()
         target = t.address
     m.host().store(slot, target, note="publish the function pointer")
     m.load(1, CALLER[arch])
     m.set_reg(1, POINTER_REG[arch], slot)
-    hazard = _caller_hazard(m, arch, (1,), 42)
+    hazard = caller_hazard(m, arch, (1,), ANSWER)
     return Case(m, hazard, ("CPU0 JIT", "CPU1 caller"))
 
 
-_FUNC = {"arm64": "movz x0, #42\nret", "x86_64": "mov eax, 42\nret"}
 
-
-@scenario("alias-write-no-maintenance", "code written through an RW alias without cache maintenance vs the mprotect path", "004")
-def _alias_write() -> list[Variant]:
+def alias_write_no_maintenance() -> list[Variant]:
     sc = "alias-write-no-maintenance"
     return [
         Variant(sc, "arm64", "no-maintenance", UNSAFE,
