@@ -177,3 +177,39 @@ def test_near_without_proc_falls_back_to_hint_addresses(monkeypatch: pytest.Monk
     assert _in_reach(native.arch, far, t)
     d = native.jit_data_alloc(64, near=far)
     assert abs(d.address - far) <= native.arch.branch_reach
+
+
+def test_near_skips_a_slot_taken_by_a_mapping_proc_does_not_show(
+    monkeypatch: pytest.MonkeyPatch, native: execmem.Allocator
+) -> None:
+    """QEMU user mode hides its own mappings from the guest's /proc/self/maps: a gap
+    that looks free but is refused must be left out of the next lookup, not retried
+    (hidden mappings also sit on the three hint addresses tried last)."""
+    from execmem.native import _procmaps
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    reach, pmd = native.arch.branch_reach, 2 << 20
+    far = 16 * reach + (1 << 34)
+    size = 16 * pmd
+    hidden = [
+        (far - size // 2) // pmd * pmd,  # where the nearest-gap search looks first
+        (far - reach) // pmd * pmd,  # the low hint
+        (far + reach - size) // pmd * pmd + pmd,  # the high hint
+    ]
+    map_private_anonymous_fixed_noreplace = 0x02 | 0x20 | 0x100000
+    mapped = [a for a in hidden if libc.mmap(a, size, 0, map_private_anonymous_fixed_noreplace, -1, 0) == a]
+    real = _procmaps.read_maps
+    monkeypatch.setattr(
+        _procmaps, "read_maps", lambda *a: [v for v in real(*a) if not any(h <= v.start < h + size for h in hidden)]
+    )
+    try:
+        assert mapped == hidden
+        t = native.jit_text_alloc(64, near=far)
+        assert _in_reach(native.arch, far, t)
+        assert not any(h <= t.address < h + size for h in hidden)
+    finally:
+        for a in mapped:
+            libc.munmap(a, size)

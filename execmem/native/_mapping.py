@@ -87,6 +87,11 @@ def round_up(value: int, align: int) -> int:
     return -(-value // align) * align
 
 
+#: Gaps tried for a ``near=`` slot before falling back to hint addresses (a refused
+#: gap is skipped next time, so this bounds the system calls, not the correctness).
+_CLAIM_ATTEMPTS = 64
+
+
 @dataclass(eq=False)
 class Region:
     """Backend-private state of one reservation (``Reservation.token``)."""
@@ -200,21 +205,29 @@ class Mapper:
         """``size`` bytes at the start of a free, ``align``-aligned ``slot`` inside
         ``window`` (``near=``): a gap found in ``/proc/self/maps`` (the one nearest the
         window's middle) claimed with ``MAP_FIXED_NOREPLACE``, looked up again if another
-        thread took it meanwhile; without ``/proc``, hint addresses across the window."""
+        thread took it meanwhile; without ``/proc``, hint addresses across the window.
+
+        A slot the kernel refuses is left out of the next lookups: it may be taken by
+        something ``/proc/self/maps`` does not show (QEMU user mode hides its own
+        mappings from the guest's maps, yet they occupy the same addresses)."""
         low = max(window[0], MMAP_MIN_ADDR)
         bounds = (low, window[1])
-        for _ in range(4):
+        refused: list[tuple[int, int]] = []
+        for _ in range(_CLAIM_ATTEMPTS):
             try:
                 vmas = _procmaps.read_maps()
             except OSError:
                 break
-            address = find_gap([(v.start, v.end - v.start) for v in vmas], slot, align, bounds, toward=middle(window))
+            occupied = [(v.start, v.end - v.start) for v in vmas] + refused
+            address = find_gap(occupied, slot, align, bounds, toward=middle(window))
             if address is None:
                 raise OutOfMemoryError(
                     f"no free {slot:#x} bytes aligned to {align:#x} in [{window[0]:#x}, {window[1]:#x})"
+                    + (f" ({len(refused)} free-looking slots refused by the kernel)" if refused else "")
                 )
             if self.claim(address, size, prot, flags):
                 return address
+            refused.append((address, slot))
         for hint in (middle(window), low, window[1] - slot):
             hint = hint // align * align
             got = self._sys.mmap(hint, size, prot, flags)  # a hint: the kernel may move it
