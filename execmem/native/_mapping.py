@@ -272,14 +272,18 @@ class Mapper:
         self._next_slot = below if below > capacity else None
 
     def claim(self, address: int, size: int, prot: int, flags: int, fd: int = -1, offset: int = 0) -> bool:
-        """Map ``size`` bytes exactly at ``address`` if nothing is there; False if taken."""
+        """Map ``size`` bytes exactly at ``address`` if nothing is there; False if taken.
+
+        ``EEXIST`` is checked once more with the address as a plain hint, which never
+        replaces a mapping either: QEMU user mode (10.0) refuses ``MAP_FIXED_NOREPLACE``
+        anywhere inside its reservation of the guest's address space, free or not."""
         try:
             got = self._sys.mmap(address, size, prot, flags | MAP_FIXED_NOREPLACE, fd, offset)
         except ExecmemError as exc:
-            if _libc.errno_of(exc) == errno.EEXIST:
-                return False
-            raise
-        if got != address:  # a kernel before 4.17 took the address as a hint
+            if _libc.errno_of(exc) != errno.EEXIST:
+                raise
+            got = self._sys.mmap(address, size, prot, flags, fd, offset)
+        if got != address:  # taken; or a kernel before 4.17 took the address as a hint
             self._sys.munmap(got, size)
             return False
         return True
