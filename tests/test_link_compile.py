@@ -7,6 +7,7 @@ import ctypes.util
 from typing import Any
 
 import pytest
+from programs import near_libc
 
 import execmem
 from execmem import _compile
@@ -70,7 +71,8 @@ def test_position_dependent_code_is_assembled_for_its_address(a: execmem.Allocat
     target = ctypes.cast(libc.labs, ctypes.c_void_p).value
     assert target is not None
     source = CALL_LABS[HOST].format(target=target)
-    f = a.compile_function(source, ctypes.c_long, near=target)  # no pack yet: assembled at near first
+    with near_libc():
+        f = a.compile_function(source, ctypes.c_long, near=target)  # no pack yet: assembled at near first
     assert f() == 5
     assert assemblies == [target, f.text.address]
     assert execmem.asm(source, address=target) != f.text.read()  # the call's offset moved

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from programs import near_libc
 
 import execmem
 from execmem.examples import libc
@@ -11,7 +12,8 @@ pytestmark = pytest.mark.skipif(execmem.arch.host().name not in ("x86_64", "arm6
 
 
 def test_both_versions_match_len_and_the_direct_one_is_in_reach() -> None:
-    figures = libc.run()
+    with near_libc():
+        figures = libc.run()
     direct = figures["direct"]
     assert isinstance(direct, dict)
     assert abs(direct["distance"]) <= execmem.arch.host().branch_reach
@@ -37,6 +39,7 @@ def test_a_direct_call_out_of_reach_is_refused_by_the_assembler() -> None:
 
 
 def test_command_line(capsys: pytest.CaptureFixture[str]) -> None:
-    assert libc.main([]) == 0
+    with near_libc():
+        assert libc.main([]) == 0
     out = capsys.readouterr().out
     assert "direct" in out and "register" in out

@@ -6,6 +6,7 @@ import ctypes
 import ctypes.util
 
 import pytest
+from programs import near_libc
 
 import execmem
 from execmem import arch as _arch
@@ -137,7 +138,8 @@ def test_near_libc_makes_a_direct_call_reach_it(native: execmem.Allocator) -> No
     libc = ctypes.CDLL(ctypes.util.find_library("c"))
     target = ctypes.cast(libc.labs, ctypes.c_void_p).value
     assert target is not None
-    t = native.jit_text_alloc(64, near=target)
+    with near_libc():
+        t = native.jit_text_alloc(64, near=target)
     assert _in_reach(native.arch, target, t)
     # Keystone encodes the call relative to the text's address: in reach, or an error.
     t.write(0, execmem.asm(CALL_LABS[HOST].format(target=target), address=t.address))
