@@ -34,6 +34,24 @@ HOST = execmem.arch.host()
 #: that catch hangs or blow-ups, not speed targets, are multiplied by it.
 SLOWDOWN = float(os.environ.get("EXECMEM_TEST_SLOWDOWN", "1"))
 
+#: Script text for the fork tests: ``hold_all(locks)`` returns once another thread
+#: holds each lock, with the event that lets them go and the threads.
+HOLD_LOCKS = """
+import threading
+
+def hold_all(locks):
+    holding, release = threading.Barrier(len(locks) + 1), threading.Event()
+    def hold(lock):
+        with lock:
+            holding.wait(10)
+            release.wait(30)
+    threads = [threading.Thread(target=hold, args=(lock,), daemon=True) for lock in locks]
+    for th in threads:
+        th.start()
+    holding.wait(10)
+    return release, threads
+"""
+
 #: Set by .ci/arm64.sh: this interpreter runs under QEMU user mode.
 QEMU_USER = os.environ.get("EXECMEM_TEST_QEMU_USER") == "1"
 
@@ -230,6 +248,7 @@ __all__ = [
     "CONST_SIZE",
     "CONST_T",
     "FIB",
+    "HOLD_LOCKS",
     "HOST",
     "MISSING",
     "QEMU_USER",

@@ -23,7 +23,7 @@ import keystone
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from programs import SLOWDOWN, const, needs_programs
+from programs import HOLD_LOCKS, SLOWDOWN, const, needs_programs
 
 import execmem
 from execmem import _asm_engine
@@ -364,7 +364,7 @@ def test_fork_while_other_threads_hold_every_lock_of_the_library() -> None:
     default allocator's locks, each held by another thread at the fork; the child
     assembles, decodes, calls an inherited function and gets a default allocator of
     its own."""
-    script = textwrap.dedent(
+    script = HOLD_LOCKS + textwrap.dedent(
         f"""
         import ctypes, os, signal, threading, execmem, execmem._asm_engine as engine, execmem._default as default
         from execmem import _gates
@@ -373,14 +373,7 @@ def test_fork_while_other_threads_hold_every_lock_of_the_library() -> None:
         fn = t.function(ctypes.c_int)
         parent_default = execmem.default_allocator()
         locks = [engine._lock, a._lock, _gates.gate_pool().lock, _gates._pools_lock, default._default_lock]
-        holding, release = threading.Barrier(len(locks) + 1), threading.Event()
-        def hold(lock):
-            with lock:
-                holding.wait(10)
-                release.wait(30)
-        threads = [threading.Thread(target=hold, args=(lock,), daemon=True) for lock in locks]
-        for th in threads: th.start()
-        holding.wait(10)  # every lock is held by another thread now
+        release, threads = hold_all(locks)  # every lock is held by another thread now
         pid = os.fork()
         if pid == 0:
             signal.alarm(20)  # a deadlocked child dies of SIGALRM

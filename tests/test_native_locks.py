@@ -17,7 +17,7 @@ import textwrap
 import threading
 
 import pytest
-from programs import ADD, const, needs_programs
+from programs import ADD, HOLD_LOCKS, const, needs_programs
 
 from execmem._errors import BadStateError
 from execmem._locks import REENTERED, OwnedLock, SetupLock
@@ -230,6 +230,7 @@ def test_signal_storm_on_one_backend_never_deadlocks() -> None:
 def test_fork_while_other_threads_hold_every_native_lock() -> None:
     r = run_script(
         _SIGNAL_PRELUDE
+        + HOLD_LOCKS
         + textwrap.dedent("""
         from execmem.native import _probe, _routines
         b = NativeBackend("dual", probe=SAFE)
@@ -240,14 +241,7 @@ def test_fork_while_other_threads_hold_every_native_lock() -> None:
             b._lock, b._mapper.backing._lock, b._synchronizer().remote._lock,
             _libc._lock, _probe.PROBE._lock, _routines._routines_lock, b._gate,
         ]
-        holding, release = threading.Barrier(len(locks) + 1), threading.Event()
-        def hold(lock):
-            with lock:
-                holding.wait(10)
-                release.wait(30)
-        threads = [threading.Thread(target=hold, args=(lk,), daemon=True) for lk in locks]
-        for th in threads: th.start()
-        holding.wait(10)  # every lock is held by another thread now
+        release, threads = hold_all(locks)  # every lock is held by another thread now
         pid = os.fork()
         if pid == 0:
             signal.alarm(10)  # a deadlocked child dies of SIGALRM
@@ -286,6 +280,7 @@ def test_fork_while_other_threads_hold_the_allocators_locks() -> None:
     allocator (never deadlocks) and gets allocators and call gates of its own."""
     r = run_script(
         _SIGNAL_PRELUDE
+        + HOLD_LOCKS
         + textwrap.dedent("""
         from execmem import _default, _gates
         RET7 = bytes.fromhex("{ret7}")  # return 7
@@ -294,14 +289,7 @@ def test_fork_while_other_threads_hold_the_allocators_locks() -> None:
         fn = t.function(ctypes.c_int)
         assert fn() == 7
         locks = [a._lock, _default._default_lock, _gates.gate_pool().lock, _gates._pools_lock]
-        holding, release = threading.Barrier(len(locks) + 1), threading.Event()
-        def hold(lock):
-            with lock:
-                holding.wait(10)
-                release.wait(30)
-        threads = [threading.Thread(target=hold, args=(lk,), daemon=True) for lk in locks]
-        for th in threads: th.start()
-        holding.wait(10)  # every lock is held by another thread now
+        release, threads = hold_all(locks)  # every lock is held by another thread now
         pid = os.fork()
         if pid == 0:
             signal.alarm(10)  # a deadlocked child dies of SIGALRM
