@@ -40,8 +40,7 @@ test-arm64:
 # verification tests are left out: they run Python and Unicorn, not the host recipe, and
 # under two layers of emulation they would take most of CI's time (README, "The arm64
 # suite under QEMU").
-ARM64_HOST_TESTS = -q --ignore-glob='tests/test_litmus_*' --ignore-glob='tests/test_emu_*' \
-	--ignore=tests/test_verify.py --ignore=tests/test_reliability_model.py
+ARM64_HOST_TESTS = -q --ignore=tests/model --ignore=tests/litmus --ignore=tests/verify
 test-arm64-host:
 	.ci/arm64.sh $(ARM64_HOST_TESTS)
 

@@ -49,7 +49,7 @@ itself completed), as with any Python call: between the allocator's commit and t
 return there is the lock's release, a call into C after which CPython checks.  A
 ``jit_text_alloc`` whose handle is lost there stays allocated until ``close()``.
 
-``tests/test_reliability_interrupts.py`` raises an exception at every point where
+``tests/reliability/fork_and_signals/test_interrupts_enumerated.py`` raises an exception at every point where
 CPython can deliver one in every verb (allocator, backend, recipes, all the code a
 verb runs on the main thread), in every native mode and on the modeled machine, and
 audits the allocator after each (docs/reliability.md).

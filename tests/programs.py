@@ -16,7 +16,8 @@ import contextlib
 import ctypes
 import functools
 import os
-from collections.abc import Iterator
+import signal
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import pytest
@@ -179,6 +180,54 @@ def traps(size: int) -> bytes:
     return HOST.trap_bytes(size)
 
 
+@contextlib.contextmanager
+def native_allocator(mode: str = "dual", pack_size: int = 1 << 16) -> Iterator[execmem.Allocator]:
+    """An allocator on a native backend of its own (small packs), both closed at the end."""
+    from execmem.native import NativeBackend
+
+    backend = NativeBackend(mode)
+    a = execmem.Allocator(backend=backend, pack_size=pack_size)
+    try:
+        yield a
+    finally:
+        a.close()
+        backend.close()
+
+
+def live(a: execmem.Allocator, value: int, size: int = 16) -> execmem.JitText:
+    """A LIVE text of ``a`` returning ``value``."""
+    t = a.jit_text_alloc(size)
+    t.write(0, const(value))
+    t.map()
+    return t
+
+
+def run_in_child(child: Callable[[], int], timeout: float = 20.0) -> int:
+    """Run ``child()`` in a forked child (its return value is the exit code; an
+    exception is exit code 99); SIGALRM kills a child that hangs.  Returns the wait status."""
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - runs in the child, which must never return to pytest
+        code = 99
+        try:
+            import faulthandler
+
+            faulthandler.disable()
+            signal.signal(signal.SIGALRM, signal.SIG_DFL)
+            signal.alarm(int(timeout))
+            code = child()
+        except BaseException:
+            code = 99
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    return status
+
+
+def exited(status: int, code: int = 0) -> bool:
+    """Whether the wait ``status`` is a normal exit with ``code``."""
+    return os.WIFEXITED(status) and os.WEXITSTATUS(status) == code
+
+
 if not MISSING:
     _return_value = encoder(HOST)
     RET = assemble("ret")
@@ -262,9 +311,13 @@ __all__ = [
     "busy",
     "call_plus_one",
     "const",
+    "exited",
+    "live",
     "mappings_over",
+    "native_allocator",
     "near_libc",
     "needs_programs",
+    "run_in_child",
     "synchronize",
     "traps",
 ]

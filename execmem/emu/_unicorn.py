@@ -13,7 +13,7 @@ Given (instruction bytes, registers, load values) the result is deterministic, s
 results are memoized: exhaustive exploration revisits the same local steps many
 times and pays for Unicorn once.
 
-Unicorn behaviours this relies on are pinned by tests/test_unicorn_pins.py:
+Unicorn behaviours this relies on are pinned by tests/model/test_unicorn_pins.py:
 a translated block keeps running after its bytes change until ``ctl_remove_cache``
 (so the executor removes the block whenever the bytes at PC differ from the ones it
 was translated from), the TB containing ``until - 1`` is dropped after every run
@@ -107,7 +107,7 @@ class _Cpu:
     def _on_stop(self, uc: object, addr: int, size: int, _ud: object) -> None:
         if self.fast:
             self.stopped = True
-            self.uc.emu_stop()  # before the instruction executes (tests/test_unicorn_pins.py)
+            self.uc.emu_stop()  # before the instruction executes (tests/model/test_unicorn_pins.py)
 
     def _address(self, addr: int, size: int) -> int:
         for base, length, buf in self.buffers:
@@ -156,7 +156,7 @@ class _Cpu:
         if self.vals[pc_index] == pc and any(a.kind == "W" for a in self.accesses) and not self.fault:
             # x86: a store into a page holding translated code makes QEMU invalidate the
             # block and restart the instruction, which the count=1 budget then never
-            # completes (tests/test_unicorn_pins.py).  Run it again up to its end.
+            # completes (tests/model/test_unicorn_pins.py).  Run it again up to its end.
             ctypes.memmove(self.vals, regs, 8 * self.nregs)
             lib.uc_reg_write_batch(self.handle, self.ids, self.ptrs, self.nregs)
             self.uc.ctl_remove_cache(pc, pc + len(insn))

@@ -7,7 +7,7 @@ thread still using the page is a store through the TLB (a host action, the same 
 guest store with no barrier around it), and the kernel's barriers are the
 architecture's own (``STEP_FENCES``), so only the variants name an architecture.
 ``tests/data/litmus-seeds/`` holds the same races as litmus tests, which
-``tests/test_litmus_vmsa.py`` checks against these verdicts.
+``tests/litmus/test_litmus_vmsa.py`` checks against these verdicts.
 """
 
 from __future__ import annotations

@@ -16,10 +16,10 @@ import sys
 import textwrap
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import keystone
+import paths
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -30,7 +30,7 @@ from execmem import _asm_engine
 from execmem import arch as _arch
 from execmem._asm_engine import Helper, KeystoneFailure
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = paths.ROOT
 
 #: The child: answers ``{"source", "arch", "syntax"?, "stack"?}`` lines with the
 #: result of ``execmem.asm`` (run in a thread with a ``stack``-byte stack if given),

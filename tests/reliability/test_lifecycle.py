@@ -1,12 +1,9 @@
-"""Reliability of a text's whole life: use after free, free during calls, W^X for the
-whole process, fork and signals (native backend).
+"""Reliability of a text's whole life on the native backend: use after free, free
+during calls, W^X for the whole process, and lifetimes (dropped allocators, context
+managers, frees beside a running text in mprotect mode).
 
-What is already covered elsewhere and not repeated here:
-``test_public_api.py::test_free_during_a_call_defers_refill_and_quarantine`` (one caller),
-``test_native_fork.py`` (the backend's views and alias across fork, trap filler traps).
-
-Tests marked ``xfail(strict=True)`` reproduce bugs in files this suite may not edit;
-each reason names the bug and the fix (see also the report in the commit message).
+Fork and signals are ``fork_and_signals/``; the one-caller case of a free during a
+call is ``test_public_api.py::test_free_during_a_call_defers_refill_and_quarantine``.
 ``pytest -s`` prints a few figures.
 """
 
@@ -16,26 +13,25 @@ import contextlib
 import ctypes
 import os
 import signal
-import subprocess
 import sys
-import textwrap
 import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import paths
 import programs as P
 import pytest
-from programs import const, traps
+from programs import const, exited, live, native_allocator, run_in_child, traps
 
 import execmem
 from execmem import JitText, TextState, _gates
-from execmem._errors import ForkedProcessError, UseAfterFreeError
+from execmem._errors import UseAfterFreeError
 from execmem.native import NativeBackend, _procmaps
 
 pytestmark = P.needs_programs
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = str(paths.ROOT)
 SMALL = 1 << 16
 
 
@@ -43,54 +39,11 @@ def S(a: execmem.Allocator) -> dict[str, Any]:
     return a.stats()
 
 
-@contextlib.contextmanager
-def allocator(mode: str = "dual", pack_size: int = SMALL) -> Iterator[execmem.Allocator]:
-    backend = NativeBackend(mode)
-    a = execmem.Allocator(backend=backend, pack_size=pack_size)
-    try:
-        yield a
-    finally:
-        a.close()
-        backend.close()
-
-
-def live(a: execmem.Allocator, value: int, size: int = 16) -> JitText:
-    t = a.jit_text_alloc(size)
-    t.write(0, const(value))
-    t.map()
-    return t
-
-
-def _fork(child: Callable[[], int], timeout: float = 20.0) -> int:
-    """Run ``child()`` in a forked child (its return value is the exit code; an
-    exception is exit code 99); SIGALRM kills a child that hangs.  Returns the wait status."""
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - runs in the child, which must never return to pytest
-        code = 99
-        try:
-            import faulthandler
-
-            faulthandler.disable()
-            signal.signal(signal.SIGALRM, signal.SIG_DFL)
-            signal.alarm(int(timeout))
-            code = child()
-        except BaseException:
-            code = 99
-        finally:
-            os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    return status
-
-
-def _exited(status: int, code: int = 0) -> bool:
-    return os.WIFEXITED(status) and os.WEXITSTATUS(status) == code
-
-
 # --- use after free ---------------------------------------------------------------------
 
 
 def test_callable_made_before_free_refuses_after_free_even_after_va_reuse() -> None:
-    with allocator() as a:
+    with native_allocator() as a:
         anchor = live(a, 1)  # keeps the pack mapped
         t = live(a, 2)
         old_address = t.address
@@ -168,7 +121,7 @@ def test_free_during_many_concurrent_calls_waits_for_the_last() -> None:
     """Extends the one-caller test in test_public_api: several threads, two callables
     (two entry points) of the same text; reclamation waits for the very last return,
     and the VA is not handed out while any call is in flight."""
-    with allocator() as a:
+    with native_allocator() as a:
         live(a, 1)  # the pack is mapped: frees are quarantined
         t = _spin_text(a)
         code = t.read()
@@ -219,7 +172,7 @@ def test_free_during_many_concurrent_calls_waits_for_the_last() -> None:
 
 def test_a_failing_call_does_not_leak_an_in_flight_count() -> None:
     """ctypes refusing the arguments (ArgumentError) happens inside the counted call."""
-    with allocator() as a:
+    with native_allocator() as a:
         t = live(a, 9)
         fn = t.function(ctypes.c_int, ctypes.c_int)
         with pytest.raises(ctypes.ArgumentError):
@@ -232,15 +185,15 @@ def test_a_failing_call_does_not_leak_an_in_flight_count() -> None:
 def test_jumping_into_freed_text_executes_only_traps() -> None:
     """A raw pointer (not tracked) into a freed text, from the epoch after the free on:
     the child that calls it dies with SIGTRAP at the first byte (never-written filler is
-    covered in test_native_fork)."""
-    with allocator() as a:
+    covered in test_fork)."""
+    with native_allocator() as a:
         live(a, 1)
         t = live(a, 4, size=64)
         raw = t.address
         t.free()
         live(a, 2)  # a publish into the mapped pack: the epoch that refills the freed text
         assert ctypes.string_at(raw, 64) == traps(64)
-        status = _fork(lambda: ctypes.CFUNCTYPE(ctypes.c_int)(raw)() and 0)
+        status = run_in_child(lambda: ctypes.CFUNCTYPE(ctypes.c_int)(raw)() and 0)
         assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGTRAP
 
 
@@ -249,7 +202,7 @@ def test_close_during_a_call_does_not_crash() -> None:
     it works once the call returned (formerly it unmapped the running code: SIGSEGV)."""
 
     def child() -> int:
-        with allocator() as a:
+        with native_allocator() as a:
             t = _spin_text(a)
             fn = t.function(ctypes.c_int, ctypes.c_void_p)
             flag = ctypes.c_uint64(0)
@@ -267,7 +220,7 @@ def test_close_during_a_call_does_not_crash() -> None:
             a.close()
             return 0 if out == [7] and refused else 3
 
-    assert _exited(_fork(child))
+    assert exited(run_in_child(child))
 
 
 # --- W^X for the whole process ------------------------------------------------------------
@@ -335,7 +288,7 @@ def test_the_spy_sees_closures(monkeypatch: pytest.MonkeyPatch) -> None:
 def _workload(mode: str, scan: Callable[[str], None], capsys: pytest.CaptureFixture[str]) -> None:
     from execmem.examples import bf, bpf, calc
 
-    with allocator(mode) as a:
+    with native_allocator(mode) as a:
         texts = [live(a, k) for k in range(8)]
         scan(f"{mode}: map")
         u = a.jit_text_alloc(4096, 4096)  # whole pages: in-place is allowed in every mode
@@ -421,238 +374,6 @@ def test_no_writable_and_executable_memory_and_no_closures(
         )
 
 
-# --- fork ------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("mode", ["dual", "mprotect"])
-def test_allocator_in_a_forked_child_refuses_and_parent_is_untouched(mode: str) -> None:
-    with allocator(mode) as a:
-        t = live(a, 42)
-        r = a.jit_text_alloc(16)  # RESERVED
-        fn = t.function(ctypes.c_int)
-        execmem.jit_text_alloc(16).free()  # the parent's default allocator exists
-        parent_default = execmem.default_allocator()
-
-        def child() -> int:
-            failures = 0
-            for attempt in (
-                lambda: a.jit_text_alloc(16),
-                lambda: r.write(0, const(1)),
-                r.map,
-                lambda: t.update(0, const(1)),
-                t.free,
-                lambda: t.function(ctypes.c_int),
-                a.stats,
-                lambda: a.publish([r]),
-            ):
-                try:
-                    attempt()
-                    failures += 1
-                except ForkedProcessError:
-                    pass
-            if fn() != 42:  # the inherited read+execute view still runs the parent's code
-                failures += 1
-            # The child's default allocator is its own, on private memory, and works.
-            d = execmem.default_allocator()
-            if d is parent_default:
-                failures += 1
-            c = live(d, 9)
-            if c.function(ctypes.c_int)() != 9:
-                failures += 1
-            c.free()
-            a.close()  # allowed: drops only the child's view of things
-            return failures
-
-        assert _exited(_fork(child))
-        assert fn() == 42 and t.read()[: P.CONST_SIZE] == const(42)
-        r.write(0, const(8))
-        r.map()
-        assert r.function(ctypes.c_int)() == 8
-        assert execmem.default_allocator() is parent_default
-        assert S(a)["texts"]["LIVE"] == 2
-
-
-def _child_overwrites_code(address: int) -> Callable[[], int]:
-    def child() -> int:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-        page = address & ~4095
-        if libc.mprotect(page, 4096, 3) != 0:  # PROT_READ | PROT_WRITE
-            return 0  # refused: the child cannot write the code
-        ctypes.memmove(address, const(99), P.CONST_SIZE)
-        return 0
-
-    return child
-
-
-def test_a_child_cannot_change_the_parents_code_mprotect_mode() -> None:
-    with allocator("mprotect") as a:
-        t = live(a, 7)
-        fn = t.function(ctypes.c_int)
-        assert _exited(_fork(_child_overwrites_code(t.address)))
-        assert fn() == 7  # private memory: the child wrote its own copy
-
-
-def test_a_child_cannot_change_the_parents_code_dual_mode() -> None:
-    with allocator("dual") as a:
-        t = live(a, 7)
-        fn = t.function(ctypes.c_int)
-        assert _exited(_fork(_child_overwrites_code(t.address)))
-        assert fn() == 7
-
-
-def test_fork_while_another_thread_holds_the_allocator_lock() -> None:
-    with allocator() as a:
-        holding, release = threading.Event(), threading.Event()
-
-        def hold() -> None:
-            with a._lock:
-                holding.set()
-                release.wait(10)
-
-        th = threading.Thread(target=hold, daemon=True)
-        th.start()
-        holding.wait(10)
-        try:
-
-            def child() -> int:
-                try:
-                    a.jit_text_alloc(16)
-                except ForkedProcessError:
-                    return 0
-                return 1
-
-            status = _fork(child, timeout=3)
-        finally:
-            release.set()
-            th.join(10)
-        assert _exited(status), f"child status {status:#x} (SIGALRM: deadlocked)"
-
-
-# --- signals ---------------------------------------------------------------------------------
-
-
-def _run_script(body: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
-    script = "import faulthandler\nfaulthandler.dump_traceback_later(12, exit=True)\n" + textwrap.dedent(body)
-    return subprocess.run(
-        [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=timeout
-    )
-
-
-def test_python_signal_handler_runs_after_a_long_jit_call_returns() -> None:
-    """A Python handler cannot interrupt machine code: it runs when the call returns
-    (then it may use another allocator freely)."""
-    r = _run_script(
-        f"""
-        import ctypes, signal, threading, time, execmem
-        from execmem.native import NativeBackend
-        a = execmem.Allocator(backend=NativeBackend(), pack_size=1 << 16)
-        b = execmem.Allocator(backend=NativeBackend(), pack_size=1 << 16)
-        t = a.jit_text_alloc(32); t.write(0, bytes.fromhex({P.SPIN.hex()!r})); t.map()
-        fn = t.function(ctypes.c_int, ctypes.c_void_p)
-        flag = ctypes.c_uint64(0)
-        ran = []
-        def handler(signum, frame):
-            u = b.jit_text_alloc(16); u.write(0, bytes.fromhex({const(5).hex()!r})); u.map()
-            assert u.function(ctypes.c_int)() == 5
-            u.free()
-            ran.append(time.monotonic())
-            signal.setitimer(signal.ITIMER_REAL, 0.02)
-        signal.signal(signal.SIGALRM, handler)
-        released = []
-        threading.Timer(0.3, lambda: (released.append(time.monotonic()), setattr(flag, "value", 1))).start()
-        signal.setitimer(signal.ITIMER_REAL, 0.02)
-        start = time.monotonic()
-        assert fn(ctypes.addressof(flag)) == 7
-        returned = time.monotonic()
-        time.sleep(0.05)
-        signal.signal(signal.SIGALRM, signal.SIG_IGN)  # a handler pending now must not re-arm the timer
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        # The timer fired every 20 ms during the 0.3 s call; the handler ran only after
-        # the machine code returned (after the flag was set).
-        assert ran and ran[0] >= released[0], (ran[:1], released)
-        print(f"call {{returned - start:.2f}}s, {{len(ran)}} handler runs, the first "
-              f"{{(ran[0] - released[0]) * 1000:.2f}} ms after the code was released")
-        """
-    )
-    assert r.returncode == 0, r.stderr
-    print(f"\n[signals] {r.stdout.strip()}")
-
-
-def test_signal_handler_reentering_the_allocator() -> None:
-    r = _run_script(
-        """
-        import ctypes, signal, time, execmem
-        from execmem.native import NativeBackend
-        a = execmem.Allocator(backend=NativeBackend(), pack_size=1 << 16)
-        from tests.programs import const as code
-        w = [a.jit_text_alloc(16) for _ in range(2)]
-        for t in w: t.write(0, code(1)); t.map()  # warm: the second publish selects membarrier
-        keep, errors, runs = [], [], [0]
-        def handler(signum, frame):
-            try:
-                t = a.jit_text_alloc(16); t.write(0, code(5)); t.map()
-                assert t.function(ctypes.c_int)() == 5
-                keep.append(t)
-                if len(keep) > 3: keep.pop(0).free()
-                runs[0] += 1
-            except execmem.ExecmemError as e:
-                errors.append(e)
-            finally:
-                signal.setitimer(signal.ITIMER_REAL, 0.0005)
-        signal.signal(signal.SIGALRM, handler)
-        signal.setitimer(signal.ITIMER_REAL, 0.0005)
-        live, i, end = [], 0, time.monotonic() + 2
-        while time.monotonic() < end:
-            i += 1
-            t = a.jit_text_alloc(16 + i % 50); t.write(0, code(i))
-            if i % 3: t.map()
-            else:
-                with a.batch(): t.map()
-            live.append((t, i))
-            if len(live) > 20:
-                u, v = live.pop(0); assert u.function(ctypes.c_int)() == v; u.free()
-        signal.signal(signal.SIGALRM, signal.SIG_IGN)  # a handler pending now must not re-arm the timer
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        assert all(u.function(ctypes.c_int)() == v for u, v in live)
-        assert all(t.function(ctypes.c_int)() == 5 for t in keep)
-        print("ok", i, runs[0], len(errors))
-        """
-    )
-    assert r.returncode == 0, r.stderr[-2000:]
-
-
-def test_signal_handler_calling_asm_during_asm() -> None:
-    """Was a deadlock (a plain Lock held by the interrupted asm).  The handler's asm
-    runs on its own Keystone handle, so the interrupted call's result is untouched."""
-    r = _run_script(
-        """
-        import signal, time, execmem
-        execmem.asm("nop", "x86_64")
-        runs = [0]
-        def handler(signum, frame):
-            try:
-                assert execmem.asm("nop", "x86_64") == b"\\x90"; runs[0] += 1
-            finally:
-                signal.setitimer(signal.ITIMER_REAL, 0.0003)
-        signal.signal(signal.SIGALRM, handler)
-        signal.setitimer(signal.ITIMER_REAL, 0.0003)
-        end = time.monotonic() + 2
-        while time.monotonic() < end:
-            assert execmem.asm("mov eax, 1\\nret", "x86_64") == b"\\xb8\\x01\\0\\0\\0\\xc3"
-            try:  # a failing call reads Keystone's errno after ks_asm: must stay its own
-                execmem.asm("nop\\nbogus", "x86_64")
-            except execmem.AssemblyError as e:
-                assert "line 2" in str(e) and "mnemonic" in str(e).lower(), e
-        signal.signal(signal.SIGALRM, signal.SIG_IGN)  # a handler pending now must not re-arm the timer
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        assert runs[0] > 0
-        print("ok", runs[0])
-        """
-    )
-    assert r.returncode == 0, r.stderr[-2000:]
-
-
 # --- lifetimes ------------------------------------------------------------------------------
 
 
@@ -720,7 +441,7 @@ def test_dropped_allocators_leave_descriptors_and_vmas_flat(count: int) -> None:
 
 
 def test_texts_and_allocators_are_context_managers() -> None:
-    with allocator() as a:
+    with native_allocator() as a:
         with a.jit_text_alloc(16) as t:
             t.write(0, const(3))
             t.map()
@@ -738,7 +459,7 @@ def test_mprotect_free_never_stops_a_text_running_on_the_same_page() -> None:
     waits until no text is left in the page; the running text completes."""
 
     def child() -> int:
-        with allocator("mprotect") as a:
+        with native_allocator("mprotect") as a:
             texts = a.jit_text_alloc_many([64] * 8)  # densely packed: one page
             codes = [P.SPIN] + [const(10 + k) for k in range(1, 8)]
             a.publish(texts, codes)
@@ -760,92 +481,4 @@ def test_mprotect_free_never_stops_a_text_running_on_the_same_page() -> None:
             refilled = ctypes.string_at(texts[0].address, 64 * 8) == traps(64 * 8)
             return 0 if out == [7] and kept and refilled else 3
 
-    assert _exited(_fork(child))
-
-
-def test_keyboard_interrupts_at_random_points_leave_the_allocator_consistent() -> None:
-    """Real signals (not the enumeration of tests/test_reliability_interrupts.py): a timer
-    raises KeyboardInterrupt at random moments in a child running alloc/write/map/update/
-    free/batch in a loop; afterwards the allocator audits clean and still works.
-
-    The handler raises only while a verb runs (the test's own assembling of the next
-    code is not what is tested), and the timer's range is a multiple of the loop's
-    measured time per step, so interrupts land inside verbs whether they take tens of
-    microseconds (natively) or milliseconds (under QEMU)."""
-    script = textwrap.dedent("""
-        import ctypes, random, signal, statistics, sys, threading, time
-        sys.path[:0] = [".", "tests"]
-        import execmem
-        from execmem.native import NativeBackend
-        from programs import Switch, const
-        from tests.test_reliability_faults import audit_allocator
-        threading.Thread(target=threading.Event().wait, daemon=True).start()
-        b = NativeBackend("dual"); a = execmem.Allocator(backend=b, pack_size=1 << 16)
-        for _ in range(2):  # the membarrier probe (a child process) and mechanism chosen first
-            a.jit_text_alloc(16).map()
-        armed = [False]  # the handler raises only while a verb may be running
-        outside = [0.0]  # seconds spent in code() so far
-
-        def code(make, *args):  # the test's own work: never interrupted, not timed
-            armed[0] = False
-            started = time.perf_counter()
-            made = make(*args)
-            outside[0] += time.perf_counter() - started
-            armed[0] = True
-            return made
-
-        def step(i, rng, live):
-            op = rng.random()
-            if op < 0.4 or not live:
-                t = a.jit_text_alloc(rng.choice([32, 64, 200]), 8); sw = Switch((i, i + 1))
-                t.write(0, code(sw.code, t.address)); t.map(); live.append((t, sw))
-            elif op < 0.55:
-                t, sw = rng.choice(live)
-                if t.state.name == "LIVE":
-                    t.update(0, code(sw.patch, rng.randrange(2), t.address))
-            elif op < 0.65:
-                with a.batch():
-                    u = a.jit_text_alloc(32, 8); sw = Switch((i, i + 1))
-                    u.write(0, code(sw.code, u.address)); u.map()
-                    if live: live.pop()[0].free()
-                live.append((u, sw))
-            else:
-                t, _ = live.pop(rng.randrange(len(live)))
-                t.free()
-
-        warm = []; rng = random.Random(0); durations = []
-        for i in range(100):  # calibration: the same steps, no timer
-            started = time.perf_counter(); outside[0] = 0.0; step(i, rng, warm)
-            durations.append(time.perf_counter() - started - outside[0])
-        for t, _ in warm: t.free()
-        per_step = statistics.median(durations)  # in verbs
-
-        def tick(*_):
-            if armed[0]:
-                armed[0] = False
-                raise KeyboardInterrupt
-        signal.signal(signal.SIGALRM, tick)
-        rng = random.Random(1); live = []; interrupted = done = 0
-        for i in range(4000):
-            try:
-                armed[0] = True
-                signal.setitimer(signal.ITIMER_REAL, rng.uniform(0.05, 2.0) * per_step)  # within a step's verbs, mostly
-                step(i, rng, live)
-                armed[0] = False
-                done += 1
-            except KeyboardInterrupt:
-                interrupted += 1
-        signal.signal(signal.SIGALRM, signal.SIG_IGN)
-        problems = audit_allocator(a)
-        assert problems == [], problems[:5]
-        t = a.jit_text_alloc(16); t.write(0, const(77)); t.map()
-        assert t.function(ctypes.c_int)() == 77
-        a.close(); b.close()
-        print(f"ok {done} completed, {interrupted} interrupted, {per_step * 1e6:.0f} us in verbs per step")
-    """)
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    r = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True, timeout=300 * P.SLOWDOWN)
-    assert r.returncode == 0 and r.stdout.startswith("ok"), r.stderr[-3000:]
-    print(f"\n[signals] {r.stdout.strip()}")
-    done, interrupted = int(r.stdout.split()[1]), int(r.stdout.split()[3])
-    assert done > 100 and interrupted > 100  # both happened, many times
+    assert exited(run_in_child(child))

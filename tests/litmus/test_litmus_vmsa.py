@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import paths
 import pytest
 
 from execmem.litmus import parse_file, parse_litmus
@@ -16,7 +17,7 @@ from execmem.litmus._cli import read_kinds, run_all
 from execmem.litmus._run import run_test
 from execmem.verify import find, run_variant
 
-DATA = Path(__file__).parent / "data"
+DATA = paths.DATA
 VMSA = DATA / "herd" / "aarch64-vmsa"  # vendored half of herd's catalogue, see its NOTICE
 DOMAINS = DATA / "litmus-domains"  # our own, verdicts argued from the Arm ARM in each file
 SEEDS = DATA / "litmus-seeds"  # the seed TLB races of the verification catalog

@@ -15,9 +15,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import paths
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = paths.ROOT
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"), reason="the JIT code here is x86-64"),

@@ -684,7 +684,7 @@ def test_stats_and_occupancy(make_allocator: Any) -> None:
     del t3
 
 
-# -- interrupted verbs (the enumeration is tests/test_reliability_interrupts.py) ------------
+# -- interrupted verbs (the enumeration is tests/reliability/fork_and_signals/test_interrupts_enumerated.py) ------------
 
 
 def test_an_interrupted_rollback_is_finished_by_the_next_verb(make_allocator: Any) -> None:

@@ -52,12 +52,12 @@ from types import CodeType, TracebackType
 from typing import Any
 
 import pytest
+from audit import audit_allocator, gate_ranges, open_fds
 
 import execmem
 from execmem import JitText, TextState, _gates
 from execmem.emu import Machine
 from execmem.native import NativeBackend, _procmaps, _sync
-from tests.test_reliability_faults import audit_allocator, gate_ranges, open_fds
 
 pytestmark = pytest.mark.skipif(
     platform.machine().lower() not in ("x86_64", "amd64"), reason="native test programs are x86-64 code"

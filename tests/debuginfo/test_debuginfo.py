@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import paths
 import pytest
 from programs import Switch, needs_programs
 
@@ -29,7 +30,7 @@ from execmem._errors import SystemCallError, UnsupportedError
 from execmem.arch import host
 from execmem.native import _libc
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = paths.ROOT
 PACK = 1 << 16
 
 

@@ -18,8 +18,20 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import programs as P
 import pytest
-from programs import ADD, ADD_T, CONST_T, Switch, const, needs_programs
+from programs import (
+    ADD,
+    ADD_T,
+    CONST_T,
+    Switch,
+    const,
+    exited,
+    live,
+    native_allocator,
+    needs_programs,
+    run_in_child,
+)
 
 import execmem
 from execmem._errors import ForkedProcessError
@@ -463,3 +475,111 @@ def test_fork_snapshots_a_hugetlb_pack() -> None:
         assert report["call"] == 7 and fn() == 8
         fork = report["fork"]
         assert isinstance(fork, dict) and fork["moved"] == 1 and fork["bytes"] == 2 << 20, fork
+
+
+# --- the allocator in a forked child ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["dual", "mprotect"])
+def test_allocator_in_a_forked_child_refuses_and_parent_is_untouched(mode: str) -> None:
+    with native_allocator(mode) as a:
+        t = live(a, 42)
+        r = a.jit_text_alloc(16)  # RESERVED
+        fn = t.function(ctypes.c_int)
+        execmem.jit_text_alloc(16).free()  # the parent's default allocator exists
+        parent_default = execmem.default_allocator()
+
+        def child() -> int:
+            failures = 0
+            for attempt in (
+                lambda: a.jit_text_alloc(16),
+                lambda: r.write(0, const(1)),
+                r.map,
+                lambda: t.update(0, const(1)),
+                t.free,
+                lambda: t.function(ctypes.c_int),
+                a.stats,
+                lambda: a.publish([r]),
+            ):
+                try:
+                    attempt()
+                    failures += 1
+                except ForkedProcessError:
+                    pass
+            if fn() != 42:  # the inherited read+execute view still runs the parent's code
+                failures += 1
+            # The child's default allocator is its own, on private memory, and works.
+            d = execmem.default_allocator()
+            if d is parent_default:
+                failures += 1
+            c = live(d, 9)
+            if c.function(ctypes.c_int)() != 9:
+                failures += 1
+            c.free()
+            a.close()  # allowed: drops only the child's view of things
+            return failures
+
+        assert exited(run_in_child(child))
+        assert fn() == 42 and t.read()[: P.CONST_SIZE] == const(42)
+        r.write(0, const(8))
+        r.map()
+        assert r.function(ctypes.c_int)() == 8
+        assert execmem.default_allocator() is parent_default
+        assert a.stats()["texts"]["LIVE"] == 2
+
+
+def _child_overwrites_code(address: int) -> Callable[[], int]:
+    def child() -> int:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        page = address & ~4095
+        if libc.mprotect(page, 4096, 3) != 0:  # PROT_READ | PROT_WRITE
+            return 0  # refused: the child cannot write the code
+        ctypes.memmove(address, const(99), P.CONST_SIZE)
+        return 0
+
+    return child
+
+
+def test_a_child_cannot_change_the_parents_code_mprotect_mode() -> None:
+    with native_allocator("mprotect") as a:
+        t = live(a, 7)
+        fn = t.function(ctypes.c_int)
+        assert exited(run_in_child(_child_overwrites_code(t.address)))
+        assert fn() == 7  # private memory: the child wrote its own copy
+
+
+def test_a_child_cannot_change_the_parents_code_dual_mode() -> None:
+    with native_allocator("dual") as a:
+        t = live(a, 7)
+        fn = t.function(ctypes.c_int)
+        assert exited(run_in_child(_child_overwrites_code(t.address)))
+        assert fn() == 7
+
+
+def test_fork_while_another_thread_holds_the_allocator_lock() -> None:
+    with native_allocator() as a:
+        holding, release = threading.Event(), threading.Event()
+
+        def hold() -> None:
+            with a._lock:
+                holding.set()
+                release.wait(10)
+
+        th = threading.Thread(target=hold, daemon=True)
+        th.start()
+        holding.wait(10)
+        try:
+
+            def child() -> int:
+                try:
+                    a.jit_text_alloc(16)
+                except ForkedProcessError:
+                    return 0
+                return 1
+
+            status = run_in_child(child, timeout=3)
+        finally:
+            release.set()
+            th.join(10)
+        assert exited(status), f"child status {status:#x} (SIGALRM: deadlocked)"

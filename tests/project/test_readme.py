@@ -5,11 +5,11 @@ from __future__ import annotations
 import gc
 import platform
 import re
-from pathlib import Path
 
+import paths
 import pytest
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+README = paths.ROOT / "README.md"
 
 
 @pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"), reason="the README's examples are written in x86-64 assembly")

@@ -43,11 +43,11 @@ from dataclasses import dataclass, field
 
 import programs as P
 import pytest
+from audit import audit_allocator, gate_ranges
 
 import execmem
 from execmem import JitFunction, JitText, TextState, UnsafePatchError, UseAfterFreeError
 from execmem.native import NativeBackend, _procmaps
-from tests.test_reliability_faults import audit_allocator, gate_ranges
 
 pytestmark = P.needs_programs
 

@@ -7,6 +7,7 @@ import platform
 import sys
 from pathlib import Path
 
+import paths
 import pytest
 
 import execmem
@@ -77,7 +78,7 @@ def test_stats_png_refuses_a_name_that_is_not_png(tmp_path: Path, capsys: pytest
     assert not target.exists()
 
 
-HERD = Path(__file__).parent / "data" / "herd" / "aarch64-ifetch"
+HERD = paths.DATA / "herd" / "aarch64-ifetch"
 LONG_COMMANDS = {
     "litmus": ["litmus", "-j", "1", str(HERD / "MP+rel+blr.litmus"), str(HERD / "LB.RF+dmb.sy+po.litmus")],
     "verify": ["verify", "--scenario", "tlb-async-flush", "-j", "1"],

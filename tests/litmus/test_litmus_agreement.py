@@ -7,13 +7,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import paths
 import pytest
 
 from execmem.litmus import parse_file
 from execmem.litmus._cli import read_kinds, run_all
 from execmem.litmus._run import run_test, setup
 
-SUITE = Path(__file__).parent / "data" / "herd" / "aarch64-ifetch"  # vendored, see its NOTICE
+SUITE = paths.DATA / "herd" / "aarch64-ifetch"  # vendored, see its NOTICE
 
 
 @pytest.mark.slow

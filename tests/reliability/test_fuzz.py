@@ -28,6 +28,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import paths
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -39,7 +40,7 @@ from execmem.native import NativeBackend
 
 pytestmark = needs_programs
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = paths.ROOT
 SMALL = 1 << 16
 FUZZ = settings(
     max_examples=100, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck)

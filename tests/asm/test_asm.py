@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
 from typing import Any
 
 import capstone
+import paths
 import pytest
 
 import execmem
@@ -332,7 +332,7 @@ def test_what_asm_does_not_check() -> None:
 
 
 def test_readme_states_the_limits_asm_enforces() -> None:
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    readme = (paths.ROOT / "README.md").read_text()
     section = readme.split("### Assembling: `asm`", 1)[1].split("\n### ", 1)[0]
     x86, arm = execmem.arch.get("x86_64").asm, execmem.arch.get("arm64").asm
     assert x86 is not None and arm is not None

@@ -10,19 +10,19 @@ new one.  Everything that could deadlock runs in a child process with a timeout.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import textwrap
 import threading
 
+import paths
 import pytest
 from programs import ADD, HOLD_LOCKS, const, needs_programs
 
 from execmem._errors import BadStateError
 from execmem._locks import REENTERED, OwnedLock, SetupLock
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = str(paths.ROOT)
 
 
 

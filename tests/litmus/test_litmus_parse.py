@@ -7,6 +7,7 @@ import re
 import time
 from pathlib import Path
 
+import paths
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -46,8 +47,8 @@ from execmem.litmus import (
     to_keystone,
 )
 
-DATA = Path(__file__).parent / "data" / "litmus"
-HERD = Path(__file__).parent / "data" / "herd"  # vendored herdtools7 catalogues (see their NOTICE)
+DATA = paths.DATA / "litmus"
+HERD = paths.DATA / "herd"  # vendored herdtools7 catalogues (see their NOTICE)
 SUITE = HERD / "aarch64-ifetch"
 FILES = sorted(SUITE.glob("*.litmus"))
 # A suite of the other dialect (translation tables), to parse and print only.
