@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 import unicorn as U
-from programs import SLOWDOWN, const, needs_programs
+from programs import SLOWDOWN, const, exited, needs_programs, run_in_child
 from unicorn import arm64_const as A
 from unicorn import x86_const as X
 
@@ -478,20 +478,29 @@ def test_remote_cse_runs_in_a_single_threaded_process() -> None:
 
 def test_probe_thread_state_resets_in_a_forked_child() -> None:
     """A probe running in the parent's thread does not exist in a child: the child
-    runs its own when it needs one (here the routine answers at once in the child)."""
-    gate, parent = threading.Event(), os.getpid()
-    probe = MembarrierProbe(lambda: (gate.wait(5) if os.getpid() == parent else None, None)[1])
+    runs its own when it needs one (here the routine answers at once in the child).
+
+    The fork waits until the parent's probe is inside its routine (not while its
+    thread is still starting), and the child is bounded (``run_in_child``): under
+    QEMU a child forked at once hung once in CI's run, and a hang must fail the test,
+    never stall the suite."""
+    entered, gate, parent = threading.Event(), threading.Event(), os.getpid()
+
+    def routine() -> None:
+        if os.getpid() == parent:
+            entered.set()
+            gate.wait(5 * SLOWDOWN)
+
+    probe = MembarrierProbe(routine)
     probe.start()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - runs in the child
-        code = 1
-        try:
-            probe.after_fork_in_child()  # what os.register_at_fork does for PROBE
-            verdict = probe()
-            code = 0 if verdict.detail == "this host has no probe_membarrier routine" else 2
-        finally:
-            os._exit(code)
-    _, status = os.waitpid(pid, 0)
+    assert entered.wait(5 * SLOWDOWN)  # the parent's probe runs now
+
+    def child() -> int:
+        probe.after_fork_in_child()  # what os.register_at_fork does for PROBE
+        verdict = probe()
+        return 0 if verdict.detail == "this host has no probe_membarrier routine" else 2
+
+    status = run_in_child(child, timeout=10 * SLOWDOWN)
     gate.set()
     _settle(probe)
-    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+    assert exited(status), f"child status {status:#x} (SIGALRM: it hung)"
