@@ -218,7 +218,10 @@ fi
 guest_env=(HOME=/root PATH=/usr/local/bin:/usr/bin:/bin LANG=C.UTF-8 TERM="${TERM:-dumb}"
            PIP_FIND_LINKS=/wheels PIP_ONLY_BINARY=keystone-engine PIP_DISABLE_PIP_VERSION_CHECK=1
            EXECMEM_TEST_SLOWDOWN=10   # tests' hang bounds (tests/programs.py SLOWDOWN)
-           EXECMEM_TEST_QEMU_USER=1)  # what the emulator cannot give (tests/programs.py near_libc)
+           EXECMEM_TEST_QEMU_USER=1   # what the emulator cannot give (tests/programs.py near_libc)
+           # A test still running after 15 min prints every thread's stack: a hang in
+           # CI's log says where it is (the longest test takes a few minutes here).
+           PYTEST_ADDOPTS="-o faulthandler_timeout=900")
 for v in http_proxy https_proxy no_proxy HTTP_PROXY HTTPS_PROXY NO_PROXY; do
     [ -z "${!v:-}" ] || guest_env+=("$v=${!v}")
 done
