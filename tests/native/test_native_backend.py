@@ -378,7 +378,9 @@ def test_live_patch_while_threads_run(mode: str) -> None:
                 if step.name != "atomic_store":
                     b.run_step(step.name, [(r.address, 8)])
             patched.set()
-            time.sleep(0.05)
+            deadline = time.monotonic() + 10 * P.SLOWDOWN  # each thread calls after the sync
+            while not all(after_sync) and time.monotonic() < deadline:  # (however loaded the machine)
+                time.sleep(0.005)
         finally:
             stop.set()
             for t in threads:
