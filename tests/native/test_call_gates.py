@@ -1,7 +1,9 @@
 """Call gates (``execmem._gates``): a call through ``function()`` goes through a small
 generated gate that counts it in flight, forwards every argument and refuses a freed
 text with ``UseAfterFreeError``.  The templates of every architecture are checked on
-any host (arm64's also runs, under Unicorn); native calls on x86-64."""
+any host (arm64's also runs, under Unicorn); native calls on the host with its test
+programs, and the x86-64 calling convention's corners (stack arguments, SSE and x87
+results) on x86-64."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import threading
 import time
 from collections.abc import Iterator
 
+import programs as P
 import pytest
 
 import execmem
@@ -18,7 +21,9 @@ from execmem import UseAfterFreeError, _gates
 from execmem.arch import get, names
 from execmem.native import NativeBackend, _procmaps
 
-x86_only = pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"), reason="x86-64 machine code")
+x86_only = pytest.mark.skipif(
+    platform.machine().lower() not in ("x86_64", "amd64"), reason="the x86-64 calling convention's corners, in x86-64 code"
+)
 I64 = ctypes.c_int64
 
 
@@ -29,8 +34,13 @@ def a() -> Iterator[execmem.Allocator]:
 
 
 def text(a: execmem.Allocator, source: str) -> execmem.JitText:
+    return published(a, execmem.asm(source, "x86_64"))
+
+
+def published(a: execmem.Allocator, code: bytes) -> execmem.JitText:
+    """A LIVE text holding ``code`` (position-independent)."""
     t = a.jit_text_alloc(256)
-    t.write(0, execmem.asm(source, address=t.address))
+    t.write(0, code)
     t.map()
     return t
 
@@ -205,11 +215,11 @@ def test_a_long_double_result_comes_back_through_the_gate_that_keeps_the_gil(a: 
     assert t.function(ctypes.c_longdouble)() == 2.0
 
 
-@x86_only
+@P.needs_programs
 def test_the_gil_is_released_during_a_call(a: execmem.Allocator) -> None:
     """The text spins until another Python thread sets a flag: it could not, were the
     GIL held for the call."""
-    t = text(a, "spin: pause\ncmp qword ptr [rdi], 0\nje spin\nmov eax, 7\nret")
+    t = published(a, P.SPIN)
     fn = t.function(ctypes.c_int, ctypes.c_void_p)
     flag = ctypes.c_uint64(0)
     setter = threading.Thread(target=lambda: (time.sleep(0.05), setattr(flag, "value", 1)))
@@ -218,25 +228,25 @@ def test_the_gil_is_released_during_a_call(a: execmem.Allocator) -> None:
     setter.join()
 
 
-@x86_only
+@P.needs_programs
 def test_a_call_after_free_or_close_raises_and_never_enters_the_text(a: execmem.Allocator) -> None:
-    t = text(a, "mov eax, 1\nret")
+    t = published(a, P.const(1))
     fn = t.function(ctypes.c_int)
     assert fn() == 1 and isinstance(fn, execmem.JitFunction) and fn.text is t and fn.address == t.address
     t.free()
     with pytest.raises(UseAfterFreeError, match="has been freed"):
         fn()
     assert t._inflight == 0  # the refused call was counted and uncounted
-    u = text(a, "mov eax, 2\nret")
+    u = published(a, P.const(2))
     g = u.function(ctypes.c_int)
     a.close()
     with pytest.raises(UseAfterFreeError):
         g()  # the gate outlives the allocator: it refuses, never jumps into released memory
 
 
-@x86_only
+@P.needs_programs
 def test_slots_are_read_write_never_executable_and_gates_read_execute(a: execmem.Allocator) -> None:
-    t = text(a, "mov eax, 3\nret")
+    t = published(a, P.const(3))
     fn = t.function(ctypes.c_int)
     assert fn() == 3
     slot = t._slot
@@ -248,11 +258,11 @@ def test_slots_are_read_write_never_executable_and_gates_read_execute(a: execmem
     assert all("w" not in p and "x" in p for p in perms), perms
 
 
-@x86_only
+@P.needs_programs
 def test_many_threads_calling_while_the_text_is_freed(a: execmem.Allocator) -> None:
     """Every call returns the text's value or raises UseAfterFreeError; the text is
     reclaimed once the last call has returned (the next verb finds the count at 0)."""
-    t = text(a, "mov rcx, 2000\nwait: pause\ndec rcx\njnz wait\nmov eax, 5\nret")
+    t = published(a, P.busy(5, 100_000))  # some 50 us a call: the free lands among them
     fn = t.function(ctypes.c_int)
     outcomes: list[object] = []
     lock = threading.Lock()
