@@ -7,6 +7,7 @@ import platform
 import struct
 
 import pytest
+from programs import needs_programs
 
 import execmem
 from execmem._data import DATA_GRANULARITY
@@ -82,15 +83,24 @@ def test_bad_uses_raise_and_change_nothing(native: execmem.Allocator) -> None:
     assert again.address == d.address and again.read() == bytes(16)
 
 
-@pytest.mark.skipif(not X86, reason="x86-64 machine code")
-def test_jit_code_loads_and_stores_rip_relative(native: execmem.Allocator) -> None:
+def _load_and_store(text: int, data: int) -> bytes:
+    """``int64 f(int64 v)``: returns the int64 at ``data`` and stores ``v`` at
+    ``data + 8``, both addressed relative to the code (they raise if out of reach)."""
+    if X86:  # mov rax, [rip + disp32]; mov [rip + disp32 + 8], rdi; ret
+        load = b"\x48\x8b\x05" + struct.pack("<i", data - (text + 7))
+        store = b"\x48\x89\x3d" + struct.pack("<i", data + 8 - (text + 14))
+        return load + store + b"\xc3"
+    page, low = data & ~0xFFF, data & 0xFFF  # arm64: ADRP reaches +-4 GiB
+    source = f"adrp x2, {page:#x}\nldr x1, [x2, #{low}]\nstr x0, [x2, #{low + 8}]\nmov x0, x1\nret"
+    return execmem.asm(source, "arm64", text)
+
+
+@needs_programs
+def test_jit_code_loads_and_stores_relative_to_itself(native: execmem.Allocator) -> None:
     d = native.jit_data_alloc(16)
     d.write(0, struct.pack("<q", 1234))
     t = native.jit_text_alloc(32)
-    # mov rax, [rip + disp32]; mov [rip + disp32 + 8], rdi; ret: disp32 raises if out of reach.
-    load = b"\x48\x8b\x05" + struct.pack("<i", d.address - (t.address + 7))
-    store = b"\x48\x89\x3d" + struct.pack("<i", d.address + 8 - (t.address + 14))
-    t.write(0, load + store + b"\xc3")
+    t.write(0, _load_and_store(t.address, d.address))
     t.map()
     assert t.function(ctypes.c_int64, ctypes.c_int64)(77) == 1234
     assert struct.unpack("<q", d.read()[8:]) == (77,)

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import ctypes
-import platform
 
+import programs as P
 import pytest
 
 import execmem
@@ -12,8 +12,6 @@ from execmem._memory_backend import MemoryBackend
 from execmem._shrink import shrink
 from execmem.emu import Machine
 from execmem.native import NativeBackend
-
-X86 = platform.machine().lower() in ("x86_64", "amd64")
 
 
 def fingerprint(backend: MemoryBackend, a: execmem.Allocator, t: execmem.JitText) -> tuple[object, ...]:
@@ -103,15 +101,15 @@ def test_whole_write_units_stay_with_a_live_text_in_mprotect_like_mode() -> None
         assert t._nchunks * a.granularity == 4096  # one whole write unit kept
 
 
-@pytest.mark.skipif(not X86, reason="x86-64 machine code")
+@P.needs_programs
 @pytest.mark.parametrize("mode", ["dual", "mprotect"])
 def test_shrink_natively_keeps_the_text_running(mode: str) -> None:
     with execmem.Allocator(backend=NativeBackend(mode)) as a:
         t = a.jit_text_alloc(4096)
-        t.write(0, execmem.asm("mov eax, 42\nret", address=t.address))
+        t.write(0, P.const(42))
         t.map()
         f = t.function(ctypes.c_int)
-        t.shrink(6)
+        t.shrink(P.CONST_SIZE)
         assert f() == 42 and t.function(ctypes.c_int)() == 42
         assert a.stats()["totals"]["live_bytes"] == (a.granularity if mode == "dual" else 4096)
 
