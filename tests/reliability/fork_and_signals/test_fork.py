@@ -3,7 +3,10 @@
 The child keeps its inherited callables *with the code they had at fork*: dual mode's
 views of the parent's file become private read+execute snapshots, the parent's
 descriptors are closed in the child, and the parent's updates and frees never reach
-the child.  The backend refuses to write, reserve or unmap in the child."""
+the child.  The backend refuses to write, reserve or unmap in the child, the
+allocator every verb; a fork while another thread holds the allocator's lock leaves a
+child that is refused, never deadlocked.  Forks while threads hold the native
+backend's locks are ``test_locks.py``."""
 
 from __future__ import annotations
 
@@ -477,7 +480,7 @@ def test_fork_snapshots_a_hugetlb_pack() -> None:
         assert isinstance(fork, dict) and fork["moved"] == 1 and fork["bytes"] == 2 << 20, fork
 
 
-# --- the allocator in a forked child ------------------------------------------------------------------------------------
+# --- the allocator in a forked child ----------------------------------------------------------
 
 
 @pytest.mark.parametrize("mode", ["dual", "mprotect"])

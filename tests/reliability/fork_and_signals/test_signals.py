@@ -22,7 +22,7 @@ pytestmark = P.needs_programs
 ROOT = str(paths.ROOT)
 
 
-# --- Python signal handlers around JIT code and the allocator ---------------------------------------------------------------------------------
+# --- Python signal handlers around JIT code and the allocator ---------------------------------
 
 
 def _run_script(body: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
