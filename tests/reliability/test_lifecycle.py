@@ -19,7 +19,6 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-import paths
 import programs as P
 import pytest
 from programs import const, exited, live, native_allocator, run_in_child, traps
@@ -31,7 +30,6 @@ from execmem.native import NativeBackend, _procmaps
 
 pytestmark = P.needs_programs
 
-ROOT = str(paths.ROOT)
 SMALL = 1 << 16
 
 
