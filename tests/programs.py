@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
+import json
 import os
 import signal
 import time
@@ -195,12 +196,19 @@ def native_allocator(mode: str = "dual", pack_size: int = 1 << 16) -> Iterator[e
         backend.close()
 
 
-def live(a: execmem.Allocator, value: int, size: int = 16) -> execmem.JitText:
-    """A LIVE text of ``a`` returning ``value``."""
+def published(a: execmem.Allocator, code: bytes = b"", *, size: int = 64,
+              build: Callable[[int], bytes] | None = None) -> execmem.JitText:
+    """A LIVE text of ``a`` holding ``code``, or ``build(address)`` for code that
+    depends on where it runs."""
     t = a.jit_text_alloc(size)
-    t.write(0, const(value))
+    t.write(0, build(t.address) if build else code)
     t.map()
     return t
+
+
+def live(a: execmem.Allocator, value: int, size: int = 16) -> execmem.JitText:
+    """A LIVE text of ``a`` returning ``value``."""
+    return published(a, const(value), size=size)
 
 
 def run_in_child(child: Callable[[], int], timeout: float = 20.0) -> int:
@@ -231,6 +239,28 @@ def run_in_child(child: Callable[[], int], timeout: float = 20.0) -> int:
             os.kill(pid, signal.SIGKILL)
             return os.waitpid(pid, 0)[1]
         time.sleep(0.01)
+
+
+def report_from_child(child: Callable[[], dict[str, object]]) -> tuple[dict[str, object], int]:
+    """Run ``child()`` in a forked child; returns the JSON report it returned (``{}``
+    if it raised) and its wait status."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - runs in the child, which must never return to pytest
+        code = 1
+        try:
+            os.close(read)
+            os.write(write, json.dumps(child()).encode())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(write)
+    data = b""
+    while chunk := os.read(read, 65536):
+        data += chunk
+    os.close(read)
+    _, status = os.waitpid(pid, 0)
+    return (json.loads(data) if data else {}), status
 
 
 def exited(status: int, code: int = 0) -> bool:
@@ -327,6 +357,8 @@ __all__ = [
     "native_allocator",
     "near_libc",
     "needs_programs",
+    "published",
+    "report_from_child",
     "run_in_child",
     "synchronize",
     "traps",

@@ -34,15 +34,7 @@ def a() -> Iterator[execmem.Allocator]:
 
 
 def text(a: execmem.Allocator, source: str) -> execmem.JitText:
-    return published(a, execmem.asm(source, "x86_64"))
-
-
-def published(a: execmem.Allocator, code: bytes) -> execmem.JitText:
-    """A LIVE text holding ``code`` (position-independent)."""
-    t = a.jit_text_alloc(256)
-    t.write(0, code)
-    t.map()
-    return t
+    return P.published(a, execmem.asm(source, "x86_64"), size=256)
 
 
 # --- the templates, on any host ---------------------------------------------------------
@@ -219,7 +211,7 @@ def test_a_long_double_result_comes_back_through_the_gate_that_keeps_the_gil(a: 
 def test_the_gil_is_released_during_a_call(a: execmem.Allocator) -> None:
     """The text spins until another Python thread sets a flag: it could not, were the
     GIL held for the call."""
-    t = published(a, P.SPIN)
+    t = P.published(a, P.SPIN, size=256)
     fn = t.function(ctypes.c_int, ctypes.c_void_p)
     flag = ctypes.c_uint64(0)
     setter = threading.Thread(target=lambda: (time.sleep(0.05), setattr(flag, "value", 1)))
@@ -230,14 +222,14 @@ def test_the_gil_is_released_during_a_call(a: execmem.Allocator) -> None:
 
 @P.needs_programs
 def test_a_call_after_free_or_close_raises_and_never_enters_the_text(a: execmem.Allocator) -> None:
-    t = published(a, P.const(1))
+    t = P.published(a, P.const(1), size=256)
     fn = t.function(ctypes.c_int)
     assert fn() == 1 and isinstance(fn, execmem.JitFunction) and fn.text is t and fn.address == t.address
     t.free()
     with pytest.raises(UseAfterFreeError, match="has been freed"):
         fn()
     assert t._inflight == 0  # the refused call was counted and uncounted
-    u = published(a, P.const(2))
+    u = P.published(a, P.const(2), size=256)
     g = u.function(ctypes.c_int)
     a.close()
     with pytest.raises(UseAfterFreeError):
@@ -246,7 +238,7 @@ def test_a_call_after_free_or_close_raises_and_never_enters_the_text(a: execmem.
 
 @P.needs_programs
 def test_slots_are_read_write_never_executable_and_gates_read_execute(a: execmem.Allocator) -> None:
-    t = published(a, P.const(3))
+    t = P.published(a, P.const(3), size=256)
     fn = t.function(ctypes.c_int)
     assert fn() == 3
     slot = t._slot
@@ -262,7 +254,7 @@ def test_slots_are_read_write_never_executable_and_gates_read_execute(a: execmem
 def test_many_threads_calling_while_the_text_is_freed(a: execmem.Allocator) -> None:
     """Every call returns the text's value or raises UseAfterFreeError; the text is
     reclaimed once the last call has returned (the next verb finds the count at 0)."""
-    t = published(a, P.busy(5, 100_000))  # some 50 us a call: the free lands among them
+    t = P.published(a, P.busy(5, 100_000), size=256)  # some 50 us a call: the free lands among them
     fn = t.function(ctypes.c_int)
     outcomes: list[object] = []
     lock = threading.Lock()

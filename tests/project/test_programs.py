@@ -8,11 +8,11 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import programs as P
 import pytest
-from programs import needs_programs
+from programs import needs_programs, published
 
 import execmem
 from execmem.native import NativeBackend
@@ -27,15 +27,6 @@ def allocator() -> Iterator[execmem.Allocator]:
     yield a
     a.close()
     backend.close()
-
-
-def published(a: execmem.Allocator, code: bytes = b"", *, size: int = 64,
-              build: Callable[[int], bytes] | None = None) -> execmem.JitText:
-    """``code``, or ``build(address)`` for code that depends on where it runs."""
-    t = a.jit_text_alloc(size)
-    t.write(0, build(t.address) if build else code)
-    t.map()
-    return t
 
 
 def test_arithmetic(allocator: execmem.Allocator) -> None:

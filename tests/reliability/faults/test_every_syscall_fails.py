@@ -40,7 +40,6 @@ import contextlib
 import ctypes
 import errno
 import gc
-import json
 import os
 import threading
 import time
@@ -655,34 +654,17 @@ def flow_fork(env: Env) -> Callable[[], None]:
         _fork._backends.discard(b)
     parents = {fd for r in env.backend._fork_regions() for fd in (r.fd, r.rw_fd) if fd >= 0}
     try:
-        read, write = os.pipe()
-        pid = os.fork()
-        if pid == 0:  # pragma: no cover - the child
-            code = 1
-            try:
-                os.close(read)
-                report = {
-                    "values": [k.fn() for k in env.keepers],
-                    "fork": env.backend.stats()["fork"],
-                    "wx": len(_procmaps.wx_violations(env.backend.owned_ranges())),
-                    "fds": _still_open(parents),
-                    "faults": [(f.name, f.seen, f.fired) for f in _libc._faults],
-                }
-                os.write(write, json.dumps(report).encode())
-                code = 0
-            finally:
-                os._exit(code)
-        os.close(write)
-        data = b""
-        while chunk := os.read(read, 65536):
-            data += chunk
-        os.close(read)
-        _, status = os.waitpid(pid, 0)
+        report, status = P.report_from_child(lambda: {
+            "values": [k.fn() for k in env.keepers],
+            "fork": env.backend.stats()["fork"],
+            "wx": len(_procmaps.wx_violations(env.backend.owned_ranges())),
+            "fds": _still_open(parents),
+            "faults": [(f.name, f.seen, f.fired) for f in _libc._faults],
+        })
     finally:
         for b in others:
             _fork.register(b)
     assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, f"child status {status:#x}"
-    report = json.loads(data)
     for fault, (name, seen, fired) in zip(list(_libc._faults), report["faults"], strict=True):
         if name in CHILD_CALLS:  # the parent made none of these during the flow
             fault.seen += seen

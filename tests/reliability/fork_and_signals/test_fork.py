@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import json
 import multiprocessing
 import os
 import signal
@@ -33,6 +32,7 @@ from programs import (
     live,
     native_allocator,
     needs_programs,
+    report_from_child,
     run_in_child,
 )
 
@@ -48,27 +48,6 @@ pytestmark = needs_programs
 def S(backend: NativeBackend) -> dict[str, Any]:
     """``backend.stats()`` typed for reading nested values in assertions."""
     return dict(backend.stats())
-
-
-def _fork(child: Callable[[], dict[str, object]]) -> tuple[dict[str, object], int]:
-    """Run ``child()`` in a forked child; returns its JSON report and its wait status."""
-    read, write = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - runs in the child, which must never return to pytest
-        code = 1
-        try:
-            os.close(read)
-            os.write(write, json.dumps(child()).encode())
-            code = 0
-        finally:
-            os._exit(code)
-    os.close(write)
-    data = b""
-    while chunk := os.read(read, 65536):
-        data += chunk
-    os.close(read)
-    _, status = os.waitpid(pid, 0)
-    return (json.loads(data) if data else {}), status
 
 
 def _file_fds(inode: int | None = None) -> list[str]:
@@ -131,7 +110,7 @@ def test_child_gets_private_snapshots_and_no_descriptor() -> None:
             b.close()  # allowed in the child: drops only the child's copies
             return report
 
-        report, status = _fork(child)
+        report, status = report_from_child(child)
         assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
         fork = report.pop("fork")
         assert report == {
@@ -302,7 +281,7 @@ def test_a_fork_during_concurrent_patching_sees_whole_values() -> None:
         patcher.start()
         try:
             for _ in range(8):
-                report, status = _fork(lambda: {"values": sorted({CONST_T(t.address)() for _ in range(2000)})})
+                report, status = report_from_child(lambda: {"values": sorted({CONST_T(t.address)() for _ in range(2000)})})
                 assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
                 assert report["values"] in ([1], [2]), report
         finally:
@@ -321,7 +300,7 @@ def test_two_threads_fork_at_once() -> None:
 
         def forker() -> None:
             for _ in range(5):
-                results.append(_fork(lambda: {"value": CONST_T(t.address)(), "moved": S(b)["fork"]["moved"]}))
+                results.append(report_from_child(lambda: {"value": CONST_T(t.address)(), "moved": S(b)["fork"]["moved"]}))
 
         threads = [threading.Thread(target=forker) for _ in range(2)]
         for th in threads:
@@ -344,7 +323,7 @@ def test_parent_snapshot_refused_the_child_copies() -> None:
         b.map(r)
         snapshot = lambda args: args[1] == r.size and args[3] == native_fork.SNAPSHOT_FLAGS  # noqa: E731
         with _libc.inject("mmap", errno.ENOMEM, when=snapshot, times=1) as fault:
-            report, status = _fork(lambda: {"fork": S(b)["fork"], "call": ADD_T(r.address)(2, 3)})
+            report, status = report_from_child(lambda: {"fork": S(b)["fork"], "call": ADD_T(r.address)(2, 3)})
         assert fault.fired == 1  # in the parent, before the fork
         assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
         assert report["call"] == 5
@@ -358,7 +337,7 @@ def test_child_cannot_move_the_snapshot_the_view_stays_shared() -> None:
         b.write(r, 0, ADD)
         b.map(r)
         with _libc.inject("mremap", errno.ENOMEM):  # inherited: fires in the child
-            report, status = _fork(
+            report, status = report_from_child(
                 lambda: {"fork": S(b)["fork"], "perms": [v.perms for v in _procmaps.read_maps() if v.overlaps(r.address, r.size)]}
             )
         assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
@@ -375,7 +354,7 @@ def test_fork_with_nothing_mapped_and_in_mprotect_mode_copies_nothing() -> None:
         r = mp.reserve(4096, 16)
         mp.write(r, 0, ADD)
         mp.map(r)
-        report, status = _fork(lambda: {"dual": S(dual)["fork"], "mprotect": S(mp)["fork"], "call": ADD_T(r.address)(1, 1)})
+        report, status = report_from_child(lambda: {"dual": S(dual)["fork"], "mprotect": S(mp)["fork"], "call": ADD_T(r.address)(1, 1)})
         assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
         assert report["call"] == 2
         assert isinstance(report["dual"], dict) and report["dual"]["views"] == 0
@@ -406,7 +385,7 @@ def test_fork_snapshots_an_alias_written_pack(monkeypatch: pytest.MonkeyPatch) -
             b.close()
             return report
 
-        report, status = _fork(child)
+        report, status = report_from_child(child)
         t.update(0, switch.patch(1, t.address))
         assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
         assert report["call"] == 7 and fn() == 8 and report["fds"] == []
@@ -472,7 +451,7 @@ def test_fork_snapshots_a_hugetlb_pack() -> None:
         t.map()
         assert S(b)["huge_pages"]["hugetlb"] == "in use"
         fn = t.function(ctypes.c_int32)
-        report, status = _fork(lambda: {"fork": S(b)["fork"], "call": fn()})
+        report, status = report_from_child(lambda: {"fork": S(b)["fork"], "call": fn()})
         t.update(0, switch.patch(1, t.address))
         assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
         assert report["call"] == 7 and fn() == 8
