@@ -60,6 +60,10 @@ class Recipe:
 
     name: str
     steps: tuple[RecipeStep, ...]
+    #: ``effective`` per feature set, made once (every publish asks).
+    _effective: dict[frozenset[str], tuple[RecipeStep, ...]] = field(
+        default_factory=dict, init=False, repr=False, compare=False, hash=False
+    )
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -67,7 +71,12 @@ class Recipe:
 
     def effective(self, features: frozenset[str] = frozenset()) -> tuple[RecipeStep, ...]:
         """The steps that remain under the given cache-type features (``{"idc", "dic"}``)."""
-        return tuple(s for s in self.steps if s.skip_if is None or s.skip_if not in features)
+        if type(features) is not frozenset:
+            features = frozenset(features)
+        steps = self._effective.get(features)
+        if steps is None:
+            steps = self._effective[features] = tuple(s for s in self.steps if s.skip_if is None or s.skip_if not in features)
+        return steps
 
     def without(self, name: str, *, occurrence: int | None = None) -> Recipe:
         """This recipe minus every step called ``name`` (or only its n-th occurrence)."""

@@ -252,11 +252,19 @@ class Allocator:
         }[text._state]
         raise BadStateError(f"{verb} is not allowed on a {text._state.name} text at {text.address:#x}: {hint}")
 
-    def _not_pending(self, text: JitText, verb: str) -> None:
+    def _checked(self, text: JitText, verb: str, *states: TextState) -> Batch | None:
+        """Refuse ``text`` unless it is this allocator's, in one of ``states`` and not
+        queued in this thread's open batch; return that batch (what every verb on one
+        text checks first, in one call: the hot path)."""
+        if type(text) is not JitText or text._allocator is not self:
+            self._own(text)
+        if text._state not in states:
+            self._expect(text, *states, verb=verb)
         batch = self._batch()
         if batch is not None and (text in batch.queued or text in batch.freeing):
             what = "freeing" if text in batch.freeing else "publishing"
             raise BadStateError(f"{verb}: the text at {text.address:#x} is queued for {what} in a batch")
+        return batch
 
     def _batch(self) -> Batch | None:
         """This thread's open batch: None outside its block, which includes one left
@@ -276,9 +284,11 @@ class Allocator:
         can be had)."""
         if name is not None:
             check_name(name)
-        size = _checks.positive_size(size)
-        align = _checks.alignment(align)
-        window = window_near(near, self.arch.branch_reach, self.arch.name)
+        if type(size) is not int or size <= 0:  # exact ints checked inline: the hot path
+            size = _checks.positive_size(size)
+        if type(align) is not int or align <= 0 or align & (align - 1):
+            align = _checks.alignment(align)
+        window = None if near is None else window_near(near, self.arch.branch_reach, self.arch.name)
         with self._lock:
             self._begin()
             pack, starts, counts = self._pool.place(size, align, window)  # housekeeping only
@@ -399,9 +409,12 @@ class Allocator:
     def _write(self, text: JitText, offset: int, data: bytes) -> None:
         with self._lock:
             self._begin()
-            self._own(text)
-            self._expect(text, _RESERVED, _WRITING, verb="write")
-            self._not_pending(text, "write")
+            self._checked(text, "write", _RESERVED, _WRITING)
+            if text._state is _RESERVED and len(data) == text._size:
+                # The whole staging buffer: it becomes ``data`` (immutable bytes, from
+                # JitText.write), in one assignment, nothing to undo (the hot path).
+                text._shadow, text._staged = data, True
+                return
             old = bytes(text._shadow[offset : offset + len(data)])
             self._undo = [partial(self._unstore, text, text._shadow, text._staged, offset, old)]
             try:
@@ -432,9 +445,7 @@ class Allocator:
     def _map_rw_inplace(self, text: JitText) -> None:
         with self._lock:
             self._begin()
-            self._own(text)
-            self._expect(text, _RESERVED, verb="map_rw_inplace")
-            self._not_pending(text, "map_rw_inplace")
+            self._checked(text, "map_rw_inplace", _RESERVED)
             pack, res = text._pack, text._pack.reservation
             offset = offset_of(text)
             claim: tuple[int, int] | None = None
@@ -490,10 +501,7 @@ class Allocator:
         state = _WRITING if inplace else _RESERVED
         with self._lock:
             self._begin()
-            self._own(text)
-            self._expect(text, state, verb=verb)
-            self._not_pending(text, verb)
-            batch = self._batch()
+            batch = self._checked(text, verb, state)
             if batch is not None:
                 batch.publish([text])
                 return
@@ -583,9 +591,7 @@ class Allocator:
                 or text in queued
                 or len(code) > text._size
             ):
-                self._own(text)
-                self._expect(text, *publishable, verb="publish")
-                self._not_pending(text, "publish")
+                self._checked(text, "publish", *publishable)
                 raise OutOfBoundsError(f"publish: {len(code)} bytes of code for {text!r}")
         if len(set(items)) != len(items):
             twice = next(t for t, n in Counter(items).items() if n > 1)
@@ -661,10 +667,7 @@ class Allocator:
     def _update(self, text: JitText, offset: int, data: bytes) -> None:
         with self._lock:
             self._begin()
-            self._own(text)
-            self._expect(text, _LIVE, verb="update")
-            self._not_pending(text, "update")
-            batch = self._batch()
+            batch = self._checked(text, "update", _LIVE)
             if batch is None:
                 self._check_patch(text, text._shadow, offset, data)
                 self._sync([], [(text, offset, data)])

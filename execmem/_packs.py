@@ -156,6 +156,8 @@ class PackPool:
         ints are not tracked by the garbage collector.)"""
         u = self.unit_chunks
         coarse = u > 1 and mapped
+        if not coarse and len(counts) == 1:  # one allocation (the hot path)
+            return [0], counts, counts[0], step
         s = max(step, u) if coarse else step
         if s == 1 and not coarse:  # side by side, no padding
             starts = list(itertools.accumulate(counts, initial=0))
@@ -284,7 +286,18 @@ class PackPool:
         count = -(-size // gran)
         if not self.fits_in_a_pack(size, align):
             return uninterrupted(self._new_dedicated, count, max(align, gran), window), [0], [count]
-        return self.place_many([count], max(1, align // gran), window)
+        step = max(1, align // gran)
+        if window is None and self.unit_chunks == 1:
+            # The hot path: first fit among clean free chunks (what _find would find
+            # first in a pack without freed chunks awaiting their refill).
+            for pack in self.packs:
+                chunks = pack.chunks
+                if pack.dedicated or chunks.dirty:
+                    break
+                index = chunks.find(count, step)
+                if index is not None:
+                    return pack, [index], [count]
+        return self.place_many([count], step, window)
 
     def _reserve(self, size: int, align: int, capacity: int | None, window: Window | None) -> Reservation:
         if window is None:  # the calls as they were before windows (test doubles wrap them)
@@ -393,7 +406,8 @@ class PackPool:
         self.started += 1
         mine = self.started
         self.backend.run_step("remote_cse", ranges)
-        self.completed = max(self.completed, mine)
+        if mine > self.completed:
+            self.completed = mine
         self._mature()
 
     def _mature(self) -> None:

@@ -104,6 +104,9 @@ class Publisher:
     def sync(self, texts: list[JitText], patches: list[tuple[JitText, int, bytes]], undo: list[Callable[[], None]]) -> None:
         """Run the recipes for ``texts`` (to LIVE) and ``patches`` (composed words),
         having first appended to ``undo`` what takes it all back."""
+        if len(texts) == 1 and not patches and texts[0]._state is _RESERVED and texts[0]._pack.reservation.mapped:
+            self._publish_mapped(texts[0], undo)
+            return
         backend = self.backend
         # Texts allocated together form runs, each written with one store; the work is
         # decided per run, not per text.
@@ -167,6 +170,24 @@ class Publisher:
             text._shadow = shadow  # a private copy already (the old one may be shared bytes)
         self.events["published"] += len(texts)
         self.events["patched"] += len(patches)
+
+    def _publish_mapped(self, text: JitText, undo: list[Callable[[], None]]) -> None:
+        """``sync([text], [])`` for a RESERVED text in a mapped pack, the hot path of
+        one-by-one publishing: one run, one range and one recipe, so none of the
+        cutting and grouping a batch needs (the same undo, steps and counters)."""
+        res = text._pack.reservation
+        todo = [text] if text._staged else []
+        undo.append(partial(self._undo, [(text, _RESERVED)], [list(todo)] if todo else [], [], [], [], []))
+        backend = self.backend
+
+        def write() -> None:
+            while todo:  # a recipe that names write twice stores once
+                backend.write(res, text._address - res.address, bytes(todo.pop()._shadow))
+
+        group = _recipes.Group(self.spec.publish, [(text._address, text._size)], write=write)
+        _recipes.run(backend, [group], remote_cse=self.pool.remote_cse, steps=self.steps, recipes=self.recipe_runs)
+        text._state = _LIVE
+        self.events["published"] += 1
 
     def _map(self, res: Reservation) -> None:
         self.backend.map(res)

@@ -48,10 +48,14 @@ def run(
     recipes: Counter[str],
 ) -> None:
     """Execute ``groups`` in order with one ``remote_cse`` overall (see the module docstring)."""
-    features = frozenset(backend.cache_features)
-    plans = [(g, g.recipe.effective(features)) for g in groups]
-    owner = max((i for i, (_, st) in enumerate(plans) if any(s.name == "remote_cse" for s in st)), default=-1)
-    everything = [r for g in groups for r in g.ranges]
+    features = backend.cache_features
+    if len(groups) == 1:  # one kind of change (the hot path of one-by-one publishing)
+        plans = [(groups[0], groups[0].recipe.effective(features))]
+        owner, everything = 0, groups[0].ranges
+    else:
+        plans = [(g, g.recipe.effective(features)) for g in groups]
+        owner = max((i for i, (_, st) in enumerate(plans) if any(s.name == "remote_cse" for s in st)), default=-1)
+        everything = [r for g in groups for r in g.ranges]
     for i, (group, effective) in enumerate(plans):
         recipes[group.recipe.name] += 1
         for step in effective:

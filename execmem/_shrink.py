@@ -32,9 +32,7 @@ def shrink(allocator: Allocator, text: JitText, size: object) -> None:
     new = _checks.positive_size(size)
     with allocator._lock:
         allocator._begin()
-        allocator._own(text)
-        allocator._expect(text, TextState.RESERVED, TextState.LIVE, TextState.WRITING, verb="shrink")
-        allocator._not_pending(text, "shrink")
+        allocator._checked(text, "shrink", TextState.RESERVED, TextState.LIVE, TextState.WRITING)
         if text._state is TextState.WRITING:
             raise BadStateError(
                 f"shrink: the text at {text.address:#x} is being written in place; finalize() it first "

@@ -162,9 +162,11 @@ class JitText:
 
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         """Store ``data`` at ``offset``: staged while RESERVED, in place while WRITING."""
-        payload = _checks.data(data)
-        off = self._range(offset, len(payload))
-        self._allocator._write(self, off, payload)
+        payload = data if type(data) is bytes else _checks.data(data)
+        if type(offset) is int and offset >= 0 and offset + len(payload) <= self._size:
+            self._allocator._write(self, offset, payload)  # checked inline: the hot path
+        else:
+            self._allocator._write(self, self._range(offset, len(payload)), payload)
 
     def map(self) -> None:
         """Publish the staged code: write it, synchronize, make it executable (LIVE)."""

@@ -166,7 +166,7 @@ class NativeBackend:
 
     @property
     def cache_features(self) -> frozenset[str]:
-        return self._synchronizer().features
+        return (self._sync or self._synchronizer()).features
 
     @property
     def forked(self) -> bool:
@@ -345,9 +345,17 @@ class NativeBackend:
                 raise
 
     def write(self, reservation: Reservation, offset: int, data: bytes) -> None:
-        region = self._region(reservation)
-        payload = data if isinstance(data, bytes) else bytes(data)
-        self._bounds(reservation, offset, len(payload))
+        region = reservation.token
+        if (
+            self._closed
+            or self._generation != _forks.generation
+            or type(region) is not Region
+            or self._regions.get(region.address) is not region
+        ):
+            region = self._region(reservation)  # raises (checked inline first: the hot path)
+        payload = data if type(data) is bytes else bytes(data)
+        if offset < 0 or offset + len(payload) > reservation.size:
+            self._bounds(reservation, offset, len(payload))  # raises
         if payload and region.data:
             ctypes.memmove(region.address + offset, payload, len(payload))
         elif payload:
@@ -391,7 +399,10 @@ class NativeBackend:
     def run_step(self, step: str, ranges: Sequence[Range]) -> None:
         if self._closed:
             raise BadStateError("the native backend is closed")
-        (self._sync or self._synchronizer()).run(step, ranges)
+        action = (self._sync or self._synchronizer()).actions.get(step)
+        if action is None:
+            raise UnsupportedError(f"run_step cannot execute {step!r} (write/map/atomic_store have their own verbs)")
+        action(ranges)
         steps = self._steps  # dict.get/setitem: a Counter's += costs twice as much
         steps[step] = steps.get(step, 0) + 1
 

@@ -535,7 +535,7 @@ class Synchronizer:
         self.features = self._host.features
         self.lines = self._host.lines
         #: Every step by name, ``remote_cse`` included: one lookup per step run.
-        self._actions = {**self._host.steps, "remote_cse": self._host.remote.run}
+        self.actions = {**self._host.steps, "remote_cse": self._host.remote.run}
 
     @property
     def remote(self) -> RemoteCse:
@@ -543,7 +543,7 @@ class Synchronizer:
 
     def run(self, step: str, ranges: Sequence[Range]) -> None:
         try:
-            action = self._actions[step]
+            action = self.actions[step]
         except KeyError:
             raise UnsupportedError(f"run_step cannot execute {step!r} (write/map/atomic_store have their own verbs)") from None
         action(ranges)

@@ -305,6 +305,14 @@ def _write_reserved(env: Env) -> Callable[[], object]:
     return lambda: t.write(0, code)
 
 
+def _write_reserved_whole(env: Env) -> Callable[[], object]:
+    """A write of the whole text: its staging buffer is replaced, not copied into."""
+    t = env.a.jit_text_alloc(16)
+    code = env.code(env.value())
+    whole = code + env.backend.arch.trap_bytes(16)[len(code) :]
+    return lambda: t.write(0, whole)
+
+
 def _inplace(env: Env) -> JitText:
     t = env.a.jit_text_alloc(16, 4096)  # whole pages: in place is allowed in every mode
     t.map_rw_inplace()
@@ -483,6 +491,7 @@ CASES: list[tuple[str, Prepare, tuple[str, ...]]] = [
     ("jit_text_alloc (dedicated)", _alloc_dedicated, MODES),
     ("jit_text_alloc_many", _alloc_many, MODES),
     ("write", _write_reserved, MODES),
+    ("write (the whole text)", _write_reserved_whole, MODES),
     ("write (in place)", _write_inplace, MODES),
     ("map", _map, MODES),
     ("map (fresh pack)", _map_fresh, MODES),
