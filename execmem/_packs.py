@@ -289,7 +289,8 @@ class PackPool:
         step = max(1, align // gran)
         if window is None and self.unit_chunks == 1:
             # The hot path: first fit among clean free chunks (what _find would find
-            # first in a pack without freed chunks awaiting their refill).
+            # first in a pack without freed chunks awaiting their refill).  A pack
+            # that is not so ends it: _find's order is kept.
             for pack in self.packs:
                 chunks = pack.chunks
                 if pack.dedicated or chunks.dirty:

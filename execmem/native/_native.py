@@ -352,7 +352,7 @@ class NativeBackend:
             or type(region) is not Region
             or self._regions.get(region.address) is not region
         ):
-            region = self._region(reservation)  # raises (checked inline first: the hot path)
+            region = self._region(reservation)  # the full check: raises unless it is live
         payload = data if type(data) is bytes else bytes(data)
         if offset < 0 or offset + len(payload) > reservation.size:
             self._bounds(reservation, offset, len(payload))  # raises
@@ -399,10 +399,8 @@ class NativeBackend:
     def run_step(self, step: str, ranges: Sequence[Range]) -> None:
         if self._closed:
             raise BadStateError("the native backend is closed")
-        action = (self._sync or self._synchronizer()).actions.get(step)
-        if action is None:
-            raise UnsupportedError(f"run_step cannot execute {step!r} (write/map/atomic_store have their own verbs)")
-        action(ranges)
+        sync = self._sync or self._synchronizer()
+        (sync.actions.get(step) or sync.action(step))(ranges)  # a dict lookup, one call: the hot path
         steps = self._steps  # dict.get/setitem: a Counter's += costs twice as much
         steps[step] = steps.get(step, 0) + 1
 

@@ -541,12 +541,15 @@ class Synchronizer:
     def remote(self) -> RemoteCse:
         return self._host.remote
 
-    def run(self, step: str, ranges: Sequence[Range]) -> None:
+    def action(self, step: str) -> Callable[[Sequence[Range]], None]:
+        """What runs ``step`` here (``UnsupportedError`` for a name that is no host step)."""
         try:
-            action = self.actions[step]
+            return self.actions[step]
         except KeyError:
             raise UnsupportedError(f"run_step cannot execute {step!r} (write/map/atomic_store have their own verbs)") from None
-        action(ranges)
+
+    def run(self, step: str, ranges: Sequence[Range]) -> None:
+        self.action(step)(ranges)
 
     def describe(self) -> dict[str, object]:
         remote = self._host.remote
