@@ -293,8 +293,8 @@ class Allocator:
             self._begin()
             pack, starts, counts = self._pool.place(size, align, window)  # housekeeping only
             start = starts[0]
-            address = pack.address + start * self.granularity
-            text = JitText(self, pack, start, counts[0], address, size, trap_at(self.arch, address - pack.address, size))
+            offset = start * self.granularity
+            text = JitText(self, pack, start, counts[0], pack.address + offset, size, trap_at(self.arch, offset, size))
             if name is not None:
                 text._name = name
             self._undo = [partial(self._untake, {pack: pack.chunks.snapshot()}, [text])]

@@ -170,8 +170,8 @@ class ChunkMap:
         """First fit inside the window at the hint (which is then the global first fit:
         nothing below the hint is free), or None to search everything."""
         lo = self._hint - self._hint % step
-        width = max(self._window, 2 * (count + step))
-        if lo + width > self.n:
+        width = min(max(self._window, 2 * (count + step)), self.n - lo)  # a small map: all of it
+        if width < count:
             return None
         mask = (1 << width) - 1
         free = ~(self.busy >> lo) & mask
