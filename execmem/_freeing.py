@@ -66,8 +66,10 @@ class Freeing:
             for pack in packs:
                 if pack.chunks.dirty:
                     uninterrupted(self.pool.refill_quietly, pack)
-        if any(pack.chunks.empty for pack in packs):  # only such a pack can be one too many
-            self.pool.trim_quietly()
+        for pack in packs:
+            if not pack.chunks.used:  # only an empty pack can be one too many
+                self.pool.trim_quietly()
+                return
 
     def poll(self) -> None:
         """Reclaim the pinned texts whose calls have all returned."""
